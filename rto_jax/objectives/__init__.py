@@ -1,0 +1,16 @@
+"""Pure objective functions of arrays (no model code); float32 outputs. See DESIGN.md 1."""
+
+from rto_jax.objectives.dpo import LOSS_TYPES as DPO_LOSS_TYPES
+from rto_jax.objectives.dpo import dpo_loss, dpo_token_rewards
+from rto_jax.objectives.masked import apply_mask, masked_mean, masked_sum, masked_whiten
+from rto_jax.objectives.ppo import gae, masked_entropy, policy_loss, value_loss
+from rto_jax.objectives.reward_model import bradley_terry_loss
+from rto_jax.objectives.sft import entropy_from_logits, sft_loss, token_logprobs
+from rto_jax.objectives.token_rewards import last_token_index, rto_token_rewards
+
+__all__ = [
+    "DPO_LOSS_TYPES", "apply_mask", "bradley_terry_loss", "dpo_loss", "dpo_token_rewards",
+    "entropy_from_logits", "gae", "last_token_index", "masked_entropy", "masked_mean",
+    "masked_sum", "masked_whiten", "policy_loss", "rto_token_rewards", "sft_loss",
+    "token_logprobs", "value_loss",
+]

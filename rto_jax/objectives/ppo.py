@@ -1,0 +1,105 @@
+"""PPO pieces over the token MDP (DESIGN.md 1, stage 4). All arrays ``[B, T]``, right-padded
+``mask`` (1 on response tokens up to and including EOS).
+
+GAE (values past the last valid token are 0, i.e. bootstrap 0 at episode end):
+
+    delta_t = r_t + gamma * V_{t+1} - V_t
+    A_t     = delta_t + gamma * lam * A_{t+1},      returns_t = A_t + V_t
+
+Clipped surrogate, with ratio_t = exp(logp_t - logp_old_t):
+
+    L_pi = mean_valid max(-A_t ratio_t, -A_t clip(ratio_t, 1-eps, 1+eps))
+
+Clipped value loss (the conventional 0.5 is NOT inside; the caller multiplies by ``vf_coef``,
+default 0.5):
+
+    L_V  = mean_valid max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps, eps) - R_t)^2)
+
+All means are token means over the valid tokens of the whole (mini)batch.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from rto_jax.objectives.masked import apply_mask, masked_mean, masked_whiten  # noqa: F401
+from rto_jax.objectives.sft import entropy_from_logits
+
+
+def gae(rewards, values, mask, *, gamma, lam):
+    """Generalised advantage estimation by a reverse ``lax.scan`` over time.
+
+    Args:
+      rewards, values, mask: ``[B, T]``. gamma, lam: discount and GAE lambda.
+    Returns:
+      ``(advantages, returns)``, float32 ``[B, T]``, both 0 where ``mask == 0``.
+    """
+    rewards = apply_mask(rewards, mask)
+    values = apply_mask(values, mask)
+    valid = mask > 0
+
+    def step(carry, xs):
+        next_adv, next_value = carry
+        r, v, m = xs
+        delta = r + gamma * next_value - v
+        adv = jnp.where(m, delta + gamma * lam * next_adv, 0.0)
+        return (adv, v), adv
+
+    init = (jnp.zeros(rewards.shape[:1], jnp.float32),) * 2
+    _, adv_t = jax.lax.scan(step, init, (rewards.T, values.T, valid.T), reverse=True)
+    advantages = adv_t.T
+    return advantages, apply_mask(advantages + values, mask)
+
+
+def policy_loss(logp, logp_old, advantages, mask, clip_eps):
+    """PPO clipped surrogate loss.
+
+    Args:
+      logp: ``[B, T]`` current log-probs; logp_old: ``[B, T]`` rollout log-probs;
+      advantages: ``[B, T]`` (usually whitened); mask: ``[B, T]``; clip_eps: ratio clip.
+    Returns:
+      ``(loss, metrics)``; metrics ``clipfrac`` (fraction of valid tokens where the clipped
+      term is the active one), ``approx_kl`` (masked mean of the k3 estimator
+      ``(ratio - 1) - log ratio`` of KL(pi_old || pi), >= 0), ``ratio_mean``.
+    """
+    log_ratio = apply_mask(jnp.asarray(logp, jnp.float32) - jnp.asarray(logp_old, jnp.float32),
+                           mask)
+    ratio = jnp.exp(log_ratio)
+    adv = jnp.asarray(advantages, jnp.float32)
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    metrics = {
+        "clipfrac": masked_mean(clipped > unclipped, mask),
+        "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+        "ratio_mean": masked_mean(ratio, mask),
+    }
+    return loss, metrics
+
+
+def value_loss(values, old_values, returns, mask, clip_eps):
+    """Clipped value loss, without the 0.5 factor (apply it as ``vf_coef``).
+
+    Args:
+      values: ``[B, T]`` current predictions; old_values: ``[B, T]`` rollout predictions;
+      returns: ``[B, T]`` GAE returns; mask: ``[B, T]``; clip_eps: clip of ``V - V_old``.
+    Returns:
+      ``(loss, metrics)``; metrics ``vf_clipfrac`` (fraction where the clipped error is the
+      larger), ``value_mse`` (unclipped squared error), ``value_mean``.
+    """
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    values, old_values, returns = f32(values), f32(old_values), f32(returns)
+    v_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+    err = jnp.square(values - returns)
+    err_clipped = jnp.square(v_clipped - returns)
+    loss = masked_mean(jnp.maximum(err, err_clipped), mask)
+    metrics = {
+        "vf_clipfrac": masked_mean(err_clipped > err, mask),
+        "value_mse": masked_mean(err, mask),
+        "value_mean": masked_mean(values, mask),
+    }
+    return loss, metrics
+
+
+def masked_entropy(logits, mask):
+    """Mean policy entropy over valid tokens: ``logits [B, T, V], mask [B, T] -> scalar``."""
+    return masked_mean(entropy_from_logits(logits), mask)

@@ -1,0 +1,52 @@
+"""SFT: masked token cross-entropy, and the per-token log-prob helpers used by every objective.
+
+    loss = - sum_{b,t} mask[b,t] * log pi(targets[b,t] | ...) / sum_{b,t} mask[b,t]
+
+``logits [B, T, V]`` are aligned with ``targets [B, T]`` (the caller shifts: the logits at
+column t predict ``targets[:, t]``).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from rto_jax.objectives.masked import masked_mean, masked_sum
+
+
+def token_logprobs(logits, targets):
+    """``log softmax(logits)[..., targets]``: ``[B, T, V], [B, T] int -> [B, T]`` float32.
+
+    Targets must lie in ``[0, V)`` at valid positions; anything else (e.g. -100 at padding) is
+    clipped into range so the result stays finite. Mask it out downstream.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    picked = jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1,
+                                 mode="clip")[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def entropy_from_logits(logits):
+    """Entropy of ``softmax(logits)``: ``[B, T, V] -> [B, T]`` float32.
+
+    ``H = logsumexp(l) - sum_v softmax(l)_v * l_v``.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jax.nn.softmax(logits, -1) * logits, -1)
+
+
+def sft_loss(logits, targets, mask):
+    """Masked cross-entropy, mean over the valid tokens of the batch.
+
+    Args:
+      logits: ``[B, T, V]``; targets: ``[B, T]`` int; mask: ``[B, T]`` (1 = train on token).
+    Returns:
+      ``(loss, metrics)`` with metrics ``loss``, ``accuracy`` (argmax == target), ``num_tokens``.
+    """
+    nll = -token_logprobs(logits, targets)
+    loss = masked_mean(nll, mask)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    metrics = {
+        "loss": loss,
+        "accuracy": masked_mean(correct, mask),
+        "num_tokens": masked_sum(jnp.ones_like(nll), mask),
+    }
+    return loss, metrics
