@@ -23,6 +23,9 @@ HF_CONFIGS = {
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 16, "rope_theta": 500000.0}),
+    "llama_attention_bias": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attention_bias=True),
     "qwen2_gqa_bias": lambda: transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
@@ -78,7 +81,7 @@ def test_logits_match_transformers_with_left_padding(name, scan_layers, tmp_path
   np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied_rope3", "gpt_neox_parallel", "qwen2_gqa_bias"])
+@pytest.mark.parametrize("name", ["llama_gqa_tied_rope3", "gpt_neox_parallel", "qwen2_gqa_bias", "llama_attention_bias"])
 def test_save_pretrained_round_trip_through_transformers(name, tmp_path):
   _torch_model(name, tmp_path / "src")
   ours = load_pretrained(tmp_path / "src")

@@ -33,7 +33,8 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0  # llama3 scaling only.
   rope_original_max_position: int = 8192  # llama3 scaling only.
   rotary_fraction: float = 1.0  # GPT-NeoX rotary_pct: the share of head_dim that is rotated.
-  attention_bias: bool = False  # q/k/v biases (Qwen2; always on for GPT-NeoX).
+  attention_bias: bool = False  # q/k/v biases (Qwen2, Llama with attention_bias; always on for GPT-NeoX).
+  attention_out_bias: bool = False  # o_proj bias (HF Llama's attention_bias covers it; Qwen2 has none).
   tie_word_embeddings: bool = False
   use_parallel_residual: bool = True  # GPT-NeoX only.
   bos_token_id: int | None = None
@@ -117,7 +118,9 @@ def from_hf_config(hf: dict[str, Any], source: str = "config.json", **overrides)
         num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
         head_dim=int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+        # Qwen2 always has q/k/v biases and no o_proj bias; HF Llama's attention_bias sets all four.
+        attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+        attention_out_bias=False if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
     )
   elif model_type == "gpt_neox":
     cfg = dict(

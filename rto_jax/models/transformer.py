@@ -33,7 +33,8 @@ class LlamaBlock(nnx.Module):
                         rngs=rngs)
     self.v_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.attention_bias, dtype=dt,
                         rngs=rngs)
-    self.o_proj = Dense(cfg.num_heads * hd, d, ("heads", "embed"), use_bias=False, dtype=dt, rngs=rngs)
+    self.o_proj = Dense(cfg.num_heads * hd, d, ("heads", "embed"), use_bias=cfg.attention_out_bias, dtype=dt,
+                        rngs=rngs)
     self.post_attention_layernorm = RMSNorm(d, cfg.norm_eps, dtype=dt)
     self.gate_proj = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs)
     self.up_proj = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs)
