@@ -20,104 +20,112 @@ from rto_jax.models.transformer import default_positions
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  max_new_tokens: int  # R
-  eos_id: int
-  pad_id: int
-  temperature: float = 1.0  # log-probs are always of the temperature-scaled distribution
-  top_k: int = 0  # 0: no top-k filter
-  top_p: float = 1.0  # 1.0: no nucleus filter
-  greedy: bool = False
+    max_new_tokens: int  # R
+    eos_id: int
+    pad_id: int
+    temperature: float = 1.0  # log-probs are always of the temperature-scaled distribution
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    greedy: bool = False
 
-  def __post_init__(self):
-    if self.pad_id == self.eos_id:
-      raise ValueError(f"SamplingConfig: pad_id ({self.pad_id}) must differ from eos_id, or EOS is masked out")
-    if self.temperature <= 0:
-      raise ValueError(f"SamplingConfig.temperature={self.temperature}: must be > 0 (use greedy=True for argmax)")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"SamplingConfig.top_p={self.top_p}: must be in (0, 1]")
+    def __post_init__(self):
+        if self.pad_id == self.eos_id:
+            raise ValueError(f"SamplingConfig: pad_id ({self.pad_id}) must differ from eos_id, or EOS is masked out")
+        if self.temperature <= 0:
+            raise ValueError(f"SamplingConfig.temperature={self.temperature}: must be > 0 (use greedy=True for argmax)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p={self.top_p}: must be in (0, 1]")
 
 
 class Samples(NamedTuple):
-  tokens: jax.Array  # [B, R] int32, pad after the first EOS
-  logprobs: jax.Array  # [B, R] float32, log pi(y_t | ...) at the sampling temperature, 0 where masked
-  response_mask: jax.Array  # [B, R] float32, 1 up to and including the first EOS
+    tokens: jax.Array  # [B, R] int32, pad after the first EOS
+    logprobs: jax.Array  # [B, R] float32, log pi(y_t | ...) at the sampling temperature, 0 where masked
+    response_mask: jax.Array  # [B, R] float32, 1 up to and including the first EOS
 
 
 def filter_logits(logits, top_k: int, top_p: float):
-  """Sets logits outside the top-k / nucleus to -inf. logits `[B, V]` (already temperature-scaled)."""
-  neg_inf = jnp.finfo(logits.dtype).min
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, neg_inf, logits)
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, neg_inf, logits)
-  return logits
+    """Sets logits outside the top-k / nucleus to -inf. logits `[B, V]` (already temperature-scaled)."""
+    neg_inf = jnp.finfo(logits.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, neg_inf, logits)
+    return logits
 
 
 def _next_token(logits, rng, config: SamplingConfig):
-  """Picks the next token `[B]` and its log-prob under the temperature-scaled, unfiltered distribution."""
-  scaled = logits.astype(jnp.float32) / config.temperature
-  if config.greedy:
-    token = jnp.argmax(scaled, axis=-1)
-  else:
-    token = jax.random.categorical(rng, filter_logits(scaled, config.top_k, config.top_p), axis=-1)
-  logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
-  return token.astype(jnp.int32), logprob
+    """Picks the next token `[B]` and its log-prob under the temperature-scaled, unfiltered distribution."""
+    scaled = logits.astype(jnp.float32) / config.temperature
+    if config.greedy:
+        token = jnp.argmax(scaled, axis=-1)
+    else:
+        token = jax.random.categorical(rng, filter_logits(scaled, config.top_k, config.top_p), axis=-1)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), logprob
 
 
 def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> Samples:
-  """Samples up to R tokens after each left-padded prompt. Pure; jit with graphdef and config static.
+    """Samples up to R tokens after each left-padded prompt. Pure; jit with graphdef and config static.
 
-  prompt_ids, prompt_mask: `[B, P]` (left-padded). Returns `Samples` of `[B, R]` arrays.
-  """
-  model = nnx.merge(graphdef, params)
-  batch, prompt_len = prompt_ids.shape
-  new = config.max_new_tokens
-  cache = model.init_cache(batch, prompt_len + new, compute_dtype(model.config))
-  key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((batch, new), jnp.int32)], axis=1)
-  logits, cache = model.forward_cached(prompt_ids, key_mask, default_positions(prompt_mask), cache, 0)
-  prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
+    prompt_ids, prompt_mask: `[B, P]` (left-padded). Returns `Samples` of `[B, R]` arrays.
+    """
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = prompt_ids.shape
+    new = config.max_new_tokens
+    cache = model.init_cache(batch, prompt_len + new, compute_dtype(model.config))
+    key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((batch, new), jnp.int32)], axis=1)
+    logits, cache = model.forward_cached(prompt_ids, key_mask, default_positions(prompt_mask), cache, 0)
+    prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
 
-  def cond(carry):
-    t, done = carry[0], carry[1]
-    return (t < new) & ~jnp.all(done)
+    def cond(carry):
+        t, done = carry[0], carry[1]
+        return (t < new) & ~jnp.all(done)
 
-  def body(carry):
-    t, done, tokens, logprobs, mask, last_logits, cache, key_mask = carry
-    token, logprob = _next_token(last_logits, jax.random.fold_in(rng, t), config)
-    token = jnp.where(done, config.pad_id, token)
-    tokens = tokens.at[:, t].set(token)
-    logprobs = logprobs.at[:, t].set(jnp.where(done, 0.0, logprob))
-    mask = mask.at[:, t].set(jnp.where(done, 0.0, 1.0))
-    done = done | (token == config.eos_id)
-    key_mask = key_mask.at[:, prompt_len + t].set(1)
-    logits, cache = model.forward_cached(token[:, None], key_mask, (prompt_lengths + t)[:, None], cache,
-                                         prompt_len + t)
-    return t + 1, done, tokens, logprobs, mask, logits[:, -1], cache, key_mask
+    def body(carry):
+        t, done, tokens, logprobs, mask, last_logits, cache, key_mask = carry
+        token, logprob = _next_token(last_logits, jax.random.fold_in(rng, t), config)
+        token = jnp.where(done, config.pad_id, token)
+        tokens = tokens.at[:, t].set(token)
+        logprobs = logprobs.at[:, t].set(jnp.where(done, 0.0, logprob))
+        mask = mask.at[:, t].set(jnp.where(done, 0.0, 1.0))
+        done = done | (token == config.eos_id)
+        key_mask = key_mask.at[:, prompt_len + t].set(1)
+        logits, cache = model.forward_cached(
+            token[:, None], key_mask, (prompt_lengths + t)[:, None], cache, prompt_len + t
+        )
+        return t + 1, done, tokens, logprobs, mask, logits[:, -1], cache, key_mask
 
-  init = (jnp.int32(0), jnp.zeros((batch,), bool), jnp.full((batch, new), config.pad_id, jnp.int32),
-          jnp.zeros((batch, new), jnp.float32), jnp.zeros((batch, new), jnp.float32), logits[:, -1], cache,
-          key_mask)
-  _, _, tokens, logprobs, mask, _, _, _ = jax.lax.while_loop(cond, body, init)
-  return Samples(tokens, logprobs, mask)
+    init = (
+        jnp.int32(0),
+        jnp.zeros((batch,), bool),
+        jnp.full((batch, new), config.pad_id, jnp.int32),
+        jnp.zeros((batch, new), jnp.float32),
+        jnp.zeros((batch, new), jnp.float32),
+        logits[:, -1],
+        cache,
+        key_mask,
+    )
+    _, _, tokens, logprobs, mask, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return Samples(tokens, logprobs, mask)
 
 
 generate_jit = jax.jit(generate, static_argnums=(0, 5))
 
 
 def sample(model: nnx.Module, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> Samples:
-  """Convenience wrapper: splits `model` and calls the jitted `generate`."""
-  graphdef, params = nnx.split(model)
-  return generate_jit(graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), rng, config)
+    """Convenience wrapper: splits `model` and calls the jitted `generate`."""
+    graphdef, params = nnx.split(model)
+    return generate_jit(graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), rng, config)
 
 
 def response_inputs(prompt_ids, prompt_mask, samples: Samples):
-  """The CONTRACT layout of prompt + response: `input_ids`, `attention_mask`, `positions` `[B, P+R]`."""
-  input_ids = jnp.concatenate([prompt_ids, samples.tokens], axis=1)
-  attention_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), samples.response_mask.astype(jnp.int32)], 1)
-  return input_ids, attention_mask, default_positions(attention_mask)
+    """The CONTRACT layout of prompt + response: `input_ids`, `attention_mask`, `positions` `[B, P+R]`."""
+    input_ids = jnp.concatenate([prompt_ids, samples.tokens], axis=1)
+    attention_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), samples.response_mask.astype(jnp.int32)], 1)
+    return input_ids, attention_mask, default_positions(attention_mask)

@@ -18,7 +18,6 @@ from rto_jax.models.gguf_import import (  # noqa: E402
     read_gguf_config,
     read_gguf_metadata,
     read_gguf_tensors,
-    read_gguf_tokenizer,
     unpermute_rotary_rows,
 )
 from rto_jax.models.smollm2 import find_smollm2_gguf  # noqa: E402
@@ -51,9 +50,7 @@ COMPARE = [
 
 def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute) does to q/k rows."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape
-    )
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _tiny_hf(arch: str, tied: bool, rng: np.random.Generator):
@@ -100,8 +97,11 @@ _TO_GGUF = {
 
 
 def _gguf_name(hf: str) -> str:
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-           "output_norm.weight", "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf in top:
         return top[hf]
     _, _, i, rest = hf.split(".", 3)
@@ -194,10 +194,8 @@ def test_tiny_gguf_round_trip(tmp_path, arch, tied):
     assert cfg["tie_word_embeddings"] is tied
     assert cfg["qkv_bias"] is (arch == "qwen2")
     assert cfg["attention_bias"] is False
-    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (
-        d["D"], d["F"], d["L"])
-    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (
-        d["H"], d["K"], d["hd"])
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (d["D"], d["F"], d["L"])
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (d["H"], d["K"], d["hd"])
     assert cfg["rope_theta"] == 5000.0 and cfg["max_position_embeddings"] == 128
     assert "rope_scaling" not in cfg
     assert set(tensors) == set(hf)
@@ -207,8 +205,7 @@ def test_tiny_gguf_round_trip(tmp_path, arch, tied):
 
     # tokenizer: distinct pad is kept, add_bos_token prepends bos, merges apply, ids = GGUF ids
     V = d["V"]
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (
-        V - 4, V - 3, V - 2, V - 1)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (V - 4, V - 3, V - 2, V - 1)
     assert cfg["pad_token_id"] == V - 2
     ids = tok.encode("hello world")
     assert ids[0] == V - 4
@@ -251,8 +248,7 @@ def smol_path():
     p = find_smollm2_gguf()
     if p is None:
         pytest.skip(
-            "SmolLM2 GGUF not found: set $RTO_JAX_SMOLLM2_GGUF or run "
-            "`python -m rto_jax.models.smollm2` to download it"
+            "SmolLM2 GGUF not found: set $RTO_JAX_SMOLLM2_GGUF or run `python -m rto_jax.models.smollm2` to download it"
         )
     return p
 
@@ -336,7 +332,8 @@ def test_smollm2_chat_template(smol):
     _, _, tok = smol
     s = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n" in s
     assert s.endswith("<|im_start|>assistant\n")
@@ -353,16 +350,26 @@ def test_smollm2_matches_transformers_gguf_loader(smol, smol_path):
     cfg, tensors, tok = smol
 
     theirs_cfg = load_gguf_checkpoint(str(smol_path), return_tensors=False)["config"]
-    for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "rope_theta", "rms_norm_eps",
-              "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+    for k in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rope_theta",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert cfg[k] == theirs_cfg[k], k
     # Their weight-name map needs a model instance; its values are never used.
     import torch
 
     with torch.device("meta"):
-        skeleton = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in theirs_cfg.items()
-                                                 if not k.startswith("_")}))
+        skeleton = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in theirs_cfg.items() if not k.startswith("_")}))
     theirs = load_gguf_checkpoint(str(smol_path), return_tensors=True, model_to_load=skeleton)
     theirs = theirs["tensors"]
     assert set(theirs) == set(tensors)
@@ -372,8 +379,7 @@ def test_smollm2_matches_transformers_gguf_loader(smol, smol_path):
     ref = AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
     for s in COMPARE:
         assert tok.encode(s) == ref.encode(s), s
-    assert tok.convert_ids_to_tokens(list(range(len(tok)))) == ref.convert_ids_to_tokens(
-        list(range(len(ref))))
+    assert tok.convert_ids_to_tokens(list(range(len(tok)))) == ref.convert_ids_to_tokens(list(range(len(ref))))
 
 
 def test_smollm2_greedy_chat_completion(smol):
@@ -383,21 +389,24 @@ def test_smollm2_greedy_chat_completion(smol):
     cfg, tensors, tok = smol
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-    missing, unexpected = model.load_state_dict(
-        {k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False
-    )
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
     enc = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(
-            **enc, max_new_tokens=32, do_sample=False,
-            eos_token_id=cfg["eos_token_id"], pad_token_id=cfg["eos_token_id"],
+            **enc,
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=cfg["eos_token_id"],
+            pad_token_id=cfg["eos_token_id"],
         )
-    completion = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    completion = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"\nSmolLM2 greedy completion: {completion!r}")
     assert "Paris" in completion

@@ -16,146 +16,219 @@ VOCAB = 97
 
 HF_CONFIGS = {
     "llama_mha": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False),
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
     "llama_gqa_tied_rope3": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16, "rope_theta": 500000.0}),
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 500000.0,
+        },
+    ),
     "llama_attention_bias": lambda: transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attention_bias=True),
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attention_bias=True,
+    ),
     "qwen2_gqa_bias": lambda: transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False),
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    ),
     "mistral_linear_rope": lambda: transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, sliding_window=None,
-        rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=None,
+        rope_scaling={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    ),
     "gpt_neox_parallel": lambda: transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        rotary_pct=0.25, max_position_embeddings=64, use_parallel_residual=True, tie_word_embeddings=False),
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rotary_pct=0.25,
+        max_position_embeddings=64,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+    ),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        rotary_pct=0.5, max_position_embeddings=64, use_parallel_residual=False, tie_word_embeddings=False),
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        rotary_pct=0.5,
+        max_position_embeddings=64,
+        use_parallel_residual=False,
+        tie_word_embeddings=False,
+    ),
 }
 
 
 def _left_padded_batch(rng, lengths, total):
-  ids = np.zeros((len(lengths), total), np.int64)
-  mask = np.zeros((len(lengths), total), np.int64)
-  for row, n in enumerate(lengths):
-    ids[row, total - n:] = rng.integers(1, VOCAB, n)
-    mask[row, total - n:] = 1
-  positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  return ids, mask, positions
+    ids = np.zeros((len(lengths), total), np.int64)
+    mask = np.zeros((len(lengths), total), np.int64)
+    for row, n in enumerate(lengths):
+        ids[row, total - n :] = rng.integers(1, VOCAB, n)
+        mask[row, total - n :] = 1
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    return ids, mask, positions
 
 
 def _torch_model(name, tmp_path, cls=transformers.AutoModelForCausalLM):
-  torch.manual_seed(0)
-  hf_config = HF_CONFIGS[name]()
-  hf_config.pad_token_id = 0
-  model = cls.from_config(hf_config).float().eval()
-  # Random biases and norms too, so a dropped or transposed tensor cannot hide.
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if pname.endswith("bias") or "norm" in pname or "layernorm" in pname:
-        p.add_(0.1 * torch.randn_like(p))
-  model.save_pretrained(tmp_path, safe_serialization=True)
-  return model
+    torch.manual_seed(0)
+    hf_config = HF_CONFIGS[name]()
+    hf_config.pad_token_id = 0
+    model = cls.from_config(hf_config).float().eval()
+    # Random biases and norms too, so a dropped or transposed tensor cannot hide.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") or "norm" in pname or "layernorm" in pname:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    return model
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_logits_match_transformers_with_left_padding(name, scan_layers, tmp_path):
-  torch_model = _torch_model(name, tmp_path)
-  model = load_pretrained(tmp_path, scan_layers=scan_layers)
-  ids, mask, positions = _left_padded_batch(np.random.default_rng(0), [11, 4, 1], 11)
-  with torch.no_grad():
-    expected = torch_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                           position_ids=torch.tensor(positions)).logits.numpy()
-  got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)))
-  assert got.dtype == np.float32 and got.shape == expected.shape
-  valid = mask.astype(bool)
-  np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
+    torch_model = _torch_model(name, tmp_path)
+    model = load_pretrained(tmp_path, scan_layers=scan_layers)
+    ids, mask, positions = _left_padded_batch(np.random.default_rng(0), [11, 4, 1], 11)
+    with torch.no_grad():
+        expected = torch_model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
+    got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)))
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa_tied_rope3", "gpt_neox_parallel", "qwen2_gqa_bias", "llama_attention_bias"])
+@pytest.mark.parametrize(
+    "name", ["llama_gqa_tied_rope3", "gpt_neox_parallel", "qwen2_gqa_bias", "llama_attention_bias"]
+)
 def test_save_pretrained_round_trip_through_transformers(name, tmp_path):
-  _torch_model(name, tmp_path / "src")
-  ours = load_pretrained(tmp_path / "src")
-  save_pretrained(ours, tmp_path / "out")
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
-  ids, mask, positions = _left_padded_batch(np.random.default_rng(1), [7, 3], 7)
-  with torch.no_grad():
-    theirs = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                      position_ids=torch.tensor(positions)).logits.numpy()
-  got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)))
-  np.testing.assert_allclose(got[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4, rtol=0)
-  # And our own loader reads back exactly what we wrote.
-  again = load_pretrained(tmp_path / "out")
-  np.testing.assert_array_equal(np.asarray(again(jnp.asarray(ids))), np.asarray(ours(jnp.asarray(ids))))
+    _torch_model(name, tmp_path / "src")
+    ours = load_pretrained(tmp_path / "src")
+    save_pretrained(ours, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    ids, mask, positions = _left_padded_batch(np.random.default_rng(1), [7, 3], 7)
+    with torch.no_grad():
+        theirs = reloaded(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        ).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)))
+    np.testing.assert_allclose(got[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4, rtol=0)
+    # And our own loader reads back exactly what we wrote.
+    again = load_pretrained(tmp_path / "out")
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(ids))), np.asarray(ours(jnp.asarray(ids))))
 
 
 def test_scalar_head_exports_as_sequence_classification(tmp_path):
-  cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=8, pad_token_id=0)
-  model = ScalarHeadModel(cfg, nnx.Rngs(3))
-  save_pretrained(model, tmp_path / "rm")
-  assert json.loads((tmp_path / "rm" / "config.json").read_text())["architectures"] == [
-      "LlamaForSequenceClassification"]
-  torch_rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").float().eval()
-  ids = np.random.default_rng(2).integers(1, VOCAB, (3, 9))
-  with torch.no_grad():
-    theirs = torch_rm(input_ids=torch.tensor(ids)).logits.numpy()[:, 0]
-  ours = np.asarray(model(jnp.asarray(ids)))[:, -1]
-  np.testing.assert_allclose(ours, theirs, atol=1e-4)
-  reloaded = load_pretrained(tmp_path / "rm")
-  assert isinstance(reloaded, ScalarHeadModel)
-  np.testing.assert_array_equal(np.asarray(reloaded(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))))
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        pad_token_id=0,
+    )
+    model = ScalarHeadModel(cfg, nnx.Rngs(3))
+    save_pretrained(model, tmp_path / "rm")
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["architectures"] == [
+        "LlamaForSequenceClassification"
+    ]
+    torch_rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").float().eval()
+    ids = np.random.default_rng(2).integers(1, VOCAB, (3, 9))
+    with torch.no_grad():
+        theirs = torch_rm(input_ids=torch.tensor(ids)).logits.numpy()[:, 0]
+    ours = np.asarray(model(jnp.asarray(ids)))[:, -1]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    reloaded = load_pretrained(tmp_path / "rm")
+    assert isinstance(reloaded, ScalarHeadModel)
+    np.testing.assert_array_equal(np.asarray(reloaded(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))))
 
 
 def test_bfloat16_compute_stays_close_and_returns_float32(tmp_path):
-  _torch_model("llama_mha", tmp_path)
-  f32 = load_pretrained(tmp_path)
-  bf16 = load_pretrained(tmp_path, dtype="bfloat16")
-  ids = jnp.asarray(np.random.default_rng(3).integers(1, VOCAB, (2, 8)))
-  a, b = f32(ids), bf16(ids)
-  assert b.dtype == jnp.float32
-  assert jax.tree.leaves(nnx.state(bf16, nnx.Param))[0].dtype == jnp.float32  # master weights stay float32
-  assert float(jnp.max(jnp.abs(a - b))) < 0.05
+    _torch_model("llama_mha", tmp_path)
+    f32 = load_pretrained(tmp_path)
+    bf16 = load_pretrained(tmp_path, dtype="bfloat16")
+    ids = jnp.asarray(np.random.default_rng(3).integers(1, VOCAB, (2, 8)))
+    a, b = f32(ids), bf16(ids)
+    assert b.dtype == jnp.float32
+    assert jax.tree.leaves(nnx.state(bf16, nnx.Param))[0].dtype == jnp.float32  # master weights stay float32
+    assert float(jnp.max(jnp.abs(a - b))) < 0.05
 
 
 def test_loader_errors_name_the_file_and_tensor(tmp_path):
-  _torch_model("llama_mha", tmp_path)
-  from safetensors.numpy import load_file, save_file
-  tensors = load_file(tmp_path / "model.safetensors")
-  del tensors["model.layers.1.mlp.up_proj.weight"]
-  save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-  with pytest.raises(ValueError, match=r"model\.safetensors.*model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
-    load_pretrained(tmp_path)
-  tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), np.float32)
-  save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-  with pytest.raises(ValueError, match=r"up_proj\.weight.*shape \(3, 3\).*expects \(80, 48\)"):
-    load_pretrained(tmp_path)
-  config = json.loads((tmp_path / "config.json").read_text())
-  (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "bloom"}))
-  with pytest.raises(ValueError, match=r"model_type 'bloom' is not supported"):
-    load_pretrained(tmp_path)
-  (tmp_path / "model.safetensors").unlink()
-  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-    load_pretrained(tmp_path)
-  with pytest.raises(FileNotFoundError, match="no such model folder"):
-    load_pretrained(tmp_path / "nowhere")
+    _torch_model("llama_mha", tmp_path)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors.*model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+        load_pretrained(tmp_path)
+    tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"up_proj\.weight.*shape \(3, 3\).*expects \(80, 48\)"):
+        load_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "bloom"}))
+    with pytest.raises(ValueError, match=r"model_type 'bloom' is not supported"):
+        load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        load_pretrained(tmp_path / "nowhere")
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
-  cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                    num_kv_heads=4, head_dim=8)
-  model = CausalLM(cfg, nnx.Rngs(0))
-  save_pretrained(model, tmp_path / "m", max_shard_bytes=20_000)
-  assert (tmp_path / "m" / "model.safetensors.index.json").exists()
-  reloaded = load_pretrained(tmp_path / "m")
-  ids = jnp.arange(10)[None] % VOCAB
-  np.testing.assert_array_equal(np.asarray(reloaded(ids)), np.asarray(model(ids)))
+    cfg = ModelConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=4, head_dim=8
+    )
+    model = CausalLM(cfg, nnx.Rngs(0))
+    save_pretrained(model, tmp_path / "m", max_shard_bytes=20_000)
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    reloaded = load_pretrained(tmp_path / "m")
+    ids = jnp.arange(10)[None] % VOCAB
+    np.testing.assert_array_equal(np.asarray(reloaded(ids)), np.asarray(model(ids)))

@@ -142,10 +142,8 @@ def test_sft_loss(rng, wrap):
     targets = rng.integers(0, V, size=(B, T))
     mask = window_mask(rng)
     loss, metrics = wrap(obj.sft_loss)(logits, targets, mask)
-    ref = np_masked_mean([(-np_logprob(logits[b, t], targets[b, t]), mask[b, t])
-                          for b, t in cells(mask)])
-    acc = np_masked_mean([(float(np.argmax(logits[b, t]) == targets[b, t]), mask[b, t])
-                          for b, t in cells(mask)])
+    ref = np_masked_mean([(-np_logprob(logits[b, t], targets[b, t]), mask[b, t]) for b, t in cells(mask)])
+    acc = np_masked_mean([(float(np.argmax(logits[b, t]) == targets[b, t]), mask[b, t]) for b, t in cells(mask)])
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(loss, ref, **TOL)
     np.testing.assert_allclose(metrics["accuracy"], acc, **TOL)
@@ -159,8 +157,7 @@ def test_bradley_terry(rng, wrap, with_margin):
     rw, rl = rng.normal(size=(2, B)).astype(np.float32)
     margin = rng.uniform(size=B).astype(np.float32) if with_margin else None
     loss, metrics = wrap(obj.bradley_terry_loss)(rw, rl, margin)
-    ref = np.mean([-log_sigmoid(float(rw[i] - rl[i] - (margin[i] if with_margin else 0)))
-                   for i in range(B)])
+    ref = np.mean([-log_sigmoid(float(rw[i] - rl[i] - (margin[i] if with_margin else 0))) for i in range(B)])
     np.testing.assert_allclose(loss, ref, **TOL)
     np.testing.assert_allclose(metrics["accuracy"], np.mean([rw[i] > rl[i] for i in range(B)]))
     np.testing.assert_allclose(metrics["rewards/margin"], np.mean(rw - rl), **TOL)
@@ -191,8 +188,9 @@ def test_dpo_loss(rng, wrap, loss_type, eps):
     pc, pr, rc, rr = (rng.normal(size=(4, B)) * 5 - 20).astype(np.float32)
     lc, lr = rng.integers(1, 30, size=(2, B))
     beta = 0.1
-    fn = lambda *a: obj.dpo_loss(*a, beta=beta, loss_type=loss_type, label_smoothing=eps,
-                                 chosen_lengths=lc, rejected_lengths=lr)
+    fn = lambda *a: obj.dpo_loss(
+        *a, beta=beta, loss_type=loss_type, label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr
+    )
     loss, metrics = wrap(fn)(pc, pr, rc, rr)
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(loss, np_dpo(pc, pr, rc, rr, beta, loss_type, eps, lc, lr), **TOL)
@@ -200,10 +198,8 @@ def test_dpo_loss(rng, wrap, loss_type, eps):
     rejected = [beta * (float(pr[i]) - float(rr[i])) for i in range(B)]
     np.testing.assert_allclose(metrics["rewards/chosen"], np.mean(chosen), **TOL)
     np.testing.assert_allclose(metrics["rewards/rejected"], np.mean(rejected), **TOL)
-    np.testing.assert_allclose(metrics["rewards/margin"],
-                               np.mean([c - r for c, r in zip(chosen, rejected)]), **TOL)
-    np.testing.assert_allclose(metrics["rewards/accuracy"],
-                               np.mean([c > r for c, r in zip(chosen, rejected)]), **TOL)
+    np.testing.assert_allclose(metrics["rewards/margin"], np.mean([c - r for c, r in zip(chosen, rejected)]), **TOL)
+    np.testing.assert_allclose(metrics["rewards/accuracy"], np.mean([c > r for c, r in zip(chosen, rejected)]), **TOL)
 
 
 @pytest.mark.parametrize("missing", ["chosen_lengths", "rejected_lengths"])
@@ -225,8 +221,7 @@ def test_unknown_dpo_loss_type_lists_valid():
 def test_dpo_token_rewards(rng, wrap):
     lp, lr, mask = logps(rng), logps(rng), response_mask(rng)
     out = wrap(obj.dpo_token_rewards)(lp, lr, mask, 0.1)
-    ref = [[0.1 * (float(lp[b, t]) - float(lr[b, t])) if mask[b, t] else 0.0 for t in range(T)]
-           for b in range(B)]
+    ref = [[0.1 * (float(lp[b, t]) - float(lr[b, t])) if mask[b, t] else 0.0 for t in range(T)] for b in range(B)]
     np.testing.assert_allclose(out, ref, **TOL)
 
 
@@ -234,8 +229,7 @@ def test_dpo_token_rewards(rng, wrap):
 def test_last_token_index(rng):
     mask = window_mask(rng)
     mask[2] = 0
-    np.testing.assert_array_equal(obj.last_token_index(jnp.asarray(mask)),
-                                  [np_last_index(row) for row in mask])
+    np.testing.assert_array_equal(obj.last_token_index(jnp.asarray(mask)), [np_last_index(row) for row in mask])
 
 
 @JIT
@@ -256,8 +250,7 @@ def test_rto_token_rewards(rng, wrap, placement, clip):
 def test_rto_is_ppo_reward_when_beta_dpo_zero(rng):
     lo, lr, ld = logps(rng), logps(rng), logps(rng)
     score, mask = rng.normal(size=B).astype(np.float32), response_mask(rng)
-    rewards, _ = obj.rto_token_rewards(lo, lr, ld, score, mask, beta_dpo=0.0, dpo_clip=0.05,
-                                       beta_kl=0.01, beta_rm=1.0)
+    rewards, _ = obj.rto_token_rewards(lo, lr, ld, score, mask, beta_dpo=0.0, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0)
     ppo = np.zeros((B, T))
     for b in range(B):
         for t in range(T):
@@ -272,10 +265,10 @@ def test_rto_is_ppo_reward_when_beta_dpo_zero(rng):
 def test_rto_dpo_only_sums_to_sequence_log_ratio(rng, placement):
     lo, lr, ld = logps(rng), logps(rng), logps(rng)
     score, mask = rng.normal(size=B).astype(np.float32), response_mask(rng)
-    rewards, _ = obj.rto_token_rewards(lo, lr, ld, score, mask, beta_dpo=0.05, dpo_clip=0.0,
-                                       beta_kl=0.0, beta_rm=0.0, dpo_placement=placement)
-    expected = [0.05 * sum(float(ld[b, t] - lr[b, t]) for t in range(T) if mask[b, t])
-                for b in range(B)]
+    rewards, _ = obj.rto_token_rewards(
+        lo, lr, ld, score, mask, beta_dpo=0.05, dpo_clip=0.0, beta_kl=0.0, beta_rm=0.0, dpo_placement=placement
+    )
+    expected = [0.05 * sum(float(ld[b, t] - lr[b, t]) for t in range(T) if mask[b, t]) for b in range(B)]
     np.testing.assert_allclose(np.asarray(rewards).sum(-1), expected, **TOL)
 
 
@@ -283,8 +276,9 @@ def test_rto_rewards_float32_from_int_inputs(rng):
     ints = lambda: rng.integers(-5, 1, size=(B, T)).astype(np.int32)
     score = rng.integers(-3, 4, size=B).astype(np.int32)
     mask = response_mask(rng).astype(np.int32)
-    rewards, parts = obj.rto_token_rewards(ints(), ints(), ints(), score, mask, beta_dpo=0.05,
-                                           dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0)
+    rewards, parts = obj.rto_token_rewards(
+        ints(), ints(), ints(), score, mask, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0
+    )
     assert rewards.dtype == jnp.float32
     assert all(p.dtype == jnp.float32 for p in parts.values())
     assert np.any(np.abs(np.asarray(rewards) - np.round(rewards)) > 1e-4)  # not rounded
@@ -328,8 +322,9 @@ def test_policy_loss(rng, wrap):
         ratio = math.exp(float(logp[b, t]) - float(logp_old[b, t]))
         a = float(adv[b, t])
         unclipped, clipped = -a * ratio, -a * min(max(ratio, 0.8), 1.2)
-        rows.append((max(unclipped, clipped), float(clipped > unclipped),
-                     ratio - 1 - math.log(ratio), ratio, mask[b, t]))
+        rows.append(
+            (max(unclipped, clipped), float(clipped > unclipped), ratio - 1 - math.log(ratio), ratio, mask[b, t])
+        )
     for i, key in enumerate([None, "clipfrac", "approx_kl", "ratio_mean"]):
         got = loss if key is None else metrics[key]
         np.testing.assert_allclose(got, np_masked_mean([(r[i], r[4]) for r in rows]), **TOL)
@@ -340,8 +335,7 @@ def test_policy_loss_at_rollout_policy(rng):
     loss, metrics = jax.jit(obj.policy_loss)(logp, logp, adv, mask, 0.2)
     assert metrics["ratio_mean"] == 1.0 and metrics["clipfrac"] == 0.0
     assert metrics["approx_kl"] == 0.0
-    np.testing.assert_allclose(loss, -np_masked_mean([(adv[b, t], mask[b, t])
-                                                      for b, t in cells(mask)]), **TOL)
+    np.testing.assert_allclose(loss, -np_masked_mean([(adv[b, t], mask[b, t]) for b, t in cells(mask)]), **TOL)
 
 
 @JIT
@@ -354,8 +348,9 @@ def test_value_loss(rng, wrap):
     for b, t in cells(mask):
         v, o, r = float(values[b, t]), float(old[b, t]), float(returns[b, t])
         vc = o + min(max(v - o, -0.2), 0.2)
-        rows.append((max((v - r) ** 2, (vc - r) ** 2), float((vc - r) ** 2 > (v - r) ** 2),
-                     (v - r) ** 2, v, mask[b, t]))
+        rows.append(
+            (max((v - r) ** 2, (vc - r) ** 2), float((vc - r) ** 2 > (v - r) ** 2), (v - r) ** 2, v, mask[b, t])
+        )
     for i, key in enumerate([None, "vf_clipfrac", "value_mse", "value_mean"]):
         got = loss if key is None else metrics[key]
         np.testing.assert_allclose(got, np_masked_mean([(r[i], r[4]) for r in rows]), **TOL)
@@ -375,11 +370,16 @@ CASES = {
     "value": (lambda lg, tg, a, b, c, s, m: obj.value_loss(a, b, c, m, 0.2)),
     "gae": (lambda lg, tg, a, b, c, s, m: obj.gae(a, b, m, gamma=1.0, lam=0.95)),
     "whiten": (lambda lg, tg, a, b, c, s, m: obj.masked_whiten(a, m)),
-    "rto": (lambda lg, tg, a, b, c, s, m: obj.rto_token_rewards(
-        a, b, c, s, m, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0)),
-    "rto_seq_end": (lambda lg, tg, a, b, c, s, m: obj.rto_token_rewards(
-        a, b, c, s, m, beta_dpo=0.05, dpo_clip=0.0, beta_kl=0.01, beta_rm=1.0,
-        dpo_placement="sequence_end")),
+    "rto": (
+        lambda lg, tg, a, b, c, s, m: obj.rto_token_rewards(
+            a, b, c, s, m, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0
+        )
+    ),
+    "rto_seq_end": (
+        lambda lg, tg, a, b, c, s, m: obj.rto_token_rewards(
+            a, b, c, s, m, beta_dpo=0.05, dpo_clip=0.0, beta_kl=0.01, beta_rm=1.0, dpo_placement="sequence_end"
+        )
+    ),
     "dpo_token": (lambda lg, tg, a, b, c, s, m: obj.dpo_token_rewards(a, b, m, 0.1)),
 }
 
@@ -393,6 +393,5 @@ def test_masked_positions_change_nothing(rng, name):
     score = rng.normal(size=B).astype(np.float32)
     fn = jax.jit(CASES[name])
     clean = fn(logits, targets, a, b, c, score, mask)
-    dirty = fn(*(garbage_where_masked(rng, x, mask) for x in (logits, targets, a, b, c)),
-               score, mask)
+    dirty = fn(*(garbage_where_masked(rng, x, mask) for x in (logits, targets, a, b, c)), score, mask)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), clean, dirty)

@@ -13,139 +13,179 @@ VOCAB, PAD, NEW = 50, 0, 8
 
 
 def _model(arch="llama", scan_layers=False):
-  cfg = ModelConfig(arch=arch, model_type="llama" if arch == "llama" else "gpt_neox", vocab_size=VOCAB,
-                    hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                    num_kv_heads=2 if arch == "llama" else 4, head_dim=8,
-                    rotary_fraction=1.0 if arch == "llama" else 0.5, scan_layers=scan_layers)
-  # A larger init than HF's 0.02 gives peaked, prompt-dependent next-token distributions.
-  model = CausalLM(cfg, nnx.Rngs(0))
-  for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
-    if var[...].ndim == 2:
-      var[...] = var[...] * 10
-  return model
+    cfg = ModelConfig(
+        arch=arch,
+        model_type="llama" if arch == "llama" else "gpt_neox",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2 if arch == "llama" else 4,
+        head_dim=8,
+        rotary_fraction=1.0 if arch == "llama" else 0.5,
+        scan_layers=scan_layers,
+    )
+    # A larger init than HF's 0.02 gives peaked, prompt-dependent next-token distributions.
+    model = CausalLM(cfg, nnx.Rngs(0))
+    for var in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        if var[...].ndim == 2:
+            var[...] = var[...] * 10
+    return model
 
 
 def _prompts(lengths, total):
-  rng = np.random.default_rng(0)
-  ids = np.full((len(lengths), total), PAD, np.int32)
-  mask = np.zeros((len(lengths), total), np.int32)
-  for row, n in enumerate(lengths):
-    ids[row, total - n:] = rng.integers(2, VOCAB, n)
-    mask[row, total - n:] = 1
-  return jnp.asarray(ids), jnp.asarray(mask)
+    rng = np.random.default_rng(0)
+    ids = np.full((len(lengths), total), PAD, np.int32)
+    mask = np.zeros((len(lengths), total), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, total - n :] = rng.integers(2, VOCAB, n)
+        mask[row, total - n :] = 1
+    return jnp.asarray(ids), jnp.asarray(mask)
 
 
 def _teacher_forced_logprobs(model, prompt_ids, prompt_mask, samples, temperature):
-  input_ids, attention_mask, positions = response_inputs(prompt_ids, prompt_mask, samples)
-  logits = model(input_ids, attention_mask=attention_mask, positions=positions) / temperature
-  prompt_len = prompt_ids.shape[1]
-  logp = jax.nn.log_softmax(logits[:, prompt_len - 1:-1], axis=-1)
-  return jnp.take_along_axis(logp, samples.tokens[..., None], axis=-1)[..., 0] * samples.response_mask
+    input_ids, attention_mask, positions = response_inputs(prompt_ids, prompt_mask, samples)
+    logits = model(input_ids, attention_mask=attention_mask, positions=positions) / temperature
+    prompt_len = prompt_ids.shape[1]
+    logp = jax.nn.log_softmax(logits[:, prompt_len - 1 : -1], axis=-1)
+    return jnp.take_along_axis(logp, samples.tokens[..., None], axis=-1)[..., 0] * samples.response_mask
 
 
 @pytest.mark.parametrize("arch,scan_layers", [("llama", False), ("llama", True), ("gpt_neox", False)])
 def test_greedy_equals_argmax_of_full_forward(arch, scan_layers):
-  model = _model(arch, scan_layers)
-  prompt_ids, prompt_mask = _prompts([6, 3, 1], 6)
-  config = SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, greedy=True)
-  out = sample(model, prompt_ids, prompt_mask, jax.random.key(0), config)
-  ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
-  for t in range(NEW):  # the reference: re-run the whole sequence, no cache
-    logits = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    expected = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
-    live = np.asarray(out.response_mask[:, t]) > 0
-    np.testing.assert_array_equal(np.asarray(out.tokens[:, t])[live], expected[live])
-    ids = np.concatenate([ids, np.asarray(out.tokens[:, t:t + 1])], 1)
-    mask = np.concatenate([mask, np.ones((len(ids), 1), np.int32)], 1)
-  np.testing.assert_allclose(out.logprobs, _teacher_forced_logprobs(model, prompt_ids, prompt_mask, out, 1.0),
-                             atol=1e-5)
+    model = _model(arch, scan_layers)
+    prompt_ids, prompt_mask = _prompts([6, 3, 1], 6)
+    config = SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, greedy=True)
+    out = sample(model, prompt_ids, prompt_mask, jax.random.key(0), config)
+    ids, mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    for t in range(NEW):  # the reference: re-run the whole sequence, no cache
+        logits = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+        expected = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
+        live = np.asarray(out.response_mask[:, t]) > 0
+        np.testing.assert_array_equal(np.asarray(out.tokens[:, t])[live], expected[live])
+        ids = np.concatenate([ids, np.asarray(out.tokens[:, t : t + 1])], 1)
+        mask = np.concatenate([mask, np.ones((len(ids), 1), np.int32)], 1)
+    np.testing.assert_allclose(
+        out.logprobs, _teacher_forced_logprobs(model, prompt_ids, prompt_mask, out, 1.0), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9)])
 def test_sampled_logprobs_equal_teacher_forced(temperature, top_k, top_p):
-  model = _model()
-  prompt_ids, prompt_mask = _prompts([5, 2, 4, 1], 5)
-  config = SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, temperature=temperature, top_k=top_k,
-                          top_p=top_p)
-  out = sample(model, prompt_ids, prompt_mask, jax.random.key(1), config)
-  assert out.logprobs.dtype == jnp.float32
-  expected = _teacher_forced_logprobs(model, prompt_ids, prompt_mask, out, temperature)
-  np.testing.assert_allclose(out.logprobs, expected, atol=1e-5)
+    model = _model()
+    prompt_ids, prompt_mask = _prompts([5, 2, 4, 1], 5)
+    config = SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, temperature=temperature, top_k=top_k, top_p=top_p)
+    out = sample(model, prompt_ids, prompt_mask, jax.random.key(1), config)
+    assert out.logprobs.dtype == jnp.float32
+    expected = _teacher_forced_logprobs(model, prompt_ids, prompt_mask, out, temperature)
+    np.testing.assert_allclose(out.logprobs, expected, atol=1e-5)
 
 
 def test_rows_that_hit_eos_are_masked_and_padded():
-  model = _model()
-  prompt_ids, prompt_mask = _prompts([4, 4, 2], 4)
-  free = sample(model, prompt_ids, prompt_mask, jax.random.key(0),
-                SamplingConfig(max_new_tokens=NEW, eos_id=VOCAB + 1, pad_id=PAD, greedy=True))
-  eos = int(free.tokens[0, 2])  # make row 0's third greedy token the EOS
-  out = sample(model, prompt_ids, prompt_mask, jax.random.key(0),
-               SamplingConfig(max_new_tokens=NEW, eos_id=eos, pad_id=PAD, greedy=True))
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
-  for row in range(len(tokens)):
-    hits = np.flatnonzero(np.asarray(free.tokens[row]) == eos)
-    length = hits[0] + 1 if len(hits) else NEW
-    np.testing.assert_array_equal(mask[row], (np.arange(NEW) < length).astype(np.float32))
-    np.testing.assert_array_equal(tokens[row, :length], np.asarray(free.tokens[row, :length]))
-    assert (tokens[row, length:] == PAD).all() and (np.asarray(out.logprobs[row, length:]) == 0).all()
-  assert mask[0].sum() <= 3
+    model = _model()
+    prompt_ids, prompt_mask = _prompts([4, 4, 2], 4)
+    free = sample(
+        model,
+        prompt_ids,
+        prompt_mask,
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=NEW, eos_id=VOCAB + 1, pad_id=PAD, greedy=True),
+    )
+    eos = int(free.tokens[0, 2])  # make row 0's third greedy token the EOS
+    out = sample(
+        model,
+        prompt_ids,
+        prompt_mask,
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=NEW, eos_id=eos, pad_id=PAD, greedy=True),
+    )
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
+    for row in range(len(tokens)):
+        hits = np.flatnonzero(np.asarray(free.tokens[row]) == eos)
+        length = hits[0] + 1 if len(hits) else NEW
+        np.testing.assert_array_equal(mask[row], (np.arange(NEW) < length).astype(np.float32))
+        np.testing.assert_array_equal(tokens[row, :length], np.asarray(free.tokens[row, :length]))
+        assert (tokens[row, length:] == PAD).all() and (np.asarray(out.logprobs[row, length:]) == 0).all()
+    assert mask[0].sum() <= 3
 
 
 def test_loop_stops_when_every_row_is_done():
-  model = _model()
-  prompt_ids, prompt_mask = _prompts([3], 3)
-  free = sample(model, prompt_ids, prompt_mask, jax.random.key(0),
-                SamplingConfig(max_new_tokens=NEW, eos_id=VOCAB + 1, pad_id=PAD, greedy=True))
-  out = sample(model, prompt_ids, prompt_mask, jax.random.key(0),
-               SamplingConfig(max_new_tokens=NEW, eos_id=int(free.tokens[0, 0]), pad_id=PAD, greedy=True))
-  np.testing.assert_array_equal(np.asarray(out.response_mask[0]), [1] + [0] * (NEW - 1))
+    model = _model()
+    prompt_ids, prompt_mask = _prompts([3], 3)
+    free = sample(
+        model,
+        prompt_ids,
+        prompt_mask,
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=NEW, eos_id=VOCAB + 1, pad_id=PAD, greedy=True),
+    )
+    out = sample(
+        model,
+        prompt_ids,
+        prompt_mask,
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=NEW, eos_id=int(free.tokens[0, 0]), pad_id=PAD, greedy=True),
+    )
+    np.testing.assert_array_equal(np.asarray(out.response_mask[0]), [1] + [0] * (NEW - 1))
 
 
 def test_top_k_one_equals_greedy():
-  model = _model()
-  prompt_ids, prompt_mask = _prompts([5, 3], 5)
-  greedy = sample(model, prompt_ids, prompt_mask, jax.random.key(0),
-                  SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, greedy=True))
-  top1 = sample(model, prompt_ids, prompt_mask, jax.random.key(7),
-                SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, top_k=1))
-  np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(top1.tokens))
+    model = _model()
+    prompt_ids, prompt_mask = _prompts([5, 3], 5)
+    greedy = sample(
+        model,
+        prompt_ids,
+        prompt_mask,
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, greedy=True),
+    )
+    top1 = sample(
+        model,
+        prompt_ids,
+        prompt_mask,
+        jax.random.key(7),
+        SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, top_k=1),
+    )
+    np.testing.assert_array_equal(np.asarray(greedy.tokens), np.asarray(top1.tokens))
 
 
 def test_left_padded_batch_equals_single_rows():
-  model = _model()
-  lengths = [6, 2, 4]
-  prompt_ids, prompt_mask = _prompts(lengths, 6)
-  config = SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, greedy=True)
-  batch = sample(model, prompt_ids, prompt_mask, jax.random.key(0), config)
-  for row, n in enumerate(lengths):
-    single = sample(model, prompt_ids[row:row + 1, 6 - n:], prompt_mask[row:row + 1, 6 - n:], jax.random.key(0),
-                    config)
-    np.testing.assert_array_equal(np.asarray(single.tokens[0]), np.asarray(batch.tokens[row]))
-    np.testing.assert_allclose(np.asarray(single.logprobs[0]), np.asarray(batch.logprobs[row]), atol=1e-5)
+    model = _model()
+    lengths = [6, 2, 4]
+    prompt_ids, prompt_mask = _prompts(lengths, 6)
+    config = SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, greedy=True)
+    batch = sample(model, prompt_ids, prompt_mask, jax.random.key(0), config)
+    for row, n in enumerate(lengths):
+        single = sample(
+            model, prompt_ids[row : row + 1, 6 - n :], prompt_mask[row : row + 1, 6 - n :], jax.random.key(0), config
+        )
+        np.testing.assert_array_equal(np.asarray(single.tokens[0]), np.asarray(batch.tokens[row]))
+        np.testing.assert_allclose(np.asarray(single.logprobs[0]), np.asarray(batch.logprobs[row]), atol=1e-5)
 
 
 def test_filter_logits_against_numpy():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(4, 20)).astype(np.float32)
-  for top_k, top_p in [(3, 1.0), (0, 0.5), (5, 0.8)]:
-    got = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p)) > np.finfo(np.float32).min
-    for row in range(4):
-      order = np.argsort(-logits[row])
-      keep = np.zeros(20, bool)
-      keep[order[:top_k] if top_k else order] = True
-      # top-p acts on the distribution left after top-k, as in transformers' warper chain.
-      probs = np.where(keep, np.exp(logits[row] - logits[row].max()), 0.0)
-      probs /= probs.sum()
-      mass = 0.0
-      nucleus = np.zeros(20, bool)
-      for idx in order:
-        if mass >= top_p:
-          break
-        nucleus[idx] = True
-        mass += probs[idx]
-      np.testing.assert_array_equal(got[row], keep & nucleus)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 20)).astype(np.float32)
+    for top_k, top_p in [(3, 1.0), (0, 0.5), (5, 0.8)]:
+        got = np.asarray(filter_logits(jnp.asarray(logits), top_k, top_p)) > np.finfo(np.float32).min
+        for row in range(4):
+            order = np.argsort(-logits[row])
+            keep = np.zeros(20, bool)
+            keep[order[:top_k] if top_k else order] = True
+            # top-p acts on the distribution left after top-k, as in transformers' warper chain.
+            probs = np.where(keep, np.exp(logits[row] - logits[row].max()), 0.0)
+            probs /= probs.sum()
+            mass = 0.0
+            nucleus = np.zeros(20, bool)
+            for idx in order:
+                if mass >= top_p:
+                    break
+                nucleus[idx] = True
+                mass += probs[idx]
+            np.testing.assert_array_equal(got[row], keep & nucleus)
 
 
 def test_pad_equal_to_eos_is_rejected():
-  with pytest.raises(ValueError, match="pad_id"):
-    SamplingConfig(max_new_tokens=4, eos_id=2, pad_id=2)
+    with pytest.raises(ValueError, match="pad_id"):
+        SamplingConfig(max_new_tokens=4, eos_id=2, pad_id=2)

@@ -9,179 +9,213 @@ from flax import nnx
 
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions
 from rto_jax.sampling import SamplingConfig
-from rto_jax.train import (DPOConfig, OptimizerConfig, PPOConfig, StepConfig, TrainState, create_ppo_state,
-                           make_dpo_step, make_optimizer, make_ppo_fns, make_reward_model_step, make_sft_step,
-                           precompute_reference_logps, sequence_scores)
+from rto_jax.train import (
+    DPOConfig,
+    OptimizerConfig,
+    PPOConfig,
+    StepConfig,
+    TrainState,
+    create_ppo_state,
+    make_dpo_step,
+    make_optimizer,
+    make_ppo_fns,
+    make_reward_model_step,
+    make_sft_step,
+    precompute_reference_logps,
+    sequence_scores,
+)
 
 VOCAB, PAD, EOS, GOOD = 16, 0, 1, 7
 P, R = 4, 6
 
 
 def tiny_config(**kw):
-  return ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                     num_kv_heads=2, head_dim=8, **kw)
+    return ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        **kw,
+    )
 
 
 def _sequences(prompts, prompt_mask, responses, response_mask):
-  input_ids = np.concatenate([prompts, responses], 1).astype(np.int32)
-  attention_mask = np.concatenate([prompt_mask, response_mask], 1).astype(np.int32)
-  return {"input_ids": jnp.asarray(input_ids), "attention_mask": jnp.asarray(attention_mask),
-          "positions": default_positions(jnp.asarray(attention_mask)),
-          "response_mask": jnp.asarray(response_mask, jnp.float32)}
+    input_ids = np.concatenate([prompts, responses], 1).astype(np.int32)
+    attention_mask = np.concatenate([prompt_mask, response_mask], 1).astype(np.int32)
+    return {
+        "input_ids": jnp.asarray(input_ids),
+        "attention_mask": jnp.asarray(attention_mask),
+        "positions": default_positions(jnp.asarray(attention_mask)),
+        "response_mask": jnp.asarray(response_mask, jnp.float32),
+    }
 
 
 def _prompts(rng, batch):
-  lengths = rng.integers(1, P + 1, batch)
-  mask = (np.arange(P)[None] >= P - lengths[:, None]).astype(np.int32)
-  ids = np.where(mask > 0, rng.integers(2, VOCAB, (batch, P)), PAD)
-  return ids, mask
+    lengths = rng.integers(1, P + 1, batch)
+    mask = (np.arange(P)[None] >= P - lengths[:, None]).astype(np.int32)
+    ids = np.where(mask > 0, rng.integers(2, VOCAB, (batch, P)), PAD)
+    return ids, mask
 
 
 def _responses(rng, batch, good: bool):
-  """Ragged responses ending in EOS: all GOOD tokens if `good`, else tokens that never are GOOD."""
-  lengths = rng.integers(2, R + 1, batch)
-  mask = (np.arange(R)[None] < lengths[:, None]).astype(np.float32)
-  body = np.full((batch, R), GOOD) if good else rng.choice([t for t in range(2, VOCAB) if t != GOOD], (batch, R))
-  ids = np.where(np.arange(R)[None] == lengths[:, None] - 1, EOS, body)
-  return np.where(mask > 0, ids, PAD), mask
+    """Ragged responses ending in EOS: all GOOD tokens if `good`, else tokens that never are GOOD."""
+    lengths = rng.integers(2, R + 1, batch)
+    mask = (np.arange(R)[None] < lengths[:, None]).astype(np.float32)
+    body = np.full((batch, R), GOOD) if good else rng.choice([t for t in range(2, VOCAB) if t != GOOD], (batch, R))
+    ids = np.where(np.arange(R)[None] == lengths[:, None] - 1, EOS, body)
+    return np.where(mask > 0, ids, PAD), mask
 
 
 def preference_batch(seed, batch=8):
-  rng = np.random.default_rng(seed)
-  prompts, prompt_mask = _prompts(rng, batch)
-  chosen, chosen_mask = _responses(rng, batch, good=True)
-  rejected, rejected_mask = _responses(rng, batch, good=False)
-  out = {"prompt_ids": jnp.asarray(prompts, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
-  for name, ids, mask in [("chosen", chosen, chosen_mask), ("rejected", rejected, rejected_mask)]:
-    out.update({f"{name}_{k}": v for k, v in _sequences(prompts, prompt_mask, ids, mask).items()})
-  return out
+    rng = np.random.default_rng(seed)
+    prompts, prompt_mask = _prompts(rng, batch)
+    chosen, chosen_mask = _responses(rng, batch, good=True)
+    rejected, rejected_mask = _responses(rng, batch, good=False)
+    out = {"prompt_ids": jnp.asarray(prompts, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
+    for name, ids, mask in [("chosen", chosen, chosen_mask), ("rejected", rejected, rejected_mask)]:
+        out.update({f"{name}_{k}": v for k, v in _sequences(prompts, prompt_mask, ids, mask).items()})
+    return out
 
 
 def sft_batch(seed, batch=8):
-  rng = np.random.default_rng(seed)
-  prompts, prompt_mask = _prompts(rng, batch)
-  responses, mask = _responses(rng, batch, good=False)
-  return _sequences(prompts, prompt_mask, responses, mask)
+    rng = np.random.default_rng(seed)
+    prompts, prompt_mask = _prompts(rng, batch)
+    responses, mask = _responses(rng, batch, good=False)
+    return _sequences(prompts, prompt_mask, responses, mask)
 
 
 def _state(model, lr=3e-3, **kw):
-  return TrainState.create(model, make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant", **kw)))
+    return TrainState.create(model, make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant", **kw)))
 
 
 def test_sft_loss_falls_and_step_compiles_once():
-  step = make_sft_step()
-  state = _state(CausalLM(tiny_config(), nnx.Rngs(0)))
-  batch = sft_batch(0)
-  losses = []
-  for _ in range(40):
-    state, metrics = step(state, batch, jax.random.key(0))
-    losses.append(float(metrics["loss"]))
-  assert losses[-1] < 0.5 * losses[0]
-  assert int(state.step) == 40
-  assert step._cache_size() == 1
+    step = make_sft_step()
+    state = _state(CausalLM(tiny_config(), nnx.Rngs(0)))
+    batch = sft_batch(0)
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 40
+    assert step._cache_size() == 1
 
 
 def test_sft_gradient_accumulation_matches_full_batch():
-  batch = sft_batch(1)
-  full_rows = {k: v for k, v in batch.items()}
-  # Equal token counts per micro-batch make the two token means identical.
-  full_rows["response_mask"] = jnp.ones_like(batch["response_mask"])
-  full_rows["attention_mask"] = full_rows["attention_mask"].at[:, P:].set(1)
-  results = []
-  for accum in (1, 2):
-    # Plain SGD, so the parameter change is the gradient itself (Adam would amplify float noise).
-    state = TrainState.create(CausalLM(tiny_config(), nnx.Rngs(0)), optax.sgd(1.0))
-    state, metrics = make_sft_step(StepConfig(grad_accum_steps=accum))(state, full_rows, jax.random.key(0))
-    results.append((metrics["loss"], state.params))
-  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
-    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    batch = sft_batch(1)
+    full_rows = {k: v for k, v in batch.items()}
+    # Equal token counts per micro-batch make the two token means identical.
+    full_rows["response_mask"] = jnp.ones_like(batch["response_mask"])
+    full_rows["attention_mask"] = full_rows["attention_mask"].at[:, P:].set(1)
+    results = []
+    for accum in (1, 2):
+        # Plain SGD, so the parameter change is the gradient itself (Adam would amplify float noise).
+        state = TrainState.create(CausalLM(tiny_config(), nnx.Rngs(0)), optax.sgd(1.0))
+        state, metrics = make_sft_step(StepConfig(grad_accum_steps=accum))(state, full_rows, jax.random.key(0))
+        results.append((metrics["loss"], state.params))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_reward_model_separates_toy_preferences():
-  step = make_reward_model_step()
-  state = _state(ScalarHeadModel(tiny_config(), nnx.Rngs(0)))
-  for i in range(60):
-    state, metrics = step(state, preference_batch(i % 4), jax.random.key(0))
-  held_out = preference_batch(100, batch=32)
-  model = state.model()
-  chosen = sequence_scores(model, held_out["chosen_input_ids"], held_out["chosen_attention_mask"],
-                           held_out["chosen_positions"], held_out["chosen_response_mask"])
-  rejected = sequence_scores(model, held_out["rejected_input_ids"], held_out["rejected_attention_mask"],
-                             held_out["rejected_positions"], held_out["rejected_response_mask"])
-  assert float(jnp.mean(chosen > rejected)) == 1.0
-  assert step._cache_size() == 1
+    step = make_reward_model_step()
+    state = _state(ScalarHeadModel(tiny_config(), nnx.Rngs(0)))
+    for i in range(60):
+        state, metrics = step(state, preference_batch(i % 4), jax.random.key(0))
+    held_out = preference_batch(100, batch=32)
+    model = state.model()
+    chosen = sequence_scores(
+        model,
+        held_out["chosen_input_ids"],
+        held_out["chosen_attention_mask"],
+        held_out["chosen_positions"],
+        held_out["chosen_response_mask"],
+    )
+    rejected = sequence_scores(
+        model,
+        held_out["rejected_input_ids"],
+        held_out["rejected_attention_mask"],
+        held_out["rejected_positions"],
+        held_out["rejected_response_mask"],
+    )
+    assert float(jnp.mean(chosen > rejected)) == 1.0
+    assert step._cache_size() == 1
 
 
 @pytest.mark.parametrize("precomputed", [True, False])
 def test_dpo_margin_grows(precomputed):
-  policy = CausalLM(tiny_config(), nnx.Rngs(0))
-  graphdef, ref_params = nnx.split(policy)
-  ref_params = jax.tree.map(jnp.copy, ref_params)
-  state = _state(policy, lr=2e-3, max_grad_norm=1.0)
-  if not precomputed:
-    state = state.replace(frozen={"ref": ref_params})
-  step = make_dpo_step(DPOConfig(beta=0.1))
-  margins = []
-  for i in range(25):
-    batch = preference_batch(i % 4)
-    if precomputed:
-      batch = {**batch, **precompute_reference_logps(graphdef, ref_params, batch)}
-    state, metrics = step(state, batch, jax.random.key(0))
-    margins.append(float(metrics["rewards/margin"]))
-  assert margins[0] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
-  assert margins[-1] > 0.5
-  assert step._cache_size() == 1
+    policy = CausalLM(tiny_config(), nnx.Rngs(0))
+    graphdef, ref_params = nnx.split(policy)
+    ref_params = jax.tree.map(jnp.copy, ref_params)
+    state = _state(policy, lr=2e-3, max_grad_norm=1.0)
+    if not precomputed:
+        state = state.replace(frozen={"ref": ref_params})
+    step = make_dpo_step(DPOConfig(beta=0.1))
+    margins = []
+    for i in range(25):
+        batch = preference_batch(i % 4)
+        if precomputed:
+            batch = {**batch, **precompute_reference_logps(graphdef, ref_params, batch)}
+        state, metrics = step(state, batch, jax.random.key(0))
+        margins.append(float(metrics["rewards/margin"]))
+    assert margins[0] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the start
+    assert margins[-1] > 0.5
+    assert step._cache_size() == 1
 
 
 def _trained_reward_model():
-  step = make_reward_model_step()
-  state = _state(ScalarHeadModel(tiny_config(), nnx.Rngs(1)))
-  for i in range(60):
-    state, _ = step(state, preference_batch(i % 4), jax.random.key(0))
-  return state.model()
+    step = make_reward_model_step()
+    state = _state(ScalarHeadModel(tiny_config(), nnx.Rngs(1)))
+    for i in range(60):
+        state, _ = step(state, preference_batch(i % 4), jax.random.key(0))
+    return state.model()
 
 
 @pytest.fixture(scope="module")
 def reward_model():
-  return _trained_reward_model()
+    return _trained_reward_model()
 
 
 def _ppo(reward_model, beta_dpo, lr=3e-3, **kw):
-  policy = CausalLM(tiny_config(), nnx.Rngs(2))
-  critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(3))
-  tx = make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant"))
-  dpo_params = nnx.split(CausalLM(tiny_config(), nnx.Rngs(4)))[1] if beta_dpo else None
-  state = create_ppo_state(policy, critic, reward_model, tx, tx, dpo_params=dpo_params)
-  config = PPOConfig(sampling=SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD), beta_dpo=beta_dpo, **kw)
-  return state, make_ppo_fns(config)
+    policy = CausalLM(tiny_config(), nnx.Rngs(2))
+    critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(3))
+    tx = make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant"))
+    dpo_params = nnx.split(CausalLM(tiny_config(), nnx.Rngs(4)))[1] if beta_dpo else None
+    state = create_ppo_state(policy, critic, reward_model, tx, tx, dpo_params=dpo_params)
+    config = PPOConfig(sampling=SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD), beta_dpo=beta_dpo, **kw)
+    return state, make_ppo_fns(config)
 
 
 @pytest.mark.parametrize("beta_dpo", [0.0, 0.05])
 def test_first_ppo_epoch_has_ratio_one(reward_model, beta_dpo):
-  state, (experience_fn, update_fn, _) = _ppo(reward_model, beta_dpo, ppo_epochs=2, num_minibatches=2)
-  rng = np.random.default_rng(0)
-  prompt_ids, prompt_mask = _prompts(rng, 16)
-  prompts = {"prompt_ids": jnp.asarray(prompt_ids, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
-  experience, rollout_metrics = experience_fn(state, prompts, jax.random.key(0))
-  assert experience.advantages.dtype == jnp.float32 and experience.logp_old.dtype == jnp.float32
-  state, metrics = update_fn(state, experience, jax.random.key(1))
-  assert abs(float(metrics["first/ratio_mean"]) - 1.0) < 1e-5
-  assert float(metrics["first/clipfrac"]) == 0.0
-  assert float(metrics["first/approx_kl"]) < 1e-6
-  assert np.isfinite(float(metrics["loss"]))
-  assert float(rollout_metrics["kl_to_ref"]) == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    state, (experience_fn, update_fn, _) = _ppo(reward_model, beta_dpo, ppo_epochs=2, num_minibatches=2)
+    rng = np.random.default_rng(0)
+    prompt_ids, prompt_mask = _prompts(rng, 16)
+    prompts = {"prompt_ids": jnp.asarray(prompt_ids, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
+    experience, rollout_metrics = experience_fn(state, prompts, jax.random.key(0))
+    assert experience.advantages.dtype == jnp.float32 and experience.logp_old.dtype == jnp.float32
+    state, metrics = update_fn(state, experience, jax.random.key(1))
+    assert abs(float(metrics["first/ratio_mean"]) - 1.0) < 1e-5
+    assert float(metrics["first/clipfrac"]) == 0.0
+    assert float(metrics["first/approx_kl"]) < 1e-6
+    assert np.isfinite(float(metrics["loss"]))
+    assert float(rollout_metrics["kl_to_ref"]) == pytest.approx(0.0, abs=1e-5)  # policy == reference
 
 
 def test_ppo_iteration_raises_the_score_and_compiles_once(reward_model):
-  state, (experience_fn, _, iteration_fn) = _ppo(reward_model, 0.0, lr=1e-2, ppo_epochs=4, num_minibatches=2,
-                                                 beta_kl=0.0)
-  rng = np.random.default_rng(0)
-  prompt_ids, prompt_mask = _prompts(rng, 64)
-  prompts = {"prompt_ids": jnp.asarray(prompt_ids, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
-  _, before = experience_fn(state, prompts, jax.random.key(123))
-  for i in range(3):
-    state, metrics = iteration_fn(state, prompts, jax.random.key(i))
-  _, after = experience_fn(state, prompts, jax.random.key(123))
-  assert float(after["score"]) > float(before["score"]) + 0.5, (before["score"], after["score"])
-  assert iteration_fn._cache_size() == 1
+    state, (experience_fn, _, iteration_fn) = _ppo(
+        reward_model, 0.0, lr=1e-2, ppo_epochs=4, num_minibatches=2, beta_kl=0.0
+    )
+    rng = np.random.default_rng(0)
+    prompt_ids, prompt_mask = _prompts(rng, 64)
+    prompts = {"prompt_ids": jnp.asarray(prompt_ids, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
+    _, before = experience_fn(state, prompts, jax.random.key(123))
+    for i in range(3):
+        state, metrics = iteration_fn(state, prompts, jax.random.key(i))
+    _, after = experience_fn(state, prompts, jax.random.key(123))
+    assert float(after["score"]) > float(before["score"]) + 0.5, (before["score"], after["score"])
+    assert iteration_fn._cache_size() == 1

@@ -84,55 +84,55 @@ SKIP_REASONS = {
 
 @dataclasses.dataclass(frozen=True)
 class SFTExample:
-  prompt: str
-  response: str
+    prompt: str
+    response: str
 
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceExample:
-  prompt: str
-  chosen: str
-  rejected: str
+    prompt: str
+    chosen: str
+    rejected: str
 
 
 Example = SFTExample | PreferenceExample
 
 
 class FormatError(ValueError):
-  """The data is not in the format named. Carries the bad row's index (None: the whole table)."""
+    """The data is not in the format named. Carries the bad row's index (None: the whole table)."""
 
-  def __init__(self, message: str, row: int | None = None):
-    super().__init__(message)
-    self.row = row
-    self.detail = message
+    def __init__(self, message: str, row: int | None = None):
+        super().__init__(message)
+        self.row = row
+        self.detail = message
 
 
 class SkipRow(Exception):
-  """Raised by a row parser for a row that is dropped (and counted) rather than fatal."""
+    """Raised by a row parser for a row that is dropped (and counted) rather than fatal."""
 
-  def __init__(self, reason: str):
-    assert reason in SKIP_REASONS, reason
-    super().__init__(reason)
-    self.reason = reason
+    def __init__(self, reason: str):
+        assert reason in SKIP_REASONS, reason
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-  """A dataset format: its kind, the columns it needs and how to parse one row.
+    """A dataset format: its kind, the columns it needs and how to parse one row.
 
-  `columns` lists alternatives per logical field: ("reference_response", "reference_responses")
-  means either column may hold the field. `alt_columns` is a whole alternative layout, used when
-  `columns` does not match. `parse(row, cols, tokenizer)` receives the resolved column names
-  {field: column} and returns an example or raises SkipRow / FormatError.
-  """
+    `columns` lists alternatives per logical field: ("reference_response", "reference_responses")
+    means either column may hold the field. `alt_columns` is a whole alternative layout, used when
+    `columns` does not match. `parse(row, cols, tokenizer)` receives the resolved column names
+    {field: column} and returns an example or raises SkipRow / FormatError.
+    """
 
-  name: str
-  kind: str  # "sft" or "preference"
-  columns: Mapping[str, tuple[str, ...]]
-  parse: Callable[[Mapping[str, Any], Mapping[str, str], Any], Example]
-  needs_tokenizer: bool = False
-  description: str = ""
-  alt_columns: Mapping[str, tuple[str, ...]] | None = None
+    name: str
+    kind: str  # "sft" or "preference"
+    columns: Mapping[str, tuple[str, ...]]
+    parse: Callable[[Mapping[str, Any], Mapping[str, str], Any], Example]
+    needs_tokenizer: bool = False
+    description: str = ""
+    alt_columns: Mapping[str, tuple[str, ...]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,46 +140,46 @@ class Format:
 
 
 def _is_missing(value: Any) -> bool:
-  return value is None or (isinstance(value, float) and math.isnan(value))
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _text(row: Mapping[str, Any], column: str, *, empty_reason: str) -> str:
-  """A string field: None/NaN -> skip 'missing_field'; blank -> skip `empty_reason`."""
-  value = row.get(column)
-  if _is_missing(value):
-    raise SkipRow("missing_field")
-  if not isinstance(value, str):
-    raise FormatError(f"column {column!r} should hold a string, got {type(value).__name__}")
-  if not value.strip():
-    raise SkipRow(empty_reason)
-  return value
+    """A string field: None/NaN -> skip 'missing_field'; blank -> skip `empty_reason`."""
+    value = row.get(column)
+    if _is_missing(value):
+        raise SkipRow("missing_field")
+    if not isinstance(value, str):
+        raise FormatError(f"column {column!r} should hold a string, got {type(value).__name__}")
+    if not value.strip():
+        raise SkipRow(empty_reason)
+    return value
 
 
 def _sub(value: Any, key: str | int, where: str) -> Any:
-  """value[key] for nested structs/lists: missing -> skip, wrong container type -> FormatError."""
-  if _is_missing(value):
-    raise SkipRow("missing_field")
-  if isinstance(key, int):
-    if not isinstance(value, (list, tuple)):
-      raise FormatError(f"{where} should be a list, got {type(value).__name__}")
-    if len(value) <= key:
-      raise FormatError(f"{where} should have more than {key} entries, has {len(value)}")
+    """value[key] for nested structs/lists: missing -> skip, wrong container type -> FormatError."""
+    if _is_missing(value):
+        raise SkipRow("missing_field")
+    if isinstance(key, int):
+        if not isinstance(value, (list, tuple)):
+            raise FormatError(f"{where} should be a list, got {type(value).__name__}")
+        if len(value) <= key:
+            raise FormatError(f"{where} should have more than {key} entries, has {len(value)}")
+        return value[key]
+    if not isinstance(value, Mapping):
+        raise FormatError(f"{where} should be a struct/dict, got {type(value).__name__}")
+    if key not in value:
+        raise FormatError(f"{where} has no field {key!r} (fields: {sorted(value)})")
     return value[key]
-  if not isinstance(value, Mapping):
-    raise FormatError(f"{where} should be a struct/dict, got {type(value).__name__}")
-  if key not in value:
-    raise FormatError(f"{where} has no field {key!r} (fields: {sorted(value)})")
-  return value[key]
 
 
 def _nonempty(text: Any, where: str, empty_reason: str) -> str:
-  if _is_missing(text):
-    raise SkipRow("missing_field")
-  if not isinstance(text, str):
-    raise FormatError(f"{where} should be a string, got {type(text).__name__}")
-  if not text.strip():
-    raise SkipRow(empty_reason)
-  return text
+    if _is_missing(text):
+        raise SkipRow("missing_field")
+    if not isinstance(text, str):
+        raise FormatError(f"{where} should be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise SkipRow(empty_reason)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,77 +190,75 @@ _TLDR_ONE_LINE = re.compile(r"SUBREDDIT: (?P<sub>\S+) TITLE: (?P<title>.*?) POST
 
 
 def tldr_prompt(subreddit: str, title: str, post: str) -> str:
-  """The canonical TL;DR prompt (OpenAI's layout, as in vwxyzjn/summarize_from_feedback_tldr_3)."""
-  subreddit = subreddit.strip()
-  if not subreddit.startswith("r/"):
-    subreddit = "r/" + subreddit
-  return f"SUBREDDIT: {subreddit}\n\nTITLE: {title.strip()}\n\nPOST: {post.strip()}\n\n{TLDR_MARKER}"
+    """The canonical TL;DR prompt (OpenAI's layout, as in vwxyzjn/summarize_from_feedback_tldr_3)."""
+    subreddit = subreddit.strip()
+    if not subreddit.startswith("r/"):
+        subreddit = "r/" + subreddit
+    return f"SUBREDDIT: {subreddit}\n\nTITLE: {title.strip()}\n\nPOST: {post.strip()}\n\n{TLDR_MARKER}"
 
 
 _EOT = "<|endoftext|>"  # The vwxyzjn preprocessing appends GPT-NeoX's EOS text to references.
 
 
 def _parse_tldr_sft(row, cols, tokenizer):
-  del tokenizer
-  if "prompt" in cols:
-    prompt = _text(row, cols["prompt"], empty_reason="empty_prompt")
-    response = _text(row, cols["response"], empty_reason="empty_response")
-  else:  # Raw layout of vwxyzjn/summarize_from_feedback_tldr_3_filtered.
-    parts = [_text(row, cols[k], empty_reason="empty_prompt") for k in ("subreddit", "title", "post")]
-    prompt = tldr_prompt(*parts)
-    response = " " + _text(row, cols["summary"], empty_reason="empty_response").strip()
-  if response.endswith(_EOT):
-    response = response[: -len(_EOT)]
-    if not response.strip():
-      raise SkipRow("empty_response")
-  return SFTExample(prompt, response)
+    del tokenizer
+    if "prompt" in cols:
+        prompt = _text(row, cols["prompt"], empty_reason="empty_prompt")
+        response = _text(row, cols["response"], empty_reason="empty_response")
+    else:  # Raw layout of vwxyzjn/summarize_from_feedback_tldr_3_filtered.
+        parts = [_text(row, cols[k], empty_reason="empty_prompt") for k in ("subreddit", "title", "post")]
+        prompt = tldr_prompt(*parts)
+        response = " " + _text(row, cols["summary"], empty_reason="empty_response").strip()
+    if response.endswith(_EOT):
+        response = response[: -len(_EOT)]
+        if not response.strip():
+            raise SkipRow("empty_response")
+    return SFTExample(prompt, response)
 
 
 def _parse_prompt_response(row, cols, tokenizer):
-  del tokenizer
-  return SFTExample(
-      _text(row, cols["prompt"], empty_reason="empty_prompt"),
-      _text(row, cols["response"], empty_reason="empty_response"),
-  )
+    del tokenizer
+    return SFTExample(
+        _text(row, cols["prompt"], empty_reason="empty_prompt"),
+        _text(row, cols["response"], empty_reason="empty_response"),
+    )
 
 
 def _parse_tldr_preference(row, cols, tokenizer):
-  del tokenizer
-  prompt = _text(row, cols["prompt"], empty_reason="empty_prompt")
-  chosen = _text(row, cols["chosen"], empty_reason="empty_response")
-  rejected = _text(row, cols["rejected"], empty_reason="empty_response")
-  match = _TLDR_ONE_LINE.match(prompt)
-  if match and not _TLDR_CANONICAL.match(prompt):
-    prompt = tldr_prompt(match["sub"], match["title"], match["post"])
-  if chosen.startswith(TLDR_MARKER) and rejected.startswith(TLDR_MARKER):
-    chosen, rejected = chosen[len(TLDR_MARKER):], rejected[len(TLDR_MARKER):]
-    if not chosen.strip() or not rejected.strip():
-      raise SkipRow("empty_response")
-    if not prompt.rstrip().endswith(TLDR_MARKER):
-      prompt = prompt.rstrip() + "\n\n" + TLDR_MARKER
-  return PreferenceExample(prompt, chosen, rejected)
+    del tokenizer
+    prompt = _text(row, cols["prompt"], empty_reason="empty_prompt")
+    chosen = _text(row, cols["chosen"], empty_reason="empty_response")
+    rejected = _text(row, cols["rejected"], empty_reason="empty_response")
+    match = _TLDR_ONE_LINE.match(prompt)
+    if match and not _TLDR_CANONICAL.match(prompt):
+        prompt = tldr_prompt(match["sub"], match["title"], match["post"])
+    if chosen.startswith(TLDR_MARKER) and rejected.startswith(TLDR_MARKER):
+        chosen, rejected = chosen[len(TLDR_MARKER) :], rejected[len(TLDR_MARKER) :]
+        if not chosen.strip() or not rejected.strip():
+            raise SkipRow("empty_response")
+        if not prompt.rstrip().endswith(TLDR_MARKER):
+            prompt = prompt.rstrip() + "\n\n" + TLDR_MARKER
+    return PreferenceExample(prompt, chosen, rejected)
 
 
 def _parse_openai_comparisons(row, cols, tokenizer):
-  del tokenizer
-  info = row.get(cols["info"])
-  post = _sub(info, "post", "info")
-  title = _sub(info, "title", "info")
-  subreddit = _sub(info, "subreddit", "info")
-  for name, value in (("info.post", post), ("info.title", title), ("info.subreddit", subreddit)):
-    _nonempty(value, name, "empty_prompt")
-  summaries = row.get(cols["summaries"])
-  texts = [_sub(_sub(summaries, i, "summaries"), "text", f"summaries[{i}]") for i in (0, 1)]
-  texts = [_nonempty(t, f"summaries[{i}].text", "empty_response") for i, t in enumerate(texts)]
-  choice = row.get(cols["choice"])
-  if _is_missing(choice):
-    raise SkipRow("missing_field")
-  if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
-    raise FormatError(f"'choice' should be 0 or 1, got {choice!r}")
-  # Summaries follow the prompt's "TL;DR:" after a space, as in the vwxyzjn preprocessing.
-  return PreferenceExample(
-      tldr_prompt(subreddit, title, post), " " + texts[choice], " " + texts[1 - choice]
-  )
+    del tokenizer
+    info = row.get(cols["info"])
+    post = _sub(info, "post", "info")
+    title = _sub(info, "title", "info")
+    subreddit = _sub(info, "subreddit", "info")
+    for name, value in (("info.post", post), ("info.title", title), ("info.subreddit", subreddit)):
+        _nonempty(value, name, "empty_prompt")
+    summaries = row.get(cols["summaries"])
+    texts = [_sub(_sub(summaries, i, "summaries"), "text", f"summaries[{i}]") for i in (0, 1)]
+    texts = [_nonempty(t, f"summaries[{i}].text", "empty_response") for i, t in enumerate(texts)]
+    choice = row.get(cols["choice"])
+    if _is_missing(choice):
+        raise SkipRow("missing_field")
+    if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
+        raise FormatError(f"'choice' should be 0 or 1, got {choice!r}")
+    # Summaries follow the prompt's "TL;DR:" after a space, as in the vwxyzjn preprocessing.
+    return PreferenceExample(tldr_prompt(subreddit, title, post), " " + texts[choice], " " + texts[1 - choice])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,54 +266,54 @@ def _parse_openai_comparisons(row, cols, tokenizer):
 
 
 def _check_messages(messages: Any, where: str) -> list[dict]:
-  if _is_missing(messages):
-    raise SkipRow("missing_field")
-  if not isinstance(messages, (list, tuple)) or not messages:
-    raise FormatError(f"{where} should be a non-empty list of {{role, content}} messages")
-  out = []
-  for i, m in enumerate(messages):
-    if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-      raise FormatError(f"{where}[{i}] should be a {{role, content}} message, got {m!r:.80}")
-    if _is_missing(m["content"]):
-      raise SkipRow("missing_field")
-    if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-      raise FormatError(f"{where}[{i}] role and content should be strings")
-    out.append({"role": m["role"], "content": m["content"]})
-  if out[-1]["role"] != "assistant":
-    raise FormatError(f"{where} should end with an assistant turn, ends with {out[-1]['role']!r}")
-  return out
+    if _is_missing(messages):
+        raise SkipRow("missing_field")
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise FormatError(f"{where} should be a non-empty list of {{role, content}} messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise FormatError(f"{where}[{i}] should be a {{role, content}} message, got {m!r:.80}")
+        if _is_missing(m["content"]):
+            raise SkipRow("missing_field")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise FormatError(f"{where}[{i}] role and content should be strings")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant":
+        raise FormatError(f"{where} should end with an assistant turn, ends with {out[-1]['role']!r}")
+    return out
 
 
 def _chat_prompt(tokenizer, messages: list[dict]) -> str:
-  if tokenizer is None:
-    raise ValueError("chat formats need a tokenizer (its chat template builds the prompt)")
-  if not getattr(tokenizer, "chat_template", None):
-    raise ValueError(
-        f"tokenizer {type(tokenizer).__name__} has no chat_template; set one (tokenizer.chat_template"
-        " = ...) or use a chat/instruct tokenizer"
-    )
-  if not messages:
-    raise SkipRow("empty_prompt")
-  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if tokenizer is None:
+        raise ValueError("chat formats need a tokenizer (its chat template builds the prompt)")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no chat_template; set one (tokenizer.chat_template"
+            " = ...) or use a chat/instruct tokenizer"
+        )
+    if not messages:
+        raise SkipRow("empty_prompt")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _parse_ultrafeedback(row, cols, tokenizer):
-  chosen = _check_messages(row.get(cols["chosen"]), cols["chosen"])
-  rejected = _check_messages(row.get(cols["rejected"]), cols["rejected"])
-  if chosen[:-1] != rejected[:-1]:
-    raise SkipRow("prompt_mismatch")
-  for m in (chosen[-1], rejected[-1]):
-    if not m["content"].strip():
-      raise SkipRow("empty_response")
-  prompt = _chat_prompt(tokenizer, chosen[:-1])
-  return PreferenceExample(prompt, chosen[-1]["content"], rejected[-1]["content"])
+    chosen = _check_messages(row.get(cols["chosen"]), cols["chosen"])
+    rejected = _check_messages(row.get(cols["rejected"]), cols["rejected"])
+    if chosen[:-1] != rejected[:-1]:
+        raise SkipRow("prompt_mismatch")
+    for m in (chosen[-1], rejected[-1]):
+        if not m["content"].strip():
+            raise SkipRow("empty_response")
+    prompt = _chat_prompt(tokenizer, chosen[:-1])
+    return PreferenceExample(prompt, chosen[-1]["content"], rejected[-1]["content"])
 
 
 def _parse_ultrafeedback_sft(row, cols, tokenizer):
-  messages = _check_messages(row.get(cols["messages"]), cols["messages"])
-  if not messages[-1]["content"].strip():
-    raise SkipRow("empty_response")
-  return SFTExample(_chat_prompt(tokenizer, messages[:-1]), messages[-1]["content"])
+    messages = _check_messages(row.get(cols["messages"]), cols["messages"])
+    if not messages[-1]["content"].strip():
+        raise SkipRow("empty_response")
+    return SFTExample(_chat_prompt(tokenizer, messages[:-1]), messages[-1]["content"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,37 +321,37 @@ def _parse_ultrafeedback_sft(row, cols, tokenizer):
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
-  """(prompt, chosen_response, rejected_response) of two HH dialogues.
+    """(prompt, chosen_response, rejected_response) of two HH dialogues.
 
-  The prompt is the longest common prefix cut back to end with its last "\\n\\nAssistant:", so a
-  response that itself contains "\\n\\nAssistant:" does not move the split.
-  """
-  lo, hi = 0, min(len(chosen), len(rejected))
-  while lo < hi:  # Length of the common prefix by bisection (slice compares run in C).
-    mid = (lo + hi + 1) // 2
-    if chosen[:mid] == rejected[:mid]:
-      lo = mid
-    else:
-      hi = mid - 1
-  common = chosen[:lo]
-  cut = common.rfind(HH_ASSISTANT)
-  if cut < 0:
-    raise SkipRow("prompt_mismatch")
-  end = cut + len(HH_ASSISTANT)
-  return chosen[:end], chosen[end:], rejected[end:]
+    The prompt is the longest common prefix cut back to end with its last "\\n\\nAssistant:", so a
+    response that itself contains "\\n\\nAssistant:" does not move the split.
+    """
+    lo, hi = 0, min(len(chosen), len(rejected))
+    while lo < hi:  # Length of the common prefix by bisection (slice compares run in C).
+        mid = (lo + hi + 1) // 2
+        if chosen[:mid] == rejected[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    common = chosen[:lo]
+    cut = common.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise SkipRow("prompt_mismatch")
+    end = cut + len(HH_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
 
 
 def _parse_hh(row, cols, tokenizer):
-  del tokenizer
-  chosen = _text(row, cols["chosen"], empty_reason="empty_response")
-  rejected = _text(row, cols["rejected"], empty_reason="empty_response")
-  for name, text in (("chosen", chosen), ("rejected", rejected)):
-    if HH_ASSISTANT not in text:
-      raise FormatError(f"{cols[name]!r} has no '\\n\\nAssistant:' turn (not an HH-RLHF dialogue)")
-  prompt, chosen_response, rejected_response = split_hh(chosen, rejected)
-  if not chosen_response.strip() or not rejected_response.strip():
-    raise SkipRow("empty_response")
-  return PreferenceExample(prompt, chosen_response, rejected_response)
+    del tokenizer
+    chosen = _text(row, cols["chosen"], empty_reason="empty_response")
+    rejected = _text(row, cols["rejected"], empty_reason="empty_response")
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if HH_ASSISTANT not in text:
+            raise FormatError(f"{cols[name]!r} has no '\\n\\nAssistant:' turn (not an HH-RLHF dialogue)")
+    prompt, chosen_response, rejected_response = split_hh(chosen, rejected)
+    if not chosen_response.strip() or not rejected_response.strip():
+        raise SkipRow("empty_response")
+    return PreferenceExample(prompt, chosen_response, rejected_response)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,12 +359,12 @@ def _parse_hh(row, cols, tokenizer):
 
 
 def _parse_prompt_chosen_rejected(row, cols, tokenizer):
-  del tokenizer
-  return PreferenceExample(
-      _text(row, cols["prompt"], empty_reason="empty_prompt"),
-      _text(row, cols["chosen"], empty_reason="empty_response"),
-      _text(row, cols["rejected"], empty_reason="empty_response"),
-  )
+    del tokenizer
+    return PreferenceExample(
+        _text(row, cols["prompt"], empty_reason="empty_prompt"),
+        _text(row, cols["chosen"], empty_reason="empty_response"),
+        _text(row, cols["rejected"], empty_reason="empty_response"),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,9 +379,7 @@ FORMATS: dict[str, Format] = {
             {"prompt": ("query",), "response": ("reference_response", "reference_responses")},
             _parse_tldr_sft,
             description="TL;DR SFT: query -> reference_response(s), or subreddit/title/post -> summary",
-            alt_columns={
-                "subreddit": ("subreddit",), "title": ("title",), "post": ("post",), "summary": ("summary",)
-            },
+            alt_columns={"subreddit": ("subreddit",), "title": ("title",), "post": ("post",), "summary": ("summary",)},
         ),
         Format(
             "tldr_preference",
@@ -441,9 +437,9 @@ FORMATS: dict[str, Format] = {
 
 
 def get_format(name: str) -> Format:
-  if name not in FORMATS:
-    raise ValueError(f"unknown data format {name!r}; known formats: {sorted(FORMATS)}")
-  return FORMATS[name]
+    if name not in FORMATS:
+        raise ValueError(f"unknown data format {name!r}; known formats: {sorted(FORMATS)}")
+    return FORMATS[name]
 
 
 def resolve_columns(
@@ -452,39 +448,38 @@ def resolve_columns(
     source: str,
     column_map: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-  """{field: column} for this table, or FormatError naming the missing column(s).
+    """{field: column} for this table, or FormatError naming the missing column(s).
 
-  `column_map` overrides the column of a field, e.g. {"response": "postprocessed_response"}.
-  """
-  column_map = dict(column_map or {})
-  layouts = [fmt.columns] + ([fmt.alt_columns] if fmt.alt_columns else [])
-  known = set().union(*layouts)
-  unknown = set(column_map) - known
-  if unknown:
-    raise ValueError(
-        f"column_map fields {sorted(unknown)} are not fields of format {fmt.name!r} "
-        f"(fields: {sorted(known)})"
+    `column_map` overrides the column of a field, e.g. {"response": "postprocessed_response"}.
+    """
+    column_map = dict(column_map or {})
+    layouts = [fmt.columns] + ([fmt.alt_columns] if fmt.alt_columns else [])
+    known = set().union(*layouts)
+    unknown = set(column_map) - known
+    if unknown:
+        raise ValueError(
+            f"column_map fields {sorted(unknown)} are not fields of format {fmt.name!r} (fields: {sorted(known)})"
+        )
+    problems = []
+    for layout in layouts:
+        resolved, missing = {}, []
+        for field, candidates in layout.items():
+            if field in column_map:
+                candidates = (column_map[field],)
+            found = [c for c in candidates if c in column_names]
+            if found:
+                resolved[field] = found[0]
+            else:
+                missing.append(" or ".join(repr(c) for c in candidates))
+        if not missing:
+            return resolved
+        problems.append(", ".join(missing))
+    alternative = f" (or, in the alternative layout, {problems[1]})" if len(problems) > 1 else ""
+    raise FormatError(
+        f"{source}: not in format {fmt.name!r}: row 0: missing column {problems[0]}{alternative} "
+        f"(columns present: {list(column_names)})",
+        row=0,
     )
-  problems = []
-  for layout in layouts:
-    resolved, missing = {}, []
-    for field, candidates in layout.items():
-      if field in column_map:
-        candidates = (column_map[field],)
-      found = [c for c in candidates if c in column_names]
-      if found:
-        resolved[field] = found[0]
-      else:
-        missing.append(" or ".join(repr(c) for c in candidates))
-    if not missing:
-      return resolved
-    problems.append(", ".join(missing))
-  alternative = f" (or, in the alternative layout, {problems[1]})" if len(problems) > 1 else ""
-  raise FormatError(
-      f"{source}: not in format {fmt.name!r}: row 0: missing column {problems[0]}{alternative} "
-      f"(columns present: {list(column_names)})",
-      row=0,
-  )
 
 
 def parse_rows(
@@ -496,27 +491,27 @@ def parse_rows(
     column_map: Mapping[str, str] | None = None,
     tokenizer: Any = None,
 ) -> tuple[list[Example], dict[str, int]]:
-  """Parses rows into examples; returns (examples, {skip reason: count}).
+    """Parses rows into examples; returns (examples, {skip reason: count}).
 
-  `column_names` defaults to the keys of the first row. Raises FormatError (a ValueError) naming
-  `source` and the first bad row when the data is not in the format.
-  """
-  fmt = get_format(fmt) if isinstance(fmt, str) else fmt
-  if fmt.needs_tokenizer and tokenizer is None:
-    raise ValueError(f"format {fmt.name!r} needs a tokenizer (chat template)")
-  iterator = iter(rows)
-  examples: list[Example] = []
-  skipped: dict[str, int] = {}
-  cols = None
-  if column_names is not None:
-    cols = resolve_columns(fmt, column_names, source, column_map)
-  for index, row in enumerate(iterator):
-    if cols is None:
-      cols = resolve_columns(fmt, list(row.keys()), source, column_map)
-    try:
-      examples.append(fmt.parse(row, cols, tokenizer))
-    except SkipRow as skip:
-      skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
-    except FormatError as e:
-      raise FormatError(f"{source}: not in format {fmt.name!r}: row {index}: {e.detail}", index) from None
-  return examples, skipped
+    `column_names` defaults to the keys of the first row. Raises FormatError (a ValueError) naming
+    `source` and the first bad row when the data is not in the format.
+    """
+    fmt = get_format(fmt) if isinstance(fmt, str) else fmt
+    if fmt.needs_tokenizer and tokenizer is None:
+        raise ValueError(f"format {fmt.name!r} needs a tokenizer (chat template)")
+    iterator = iter(rows)
+    examples: list[Example] = []
+    skipped: dict[str, int] = {}
+    cols = None
+    if column_names is not None:
+        cols = resolve_columns(fmt, column_names, source, column_map)
+    for index, row in enumerate(iterator):
+        if cols is None:
+            cols = resolve_columns(fmt, list(row.keys()), source, column_map)
+        try:
+            examples.append(fmt.parse(row, cols, tokenizer))
+        except SkipRow as skip:
+            skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
+        except FormatError as e:
+            raise FormatError(f"{source}: not in format {fmt.name!r}: row {index}: {e.detail}", index) from None
+    return examples, skipped

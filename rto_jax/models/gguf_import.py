@@ -71,7 +71,12 @@ _HF_ARCH = {
 
 # ggml token types (llama.cpp `llama_token_type`).
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = (
-    1, 2, 3, 4, 5, 6,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
 )
 
 
@@ -120,8 +125,7 @@ def _architecture(path, meta: dict[str, Any]) -> str:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
-            f"{path}: unsupported GGUF architecture {arch!r} "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     return arch
 
@@ -132,9 +136,7 @@ def _require(path, meta, key):
     return meta[key]
 
 
-def read_gguf_config(
-    path: str | os.PathLike, reader=None, tensor_names=None, meta=None
-) -> dict[str, Any]:
+def read_gguf_config(path: str | os.PathLike, reader=None, tensor_names=None, meta=None) -> dict[str, Any]:
     """Transformers-style config dict from the GGUF metadata (see module docstring)."""
     reader = reader if reader is not None else _open(path)
     if meta is None:
@@ -184,8 +186,7 @@ def read_gguf_config(
     rot_dim = meta.get(p + "rope.dimension_count")
     if rot_dim is not None and int(rot_dim) != head_dim:
         raise ValueError(
-            f"{path}: partial rotary ({p}rope.dimension_count={rot_dim}, head_dim={head_dim}) "
-            "is not supported"
+            f"{path}: partial rotary ({p}rope.dimension_count={rot_dim}, head_dim={head_dim}) is not supported"
         )
 
     # RoPE scaling (linear / yarn). llama.cpp stores Llama-3.x scaling as a `rope_freqs` tensor
@@ -287,17 +288,19 @@ def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         out["lm_head.weight"] = (V, D)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": (D,),
-            p + "post_attention_layernorm.weight": (D,),
-            p + "self_attn.q_proj.weight": (H * hd, D),
-            p + "self_attn.k_proj.weight": (K * hd, D),
-            p + "self_attn.v_proj.weight": (K * hd, D),
-            p + "self_attn.o_proj.weight": (D, H * hd),
-            p + "mlp.gate_proj.weight": (F, D),
-            p + "mlp.up_proj.weight": (F, D),
-            p + "mlp.down_proj.weight": (D, F),
-        })
+        out.update(
+            {
+                p + "input_layernorm.weight": (D,),
+                p + "post_attention_layernorm.weight": (D,),
+                p + "self_attn.q_proj.weight": (H * hd, D),
+                p + "self_attn.k_proj.weight": (K * hd, D),
+                p + "self_attn.v_proj.weight": (K * hd, D),
+                p + "self_attn.o_proj.weight": (D, H * hd),
+                p + "mlp.gate_proj.weight": (F, D),
+                p + "mlp.up_proj.weight": (F, D),
+                p + "mlp.down_proj.weight": (D, F),
+            }
+        )
         if cfg.get("qkv_bias"):
             out[p + "self_attn.q_proj.bias"] = (H * hd,)
             out[p + "self_attn.k_proj.bias"] = (K * hd,)
@@ -318,9 +321,7 @@ def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     if rows % (2 * n_heads):
         raise ValueError(f"cannot unpermute {rows} rows into {n_heads} heads of even size")
     hd = rows // n_heads
-    return np.ascontiguousarray(
-        w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    )
+    return np.ascontiguousarray(w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
 def _dequantize(t) -> np.ndarray:
@@ -334,9 +335,7 @@ def _dequantize(t) -> np.ndarray:
     return np.array(arr.reshape(want), dtype=np.float32, copy=True)
 
 
-def read_gguf_tensors(
-    path: str | os.PathLike, cfg: dict[str, Any] | None = None, reader=None
-) -> dict[str, np.ndarray]:
+def read_gguf_tensors(path: str | os.PathLike, cfg: dict[str, Any] | None = None, reader=None) -> dict[str, np.ndarray]:
     """Dequantized float32 tensors under HF names and layouts (see module docstring)."""
     reader = reader if reader is not None else _open(path)
     if cfg is None:
@@ -367,9 +366,7 @@ def read_gguf_tensors(
         out[name] = arr
     missing = sorted(set(want) - set(out))
     if missing:
-        raise ValueError(
-            f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-        )
+        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return out
 
 
@@ -380,7 +377,13 @@ def read_gguf_tensors(
 # Pre-tokenizer split regexes, following llama.cpp's `llama_vocab` per `tokenizer.ggml.pre`.
 _GPT2_PRE = ("gpt2", "default", "mpt", "olmo", "jais", "trillion", "granite-docling")
 _DIGITS_THEN_GPT2_PRE = (
-    "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva",
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva",
 )
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -391,8 +394,7 @@ _QWEN2_REGEX = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _SPLIT_PRE = {
-    **{k: _LLAMA3_REGEX for k in ("llama3", "llama-bpe", "llama-v3", "smaug-bpe", "dbrx",
-                                  "falcon3", "pixtral")},
+    **{k: _LLAMA3_REGEX for k in ("llama3", "llama-bpe", "llama-v3", "smaug-bpe", "dbrx", "falcon3", "pixtral")},
     **{k: _QWEN2_REGEX for k in ("qwen2", "deepseek-r1-qwen", "stablelm2")},
 }
 
@@ -402,15 +404,19 @@ def _pre_tokenizer(path, pre: str | None):
 
     pre = pre or "default"
     if pre in _DIGITS_THEN_GPT2_PRE:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     if pre in _SPLIT_PRE:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_PRE[pre]), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     if pre not in _GPT2_PRE:
         logger.warning("%s: unknown tokenizer.ggml.pre %r; using the GPT-2 split", path, pre)
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -429,9 +435,7 @@ def read_gguf_tokenizer(path: str | os.PathLike, reader=None, meta=None):
         meta = read_gguf_metadata(path, reader)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(
-            f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE 'gpt2')"
-        )
+        raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE 'gpt2')")
     tokens: list[str] = _require(path, meta, "tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
     merges_raw = _require(path, meta, "tokenizer.ggml.merges")
@@ -455,12 +459,13 @@ def read_gguf_tokenizer(path: str | os.PathLike, reader=None, meta=None):
 
     special = [
         AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
-        for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL
+        for t, ty in zip(tokens, types)
+        if ty == _TOKEN_CONTROL
     ]
     user = [
-        AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False,
-                   single_word=False)
-        for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED
+        AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        for t, ty in zip(tokens, types)
+        if ty == _TOKEN_USER_DEFINED
     ]
     if special:
         tok.add_special_tokens(special)
@@ -483,12 +488,19 @@ def read_gguf_tokenizer(path: str | os.PathLike, reader=None, meta=None):
         spec = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
         single = " ".join(([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else []))
         pair = " ".join(
-            ([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else [])
-            + ([bos] if add_bos else []) + ["$B:1"] + ([eos] if add_eos else [])
+            ([bos] if add_bos else [])
+            + ["$A"]
+            + ([eos] if add_eos else [])
+            + ([bos] if add_bos else [])
+            + ["$B:1"]
+            + ([eos] if add_eos else [])
         )
-        tok.post_processor = processors.Sequence([
-            byte_pp, processors.TemplateProcessing(single=single, pair=pair, special_tokens=spec),
-        ])
+        tok.post_processor = processors.Sequence(
+            [
+                byte_pp,
+                processors.TemplateProcessing(single=single, pair=pair, special_tokens=spec),
+            ]
+        )
     else:
         tok.post_processor = byte_pp
 
@@ -503,9 +515,7 @@ def read_gguf_tokenizer(path: str | os.PathLike, reader=None, meta=None):
     arch = meta.get("general.architecture")
     if (ctx := meta.get(f"{arch}.context_length")) is not None:
         kwargs["model_max_length"] = int(ctx)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, clean_up_tokenization_spaces=False, **kwargs
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,7 +534,9 @@ def read_gguf(path: str | os.PathLike):
     tokenizer = read_gguf_tokenizer(path, reader, meta)
     if len(tokenizer) != cfg["vocab_size"]:
         logger.warning(
-            "%s: tokenizer has %d tokens, config vocab_size is %d", path, len(tokenizer),
+            "%s: tokenizer has %d tokens, config vocab_size is %d",
+            path,
+            len(tokenizer),
             cfg["vocab_size"],
         )
     return cfg, tensors, tokenizer

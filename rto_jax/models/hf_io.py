@@ -27,21 +27,40 @@ log = logging.getLogger(__name__)
 
 _PREFIX = {"llama": "model", "gpt_neox": "gpt_neox"}
 _TOP = {  # our path -> HF name, per architecture
-    "llama": {"decoder.embed.embedding": "model.embed_tokens.weight", "decoder.final_norm.scale": "model.norm.weight",
-              "lm_head.kernel": "lm_head.weight", "head.kernel": "score.weight"},
-    "gpt_neox": {"decoder.embed.embedding": "gpt_neox.embed_in.weight",
-                 "decoder.final_norm.scale": "gpt_neox.final_layer_norm.weight",
-                 "decoder.final_norm.bias": "gpt_neox.final_layer_norm.bias",
-                 "lm_head.kernel": "embed_out.weight", "head.kernel": "score.weight"},
+    "llama": {
+        "decoder.embed.embedding": "model.embed_tokens.weight",
+        "decoder.final_norm.scale": "model.norm.weight",
+        "lm_head.kernel": "lm_head.weight",
+        "head.kernel": "score.weight",
+    },
+    "gpt_neox": {
+        "decoder.embed.embedding": "gpt_neox.embed_in.weight",
+        "decoder.final_norm.scale": "gpt_neox.final_layer_norm.weight",
+        "decoder.final_norm.bias": "gpt_neox.final_layer_norm.bias",
+        "lm_head.kernel": "embed_out.weight",
+        "head.kernel": "score.weight",
+    },
 }
 _BLOCK = {  # our module inside a block -> HF module inside `layers.{i}`
-    "llama": {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
-              "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-              "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-              "down_proj": "mlp.down_proj"},
-    "gpt_neox": {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
-                 "query_key_value": "attention.query_key_value", "dense": "attention.dense",
-                 "dense_h_to_4h": "mlp.dense_h_to_4h", "dense_4h_to_h": "mlp.dense_4h_to_h"},
+    "llama": {
+        "input_layernorm": "input_layernorm",
+        "post_attention_layernorm": "post_attention_layernorm",
+        "q_proj": "self_attn.q_proj",
+        "k_proj": "self_attn.k_proj",
+        "v_proj": "self_attn.v_proj",
+        "o_proj": "self_attn.o_proj",
+        "gate_proj": "mlp.gate_proj",
+        "up_proj": "mlp.up_proj",
+        "down_proj": "mlp.down_proj",
+    },
+    "gpt_neox": {
+        "input_layernorm": "input_layernorm",
+        "post_attention_layernorm": "post_attention_layernorm",
+        "query_key_value": "attention.query_key_value",
+        "dense": "attention.dense",
+        "dense_h_to_4h": "mlp.dense_h_to_4h",
+        "dense_4h_to_h": "mlp.dense_4h_to_h",
+    },
 }
 _LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # Non-parameter buffers that some checkpoints carry.
@@ -49,200 +68,212 @@ _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|attention\.bias|attention\.maske
 
 
 def _hf_names(path: str, cfg: ModelConfig) -> list[str]:
-  """HF names of our parameter `path` (several when layers are stacked: one per layer)."""
-  if path in _TOP[cfg.arch]:
-    return [_TOP[cfg.arch][path]]
-  parts = path.split(".")
-  if parts[:2] != ["decoder", "layers"]:
-    raise KeyError(path)
-  if cfg.scan_layers:
-    module, leaf, layers = parts[2], parts[3], range(cfg.num_layers)
-  else:
-    module, leaf, layers = parts[3], parts[4], [int(parts[2])]
-  return [f"{_PREFIX[cfg.arch]}.layers.{i}.{_BLOCK[cfg.arch][module]}.{_LEAF[leaf]}" for i in layers]
+    """HF names of our parameter `path` (several when layers are stacked: one per layer)."""
+    if path in _TOP[cfg.arch]:
+        return [_TOP[cfg.arch][path]]
+    parts = path.split(".")
+    if parts[:2] != ["decoder", "layers"]:
+        raise KeyError(path)
+    if cfg.scan_layers:
+        module, leaf, layers = parts[2], parts[3], range(cfg.num_layers)
+    else:
+        module, leaf, layers = parts[3], parts[4], [int(parts[2])]
+    return [f"{_PREFIX[cfg.arch]}.layers.{i}.{_BLOCK[cfg.arch][module]}.{_LEAF[leaf]}" for i in layers]
 
 
 def _is_stacked(path: str, cfg: ModelConfig) -> bool:
-  return cfg.scan_layers and path.startswith("decoder.layers.")
+    return cfg.scan_layers and path.startswith("decoder.layers.")
 
 
 def _to_hf(path: str, value: np.ndarray) -> np.ndarray:
-  return value.T if path.endswith("kernel") else value  # HF Linear weights are [out, in].
+    return value.T if path.endswith("kernel") else value  # HF Linear weights are [out, in].
 
 
 def _flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
-  state = nnx.state(model, nnx.Param)
-  return {".".join(str(k) for k in key): var for key, var in nnx.to_flat_state(state)}
+    state = nnx.state(model, nnx.Param)
+    return {".".join(str(k) for k in key): var for key, var in nnx.to_flat_state(state)}
 
 
 def _new_model(cfg: ModelConfig, kind: str) -> nnx.Module:
-  cls = {"lm": CausalLM, "scalar": ScalarHeadModel}[kind]
-  return cls(cfg, nnx.Rngs(0))
+    cls = {"lm": CausalLM, "scalar": ScalarHeadModel}[kind]
+    return cls(cfg, nnx.Rngs(0))
 
 
 def _fill(cfg: ModelConfig, kind: str, get: Callable[[str], np.ndarray | None], source: str) -> nnx.Module:
-  """Builds the model abstractly and fills each parameter with `get(hf_name)` (None if absent)."""
-  abstract = nnx.eval_shape(lambda: _new_model(cfg, kind))
-  graphdef, state = nnx.split(abstract)
-  flat = dict(nnx.to_flat_state(state))
-  filled = {}
-  for key, var in flat.items():
-    path = ".".join(str(k) for k in key)
-    stacked = _is_stacked(path, cfg)
-    expected = _to_hf(path, np.empty(var.shape[1:] if stacked else var.shape, np.float32)).shape
-    arrays = []
-    for name in _hf_names(path, cfg):
-      tensor = get(name)
-      if tensor is None:
-        raise ValueError(f"{source}: tensor {name!r} (for {path}) is missing")
-      if tuple(tensor.shape) != expected:
-        raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {expected}")
-      arrays.append(_to_hf(path, np.asarray(tensor, np.float32)))
-    filled[key] = var.replace(jnp.asarray(np.stack(arrays) if stacked else arrays[0]))
-  return nnx.merge(graphdef, nnx.from_flat_state(filled))
+    """Builds the model abstractly and fills each parameter with `get(hf_name)` (None if absent)."""
+    abstract = nnx.eval_shape(lambda: _new_model(cfg, kind))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    filled = {}
+    for key, var in flat.items():
+        path = ".".join(str(k) for k in key)
+        stacked = _is_stacked(path, cfg)
+        expected = _to_hf(path, np.empty(var.shape[1:] if stacked else var.shape, np.float32)).shape
+        arrays = []
+        for name in _hf_names(path, cfg):
+            tensor = get(name)
+            if tensor is None:
+                raise ValueError(f"{source}: tensor {name!r} (for {path}) is missing")
+            if tuple(tensor.shape) != expected:
+                raise ValueError(
+                    f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {expected}"
+                )
+            arrays.append(_to_hf(path, np.asarray(tensor, np.float32)))
+        filled[key] = var.replace(jnp.asarray(np.stack(arrays) if stacked else arrays[0]))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-  """Float32 numpy arrays under HF names and layouts."""
-  cfg = model.config
-  out = {}
-  for path, var in _flat_params(model).items():
-    value = np.asarray(jax.device_get(var[...]), np.float32)
-    stacked = _is_stacked(path, cfg)
-    for i, name in enumerate(_hf_names(path, cfg)):
-      out[name] = np.ascontiguousarray(_to_hf(path, value[i] if stacked else value))
-  return out
+    """Float32 numpy arrays under HF names and layouts."""
+    cfg = model.config
+    out = {}
+    for path, var in _flat_params(model).items():
+        value = np.asarray(jax.device_get(var[...]), np.float32)
+        stacked = _is_stacked(path, cfg)
+        for i, name in enumerate(_hf_names(path, cfg)):
+            out[name] = np.ascontiguousarray(_to_hf(path, value[i] if stacked else value))
+    return out
 
 
 class _SafetensorsFolder:
-  """Name -> tensor lookup over a folder's `model.safetensors` or sharded `*.index.json`."""
+    """Name -> tensor lookup over a folder's `model.safetensors` or sharded `*.index.json`."""
 
-  def __init__(self, folder: Path):
-    from safetensors import safe_open
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.exists():
-      weight_map = json.loads(index.read_text())["weight_map"]
-      files = sorted(set(weight_map.values()))
-      self.source = str(index)
-    elif single.exists():
-      files, weight_map, self.source = [single.name], None, str(single)
-    else:
-      raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                              f"(PyTorch .bin checkpoints must be converted to safetensors first)")
-    self.handles = {}
-    for name in files:
-      if not (folder / name).exists():
-        raise FileNotFoundError(f"{self.source}: shard {folder / name} is missing")
-      self.handles[name] = safe_open(str(folder / name), framework="flax")
-    self.weight_map = weight_map or {k: files[0] for k in self.handles[files[0]].keys()}
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
 
-  def get(self, name: str):
-    shard = self.weight_map.get(name)
-    if shard is None:
-      return None
-    return np.asarray(self.handles[shard].get_tensor(name).astype(jnp.float32))
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            self.source = str(index)
+        elif single.exists():
+            files, weight_map, self.source = [single.name], None, str(single)
+        else:
+            raise FileNotFoundError(
+                f"{folder}: no model.safetensors or model.safetensors.index.json "
+                f"(PyTorch .bin checkpoints must be converted to safetensors first)"
+            )
+        self.handles = {}
+        for name in files:
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"{self.source}: shard {folder / name} is missing")
+            self.handles[name] = safe_open(str(folder / name), framework="flax")
+        self.weight_map = weight_map or {k: files[0] for k in self.handles[files[0]].keys()}
 
-  def names(self):
-    return set(self.weight_map)
+    def get(self, name: str):
+        shard = self.weight_map.get(name)
+        if shard is None:
+            return None
+        return np.asarray(self.handles[shard].get_tensor(name).astype(jnp.float32))
+
+    def names(self):
+        return set(self.weight_map)
 
 
 def _kind_from_architectures(hf_config: dict) -> str:
-  arch = (hf_config.get("architectures") or [""])[0]
-  return "scalar" if arch.endswith("ForSequenceClassification") else "lm"
+    arch = (hf_config.get("architectures") or [""])[0]
+    return "scalar" if arch.endswith("ForSequenceClassification") else "lm"
 
 
 def load_pretrained(path: str | os.PathLike, *, kind: str | None = None, **config_overrides):
-  """Loads an HF model folder (safetensors) or a `.gguf` file into our NNX model.
+    """Loads an HF model folder (safetensors) or a `.gguf` file into our NNX model.
 
-  kind: "lm" (CausalLM), "scalar" (ScalarHeadModel) or None to follow config.json's
-  `architectures`. A "scalar" model from a causal-LM checkpoint gets a fresh head.
-  config_overrides: execution switches such as dtype="bfloat16" or scan_layers=True.
-  """
-  path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no such model folder or .gguf file")
-  if path.suffix == ".gguf":
-    from rto_jax.models.gguf_import import read_gguf
-    hf_config, tensors, _ = read_gguf(path)
-    get, names, source = tensors.get, set(tensors), str(path)
-  else:
-    config_file = path / "config.json"
-    if not config_file.exists():
-      raise FileNotFoundError(f"{config_file}: missing (an HF model folder needs config.json)")
-    hf_config = json.loads(config_file.read_text())
-    folder = _SafetensorsFolder(path)
-    get, names, source = folder.get, folder.names(), folder.source
-  cfg = from_hf_config(hf_config, source=source, **config_overrides)
-  stored_kind = _kind_from_architectures(hf_config)
-  kind = kind or stored_kind
-  if kind == "scalar" and stored_kind == "lm":
-    model = ScalarHeadModel.from_causal_lm(_fill(cfg, "lm", get, source), nnx.Rngs(0))
-  else:
-    model = _fill(cfg, kind, get, source)
-  used = set(hf_state_dict_names(model))
-  unused = sorted(n for n in names - used if not _IGNORED.match(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings))
-  if unused and not (kind == "scalar" and stored_kind == "lm"):
-    log.warning("%s: %d tensors not used by the model, e.g. %s", source, len(unused), unused[:3])
-  return model
+    kind: "lm" (CausalLM), "scalar" (ScalarHeadModel) or None to follow config.json's
+    `architectures`. A "scalar" model from a causal-LM checkpoint gets a fresh head.
+    config_overrides: execution switches such as dtype="bfloat16" or scan_layers=True.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such model folder or .gguf file")
+    if path.suffix == ".gguf":
+        from rto_jax.models.gguf_import import read_gguf
+
+        hf_config, tensors, _ = read_gguf(path)
+        get, names, source = tensors.get, set(tensors), str(path)
+    else:
+        config_file = path / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{config_file}: missing (an HF model folder needs config.json)")
+        hf_config = json.loads(config_file.read_text())
+        folder = _SafetensorsFolder(path)
+        get, names, source = folder.get, folder.names(), folder.source
+    cfg = from_hf_config(hf_config, source=source, **config_overrides)
+    stored_kind = _kind_from_architectures(hf_config)
+    kind = kind or stored_kind
+    if kind == "scalar" and stored_kind == "lm":
+        model = ScalarHeadModel.from_causal_lm(_fill(cfg, "lm", get, source), nnx.Rngs(0))
+    else:
+        model = _fill(cfg, kind, get, source)
+    used = set(hf_state_dict_names(model))
+    unused = sorted(
+        n for n in names - used if not _IGNORED.match(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)
+    )
+    if unused and not (kind == "scalar" and stored_kind == "lm"):
+        log.warning("%s: %d tensors not used by the model, e.g. %s", source, len(unused), unused[:3])
+    return model
 
 
 def hf_state_dict_names(model: nnx.Module) -> list[str]:
-  return [n for path in _flat_params(model) for n in _hf_names(path, model.config)]
+    return [n for path in _flat_params(model) for n in _hf_names(path, model.config)]
 
 
 def load_tokenizer(path: str | os.PathLike):
-  """The tokenizer stored with a model: AutoTokenizer for an HF folder, the embedded BPE for a GGUF."""
-  path = Path(path)
-  if path.suffix == ".gguf":
-    from rto_jax.models.gguf_import import read_gguf
-    return read_gguf(path)[2]
-  from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(str(path))
+    """The tokenizer stored with a model: AutoTokenizer for an HF folder, the embedded BPE for a GGUF."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        from rto_jax.models.gguf_import import read_gguf
+
+        return read_gguf(path)[2]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _architecture_name(model: nnx.Module) -> str:
-  cfg = model.config
-  family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt_neox": "GPTNeoX"}[cfg.model_type]
-  return family + ("ForSequenceClassification" if isinstance(model, ScalarHeadModel) else "ForCausalLM")
+    cfg = model.config
+    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt_neox": "GPTNeoX"}[cfg.model_type]
+    return family + ("ForSequenceClassification" if isinstance(model, ScalarHeadModel) else "ForCausalLM")
 
 
-def save_pretrained(model: nnx.Module, folder: str | os.PathLike, tokenizer=None,
-                    max_shard_bytes: int = 5 * 2**30) -> Path:
-  """Writes HF-format safetensors (sharded past `max_shard_bytes`) and config.json, atomically."""
-  from safetensors.numpy import save_file
-  folder = Path(folder)
-  folder.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-  try:
-    hf_config = to_hf_config(model.config, _architecture_name(model))
-    if isinstance(model, ScalarHeadModel):
-      hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    tensors = hf_state_dict(model)
-    shards, current, size = [], {}, 0
-    for name, value in tensors.items():
-      if current and size + value.nbytes > max_shard_bytes:
+def save_pretrained(
+    model: nnx.Module, folder: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """Writes HF-format safetensors (sharded past `max_shard_bytes`) and config.json, atomically."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        hf_config = to_hf_config(model.config, _architecture_name(model))
+        if isinstance(model, ScalarHeadModel):
+            hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        tensors = hf_state_dict(model)
+        shards, current, size = [], {}, 0
+        for name, value in tensors.items():
+            if current and size + value.nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name], size = value, size + value.nbytes
         shards.append(current)
-        current, size = {}, 0
-      current[name], size = value, size + value.nbytes
-    shards.append(current)
-    if len(shards) == 1:
-      save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    else:
-      weight_map = {}
-      for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-      index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
-      (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    if tokenizer is not None:
-      tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-      shutil.rmtree(folder)
-    os.replace(tmp, folder)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return folder
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                weight_map.update({name: file for name in shard})
+            index = {"metadata": {"total_size": int(sum(v.nbytes for v in tensors.values()))}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

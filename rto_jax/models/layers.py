@@ -17,128 +17,138 @@ from rto_jax.models.config import ModelConfig
 
 
 def compute_dtype(cfg: ModelConfig):
-  return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel (+ bias); kernel `[in, out]` with logical axes `axes`."""
+    """y = x @ kernel (+ bias); kernel `[in, out]` with logical axes `axes`."""
 
-  def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *, use_bias: bool,
-               dtype, rngs: nnx.Rngs, std: float = 0.02):
-    self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32),
-                            axes=axes)
-    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), axes=(axes[1],)) if use_bias else None
-    self.dtype = dtype
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        axes: tuple[str, str],
+        *,
+        use_bias: bool,
+        dtype,
+        rngs: nnx.Rngs,
+        std: float = 0.02,
+    ):
+        self.kernel = nnx.Param(
+            std * jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32), axes=axes
+        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), axes=(axes[1],)) if use_bias else None
+        self.dtype = dtype
 
-  def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
 
 
 class Embed(nnx.Module):
-  """Token embedding `[vocab, embed]`; `attend` gives the tied output projection."""
+    """Token embedding `[vocab, embed]`; `attend` gives the tied output projection."""
 
-  def __init__(self, vocab_size: int, features: int, *, dtype, rngs: nnx.Rngs):
-    self.embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, features), jnp.float32),
-                               axes=("vocab", "embed"))
-    self.dtype = dtype
+    def __init__(self, vocab_size: int, features: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (vocab_size, features), jnp.float32), axes=("vocab", "embed")
+        )
+        self.dtype = dtype
 
-  def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-  def attend(self, x):
-    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+    def attend(self, x):
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 class RMSNorm(nnx.Module):
+    def __init__(self, features: int, eps: float, *, dtype):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), axes=("embed",))
+        self.eps = eps
+        self.dtype = dtype
 
-  def __init__(self, features: int, eps: float, *, dtype):
-    self.scale = nnx.Param(jnp.ones((features,), jnp.float32), axes=("embed",))
-    self.eps = eps
-    self.dtype = dtype
-
-  def __call__(self, x):
-    # The statistics are float32 whatever the compute dtype, as in HF's LlamaRMSNorm.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (self.scale[...] * x32).astype(self.dtype)
+    def __call__(self, x):
+        # The statistics are float32 whatever the compute dtype, as in HF's LlamaRMSNorm.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...] * x32).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
+    def __init__(self, features: int, eps: float, *, dtype):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), axes=("embed",))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32), axes=("embed",))
+        self.eps = eps
+        self.dtype = dtype
 
-  def __init__(self, features: int, eps: float, *, dtype):
-    self.scale = nnx.Param(jnp.ones((features,), jnp.float32), axes=("embed",))
-    self.bias = nnx.Param(jnp.zeros((features,), jnp.float32), axes=("embed",))
-    self.eps = eps
-    self.dtype = dtype
-
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> jnp.ndarray:
-  """Inverse frequencies `[rotary_dim // 2]`, with the config's scaling applied."""
-  dim = cfg.rotary_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  if cfg.rope_type == "linear":
-    inv_freq = inv_freq / cfg.rope_factor
-  elif cfg.rope_type == "llama3":
-    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
-    low_wavelen = cfg.rope_original_max_position / cfg.rope_low_freq_factor
-    high_wavelen = cfg.rope_original_max_position / cfg.rope_high_freq_factor
-    wavelen = 2 * jnp.pi / inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
-    smooth = (cfg.rope_original_max_position / wavelen - cfg.rope_low_freq_factor) / (
-        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
-    blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
-    in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    inv_freq = jnp.where(in_band, blended, scaled)
-  return inv_freq
+    """Inverse frequencies `[rotary_dim // 2]`, with the config's scaling applied."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        low_wavelen = cfg.rope_original_max_position / cfg.rope_low_freq_factor
+        high_wavelen = cfg.rope_original_max_position / cfg.rope_high_freq_factor
+        wavelen = 2 * jnp.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (cfg.rope_original_max_position / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = jnp.where(in_band, blended, scaled)
+    return inv_freq
 
 
 def apply_rope(x, positions, inv_freq):
-  """Rotates the first `2 * len(inv_freq)` features of `x` `[B, T, H, D]` (HF's rotate-half layout)."""
-  rot = 2 * inv_freq.shape[0]
-  angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, rot/2]
-  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
-  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
-  x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
-  half1, half2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
-  rotated = x_rot * cos + jnp.concatenate([-half2, half1], axis=-1) * sin
-  return jnp.concatenate([rotated.astype(x.dtype), x_pass], axis=-1)
+    """Rotates the first `2 * len(inv_freq)` features of `x` `[B, T, H, D]` (HF's rotate-half layout)."""
+    rot = 2 * inv_freq.shape[0]
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, rot/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    half1, half2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
+    rotated = x_rot * cos + jnp.concatenate([-half2, half1], axis=-1) * sin
+    return jnp.concatenate([rotated.astype(x.dtype), x_pass], axis=-1)
 
 
 def make_attention_mask(query_slots, key_mask):
-  """Boolean `[B, 1, Tq, S]`: key slot s is visible from query slot q iff s <= q and key_mask[b, s].
+    """Boolean `[B, 1, Tq, S]`: key slot s is visible from query slot q iff s <= q and key_mask[b, s].
 
-  query_slots `[Tq]` are the query tokens' indices in the key sequence (the cache), key_mask `[B, S]`.
-  """
-  key_slots = jnp.arange(key_mask.shape[1])
-  causal = key_slots[None, :] <= query_slots[:, None]  # [Tq, S]
-  return causal[None, None] & (key_mask[:, None, None, :] > 0)
+    query_slots `[Tq]` are the query tokens' indices in the key sequence (the cache), key_mask `[B, S]`.
+    """
+    key_slots = jnp.arange(key_mask.shape[1])
+    causal = key_slots[None, :] <= query_slots[:, None]  # [Tq, S]
+    return causal[None, None] & (key_mask[:, None, None, :] > 0)
 
 
 def dot_product_attention(q, k, v, mask):
-  """Grouped-query attention. q `[B, T, H, D]`, k/v `[B, S, K, D]` with H % K == 0, mask `[B, 1, T, S]`.
+    """Grouped-query attention. q `[B, T, H, D]`, k/v `[B, S, K, D]` with H % K == 0, mask `[B, 1, T, S]`.
 
-  Returns `[B, T, H, D]`. Softmax in float32; fully masked rows (padding queries) stay finite.
-  """
-  batch, length, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(batch, length, heads, head_dim)
+    Returns `[B, T, H, D]`. Softmax in float32; fully masked rows (padding queries) stay finite.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, head_dim)
 
 
 def update_cache(cache_kv, new, index):
-  """Writes `new` `[B, T, K, D]` into `cache_kv` `[B, S, K, D]` at slot `index`."""
-  return jax.lax.dynamic_update_slice(cache_kv, new.astype(cache_kv.dtype), (0, index, 0, 0))
+    """Writes `new` `[B, T, K, D]` into `cache_kv` `[B, S, K, D]` at slot `index`."""
+    return jax.lax.dynamic_update_slice(cache_kv, new.astype(cache_kv.dtype), (0, index, 0, 0))

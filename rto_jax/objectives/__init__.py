@@ -9,8 +9,21 @@ from rto_jax.objectives.sft import entropy_from_logits, sft_loss, token_logprobs
 from rto_jax.objectives.token_rewards import last_token_index, rto_token_rewards
 
 __all__ = [
-    "DPO_LOSS_TYPES", "apply_mask", "bradley_terry_loss", "dpo_loss", "dpo_token_rewards",
-    "entropy_from_logits", "gae", "last_token_index", "masked_entropy", "masked_mean",
-    "masked_sum", "masked_whiten", "policy_loss", "rto_token_rewards", "sft_loss",
-    "token_logprobs", "value_loss",
+    "DPO_LOSS_TYPES",
+    "apply_mask",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "dpo_token_rewards",
+    "entropy_from_logits",
+    "gae",
+    "last_token_index",
+    "masked_entropy",
+    "masked_mean",
+    "masked_sum",
+    "masked_whiten",
+    "policy_loss",
+    "rto_token_rewards",
+    "sft_loss",
+    "token_logprobs",
+    "value_loss",
 ]

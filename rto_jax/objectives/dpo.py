@@ -20,9 +20,18 @@ from rto_jax.objectives.masked import apply_mask
 LOSS_TYPES = ("sigmoid", "hinge", "robust", "ipo")
 
 
-def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta,
-             loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None,
-             rejected_lengths=None):
+def dpo_loss(
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    chosen_lengths=None,
+    rejected_lengths=None,
+):
     """DPO loss of one batch of preference pairs.
 
     Args:
@@ -53,12 +62,12 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
             raise ValueError(f"robust dpo needs label_smoothing < 0.5, got {eps}")
         losses = (-(1 - eps) * jax.nn.log_sigmoid(u) + eps * jax.nn.log_sigmoid(-u)) / (1 - 2 * eps)
     else:  # ipo
-        for name, value in (("chosen_lengths", chosen_lengths),
-                            ("rejected_lengths", rejected_lengths)):
+        for name, value in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
             if value is None:
                 raise ValueError(f"dpo loss_type 'ipo' needs {name} (per-token averaged log-ratios)")
-        d = (chosen_ratio / jnp.maximum(f32(chosen_lengths), 1.0)
-             - rejected_ratio / jnp.maximum(f32(rejected_lengths), 1.0))
+        d = chosen_ratio / jnp.maximum(f32(chosen_lengths), 1.0) - rejected_ratio / jnp.maximum(
+            f32(rejected_lengths), 1.0
+        )
         losses = jnp.square(d - 1.0 / (2.0 * beta))
 
     loss = jnp.mean(losses)

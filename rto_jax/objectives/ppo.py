@@ -61,8 +61,7 @@ def policy_loss(logp, logp_old, advantages, mask, clip_eps):
       term is the active one), ``approx_kl`` (masked mean of the k3 estimator
       ``(ratio - 1) - log ratio`` of KL(pi_old || pi), >= 0), ``ratio_mean``.
     """
-    log_ratio = apply_mask(jnp.asarray(logp, jnp.float32) - jnp.asarray(logp_old, jnp.float32),
-                           mask)
+    log_ratio = apply_mask(jnp.asarray(logp, jnp.float32) - jnp.asarray(logp_old, jnp.float32), mask)
     ratio = jnp.exp(log_ratio)
     adv = jnp.asarray(advantages, jnp.float32)
     unclipped = -adv * ratio

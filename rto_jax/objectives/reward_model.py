@@ -1,6 +1,6 @@
 """Bradley-Terry reward-model loss (DESIGN.md 1, stage 2).
 
-    loss = mean_b  -log sigmoid(r_w[b] - r_l[b] - margin[b])
+loss = mean_b  -log sigmoid(r_w[b] - r_l[b] - margin[b])
 """
 
 import jax

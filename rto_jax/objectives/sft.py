@@ -19,8 +19,7 @@ def token_logprobs(logits, targets):
     clipped into range so the result stays finite. Mask it out downstream.
     """
     logits = jnp.asarray(logits, jnp.float32)
-    picked = jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1,
-                                 mode="clip")[..., 0]
+    picked = jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1, mode="clip")[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 

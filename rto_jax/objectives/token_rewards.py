@@ -26,8 +26,9 @@ def _clip(x, c):
     return jnp.where(c > 0, jnp.clip(x, -jnp.abs(c), jnp.abs(c)), x)
 
 
-def rto_token_rewards(logp_old, logp_ref, logp_dpo, score, mask, *, beta_dpo, dpo_clip,
-                      beta_kl, beta_rm, dpo_placement="token"):
+def rto_token_rewards(
+    logp_old, logp_ref, logp_dpo, score, mask, *, beta_dpo, dpo_clip, beta_kl, beta_rm, dpo_placement="token"
+):
     """Per-token rewards of RTO.
 
     Args:
@@ -58,6 +59,5 @@ def rto_token_rewards(logp_old, logp_ref, logp_dpo, score, mask, *, beta_dpo, dp
     kl = -beta_kl * (logp_old - logp_ref)
     sentence = jnp.where(is_last, beta_rm * score[:, None], 0.0)
 
-    parts = {"dpo": apply_mask(dpo, mask), "kl": apply_mask(kl, mask),
-             "score": apply_mask(sentence, mask)}
+    parts = {"dpo": apply_mask(dpo, mask), "kl": apply_mask(kl, mask), "score": apply_mask(sentence, mask)}
     return parts["dpo"] + parts["kl"] + parts["score"], parts

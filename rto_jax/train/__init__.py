@@ -1,12 +1,50 @@
 """Train states and pure jitted step functions `(state, batch, rng) -> (state, metrics)`."""
 
-from rto_jax.train.ppo import Experience, PPOConfig, PPOState, create_ppo_state, make_experience, make_ppo_fns, ppo_update
+from rto_jax.train.ppo import (
+    Experience,
+    PPOConfig,
+    PPOState,
+    create_ppo_state,
+    make_experience,
+    make_ppo_fns,
+    ppo_update,
+)
 from rto_jax.train.state import OptimizerConfig, TrainState, accumulate_gradients, make_optimizer
-from rto_jax.train.steps import (DPOConfig, StepConfig, make_dpo_step, make_reward_model_step, make_sft_step,
-                                 precompute_reference_logps, response_logits, response_logprobs, response_scalars,
-                                 sequence_logps, sequence_scores)
+from rto_jax.train.steps import (
+    DPOConfig,
+    StepConfig,
+    make_dpo_step,
+    make_reward_model_step,
+    make_sft_step,
+    precompute_reference_logps,
+    response_logits,
+    response_logprobs,
+    response_scalars,
+    sequence_logps,
+    sequence_scores,
+)
 
-__all__ = ["Experience", "PPOConfig", "PPOState", "create_ppo_state", "make_experience", "make_ppo_fns", "ppo_update",
-           "OptimizerConfig", "TrainState", "accumulate_gradients", "make_optimizer", "DPOConfig", "StepConfig",
-           "make_dpo_step", "make_reward_model_step", "make_sft_step", "precompute_reference_logps",
-           "response_logits", "response_logprobs", "response_scalars", "sequence_logps", "sequence_scores"]
+__all__ = [
+    "Experience",
+    "PPOConfig",
+    "PPOState",
+    "create_ppo_state",
+    "make_experience",
+    "make_ppo_fns",
+    "ppo_update",
+    "OptimizerConfig",
+    "TrainState",
+    "accumulate_gradients",
+    "make_optimizer",
+    "DPOConfig",
+    "StepConfig",
+    "make_dpo_step",
+    "make_reward_model_step",
+    "make_sft_step",
+    "precompute_reference_logps",
+    "response_logits",
+    "response_logprobs",
+    "response_scalars",
+    "sequence_logps",
+    "sequence_scores",
+]

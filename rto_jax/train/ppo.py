@@ -26,182 +26,214 @@ from rto_jax.train.steps import response_logprobs, response_scalars, sequence_sc
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-  sampling: SamplingConfig  # rollout: max_new_tokens R, temperature tau (also applied when training)
-  beta_dpo: float = 0.05  # DPO token reward scale; 0 gives plain PPO
-  dpo_clip: float = 0.05  # clip of the scaled DPO token reward; <= 0 disables
-  beta_kl: float = 0.01  # fixed KL penalty per token
-  beta_rm: float = 1.0  # weight of the reward model's score at EOS; 0 drops it (ablation)
-  dpo_placement: str = "token"  # "token" (RTO) or "sequence_end" (ablation: summed DPO reward at EOS)
-  gamma: float = 1.0
-  lam: float = 0.95
-  ppo_epochs: int = 1
-  num_minibatches: int = 1
-  clip_eps: float = 0.2
-  value_clip_eps: float = 0.2
-  vf_coef: float = 0.5
-  entropy_coef: float = 0.0
-  score_clip: float = 10.0  # the normalized reward-model score is clipped to [-score_clip, score_clip]
-  missing_eos_penalty: float = 0.0  # subtracted from the score of responses that never emit EOS
-  whiten_advantages: bool = True
+    sampling: SamplingConfig  # rollout: max_new_tokens R, temperature tau (also applied when training)
+    beta_dpo: float = 0.05  # DPO token reward scale; 0 gives plain PPO
+    dpo_clip: float = 0.05  # clip of the scaled DPO token reward; <= 0 disables
+    beta_kl: float = 0.01  # fixed KL penalty per token
+    beta_rm: float = 1.0  # weight of the reward model's score at EOS; 0 drops it (ablation)
+    dpo_placement: str = "token"  # "token" (RTO) or "sequence_end" (ablation: summed DPO reward at EOS)
+    gamma: float = 1.0
+    lam: float = 0.95
+    ppo_epochs: int = 1
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    vf_coef: float = 0.5
+    entropy_coef: float = 0.0
+    score_clip: float = 10.0  # the normalized reward-model score is clipped to [-score_clip, score_clip]
+    missing_eos_penalty: float = 0.0  # subtracted from the score of responses that never emit EOS
+    whiten_advantages: bool = True
 
 
 class PPOState(struct.PyTreeNode):
-  """Everything PPO updates or reads. `frozen`: {'ref', 'reward', optional 'dpo'} params,
-  `reward_mean`/`reward_std` scalars that normalize the reward model's score."""
+    """Everything PPO updates or reads. `frozen`: {'ref', 'reward', optional 'dpo'} params,
+    `reward_mean`/`reward_std` scalars that normalize the reward model's score."""
 
-  policy: TrainState
-  critic: TrainState
-  frozen: dict
-  reward_graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
+    policy: TrainState
+    critic: TrainState
+    frozen: dict
+    reward_graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
 
 
 class Experience(NamedTuple):
-  """One rollout batch, every array `[B, ...]`; token arrays `[B, R]`."""
+    """One rollout batch, every array `[B, ...]`; token arrays `[B, R]`."""
 
-  input_ids: jax.Array  # [B, P+R]
-  attention_mask: jax.Array  # [B, P+R]
-  positions: jax.Array  # [B, P+R]
-  response_mask: jax.Array  # [B, R]
-  logp_old: jax.Array  # [B, R]
-  values: jax.Array  # [B, R]
-  advantages: jax.Array  # [B, R]
-  returns: jax.Array  # [B, R]
+    input_ids: jax.Array  # [B, P+R]
+    attention_mask: jax.Array  # [B, P+R]
+    positions: jax.Array  # [B, P+R]
+    response_mask: jax.Array  # [B, R]
+    logp_old: jax.Array  # [B, R]
+    values: jax.Array  # [B, R]
+    advantages: jax.Array  # [B, R]
+    returns: jax.Array  # [B, R]
 
 
 def _has_eos(tokens, mask, eos_id):
-  return jnp.any((tokens == eos_id) & (mask > 0), axis=1)
+    return jnp.any((tokens == eos_id) & (mask > 0), axis=1)
 
 
 def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> tuple[Experience, dict]:
-  """Rollout with the jitted sampler, then every model's view of it, the token rewards and GAE.
+    """Rollout with the jitted sampler, then every model's view of it, the token rewards and GAE.
 
-  prompts: `prompt_ids`, `prompt_mask` `[B, P]` (left-padded).
-  """
-  tau = config.sampling.temperature
-  samples = generate(state.policy.graphdef, state.policy.params, prompts["prompt_ids"], prompts["prompt_mask"], rng,
-                     config.sampling)
-  input_ids, attention_mask, positions = response_inputs(prompts["prompt_ids"], prompts["prompt_mask"], samples)
-  mask = samples.response_mask
-  inputs = (input_ids, attention_mask, positions)
-  policy = nnx.merge(state.policy.graphdef, state.policy.params)
-  logp_old, logits = response_logprobs(policy, *inputs, mask, tau)
-  logp_ref, _ = response_logprobs(nnx.merge(state.policy.graphdef, state.frozen["ref"]), *inputs, mask, tau)
-  if config.beta_dpo != 0:
-    if "dpo" not in state.frozen:
-      raise ValueError("PPOConfig.beta_dpo != 0 (RTO) needs the DPO policy: pass dpo_params to create_ppo_state")
-    logp_dpo, _ = response_logprobs(nnx.merge(state.policy.graphdef, state.frozen["dpo"]), *inputs, mask, tau)
-  else:
-    logp_dpo = logp_ref
-  critic = nnx.merge(state.critic.graphdef, state.critic.params)
-  values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
-  raw_score = sequence_scores(nnx.merge(state.reward_graphdef, state.frozen["reward"]), *inputs, mask)
-  score = jnp.clip((raw_score - state.frozen["reward_mean"]) / state.frozen["reward_std"], -config.score_clip,
-                   config.score_clip)
-  has_eos = _has_eos(samples.tokens, mask, config.sampling.eos_id)
-  score = score - config.missing_eos_penalty * (1.0 - has_eos.astype(jnp.float32))
-  rewards, parts = rto_token_rewards(logp_old, logp_ref, logp_dpo, score, mask, beta_dpo=config.beta_dpo,
-                                     dpo_clip=config.dpo_clip, beta_kl=config.beta_kl, beta_rm=config.beta_rm,
-                                     dpo_placement=config.dpo_placement)
-  advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
-  if config.whiten_advantages:
-    advantages = masked_whiten(advantages, mask)
-  per_sequence = lambda x: jnp.mean(jnp.sum(x, axis=1))
-  metrics = {
-      "score": jnp.mean(raw_score),
-      "score_normalized": jnp.mean(score),
-      "reward/dpo": per_sequence(parts["dpo"]),
-      "reward/kl": per_sequence(parts["kl"]),
-      "reward/score": per_sequence(parts["score"]),
-      "reward/total": per_sequence(rewards),
-      "kl_to_ref": per_sequence(jnp.where(mask > 0, logp_old - logp_ref, 0.0)),
-      "entropy": masked_mean(entropy_from_logits(logits), mask),
-      "response_length": jnp.mean(jnp.sum(mask, axis=1)),
-      "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
-      "value_mean": masked_mean(values, mask),
-  }
-  return Experience(input_ids, attention_mask, positions, mask, logp_old, values, advantages, returns), metrics
+    prompts: `prompt_ids`, `prompt_mask` `[B, P]` (left-padded).
+    """
+    tau = config.sampling.temperature
+    samples = generate(
+        state.policy.graphdef, state.policy.params, prompts["prompt_ids"], prompts["prompt_mask"], rng, config.sampling
+    )
+    input_ids, attention_mask, positions = response_inputs(prompts["prompt_ids"], prompts["prompt_mask"], samples)
+    mask = samples.response_mask
+    inputs = (input_ids, attention_mask, positions)
+    policy = nnx.merge(state.policy.graphdef, state.policy.params)
+    logp_old, logits = response_logprobs(policy, *inputs, mask, tau)
+    logp_ref, _ = response_logprobs(nnx.merge(state.policy.graphdef, state.frozen["ref"]), *inputs, mask, tau)
+    if config.beta_dpo != 0:
+        if "dpo" not in state.frozen:
+            raise ValueError("PPOConfig.beta_dpo != 0 (RTO) needs the DPO policy: pass dpo_params to create_ppo_state")
+        logp_dpo, _ = response_logprobs(nnx.merge(state.policy.graphdef, state.frozen["dpo"]), *inputs, mask, tau)
+    else:
+        logp_dpo = logp_ref
+    critic = nnx.merge(state.critic.graphdef, state.critic.params)
+    values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
+    raw_score = sequence_scores(nnx.merge(state.reward_graphdef, state.frozen["reward"]), *inputs, mask)
+    score = jnp.clip(
+        (raw_score - state.frozen["reward_mean"]) / state.frozen["reward_std"], -config.score_clip, config.score_clip
+    )
+    has_eos = _has_eos(samples.tokens, mask, config.sampling.eos_id)
+    score = score - config.missing_eos_penalty * (1.0 - has_eos.astype(jnp.float32))
+    rewards, parts = rto_token_rewards(
+        logp_old,
+        logp_ref,
+        logp_dpo,
+        score,
+        mask,
+        beta_dpo=config.beta_dpo,
+        dpo_clip=config.dpo_clip,
+        beta_kl=config.beta_kl,
+        beta_rm=config.beta_rm,
+        dpo_placement=config.dpo_placement,
+    )
+    advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    per_sequence = lambda x: jnp.mean(jnp.sum(x, axis=1))
+    metrics = {
+        "score": jnp.mean(raw_score),
+        "score_normalized": jnp.mean(score),
+        "reward/dpo": per_sequence(parts["dpo"]),
+        "reward/kl": per_sequence(parts["kl"]),
+        "reward/score": per_sequence(parts["score"]),
+        "reward/total": per_sequence(rewards),
+        "kl_to_ref": per_sequence(jnp.where(mask > 0, logp_old - logp_ref, 0.0)),
+        "entropy": masked_mean(entropy_from_logits(logits), mask),
+        "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+        "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
+        "value_mean": masked_mean(values, mask),
+    }
+    return Experience(input_ids, attention_mask, positions, mask, logp_old, values, advantages, returns), metrics
 
 
 def _minibatch_loss(params, batch: Experience, state: PPOState, config: PPOConfig):
-  policy_params, critic_params = params
-  inputs = (batch.input_ids, batch.attention_mask, batch.positions)
-  policy = nnx.merge(state.policy.graphdef, policy_params)
-  logp, logits = response_logprobs(policy, *inputs, batch.response_mask, config.sampling.temperature)
-  pg_loss, pg_metrics = policy_loss(logp, batch.logp_old, batch.advantages, batch.response_mask, config.clip_eps)
-  critic = nnx.merge(state.critic.graphdef, critic_params)
-  values = response_scalars(critic, *inputs, batch.response_mask.shape[1])
-  vf_loss, vf_metrics = value_loss(values, batch.values, batch.returns, batch.response_mask, config.value_clip_eps)
-  entropy = masked_mean(entropy_from_logits(logits), batch.response_mask)
-  loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
-  return loss, {"loss": loss, "policy_loss": pg_loss, "value_loss": vf_loss, "entropy_train": entropy,
-                **pg_metrics, **vf_metrics}
+    policy_params, critic_params = params
+    inputs = (batch.input_ids, batch.attention_mask, batch.positions)
+    policy = nnx.merge(state.policy.graphdef, policy_params)
+    logp, logits = response_logprobs(policy, *inputs, batch.response_mask, config.sampling.temperature)
+    pg_loss, pg_metrics = policy_loss(logp, batch.logp_old, batch.advantages, batch.response_mask, config.clip_eps)
+    critic = nnx.merge(state.critic.graphdef, critic_params)
+    values = response_scalars(critic, *inputs, batch.response_mask.shape[1])
+    vf_loss, vf_metrics = value_loss(values, batch.values, batch.returns, batch.response_mask, config.value_clip_eps)
+    entropy = masked_mean(entropy_from_logits(logits), batch.response_mask)
+    loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
+    return loss, {
+        "loss": loss,
+        "policy_loss": pg_loss,
+        "value_loss": vf_loss,
+        "entropy_train": entropy,
+        **pg_metrics,
+        **vf_metrics,
+    }
 
 
 def ppo_update(state: PPOState, experience: Experience, rng, config: PPOConfig) -> tuple[PPOState, dict]:
-  """`ppo_epochs` passes over `num_minibatches` shuffled minibatches; policy and critic updated together.
+    """`ppo_epochs` passes over `num_minibatches` shuffled minibatches; policy and critic updated together.
 
-  Metrics are means over all minibatch updates, plus `first/*` from the very first one, whose
-  importance ratio must be 1 (rollout and training log-probs agree).
-  """
-  batch_size = experience.input_ids.shape[0]
-  if batch_size % config.num_minibatches:
-    raise ValueError(f"rollout batch {batch_size} is not divisible by num_minibatches={config.num_minibatches}")
-  size = batch_size // config.num_minibatches
-  grad_fn = jax.value_and_grad(_minibatch_loss, has_aux=True)
+    Metrics are means over all minibatch updates, plus `first/*` from the very first one, whose
+    importance ratio must be 1 (rollout and training log-probs agree).
+    """
+    batch_size = experience.input_ids.shape[0]
+    if batch_size % config.num_minibatches:
+        raise ValueError(f"rollout batch {batch_size} is not divisible by num_minibatches={config.num_minibatches}")
+    size = batch_size // config.num_minibatches
+    grad_fn = jax.value_and_grad(_minibatch_loss, has_aux=True)
 
-  def minibatch_step(carry, indices):
-    policy, critic = carry
-    batch = jax.tree.map(lambda x: x[indices], experience)
-    (_, metrics), (policy_grads, critic_grads) = grad_fn((policy.params, critic.params), batch,
-                                                         state.replace(policy=policy, critic=critic), config)
-    return (policy.apply_gradients(policy_grads), critic.apply_gradients(critic_grads)), metrics
+    def minibatch_step(carry, indices):
+        policy, critic = carry
+        batch = jax.tree.map(lambda x: x[indices], experience)
+        (_, metrics), (policy_grads, critic_grads) = grad_fn(
+            (policy.params, critic.params), batch, state.replace(policy=policy, critic=critic), config
+        )
+        return (policy.apply_gradients(policy_grads), critic.apply_gradients(critic_grads)), metrics
 
-  def epoch(carry, epoch_rng):
-    order = jax.random.permutation(epoch_rng, batch_size).reshape(config.num_minibatches, size)
-    return jax.lax.scan(minibatch_step, carry, order)
+    def epoch(carry, epoch_rng):
+        order = jax.random.permutation(epoch_rng, batch_size).reshape(config.num_minibatches, size)
+        return jax.lax.scan(minibatch_step, carry, order)
 
-  (policy, critic), metrics = jax.lax.scan(epoch, (state.policy, state.critic),
-                                           jax.random.split(rng, config.ppo_epochs))
-  summary = {k: jnp.mean(v) for k, v in metrics.items()}
-  summary.update({f"first/{k}": v[0, 0] for k, v in metrics.items() if k in ("ratio_mean", "clipfrac", "approx_kl")})
-  return state.replace(policy=policy, critic=critic), summary
+    (policy, critic), metrics = jax.lax.scan(
+        epoch, (state.policy, state.critic), jax.random.split(rng, config.ppo_epochs)
+    )
+    summary = {k: jnp.mean(v) for k, v in metrics.items()}
+    summary.update({f"first/{k}": v[0, 0] for k, v in metrics.items() if k in ("ratio_mean", "clipfrac", "approx_kl")})
+    return state.replace(policy=policy, critic=critic), summary
 
 
 def make_ppo_fns(config: PPOConfig):
-  """Jitted `make_experience`, `ppo_update` and `ppo_iteration` (state donated) for a fixed config."""
+    """Jitted `make_experience`, `ppo_update` and `ppo_iteration` (state donated) for a fixed config."""
 
-  def experience_fn(state, prompts, rng):
-    return make_experience(state, prompts, rng, config)
+    def experience_fn(state, prompts, rng):
+        return make_experience(state, prompts, rng, config)
 
-  def update_fn(state, experience, rng):
-    return ppo_update(state, experience, rng, config)
+    def update_fn(state, experience, rng):
+        return ppo_update(state, experience, rng, config)
 
-  def iteration_fn(state, prompts, rng):
-    rollout_rng, update_rng = jax.random.split(rng)
-    experience, rollout_metrics = make_experience(state, prompts, rollout_rng, config)
-    state, update_metrics = ppo_update(state, experience, update_rng, config)
-    return state, {**rollout_metrics, **update_metrics}
+    def iteration_fn(state, prompts, rng):
+        rollout_rng, update_rng = jax.random.split(rng)
+        experience, rollout_metrics = make_experience(state, prompts, rollout_rng, config)
+        state, update_metrics = ppo_update(state, experience, update_rng, config)
+        return state, {**rollout_metrics, **update_metrics}
 
-  return (jax.jit(experience_fn), jax.jit(update_fn, donate_argnums=0), jax.jit(iteration_fn, donate_argnums=0))
+    return (jax.jit(experience_fn), jax.jit(update_fn, donate_argnums=0), jax.jit(iteration_fn, donate_argnums=0))
 
 
-def create_ppo_state(policy: nnx.Module, critic: nnx.Module, reward_model: nnx.Module, policy_tx, critic_tx, *,
-                     reference_params: Any = None, dpo_params: Any = None, reward_mean: float = 0.0,
-                     reward_std: float = 1.0) -> PPOState:
-  """PPO state from the policy (usually pi_sft), the critic (usually the reward model) and the reward model.
+def create_ppo_state(
+    policy: nnx.Module,
+    critic: nnx.Module,
+    reward_model: nnx.Module,
+    policy_tx,
+    critic_tx,
+    *,
+    reference_params: Any = None,
+    dpo_params: Any = None,
+    reward_mean: float = 0.0,
+    reward_std: float = 1.0,
+) -> PPOState:
+    """PPO state from the policy (usually pi_sft), the critic (usually the reward model) and the reward model.
 
-  reference_params default to a copy of the policy's; `dpo_params` (pi_dpo, the policy's graphdef) are
-  required when `beta_dpo != 0`. The policy's and critic's arrays become the train states' (donated by
-  the jitted update); the frozen models are copied.
-  """
-  # The update donates the whole state; copies keep the caller's reward/DPO/reference models alive.
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)
-  policy_state = TrainState.create(policy, policy_tx)
-  reward_graphdef, reward_params = nnx.split(reward_model)
-  frozen = {"ref": copy(reference_params if reference_params is not None else policy_state.params),
-            "reward": copy(reward_params), "reward_mean": jnp.float32(reward_mean),
-            "reward_std": jnp.float32(reward_std)}
-  if dpo_params is not None:
-    frozen["dpo"] = copy(dpo_params)
-  return PPOState(policy=policy_state, critic=TrainState.create(critic, critic_tx), frozen=frozen,
-                  reward_graphdef=reward_graphdef)
+    reference_params default to a copy of the policy's; `dpo_params` (pi_dpo, the policy's graphdef) are
+    required when `beta_dpo != 0`. The policy's and critic's arrays become the train states' (donated by
+    the jitted update); the frozen models are copied.
+    """
+    # The update donates the whole state; copies keep the caller's reward/DPO/reference models alive.
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)
+    policy_state = TrainState.create(policy, policy_tx)
+    reward_graphdef, reward_params = nnx.split(reward_model)
+    frozen = {
+        "ref": copy(reference_params if reference_params is not None else policy_state.params),
+        "reward": copy(reward_params),
+        "reward_mean": jnp.float32(reward_mean),
+        "reward_std": jnp.float32(reward_std),
+    }
+    if dpo_params is not None:
+        frozen["dpo"] = copy(dpo_params)
+    return PPOState(
+        policy=policy_state, critic=TrainState.create(critic, critic_tx), frozen=frozen, reward_graphdef=reward_graphdef
+    )
