@@ -1,0 +1,132 @@
+"""Policy evaluation on held-out prompts: sample, then score every response in one jitted call.
+
+Per response: reward-model score, gold reward (when the task has one), KL to the reference policy
+(the sampled sequence's log-ratio, an unbiased estimate of KL(pi || pi_ref)), length, EOS.
+Host-side `summarize` turns the per-row arrays into means, standard errors and win rates.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rto_jax.sampling import SamplingConfig, generate, response_inputs
+from rto_jax.train.steps import response_logprobs, sequence_scores
+
+
+@functools.partial(jax.jit, static_argnames=("policy_graphdef", "reward_graphdef", "config", "gold_fn"))
+def score_rollouts(
+    policy_graphdef: nnx.GraphDef,
+    policy_params,
+    ref_params,
+    reward_graphdef: nnx.GraphDef | None,
+    reward_params,
+    prompt_ids,
+    prompt_mask,
+    rng,
+    config: SamplingConfig,
+    gold_fn: Callable | None = None,
+) -> dict:
+    """Samples one response per prompt `[B, P]` and scores it; every output is `[B]` (tokens `[B, R]`).
+
+    gold_fn(prompt_ids, prompt_mask, response_ids, response_mask) -> `[B]` must be jittable and
+    hashable (a bound method of a task object is fine).
+    """
+    samples = generate(policy_graphdef, policy_params, prompt_ids, prompt_mask, rng, config)
+    inputs = response_inputs(prompt_ids, prompt_mask, samples)
+    mask = samples.response_mask
+    tau = config.temperature
+    logp, _ = response_logprobs(nnx.merge(policy_graphdef, policy_params), *inputs, mask, tau)
+    logp_ref, _ = response_logprobs(nnx.merge(policy_graphdef, ref_params), *inputs, mask, tau)
+    out = {
+        "tokens": samples.tokens,
+        "response_mask": mask,
+        "kl": jnp.sum(jnp.where(mask > 0, logp - logp_ref, 0.0), axis=1),
+        "length": jnp.sum(mask, axis=1),
+        "eos": jnp.any((samples.tokens == config.eos_id) & (mask > 0), axis=1).astype(jnp.float32),
+    }
+    if reward_graphdef is not None:
+        out["score"] = sequence_scores(nnx.merge(reward_graphdef, reward_params), *inputs, mask)
+    if gold_fn is not None:
+        out["gold"] = gold_fn(prompt_ids, prompt_mask, samples.tokens, mask)
+    return out
+
+
+def evaluate_policy(
+    policy_graphdef,
+    policy_params,
+    ref_params,
+    prompts: dict,
+    rng,
+    config: SamplingConfig,
+    *,
+    reward_graphdef=None,
+    reward_params=None,
+    gold_fn=None,
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """`score_rollouts` over all `prompts` (`prompt_ids`, `prompt_mask` `[N, P]`) in fixed-size batches.
+
+    The last batch is padded by repeating prompts so every call has the same shape (one compile).
+    Returns numpy arrays `[N]` per metric.
+    """
+    total = prompts["prompt_ids"].shape[0]
+    batch_size = min(batch_size, total)
+    rows: dict[str, list] = {}
+    for index, start in enumerate(range(0, total, batch_size)):
+        take = np.arange(start, start + batch_size) % total
+        out = score_rollouts(
+            policy_graphdef,
+            policy_params,
+            ref_params,
+            reward_graphdef,
+            reward_params,
+            jnp.asarray(prompts["prompt_ids"][take]),
+            jnp.asarray(prompts["prompt_mask"][take]),
+            jax.random.fold_in(rng, index),
+            config,
+            gold_fn,
+        )
+        valid = min(batch_size, total - start)
+        for key, value in out.items():
+            rows.setdefault(key, []).append(np.asarray(value)[:valid])
+    return {key: np.concatenate(parts) for key, parts in rows.items()}
+
+
+def mean_and_se(x) -> tuple[float, float]:
+    x = np.asarray(x, np.float64)
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def win_rate(a, b) -> float:
+    """P(a > b) + P(a == b) / 2 over paired rows (same prompt)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def summarize(rows: dict[str, np.ndarray], baseline: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Means and standard errors of `evaluate_policy` rows; gold win rate against `baseline` (same prompts)."""
+    names = {"gold": "gold_reward", "score": "score", "kl": "kl", "length": "length", "eos": "eos_rate"}
+    summary = {}
+    for key, name in names.items():
+        if key in rows:
+            summary[name], summary[f"{name}_se"] = mean_and_se(rows[key])
+    if baseline is not None and "gold" in rows:
+        summary["gold_win_rate_vs_sft"] = win_rate(rows["gold"], baseline["gold"])
+    return summary
+
+
+def episodes_to_reach(curve: list, target: float) -> float | None:
+    """First episode count at which `curve` [(episodes, value), ...] reaches `target`, linearly
+    interpolated between evaluation points; None if it never does."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if y0 >= target:
+            return float(x0)
+        if y1 >= target:
+            return float(x0 + (x1 - x0) * (target - y0) / (y1 - y0))
+    return None

@@ -1,0 +1,512 @@
+"""The offline synthetic alignment benchmark: SFT -> reward model -> DPO -> PPO variants, judged by a gold reward.
+
+Every method starts from the same SFT policy and gets the same episode budget and the same shared
+hyperparameters; only the reward shaping switches of `PPOConfig` differ between PPO, RTO and the
+ablations. Everything is determined by `config.seed` (task, data, initialisation, sampling).
+
+    run(config, workdir) -> results dict (also results.json, results.md, plots in workdir)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from rto_jax.data.loader import BatchIterator
+from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig, best_of_n_frontier
+from rto_jax.eval.plots import plot_gold_vs_episodes, plot_gold_vs_kl
+from rto_jax.eval.rollout_eval import episodes_to_reach, evaluate_policy, summarize
+from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions, load_pretrained, save_pretrained
+from rto_jax.sampling import SamplingConfig, generate_jit
+from rto_jax.train import (
+    DPOConfig,
+    OptimizerConfig,
+    PPOConfig,
+    TrainState,
+    create_ppo_state,
+    make_dpo_step,
+    make_optimizer,
+    make_ppo_fns,
+    make_reward_model_step,
+    make_sft_step,
+    precompute_reference_logps,
+    sequence_scores,
+)
+
+log = logging.getLogger(__name__)
+
+# The methods compared, as PPOConfig switches (DESIGN.md: the ablations run from one code path).
+VARIANTS = {
+    "ppo": dict(beta_dpo=0.0),
+    "rto": dict(),
+    "rto_sequence_end": dict(dpo_placement="sequence_end"),
+    "rto_no_rm": dict(beta_rm=0.0),
+}
+
+
+def _model_config(config, task: SyntheticTask) -> ModelConfig:
+    m = config.model
+    return ModelConfig(
+        vocab_size=task.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_heads,
+        head_dim=m.hidden_size // m.num_heads,
+        max_position_embeddings=64,
+        eos_token_id=task.eos_id,
+        pad_token_id=task.pad_id,
+        tie_word_embeddings=True,
+    )
+
+
+def _optimizer(stage_config, steps: int):
+    return make_optimizer(
+        OptimizerConfig(
+            learning_rate=stage_config.lr,
+            schedule=stage_config.schedule,
+            warmup_steps=stage_config.warmup_steps,
+            total_steps=steps,
+            max_grad_norm=1.0,
+            b2=0.999,
+        )
+    )
+
+
+def _train(step_fn, state, arrays: dict, batch_size: int, steps: int, seed: int, name: str):
+    iterator = BatchIterator(arrays, batch_size, seed)
+    metrics = {}
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in next(iterator).items()}, None)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    log.info(
+        "%s: %d steps in %.1fs, last metrics %s",
+        name,
+        steps,
+        time.perf_counter() - start,
+        {k: round(v, 4) for k, v in metrics.items()},
+    )
+    return state, metrics
+
+
+def _trained(workdir: Path, name: str, train_fn):
+    """The model saved under workdir/models/name (HF format), or `train_fn()`'s model, saved there first.
+
+    A finished stage is thus skipped on restart, and every trained model is exported for outside tools.
+    """
+    folder = workdir / "models" / name
+    if (folder / "config.json").exists():
+        log.info("%s: reusing %s", name, folder)
+        return load_pretrained(folder)
+    model = train_fn()
+    save_pretrained(model, folder)
+    return model
+
+
+def _sample(graphdef, params, prompts, rng, sampling: SamplingConfig, batch_size=512):
+    tokens, masks = [], []
+    total = len(prompts["prompt_ids"])
+    batch_size = min(batch_size, total)
+    for i, start in enumerate(range(0, total, batch_size)):
+        take = np.arange(start, start + batch_size) % total
+        out = generate_jit(
+            graphdef,
+            params,
+            jnp.asarray(prompts["prompt_ids"][take]),
+            jnp.asarray(prompts["prompt_mask"][take]),
+            jax.random.fold_in(rng, i),
+            sampling,
+        )
+        valid = min(batch_size, total - start)
+        tokens.append(np.asarray(out.tokens)[:valid])
+        masks.append(np.asarray(out.response_mask)[:valid])
+    return {"response_ids": np.concatenate(tokens), "response_mask": np.concatenate(masks)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    seed = config.seed
+    task = SyntheticTask.create(SyntheticTaskConfig(**config.task.to_dict()), seed=seed)
+    data_rng = np.random.default_rng(seed)
+    key = jax.random.key(seed)
+    model_cfg = _model_config(config, task)
+    sampling = SamplingConfig(
+        max_new_tokens=task.max_response_length, eos_id=task.eos_id, pad_id=task.pad_id, temperature=config.temperature
+    )
+    eval_prompts = task.sample_prompts(data_rng, config.eval.num_prompts)
+    timings = {}
+
+    # 1. SFT on the reference source.
+    start = time.perf_counter()
+    sft_data = task.make_sft_data(data_rng, config.sft.num_examples)
+
+    def train_sft():
+        state = TrainState.create(CausalLM(model_cfg, nnx.Rngs(seed)), _optimizer(config.sft, config.sft.steps))
+        return _train(make_sft_step(), state, sft_data, config.sft.batch_size, config.sft.steps, seed, "sft")[0].model()
+
+    graphdef, sft_params = nnx.split(_trained(workdir, "sft", train_sft))
+    timings["sft"] = time.perf_counter() - start
+
+    # 2. Preferences: two pi_sft samples per prompt, labelled by Bradley-Terry on the gold reward.
+    start = time.perf_counter()
+    pref_prompts = task.sample_prompts(data_rng, config.preferences.num_pairs)
+    key, ka, kb = jax.random.split(key, 3)
+    responses_a = _sample(graphdef, sft_params, pref_prompts, ka, sampling)
+    responses_b = _sample(graphdef, sft_params, pref_prompts, kb, sampling)
+    prefs, label_info = task.make_preference_data(data_rng, pref_prompts, responses_a, responses_b)
+    log.info(
+        "preferences: %d pairs, label temperature %.3f, agreement with gold %.3f",
+        len(pref_prompts["prompt_ids"]),
+        label_info["temperature"],
+        label_info["agreement"],
+    )
+
+    # 3. Reward model from the SFT backbone; its score is normalized by its stats on SFT samples.
+    def train_reward_model():
+        model = ScalarHeadModel.from_causal_lm(nnx.merge(graphdef, sft_params), nnx.Rngs(seed + 1))
+        state = TrainState.create(model, _optimizer(config.reward_model, config.reward_model.steps))
+        return _train(
+            make_reward_model_step(),
+            state,
+            prefs,
+            config.reward_model.batch_size,
+            config.reward_model.steps,
+            seed,
+            "reward_model",
+        )[0].model()
+
+    reward_model = _trained(workdir, "reward_model", train_reward_model)
+    scores = np.asarray(
+        sequence_scores(
+            reward_model,
+            *[jnp.asarray(prefs[f"chosen_{k}"]) for k in ("input_ids", "attention_mask", "positions", "response_mask")],
+        )
+    )
+    reward_mean, reward_std = float(scores.mean()), float(scores.std() + 1e-6)
+    timings["reward_model"] = time.perf_counter() - start
+
+    # 4. DPO from SFT on the same preferences (reference log-probs precomputed once).
+    start = time.perf_counter()
+    prefs_ref = {
+        **prefs,
+        **{
+            k: np.asarray(v)
+            for k, v in precompute_reference_logps(
+                graphdef, sft_params, {k: jnp.asarray(v) for k, v in prefs.items()}
+            ).items()
+        },
+    }
+
+    def train_dpo():
+        state = TrainState.create(
+            nnx.merge(graphdef, jax.tree.map(jnp.copy, sft_params)), _optimizer(config.dpo, config.dpo.steps)
+        )
+        return _train(
+            make_dpo_step(DPOConfig(beta=config.dpo.beta)),
+            state,
+            prefs_ref,
+            config.dpo.batch_size,
+            config.dpo.steps,
+            seed,
+            "dpo",
+        )[0].model()
+
+    dpo_params = nnx.split(_trained(workdir, "dpo", train_dpo))[1]
+    timings["dpo"] = time.perf_counter() - start
+
+    # 5. PPO variants, same budget and hyperparameters; gold reward tracked against episodes.
+    reward_graphdef, reward_params = nnx.split(reward_model)
+    evaluate = lambda params, rng: evaluate_policy(
+        graphdef,
+        params,
+        sft_params,
+        eval_prompts,
+        rng,
+        sampling,
+        reward_graphdef=reward_graphdef,
+        reward_params=reward_params,
+        gold_fn=task.gold_reward_jax,
+    )
+    eval_key = jax.random.key(seed + 12345)
+    rows = {"sft": evaluate(sft_params, eval_key), "dpo": evaluate(dpo_params, eval_key)}
+    curves = {}
+    for name in config.methods:
+        if name in ("sft", "dpo"):
+            continue
+        start = time.perf_counter()
+        curve_file = workdir / "curves" / f"{name}.json"
+        if curve_file.exists() and (workdir / "models" / name / "config.json").exists():
+            log.info("%s: reusing %s", name, workdir / "models" / name)
+            params = nnx.split(load_pretrained(workdir / "models" / name))[1]
+            curves[name] = json.loads(curve_file.read_text())
+        else:
+            params, curves[name] = _train_ppo(
+                name,
+                config,
+                task,
+                graphdef,
+                sft_params,
+                dpo_params,
+                reward_model,
+                reward_mean,
+                reward_std,
+                sampling,
+                eval_prompts,
+                eval_key,
+                float(rows["sft"]["gold"].mean()),
+            )
+            save_pretrained(nnx.merge(graphdef, params), workdir / "models" / name)
+            _write_json(curve_file, curves[name])
+        rows[name] = evaluate(params, eval_key)
+        timings[name] = time.perf_counter() - start
+
+    # 6. Best-of-n frontier from pi_sft with the gold reward.
+    n_max = config.eval.best_of_n
+    bon_prompts = {k: np.repeat(v[: config.eval.best_of_n_prompts], n_max, axis=0) for k, v in eval_prompts.items()}
+    bon = _sample(graphdef, sft_params, bon_prompts, jax.random.key(seed + 777), sampling)
+    bon_gold = task.gold_reward(
+        bon_prompts["prompt_ids"], bon_prompts["prompt_mask"], bon["response_ids"], bon["response_mask"]
+    ).reshape(-1, n_max)
+    frontier = best_of_n_frontier(bon_gold)
+
+    methods = {name: summarize(r, baseline=rows["sft"]) for name, r in rows.items()}
+    results = {
+        "seed": seed,
+        "methods": methods,
+        "curves": curves,
+        "timings_s": timings,
+        "best_of_n": [
+            {"n": int(n), "kl": float(k), "gold_reward": float(m), "gold_reward_se": float(s)}
+            for n, k, m, s in zip(frontier["n"], frontier["kl"], frontier["mean"], frontier["stderr"])
+        ],
+        "labels": {"temperature": label_info["temperature"], "agreement": label_info["agreement"]},
+        "reward_model": {
+            "score_mean": reward_mean,
+            "score_std": reward_std,
+            **_reward_model_accuracy(task, reward_model, graphdef, sft_params, sampling, seed),
+        },
+    }
+    ppo_final = methods["ppo"]["gold_reward"] if "ppo" in methods else None
+    results["episodes_to_ppo_final"] = (
+        {name: episodes_to_reach(curve, ppo_final) for name, curve in curves.items()} if (ppo_final is not None) else {}
+    )
+    _write_json(workdir / "results.json", results)
+    table = results_table(results)
+    (workdir / "results.md").write_text(table + "\n")
+    plot_gold_vs_episodes(curves, workdir / "gold_vs_episodes.png", f"Synthetic task, seed {seed}")
+    plot_gold_vs_kl(methods, results["best_of_n"], workdir / "gold_vs_kl.png", f"Synthetic task, seed {seed}")
+    print(table)
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Markdown table of one run's methods (gold reward with standard error, win rate, KL, ...)."""
+    lines = [
+        "| method | gold reward | win rate vs SFT | RM score | KL to SFT | length | EOS rate | episodes to PPO's final |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, m in results["methods"].items():
+        reach = results.get("episodes_to_ppo_final", {}).get(name)
+        reach = (
+            "-"
+            if name not in results.get("episodes_to_ppo_final", {})
+            else ("never" if reach is None else f"{reach:.0f}")
+        )
+        lines.append(
+            f"| {name} | {m['gold_reward']:.3f} ± {m['gold_reward_se']:.3f} | "
+            f"{m.get('gold_win_rate_vs_sft', 0.5):.3f} | {m.get('score', float('nan')):.2f} | {m['kl']:.2f} | "
+            f"{m['length']:.1f} | {m['eos_rate']:.2f} | {reach} |"
+        )
+    bon = {p["n"]: p for p in results["best_of_n"]}
+    lines.append("")
+    lines.append(
+        "Best-of-n from pi_sft (gold): "
+        + ", ".join(f"n={n}: {bon[n]['gold_reward']:.3f} (KL {bon[n]['kl']:.2f})" for n in (1, 4, 16, 64) if n in bon)
+    )
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, value) -> None:
+    """Atomic: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _reward_model_accuracy(task, reward_model, graphdef, sft_params, sampling, seed, num_pairs=1024) -> dict:
+    """Held-out agreement of the reward model with the gold ordering of two fresh pi_sft samples per prompt."""
+    rng = np.random.default_rng(seed + 4242)
+    prompts = task.sample_prompts(rng, num_pairs)
+    pair = [_sample(graphdef, sft_params, prompts, jax.random.key(seed + 4242 + i), sampling) for i in range(2)]
+    gold = [
+        task.gold_reward(prompts["prompt_ids"], prompts["prompt_mask"], p["response_ids"], p["response_mask"])
+        for p in pair
+    ]
+    scores = []
+    for p in pair:
+        ids = jnp.asarray(np.concatenate([prompts["prompt_ids"], p["response_ids"]], 1))
+        mask = jnp.asarray(np.concatenate([prompts["prompt_mask"], p["response_mask"]], 1).astype(np.int32))
+        scores.append(
+            np.asarray(
+                sequence_scores(reward_model, ids, mask, default_positions(mask), jnp.asarray(p["response_mask"]))
+            )
+        )
+    untied = np.abs(gold[0] - gold[1]) > 1e-6
+    agree = (scores[0] > scores[1]) == (gold[0] > gold[1])
+    return {"heldout_gold_agreement": float(agree[untied].mean())}
+
+
+def _train_ppo(
+    name,
+    config,
+    task,
+    graphdef,
+    sft_params,
+    dpo_params,
+    reward_model,
+    reward_mean,
+    reward_std,
+    sampling,
+    eval_prompts,
+    eval_key,
+    sft_gold,
+):
+    """One PPO-family method from pi_sft; returns its final params and its (episodes, gold reward) curve."""
+    ppo = config.ppo
+    iterations = ppo.episodes // ppo.rollout_batch_size
+    shared = dict(
+        beta_kl=ppo.beta_kl,
+        beta_dpo=ppo.beta_dpo,
+        dpo_clip=ppo.dpo_clip,
+        ppo_epochs=ppo.ppo_epochs,
+        num_minibatches=ppo.num_minibatches,
+        missing_eos_penalty=ppo.missing_eos_penalty,
+    )
+    ppo_config = PPOConfig(sampling=sampling, **{**shared, **VARIANTS[name]})
+    reward_graphdef, reward_params = nnx.split(reward_model)
+    policy = nnx.merge(graphdef, jax.tree.map(jnp.copy, sft_params))
+    critic = nnx.merge(reward_graphdef, jax.tree.map(jnp.copy, reward_params))
+    state = create_ppo_state(
+        policy,
+        critic,
+        reward_model,
+        _optimizer(ppo, iterations),
+        _optimizer(ppo.critic, iterations),
+        reference_params=sft_params,
+        dpo_params=dpo_params,
+        reward_mean=reward_mean,
+        reward_std=reward_std,
+    )
+    _, _, iteration = make_ppo_fns(ppo_config)
+    prompt_rng = np.random.default_rng(config.seed + 7)  # the same prompt stream for every method
+    method_key = jax.random.key(config.seed + 99)
+    curve = [(0, sft_gold)]
+    for it in range(iterations):
+        prompts = task.sample_prompts(prompt_rng, ppo.rollout_batch_size)
+        state, metrics = iteration(
+            state,
+            {k: jnp.asarray(prompts[k]) for k in ("prompt_ids", "prompt_mask")},
+            jax.random.fold_in(method_key, it),
+        )
+        if (it + 1) % ppo.eval_every == 0 or it + 1 == iterations:
+            gold = evaluate_policy(
+                graphdef,
+                state.policy.params,
+                sft_params,
+                eval_prompts,
+                eval_key,
+                sampling,
+                gold_fn=task.gold_reward_jax,
+            )["gold"]
+            curve.append(((it + 1) * ppo.rollout_batch_size, float(gold.mean())))
+            log.info(
+                "%s it %d: gold %.4f score %.3f kl %.3f len %.1f eos %.2f",
+                name,
+                it + 1,
+                gold.mean(),
+                float(metrics["score"]),
+                float(metrics["kl_to_ref"]),
+                float(metrics["response_length"]),
+                float(metrics["eos_rate"]),
+            )
+    return state.policy.params, curve
+
+
+def run_benchmark(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """`run` for each of `config.seeds` (in workdir/seed_N when there are several), then mean ± s.e. over seeds."""
+    workdir = Path(workdir)
+    if len(config.seeds) <= 1:
+        single = config.copy_and_resolve_references()
+        with single.unlocked():
+            single.seed = config.seeds[0] if config.seeds else config.seed
+        return run(single, workdir)
+    per_seed = []
+    for seed in config.seeds:
+        single = config.copy_and_resolve_references()
+        with single.unlocked():
+            single.seed = seed
+        per_seed.append(run(single, workdir / f"seed_{seed}"))
+    results = aggregate(per_seed)
+    _write_json(workdir / "results.json", results)
+    table = results_table(results)
+    (workdir / "results.md").write_text(table + "\n")
+    plot_gold_vs_episodes(results["curves"], workdir / "gold_vs_episodes.png", f"Synthetic task, seeds {config.seeds}")
+    plot_gold_vs_kl(
+        results["methods"], results["best_of_n"], workdir / "gold_vs_kl.png", f"Synthetic task, seeds {config.seeds}"
+    )
+    print(f"\nMean ± standard error over seeds {list(config.seeds)}:\n{table}")
+    return results
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Across-seed means, with standard errors across seeds (the honest error bar for a method's mean)."""
+    se = lambda xs: float(np.std(xs, ddof=1) / np.sqrt(len(xs))) if len(xs) > 1 else 0.0  # noqa: E731
+    methods = {}
+    for name in per_seed[0]["methods"]:
+        rows = [r["methods"][name] for r in per_seed]
+        methods[name] = {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+        for key in ("gold_reward", "kl", "score"):
+            if key in rows[0]:
+                methods[name][f"{key}_se"] = se([row[key] for row in rows])
+        methods[name]["gold_reward_per_seed"] = [row["gold_reward"] for row in rows]
+    curves = {}
+    for name in per_seed[0]["curves"]:
+        points = np.array([r["curves"][name] for r in per_seed], np.float64)  # [seeds, evals, 2]
+        curves[name] = [
+            (float(points[0, i, 0]), float(points[:, i, 1].mean()), se(points[:, i, 1])) for i in range(points.shape[1])
+        ]
+    best_of_n = [
+        {
+            "n": p["n"],
+            "kl": p["kl"],
+            "gold_reward": float(np.mean([r["best_of_n"][i]["gold_reward"] for r in per_seed])),
+            "gold_reward_se": se([r["best_of_n"][i]["gold_reward"] for r in per_seed]),
+        }
+        for i, p in enumerate(per_seed[0]["best_of_n"])
+    ]
+    reach = {}
+    for name in per_seed[0].get("episodes_to_ppo_final", {}):
+        values = [r["episodes_to_ppo_final"][name] for r in per_seed]
+        reach[name] = None if any(v is None for v in values) else float(np.mean(values))
+    return {
+        "seeds": [r["seed"] for r in per_seed],
+        "methods": methods,
+        "curves": curves,
+        "best_of_n": best_of_n,
+        "episodes_to_ppo_final": reach,
+        "episodes_to_ppo_final_per_seed": {n: [r["episodes_to_ppo_final"][n] for r in per_seed] for n in reach},
+        "per_seed": per_seed,
+    }
