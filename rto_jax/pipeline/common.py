@@ -1,0 +1,144 @@
+"""Small helpers the stages share: model paths (local or hub), model creation and export, optimizers,
+stage folders, the NaN/inf guard and the test hooks."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rto_jax.models import CausalLM, ModelConfig, load_pretrained, save_pretrained
+from rto_jax.pipeline.config import looks_local, parse_hook
+from rto_jax.train import OptimizerConfig, make_optimizer
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, metric or parameter became NaN/inf; the message names the step and the last checkpoint."""
+
+
+class SimulatedFailure(RuntimeError):
+    """Raised by the `debug.fail_after` test hook."""
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local model folder / .gguf as is; a hub id 'owner/name[@revision]' downloaded (safetensors only)."""
+    path, _, revision = name.partition("@")
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if looks_local(path):
+        raise FileNotFoundError(f"{name}: no such model folder or .gguf file")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+    return Path(snapshot_download(path, revision=revision or None, allow_patterns=patterns))
+
+
+def execution_overrides(config) -> dict:
+    return dict(dtype=config.model.dtype, scan_layers=config.model.scan_layers, remat=config.model.remat)
+
+
+def load_model(name: str, kind: str, config):
+    """kind 'lm' (CausalLM) or 'scalar' (ScalarHeadModel; a fresh head on a causal LM's backbone)."""
+    return load_pretrained(resolve_model_path(name), kind=kind, **execution_overrides(config))
+
+
+def init_base_model(config, task) -> CausalLM:
+    """SFT's starting point: config.model.init_from, or a random model sized by config.model."""
+    if config.model.init_from:
+        return load_model(config.model.init_from, "lm", config)
+    m = config.model
+    cfg = ModelConfig(
+        arch=m.arch,
+        model_type="llama" if m.arch == "llama" else "gpt_neox",
+        vocab_size=task.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads if m.arch == "llama" else m.num_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_word_embeddings,
+        attention_bias=m.arch == "gpt_neox",
+        eos_token_id=task.eos_id,
+        pad_token_id=task.pad_id,
+        **execution_overrides(config),
+    )
+    return CausalLM(cfg, nnx.Rngs(config.seed))
+
+
+def export(model, folder: Path, task) -> str:
+    """HF-format export (safetensors + config.json, + the tokenizer when there is one), atomic."""
+    tokenizer = task.tokenizer if hasattr(task.tokenizer, "save_pretrained") else None
+    save_pretrained(model, folder, tokenizer=tokenizer)
+    return str(folder)
+
+
+# One optax object per OptimizerConfig: TrainState keeps `tx` as static pytree metadata, so an equal
+# but new object would make every jitted step compile again in a process that runs several pipelines.
+_make_optimizer = functools.lru_cache(maxsize=None)(make_optimizer)
+
+
+def optimizer(stage_config, total_steps: int, learning_rate: float | None = None):
+    return _make_optimizer(
+        OptimizerConfig(
+            learning_rate=stage_config.lr if learning_rate is None else learning_rate,
+            schedule=stage_config.schedule,
+            warmup_steps=stage_config.warmup_steps,
+            total_steps=total_steps,
+            weight_decay=stage_config.weight_decay,
+            b1=stage_config.b1,
+            b2=stage_config.b2,
+            eps=stage_config.adam_eps,
+            max_grad_norm=stage_config.max_grad_norm,
+            grad_accum_steps=stage_config.grad_accum_steps,
+        )
+    )
+
+
+def stage_dir(workdir, stage: str) -> Path:
+    path = Path(workdir) / stage
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True when every floating leaf of `tree` is finite (one fused reduction, one host sync)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def check_finite(stage: str, step: int, values: dict, params, manager) -> None:
+    """Stops the stage (NonFiniteError) on a NaN/inf metric (loss, gradient norm, ...) or parameter.
+
+    The bad state is never saved, so the last checkpoint stays the last good one.
+    """
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if not bad and bool(all_finite(params)):
+        return
+    last = manager.latest_step()
+    where = f"{manager.directory / str(last)} (step {last})" if last is not None else "none yet (nothing was saved)"
+    what = ", ".join(bad) if bad else "parameters (a non-finite gradient)"
+    raise NonFiniteError(f"{stage}: non-finite {what} at step {step}; stopped. Last good checkpoint: {where}, intact.")
+
+
+def hook_hits(config, key: str, stage: str, step: int) -> bool:
+    hook = parse_hook(config.debug[key])
+    return hook is not None and hook == (stage, step)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def poison(params):
+    """The `debug.nan_at` hook: NaN parameters, as a diverged update would leave them."""
+    return jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def stage_key(seed: int, stage: str) -> jax.Array:
+    """A stage's base PRNG key (distinct per stage, fixed by the seed)."""
+    return jax.random.fold_in(jax.random.key(seed), ("sft", "reward_model", "dpo", "ppo", "evaluate").index(stage))

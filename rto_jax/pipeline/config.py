@@ -1,0 +1,509 @@
+"""The experiment config (an `ml_collections.ConfigDict`), its validation, and the PPO variant table.
+
+`base_config()` holds every field with its default and a one-line comment; the files in `configs/`
+start from it and set a preset. `validate(config, workdir)` runs before any work and raises
+`ConfigError` naming the offending key (`config.ppo.variant: ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ml_collections import config_dict
+
+STAGES = ("sft", "reward_model", "dpo", "ppo", "evaluate")
+TRAINED_STAGES = ("sft", "reward_model", "dpo", "ppo")
+
+# PPO variants (DESIGN.md 1.4): the paper's methods and ablations, all one code path. Values are the
+# PPOConfig fields they set; an explicit `config.ppo.<field>` (not None) overrides the variant.
+VARIANTS = {
+    "rto": dict(beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0, dpo_placement="token"),
+    "ppo": dict(beta_dpo=0.0, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0, dpo_placement="token"),
+    "rto_sequence_end": dict(beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0, dpo_placement="sequence_end"),
+    "rto_no_rm": dict(beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=0.0, dpo_placement="token"),
+}
+VARIANT_FIELDS = ("beta_dpo", "dpo_clip", "beta_kl", "beta_rm", "dpo_placement")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the key (`config.a.b: ...`)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config.{key}: {message}")
+        self.key = key
+
+
+def _source(path: str = "", format: str = "tldr_sft") -> config_dict.ConfigDict:  # pylint: disable=redefined-builtin
+    """One data source (rto_jax.data loader fields); P, R and the special ids are shared in `config.data`."""
+    s = config_dict.ConfigDict()
+    s.path = path  # hub dataset id or local .jsonl/.json/.parquet/.csv(.gz) file or folder; '' = unused
+    s.format = format  # row format (rto_jax.data.FORMATS), e.g. tldr_sft, tldr_preference, hh_rlhf, ultrafeedback
+    s.split = "train"  # hub split of the training rows (ignored for local files)
+    s.name = config_dict.placeholder(str)  # hub dataset config name
+    s.revision = config_dict.placeholder(str)  # hub revision
+    s.data_dir = config_dict.placeholder(str)  # hub data_dir (e.g. 'harmless-base' for Anthropic/hh-rlhf)
+    s.max_rows = config_dict.placeholder(int)  # keep only the first max_rows rows (None: all)
+    s.column_map = ""  # 'field=column,...' column overrides, e.g. 'response=postprocessed_response'
+    s.eval_path = ""  # held-out rows from this source (same format); '' = split off config.data.eval_size rows
+    s.eval_split = "validation"  # hub split of eval_path
+    return s
+
+
+def _optimizer(stage: config_dict.ConfigDict, lr: float) -> None:
+    """Optimizer fields shared by the trained stages (rto_jax.train.OptimizerConfig)."""
+    stage.lr = lr  # peak learning rate
+    stage.schedule = "cosine"  # 'cosine', 'linear' (decay to 0) or 'constant', after the warmup
+    stage.warmup_steps = 0  # linear warmup steps
+    stage.weight_decay = 0.0  # AdamW decoupled weight decay
+    stage.b1 = 0.9  # Adam beta1
+    stage.b2 = 0.999  # Adam beta2 (PyTorch's default, as in the N+ and RTO code)
+    stage.adam_eps = 1e-5  # Adam epsilon (N+ uses 1e-5)
+    stage.max_grad_norm = 1.0  # global gradient-norm clip; <= 0 disables
+
+
+def base_config() -> config_dict.ConfigDict:
+    """Every field of an experiment, with defaults close to the RTO paper / N+ TL;DR recipe."""
+    c = config_dict.ConfigDict()
+    c.name = "rto"  # experiment name (printed and stored in results.json)
+    c.seed = 0  # global seed: model init, data split and order, sampling
+    c.stages = ",".join(STAGES)  # comma-separated stages to run, in this order: sft,reward_model,dpo,ppo,evaluate
+
+    c.model = config_dict.ConfigDict()
+    c.model.init_from = ""  # SFT's base model: HF folder, .gguf or hub id 'owner/name[@revision]'; '' = random init
+    c.model.arch = "llama"  # random init only: 'llama' or 'gpt_neox'
+    c.model.hidden_size = 64  # random init only: d
+    c.model.intermediate_size = 256  # random init only: MLP width
+    c.model.num_layers = 2  # random init only: blocks
+    c.model.num_heads = 4  # random init only: attention heads
+    c.model.num_kv_heads = 4  # random init only: key/value heads (GQA when < num_heads)
+    c.model.head_dim = 16  # random init only: per-head width
+    c.model.max_position_embeddings = 1024  # random init only: longest sequence (must be >= P + R)
+    c.model.tie_word_embeddings = False  # random init only: LM head shares the embedding
+    c.model.dtype = "float32"  # compute dtype 'float32' or 'bfloat16' (params stay float32)
+    c.model.scan_layers = False  # lax.scan over stacked layers (flat compile time in depth)
+    c.model.remat = "none"  # rematerialization per block: 'none', 'full' or 'dots'
+
+    c.tokenizer = config_dict.ConfigDict()
+    c.tokenizer.path = ""  # HF folder/hub id/.gguf; '' = the first given of model.init_from, sft/rm/dpo/ppo.init_from
+    c.tokenizer.bpe_vocab_size = 0  # > 0: train a byte-level BPE of this size on the data (saved in workdir/tokenizer)
+    c.tokenizer.bpe_max_texts = 20000  # at most this many data strings train the BPE
+
+    c.data = config_dict.ConfigDict()
+    c.data.max_prompt_len = 512  # P: prompts are left-padded / truncated (keeping their end) to P tokens
+    c.data.max_response_len = 53  # R: responses (+EOS) are right-padded / truncated to R tokens, also rollout length
+    c.data.pad_id = config_dict.placeholder(int)  # pad token id (must differ from EOS); None = the tokenizer's
+    c.data.eos_id = config_dict.placeholder(int)  # EOS token id; None = the tokenizer's
+    c.data.prompt_truncation = "auto"  # 'auto', 'left' (keep the last P tokens) or 'tldr_post' (shorten the POST)
+    c.data.skip_long_prompts = False  # skip prompts longer than P instead of truncating them
+    c.data.drop_truncated_responses = False  # skip rows whose response+EOS exceeds R (else truncated, without EOS)
+    c.data.add_bos = config_dict.placeholder(bool)  # None: follow the tokenizer; True/False: force/never a BOS
+    c.data.cache_dir = config_dict.placeholder(str)  # datasets cache folder (None: the default)
+    c.data.eval_size = 0.05  # held-out share (< 1) or count of each source without eval_path (grouped by prompt)
+    c.data.sft = _source("", "tldr_sft")  # SFT pairs; '' path = the chosen responses of the preference data
+    c.data.preference = _source("", "tldr_preference")  # preference pairs for the reward model and DPO
+
+    c.sft = config_dict.ConfigDict()
+    c.sft.init_from = ""  # take this SFT model (HF folder, .gguf, hub id) instead of training one
+    c.sft.batch_size = 128  # sequences per optimizer step (N+: 128)
+    c.sft.num_epochs = 1  # passes over the SFT data
+    c.sft.max_steps = 0  # > 0: stop after this many steps (caps num_epochs)
+    c.sft.grad_accum_steps = 1  # micro-batches per step (batch_size must be divisible)
+    c.sft.eval_every = 0  # > 0: held-out loss every this many steps (and always at the end)
+    c.sft.eval_batch_size = 32  # sequences per evaluation forward pass
+    _optimizer(c.sft, 3e-6)
+
+    c.reward_model = config_dict.ConfigDict()
+    c.reward_model.init_from = ""  # take this reward model (ScalarHead HF folder or hub id) instead of training one
+    c.reward_model.batch_size = 64  # preference pairs per optimizer step (N+: 64)
+    c.reward_model.num_epochs = 1  # passes over the preference data
+    c.reward_model.max_steps = 0  # > 0: stop after this many steps
+    c.reward_model.grad_accum_steps = 1  # micro-batches per step
+    c.reward_model.margin = False  # use the data's `margin` column in the Bradley-Terry loss
+    c.reward_model.eval_every = 0  # > 0: held-out accuracy every this many steps (and always at the end)
+    c.reward_model.eval_batch_size = 32  # pairs per evaluation forward pass
+    c.reward_model.normalize_on = "reference"  # score stats for PPO from 'reference' responses or 'sft_samples'
+    c.reward_model.normalize_rows = 1024  # prompts used for the score mean/std
+    _optimizer(c.reward_model, 3e-6)
+
+    c.dpo = config_dict.ConfigDict()
+    c.dpo.init_from = ""  # take this DPO policy instead of training one
+    c.dpo.beta = 0.1  # DPO beta (the RTO paper's DPO stage: 0.1)
+    c.dpo.loss_type = "sigmoid"  # 'sigmoid', 'ipo', 'hinge' or 'robust'
+    c.dpo.label_smoothing = 0.0  # eps of conservative / robust DPO
+    c.dpo.batch_size = 64  # preference pairs per optimizer step
+    c.dpo.num_epochs = 1  # passes over the preference data
+    c.dpo.max_steps = 0  # > 0: stop after this many steps
+    c.dpo.grad_accum_steps = 1  # micro-batches per step
+    c.dpo.eval_every = 0  # > 0: held-out DPO metrics every this many steps (and always at the end)
+    c.dpo.eval_batch_size = 32  # pairs per evaluation forward pass
+    _optimizer(c.dpo, 3e-6)
+
+    c.ppo = config_dict.ConfigDict()
+    c.ppo.init_from = ""  # take this trained policy (to evaluate) instead of running PPO
+    c.ppo.variant = "rto"  # 'rto', 'ppo' (no DPO reward), 'rto_sequence_end', 'rto_no_rm' (see VARIANTS)
+    c.ppo.beta_dpo = config_dict.placeholder(float)  # DPO token-reward scale; None = the variant's
+    c.ppo.dpo_clip = config_dict.placeholder(float)  # clip of the scaled DPO token reward; None = the variant's
+    c.ppo.beta_kl = config_dict.placeholder(float)  # fixed per-token KL penalty; None = the variant's
+    c.ppo.beta_rm = config_dict.placeholder(float)  # weight of the reward-model score at EOS; None = the variant's
+    c.ppo.dpo_placement = config_dict.placeholder(str)  # 'token' or 'sequence_end'; None = the variant's
+    c.ppo.rollout_batch_size = 512  # prompts per PPO iteration (N+: 512)
+    c.ppo.total_episodes = 1_000_000  # rollouts in all; iterations = total_episodes // rollout_batch_size
+    c.ppo.max_steps = 0  # > 0: stop after this many iterations
+    c.ppo.ppo_epochs = 4  # passes over each rollout batch (N+: 4)
+    c.ppo.num_minibatches = 1  # minibatches per pass (N+: 1)
+    c.ppo.temperature = 0.7  # rollout temperature, also applied to every log-prob (N+: 0.7)
+    c.ppo.top_k = 0  # rollout top-k filter; 0 = off
+    c.ppo.top_p = 1.0  # rollout nucleus filter; 1 = off
+    c.ppo.gamma = 1.0  # GAE discount
+    c.ppo.lam = 0.95  # GAE lambda
+    c.ppo.clip_eps = 0.2  # policy ratio clip
+    c.ppo.value_clip_eps = 0.2  # value clip
+    c.ppo.vf_coef = 0.1  # value-loss weight (N+: 0.1)
+    c.ppo.entropy_coef = 0.0  # entropy bonus
+    c.ppo.score_clip = 10.0  # the normalized reward-model score is clipped to [-score_clip, score_clip]
+    c.ppo.missing_eos_penalty = 1.0  # subtracted from the score of responses without EOS (N+: -1 reward)
+    c.ppo.whiten_advantages = True  # whiten advantages over the rollout batch
+    c.ppo.critic_lr = config_dict.placeholder(float)  # critic learning rate; None = ppo.lr
+    c.ppo.grad_accum_steps = 1  # must stay 1: PPO splits a batch with num_minibatches instead
+    _optimizer(c.ppo, 3e-6)
+
+    c.evaluate = config_dict.ConfigDict()
+    c.evaluate.num_prompts = 256  # held-out prompts per policy (0 = all)
+    c.evaluate.batch_size = 32  # prompts per sampling call
+    c.evaluate.temperature = 0.7  # sampling temperature (also of the log-probs behind KL)
+    c.evaluate.greedy = False  # argmax decoding instead of sampling
+    c.evaluate.judge = ""  # win-rate judge: reward-model folder/hub id; '' = this run's reward model
+    c.evaluate.policies = ""  # extra policies 'name=path,...' to evaluate next to this run's
+    c.evaluate.num_samples_logged = 8  # decoded samples per policy written to evaluate/samples_<policy>.jsonl
+
+    c.checkpoint = config_dict.ConfigDict()
+    c.checkpoint.every_steps = 100  # orbax checkpoint every this many steps (and at the end of a stage)
+    c.checkpoint.keep = 2  # keep the last k checkpoints per stage
+
+    c.debug = config_dict.ConfigDict()
+    c.debug.fail_after = ""  # test hook 'stage:step': raise right after that step is checkpointed/logged
+    c.debug.nan_at = ""  # test hook 'stage:step': poison the params before that step (NaN-stop test)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived values.
+
+
+def stage_list(config) -> list[str]:
+    return [s.strip() for s in str(config.stages).split(",") if s.strip()]
+
+
+def ppo_variant_fields(config) -> dict:
+    """PPOConfig's reward-shaping fields: the variant's, with explicit `config.ppo.<field>` overrides."""
+    fields = dict(VARIANTS[config.ppo.variant])
+    for key in VARIANT_FIELDS:
+        value = config.ppo.get(key)
+        if value is not None:
+            fields[key] = value
+    return fields
+
+
+def parse_hook(value: str) -> tuple[str, int] | None:
+    """'stage:step' -> (stage, step), '' -> None."""
+    if not value:
+        return None
+    stage, _, step = value.partition(":")
+    return stage, int(step)
+
+
+def parse_policies(value: str) -> dict[str, str]:
+    """'name=path,...' -> {name: path}."""
+    out = {}
+    for item in filter(None, (s.strip() for s in value.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"expected 'name=path', got {item!r}")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def looks_local(path: str) -> bool:
+    """A model path that must exist on disk (never sent to the hub)."""
+    return path.startswith(("/", ".", "~")) or path.endswith(".gguf") or path.count("/") != 1 or os.path.exists(path)
+
+
+def stage_done_file(workdir, stage: str) -> Path:
+    return Path(workdir) / stage / "done.json"
+
+
+def stage_available(config, workdir, stage: str) -> bool:
+    """Whether a model of `stage` exists or will: run now, given by init_from, or finished earlier in workdir."""
+    return (
+        stage in stage_list(config)
+        or bool(config[stage].get("init_from"))
+        or (workdir is not None and stage_done_file(workdir, stage).exists())
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _positive(config, *keys):
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        value = config[section][name] if section else config[name]
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(key, f"must be > 0, got {value!r}")
+
+
+def _non_negative(config, *keys):
+    for key in keys:
+        section, _, name = key.rpartition(".")
+        value = config[section][name]
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0, got {value!r}")
+
+
+def _check_model_path(key: str, path: str):
+    if path and looks_local(path) and not os.path.exists(os.path.expanduser(path.split("@")[0])):
+        raise ConfigError(
+            key, f"{path!r} does not exist (a local model folder or .gguf file; hub ids are 'owner/name')"
+        )
+
+
+def _check_data_path(key: str, path: str):
+    from rto_jax.data.loader import _looks_local  # the loader's own rule for "this is a local file"
+
+    if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(key, f"data file {path!r} does not exist")
+
+
+def validate(config, workdir=None) -> None:
+    """Raises ConfigError (naming the key) for any value that would fail later; does no work."""
+    from rto_jax.data.formats import FORMATS
+
+    stages = stage_list(config)
+    if not stages:
+        raise ConfigError("stages", "no stage to run")
+    for s in stages:
+        if s not in STAGES:
+            raise ConfigError("stages", f"unknown stage {s!r}; known: {', '.join(STAGES)}")
+    if len(set(stages)) != len(stages) or stages != sorted(stages, key=STAGES.index):
+        raise ConfigError("stages", f"stages must be distinct and in the order {', '.join(STAGES)}; got {stages}")
+
+    # Lengths.
+    p, r = config.data.max_prompt_len, config.data.max_response_len
+    if p < 1:
+        raise ConfigError("data.max_prompt_len", f"must be >= 1, got {p}")
+    if r < 2:
+        raise ConfigError("data.max_response_len", f"must be >= 2 (one token and EOS), got {r}")
+    random_init = not config.model.init_from and not config.sft.init_from  # SFT starts from a random model
+    if random_init and p + r > config.model.max_position_embeddings:
+        raise ConfigError(
+            "model.max_position_embeddings",
+            f"{config.model.max_position_embeddings} < max_prompt_len + max_response_len = {p + r}",
+        )
+    base = config.model.init_from
+    if base and looks_local(base) and os.path.isdir(base) and os.path.exists(os.path.join(base, "config.json")):
+        limit = json.loads(Path(base, "config.json").read_text()).get("max_position_embeddings")
+        if limit is not None and p + r > limit:
+            raise ConfigError("data.max_prompt_len", f"P + R = {p + r} > the model's max_position_embeddings {limit}")
+    if config.data.pad_id is not None and config.data.pad_id == config.data.eos_id:
+        raise ConfigError(
+            "data.pad_id", f"pad_id must differ from eos_id (both {config.data.pad_id}): EOS would be masked"
+        )
+    if config.data.prompt_truncation not in ("auto", "left", "tldr_post"):
+        raise ConfigError(
+            "data.prompt_truncation", f"expected 'auto', 'left' or 'tldr_post', got {config.data.prompt_truncation!r}"
+        )
+    if not 0 < config.data.eval_size:
+        raise ConfigError("data.eval_size", f"must be > 0 (a share < 1 or a count), got {config.data.eval_size}")
+
+    # Model.
+    if config.model.arch not in ("llama", "gpt_neox"):
+        raise ConfigError("model.arch", f"expected 'llama' or 'gpt_neox', got {config.model.arch!r}")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError("model.dtype", f"expected 'float32' or 'bfloat16', got {config.model.dtype!r}")
+    if config.model.remat not in ("none", "full", "dots"):
+        raise ConfigError("model.remat", f"expected 'none', 'full' or 'dots', got {config.model.remat!r}")
+    if random_init:
+        _positive(config, "model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads")
+        if config.model.num_heads % config.model.num_kv_heads:
+            raise ConfigError("model.num_kv_heads", f"{config.model.num_kv_heads} does not divide num_heads")
+    _check_model_path("model.init_from", base)
+    for stage in TRAINED_STAGES:
+        _check_model_path(f"{stage}.init_from", config[stage].init_from)
+    _check_model_path("evaluate.judge", config.evaluate.judge)
+
+    # Tokenizer: a random-init model needs one from somewhere.
+    tokenizer_sources = [config.tokenizer.path, base] + [config[s].init_from for s in TRAINED_STAGES]
+    if config.tokenizer.bpe_vocab_size <= 0 and not any(tokenizer_sources):
+        raise ConfigError(
+            "tokenizer.path", "no tokenizer: set tokenizer.path, tokenizer.bpe_vocab_size > 0, or a model init_from"
+        )
+    if 0 < config.tokenizer.bpe_vocab_size < 300:
+        raise ConfigError(
+            "tokenizer.bpe_vocab_size", f"{config.tokenizer.bpe_vocab_size} < 300 (256 bytes + specials + merges)"
+        )
+    _check_model_path("tokenizer.path", config.tokenizer.path)
+
+    # Data.
+    for name in ("sft", "preference"):
+        src = config.data[name]
+        if src.path and src.format not in FORMATS:
+            raise ConfigError(f"data.{name}.format", f"unknown format {src.format!r}; known: {sorted(FORMATS)}")
+        kind = FORMATS[src.format].kind if src.format in FORMATS else None
+        want = "sft" if name == "sft" else "preference"
+        if src.path and kind != want:
+            raise ConfigError(
+                f"data.{name}.format", f"{src.format!r} is a {kind} format; data.{name} needs a {want} format"
+            )
+        _check_data_path(f"data.{name}.path", src.path)
+        _check_data_path(f"data.{name}.eval_path", src.eval_path)
+    trains = {s for s in stages if s in TRAINED_STAGES and not config[s].init_from}
+    needs_pref = trains & {"reward_model", "dpo"}
+    if needs_pref and not config.data.preference.path:
+        raise ConfigError("data.preference.path", f"stage(s) {sorted(needs_pref)} need preference data")
+    if ({"sft", "ppo", "evaluate"} & set(stages)) and not (config.data.sft.path or config.data.preference.path):
+        raise ConfigError(
+            "data.sft.path", "SFT / PPO / evaluation need prompts: set data.sft.path or data.preference.path"
+        )
+
+    # Stages that need a model no one makes.
+    def need(stage, what, why):
+        if not stage_available(config, workdir, what):
+            raise ConfigError(
+                f"{what}.init_from",
+                f"stage {stage!r} needs the {what} model ({why}): add {what!r} to config.stages or set {what}.init_from",
+            )
+
+    if config.ppo.variant not in VARIANTS:
+        raise ConfigError("ppo.variant", f"unknown variant {config.ppo.variant!r}; known: {', '.join(VARIANTS)}")
+    variant_fields = ppo_variant_fields(config)
+    if variant_fields["dpo_placement"] not in ("token", "sequence_end"):
+        raise ConfigError(
+            "ppo.dpo_placement", f"expected 'token' or 'sequence_end', got {variant_fields['dpo_placement']!r}"
+        )
+    for key in ("beta_kl", "beta_rm", "beta_dpo"):
+        if variant_fields[key] < 0:
+            raise ConfigError(f"ppo.{key}", f"must be >= 0, got {variant_fields[key]}")
+    for stage in ("reward_model", "dpo"):
+        if stage in trains:
+            need(stage, "sft", "its initialization and reference")
+    if "ppo" in trains:
+        need("ppo", "sft", "the initial policy and the reference")
+        # The critic starts from the reward model in every variant (rto_no_rm included).
+        need("ppo", "reward_model", "the reward and the critic's initialization")
+        if variant_fields["beta_dpo"] > 0:
+            need("ppo", "dpo", f"the DPO token reward of variant {config.ppo.variant!r}")
+    if "evaluate" in stages:
+        if not config.evaluate.judge and not stage_available(config, workdir, "reward_model"):
+            raise ConfigError(
+                "evaluate.judge", "evaluation needs a judge: set evaluate.judge or provide a reward_model"
+            )
+        try:
+            parse_policies(config.evaluate.policies)
+        except ValueError as e:
+            raise ConfigError("evaluate.policies", str(e)) from None
+        _positive(config, "evaluate.batch_size")
+        _non_negative(config, "evaluate.num_prompts")
+        if not config.evaluate.greedy and config.evaluate.temperature <= 0:
+            raise ConfigError(
+                "evaluate.temperature", f"must be > 0 (or set evaluate.greedy), got {config.evaluate.temperature}"
+            )
+
+    # Batch sizes and optimizers.
+    for stage in ("sft", "reward_model", "dpo"):
+        _positive(config, f"{stage}.batch_size", f"{stage}.eval_batch_size", f"{stage}.grad_accum_steps", f"{stage}.lr")
+        _non_negative(
+            config, f"{stage}.max_steps", f"{stage}.num_epochs", f"{stage}.eval_every", f"{stage}.warmup_steps"
+        )
+        if config[stage].batch_size % config[stage].grad_accum_steps:
+            raise ConfigError(
+                f"{stage}.grad_accum_steps",
+                f"{config[stage].grad_accum_steps} does not divide batch_size {config[stage].batch_size}",
+            )
+        if config[stage].num_epochs == 0 and config[stage].max_steps == 0:
+            raise ConfigError(f"{stage}.num_epochs", "num_epochs and max_steps are both 0: nothing to train")
+    for stage in TRAINED_STAGES:
+        if config[stage].schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(
+                f"{stage}.schedule", f"expected 'cosine', 'linear' or 'constant', got {config[stage].schedule!r}"
+            )
+    if config.dpo.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
+        raise ConfigError(
+            "dpo.loss_type", f"expected 'sigmoid', 'ipo', 'hinge' or 'robust', got {config.dpo.loss_type!r}"
+        )
+    if not 0 <= config.dpo.label_smoothing < 0.5:
+        raise ConfigError("dpo.label_smoothing", f"must be in [0, 0.5), got {config.dpo.label_smoothing}")
+    _positive(config, "dpo.beta")
+    if config.reward_model.normalize_on not in ("reference", "sft_samples"):
+        raise ConfigError(
+            "reward_model.normalize_on",
+            f"expected 'reference' or 'sft_samples', got {config.reward_model.normalize_on!r}",
+        )
+    _positive(config, "reward_model.normalize_rows")
+    _positive(config, "ppo.rollout_batch_size", "ppo.ppo_epochs", "ppo.num_minibatches", "ppo.total_episodes", "ppo.lr")
+    if config.ppo.rollout_batch_size % config.ppo.num_minibatches:
+        raise ConfigError(
+            "ppo.num_minibatches",
+            f"{config.ppo.num_minibatches} does not divide rollout_batch_size {config.ppo.rollout_batch_size}",
+        )
+    if config.ppo.grad_accum_steps != 1:
+        raise ConfigError("ppo.grad_accum_steps", "must be 1: use ppo.num_minibatches to split the rollout batch")
+    if config.ppo.total_episodes < config.ppo.rollout_batch_size:
+        raise ConfigError(
+            "ppo.total_episodes", f"{config.ppo.total_episodes} < one rollout batch ({config.ppo.rollout_batch_size})"
+        )
+    if config.ppo.temperature <= 0:
+        raise ConfigError("ppo.temperature", f"must be > 0, got {config.ppo.temperature}")
+    if not 0 < config.ppo.top_p <= 1:
+        raise ConfigError("ppo.top_p", f"must be in (0, 1], got {config.ppo.top_p}")
+    _non_negative(
+        config, "ppo.max_steps", "ppo.top_k", "ppo.entropy_coef", "ppo.missing_eos_penalty", "ppo.warmup_steps"
+    )
+    _positive(config, "checkpoint.every_steps", "checkpoint.keep")
+
+    # Debug hooks.
+    for key in ("fail_after", "nan_at"):
+        try:
+            hook = parse_hook(config.debug[key])
+        except ValueError:
+            raise ConfigError(f"debug.{key}", f"expected 'stage:step', got {config.debug[key]!r}") from None
+        if hook is not None and hook[0] not in TRAINED_STAGES:
+            raise ConfigError(f"debug.{key}", f"unknown trained stage {hook[0]!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Preset helpers shared by the files in configs/.
+
+
+def shared_data_dir() -> Path:
+    """The offline sample data: $RTO_JAX_SHARED_DATA, else ../shared/data next to the repository."""
+    env = os.environ.get("RTO_JAX_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def apply_tiny(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """The `tiny` preset: random-init 2-layer model, a 2k byte-level BPE trained on the data, short
+    lengths and a few steps per stage, so every stage runs on a laptop CPU in a few minutes."""
+    c.model.init_from = ""
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 64, 256, 2
+    c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 4, 4, 16
+    c.model.max_position_embeddings = 256
+    c.tokenizer.path = ""
+    c.tokenizer.bpe_vocab_size = 2048
+    c.tokenizer.bpe_max_texts = 4000
+    c.data.pad_id, c.data.eos_id = None, None  # the BPE's own: pad 0, EOS 1
+    c.data.max_prompt_len, c.data.max_response_len = 128, 48
+    c.data.eval_size = 64
+    for stage, steps in (("sft", 40), ("reward_model", 30), ("dpo", 20)):
+        c[stage].init_from = ""
+        c[stage].batch_size, c[stage].max_steps, c[stage].lr = 16, steps, 1e-3
+        c[stage].eval_every, c[stage].eval_batch_size = 20, 32
+    c.reward_model.normalize_rows = 128
+    c.ppo.init_from = ""
+    c.ppo.rollout_batch_size, c.ppo.total_episodes, c.ppo.max_steps = 16, 16 * 6, 0
+    c.ppo.num_minibatches, c.ppo.ppo_epochs, c.ppo.lr = 2, 2, 3e-4
+    c.evaluate.num_prompts, c.evaluate.batch_size = 32, 32
+    c.checkpoint.every_steps = 2
+    return c

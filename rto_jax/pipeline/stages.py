@@ -1,0 +1,561 @@
+"""The stages as plain functions: `run_<stage>(config, workdir, task, log, <models it reads>) -> dict`.
+
+Each returns its summary (the path of the model it made or took, final metrics), which the runner
+stores in `<workdir>/<stage>/done.json`. A stage reads only the exported (HF-format) models of the
+stages before it, so a stage given `init_from` and a stage trained here are the same to the next one.
+
+Loop of a trained stage (SFT, reward model, DPO in `train_loop`; PPO written out in `run_ppo`):
+  restore the last checkpoint (state, RNG, data position) if any -> for each step: next batch,
+  split the RNG, jitted step, log, NaN/inf guard, checkpoint every N steps and at the end -> export.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rto_jax.data import BatchIterator, pad_batch
+from rto_jax.objectives import dpo_loss, sft_loss
+from rto_jax.pipeline import checkpoint, common
+from rto_jax.pipeline.config import ppo_variant_fields
+from rto_jax.pipeline.logging import RunLog, progress, scalars, summary, table, write_json_atomic
+from rto_jax.sampling import SamplingConfig, generate_jit
+from rto_jax.train import (
+    DPOConfig,
+    PPOConfig,
+    StepConfig,
+    TrainState,
+    create_ppo_state,
+    make_dpo_step,
+    make_ppo_fns,
+    make_reward_model_step,
+    make_sft_step,
+    precompute_reference_logps,
+    response_logprobs,
+    sequence_logps,
+    sequence_scores,
+)
+from rto_jax.train.steps import response_logits
+
+log = logging.getLogger(__name__)
+
+# The step factories return new jitted closures; caching them per (hashable, frozen) config lets a
+# process that runs several pipelines (tests, notebooks, a resumed run) reuse the compiled steps.
+sft_step = functools.lru_cache(maxsize=None)(make_sft_step)
+reward_model_step = functools.lru_cache(maxsize=None)(make_reward_model_step)
+dpo_step = functools.lru_cache(maxsize=None)(make_dpo_step)
+ppo_fns = functools.lru_cache(maxsize=None)(make_ppo_fns)
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted evaluation helpers (graphdef static; arrays [B, ...]).
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(graphdef, params, input_ids, attention_mask, positions, response_mask):
+    """Scalar-head score at the last response token `[B]`."""
+    return sequence_scores(nnx.merge(graphdef, params), input_ids, attention_mask, positions, response_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _logprobs(graphdef, params, input_ids, attention_mask, positions, response_mask, temperature):
+    """Per-token response log-probs `[B, R]` at `temperature`."""
+    model = nnx.merge(graphdef, params)
+    return response_logprobs(model, input_ids, attention_mask, positions, response_mask, temperature)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sft_eval_loss(graphdef, params, batch):
+    model = nnx.merge(graphdef, params)
+    length = batch["response_mask"].shape[1]
+    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["positions"], length)
+    return sft_loss(logits, batch["input_ids"][:, -length:], batch["response_mask"])[0]
+
+
+def _batches(arrays: dict, batch_size: int):
+    """Fixed-size batches over all rows (the last one padded by repeating rows) and their valid counts."""
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        yield pad_batch(chunk, batch_size)
+
+
+def _weighted_mean(values: list[tuple[dict, int]]) -> dict[str, float]:
+    total = sum(n for _, n in values)
+    keys = values[0][0].keys()
+    return {k: float(sum(float(m[k]) * n for m, n in values) / total) for k in keys}
+
+
+def _pair_side(batch: dict, side: str) -> tuple:
+    return tuple(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "positions", "response_mask"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop of SFT, reward model and DPO.
+
+
+def train_loop(
+    stage: str,
+    config,
+    workdir,
+    run_log: RunLog,
+    state: TrainState,
+    train_arrays: dict,
+    step_fn: Callable,
+    evaluate: Callable[[TrainState], dict] | None = None,
+    prepare: Callable[[dict], dict] = lambda batch: batch,
+    main_metric: str = "loss",
+) -> tuple[TrainState, dict]:
+    """Runs (or resumes) `step_fn` over shuffled batches of `train_arrays`; returns (state, final eval).
+
+    The checkpoint holds the train state, the RNG and the data iterator's position; a resumed run
+    drops the metrics logged after that checkpoint and logs them again, identically.
+    """
+    cfg = config[stage]
+    iterator = BatchIterator(train_arrays, cfg.batch_size, seed=config.seed)
+    total = len(iterator) * cfg.num_epochs
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
+    rng = common.stage_key(config.seed, stage)
+    start, final_eval = 0, {}
+    if manager.latest_step() is not None:
+        (state, rng_data), meta, start = checkpoint.restore(manager, (state, jax.random.key_data(rng)))
+        rng = jax.random.wrap_key_data(rng_data)
+        iterator.restore(meta["data"])
+        final_eval = meta.get("eval", {})
+        dropped = run_log.truncate(stage, start)
+        log.info("%s: resumed from step %d (%d metric records after it dropped)", stage, start, dropped)
+    bar = progress(stage, total, start)
+    for step in range(start + 1, total + 1):
+        batch = prepare(next(iterator))
+        rng, step_rng = jax.random.split(rng)
+        if common.hook_hits(config, "nan_at", stage, step):
+            state = state.replace(params=common.poison(state.params))
+        state, metrics = step_fn(state, batch, step_rng)
+        values = scalars(metrics)
+        run_log.log(stage, step, values)
+        common.check_finite(stage, step, values, state.params, manager)
+        last = step == total
+        if evaluate is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+            final_eval = evaluate(state)
+            run_log.log(stage, step, final_eval, split="eval")
+        if last or step % config.checkpoint.every_steps == 0:
+            meta = {"step": step, "data": iterator.state(), "eval": final_eval if last else {}}
+            checkpoint.save(manager, step, (state, jax.random.key_data(rng)), meta)
+        bar.update(1)
+        bar.set_postfix({main_metric: f"{values[main_metric]:.4g}"})
+        if common.hook_hits(config, "fail_after", stage, step):
+            raise common.SimulatedFailure(f"debug.fail_after: {stage} step {step}")
+    bar.close()
+    return state, {**final_eval, "steps": total}
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT.
+
+
+def run_sft(config, workdir, task, run_log: RunLog) -> dict:
+    """Supervised fine-tuning on (prompt, reference) pairs -> pi_sft (also the reference policy)."""
+    cfg = config.sft
+    if cfg.init_from:
+        return {"model_path": cfg.init_from, "source": "init_from"}
+    model = common.init_base_model(config, task)
+    steps = len(BatchIterator(task.sft_train, cfg.batch_size)) * cfg.num_epochs
+    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    state = TrainState.create(model, common.optimizer(cfg, steps))
+    step_fn = sft_step(StepConfig(grad_accum_steps=cfg.grad_accum_steps))
+
+    def evaluate(state):
+        losses = [
+            ({"loss": _sft_eval_loss(state.graphdef, state.params, b)}, n)
+            for b, n in _batches(task.sft_eval, cfg.eval_batch_size)
+        ]
+        return _weighted_mean(losses)
+
+    state, final = train_loop("sft", config, workdir, run_log, state, task.sft_train, step_fn, evaluate)
+    path = common.export(state.model(), Path(workdir) / "sft" / "model", task)
+    return {"model_path": path, "source": "trained", **final}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward model.
+
+
+def score_arrays(model, arrays: dict, batch_size: int, prefix: str = "") -> np.ndarray:
+    """Scalar-head scores `[N]` of SFT-layout arrays (or of the `prefix`-ed keys of preference arrays)."""
+    graphdef, params = nnx.split(model)
+    keys = ("input_ids", "attention_mask", "positions", "response_mask")
+    out = []
+    for batch, n in _batches({k: arrays[prefix + k] for k in keys}, batch_size):
+        out.append(np.asarray(_scores(graphdef, params, *(batch[k] for k in keys)))[:n])
+    return np.concatenate(out)
+
+
+def reward_accuracy(model, preference: dict, batch_size: int) -> dict:
+    chosen = score_arrays(model, preference, batch_size, "chosen_")
+    rejected = score_arrays(model, preference, batch_size, "rejected_")
+    return {
+        "accuracy": float(np.mean(chosen > rejected)),
+        "margin": float(np.mean(chosen - rejected)),
+        "score_chosen": float(np.mean(chosen)),
+        "score_rejected": float(np.mean(rejected)),
+    }
+
+
+def sample_responses(graphdef, params, prompts: dict, batch_size: int, sampling: SamplingConfig, rng) -> dict:
+    """Samples for every prompt row: SFT-layout arrays (input_ids, attention_mask, positions, response_mask)."""
+    from rto_jax.sampling import response_inputs
+
+    parts = []
+    for i, (batch, n) in enumerate(_batches(prompts, batch_size)):
+        ids, mask = jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])
+        samples = generate_jit(graphdef, params, ids, mask, jax.random.fold_in(rng, i), sampling)
+        input_ids, attention_mask, positions = response_inputs(ids, mask, samples)
+        rows = dict(
+            input_ids=input_ids, attention_mask=attention_mask, positions=positions, response_mask=samples.response_mask
+        )
+        parts.append({k: np.asarray(v)[:n] for k, v in rows.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def reward_normalization(config, task, reward_model, sft_path: str | None) -> dict:
+    """Mean/std of the reward model's scores on reference responses or on SFT samples (DESIGN.md 1.2)."""
+    cfg = config.reward_model
+    n = cfg.normalize_rows
+    if cfg.normalize_on == "sft_samples" and sft_path:
+        policy = common.load_model(sft_path, "lm", config)
+        graphdef, params = nnx.split(policy)
+        sampling = SamplingConfig(task.response_length, task.eos_id, task.pad_id, temperature=config.ppo.temperature)
+        prompts = {k: v[:n] for k, v in task.prompts_train.items()}
+        rows = sample_responses(
+            graphdef, params, prompts, cfg.eval_batch_size, sampling, common.stage_key(config.seed, "reward_model")
+        )
+    else:
+        rows = {k: v[:n] for k, v in task.sft_train.items()}
+    scores = score_arrays(reward_model, rows, cfg.eval_batch_size)
+    return {
+        "reward_mean": float(np.mean(scores)),
+        "reward_std": float(max(np.std(scores), 1e-6)),
+        "normalized_on": cfg.normalize_on,
+    }
+
+
+def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | None) -> dict:
+    """Bradley-Terry reward model from pi_sft's backbone (fresh head); then its score statistics."""
+    cfg = config.reward_model
+    if cfg.init_from:
+        model, out = (
+            common.load_model(cfg.init_from, "scalar", config),
+            {"model_path": cfg.init_from, "source": "init_from"},
+        )
+        if task.preference_eval is not None:
+            out.update(reward_accuracy(model, task.preference_eval, cfg.eval_batch_size))
+    else:
+        model = common.load_model(sft_path, "scalar", config)
+        steps = len(BatchIterator(task.preference_train, cfg.batch_size)) * cfg.num_epochs
+        steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        state = TrainState.create(model, common.optimizer(cfg, steps))
+        step_fn = reward_model_step(StepConfig(grad_accum_steps=cfg.grad_accum_steps), margin=cfg.margin)
+        evaluate = lambda state: reward_accuracy(state.model(), task.preference_eval, cfg.eval_batch_size)
+        state, final = train_loop(
+            "reward_model", config, workdir, run_log, state, task.preference_train, step_fn, evaluate
+        )
+        model = state.model()
+        out = {
+            "model_path": common.export(model, Path(workdir) / "reward_model" / "model", task),
+            "source": "trained",
+            **final,
+        }
+    out.update(reward_normalization(config, task, model, sft_path))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _dpo_eval(graphdef, params, ref_params, batch, dpo: DPOConfig):
+    (chosen, rejected), (chosen_len, rejected_len) = sequence_logps(graphdef, params, batch)
+    (ref_chosen, ref_rejected), _ = sequence_logps(graphdef, ref_params, batch)
+    _, metrics = dpo_loss(
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=dpo.beta,
+        loss_type=dpo.loss_type,
+        label_smoothing=dpo.label_smoothing,
+        chosen_lengths=chosen_len,
+        rejected_lengths=rejected_len,
+    )
+    return metrics
+
+
+def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
+    """DPO from pi_sft with pi_sft as the reference; reference log-probs computed per batch."""
+    cfg = config.dpo
+    if cfg.init_from:
+        return {"model_path": cfg.init_from, "source": "init_from"}
+    policy = common.load_model(sft_path, "lm", config)
+    ref_graphdef, ref_params = nnx.split(common.load_model(sft_path, "lm", config))
+    steps = len(BatchIterator(task.preference_train, cfg.batch_size)) * cfg.num_epochs
+    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    state = TrainState.create(policy, common.optimizer(cfg, steps))
+    dpo = DPOConfig(
+        beta=cfg.beta,
+        loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+        grad_accum_steps=cfg.grad_accum_steps,
+    )
+    step_fn = dpo_step(dpo)
+    prepare = lambda batch: {**batch, **precompute_reference_logps(ref_graphdef, ref_params, batch)}
+
+    def evaluate(state):
+        parts = [
+            (_dpo_eval(state.graphdef, state.params, ref_params, b, dpo), n)
+            for b, n in _batches(task.preference_eval, cfg.eval_batch_size)
+        ]
+        return _weighted_mean([(jax.device_get(m), n) for m, n in parts])
+
+    state, final = train_loop("dpo", config, workdir, run_log, state, task.preference_train, step_fn, evaluate, prepare)
+    path = common.export(state.model(), Path(workdir) / "dpo" / "model", task)
+    return {"model_path": path, "source": "trained", **final}
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO / RTO.
+
+
+def ppo_config(config, task) -> PPOConfig:
+    """PPOConfig of config.ppo: the variant's reward shaping (with explicit overrides) and PPO fields."""
+    cfg = config.ppo
+    sampling = SamplingConfig(
+        max_new_tokens=task.response_length,
+        eos_id=task.eos_id,
+        pad_id=task.pad_id,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+    )
+    return PPOConfig(
+        sampling=sampling,
+        **ppo_variant_fields(config),
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        ppo_epochs=cfg.ppo_epochs,
+        num_minibatches=cfg.num_minibatches,
+        clip_eps=cfg.clip_eps,
+        value_clip_eps=cfg.value_clip_eps,
+        vf_coef=cfg.vf_coef,
+        entropy_coef=cfg.entropy_coef,
+        score_clip=cfg.score_clip,
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        whiten_advantages=cfg.whiten_advantages,
+    )
+
+
+def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict, dpo_path: str | None) -> dict:
+    """PPO with RTO token rewards: policy and reference from pi_sft, critic from the reward model.
+
+    reward: the reward-model stage's summary (model_path, reward_mean, reward_std).
+    """
+    cfg, stage = config.ppo, "ppo"
+    if cfg.init_from:
+        return {"model_path": cfg.init_from, "source": "init_from", "variant": cfg.variant}
+    ppo = ppo_config(config, task)
+    total = cfg.total_episodes // cfg.rollout_batch_size
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    policy = common.load_model(sft_path, "lm", config)
+    reward_model = common.load_model(reward["model_path"], "scalar", config)
+    critic = common.load_model(reward["model_path"], "scalar", config)
+    dpo_params = nnx.split(common.load_model(dpo_path, "lm", config))[1] if ppo.beta_dpo else None
+    state = create_ppo_state(
+        policy,
+        critic,
+        reward_model,
+        common.optimizer(cfg, total),
+        common.optimizer(cfg, total, learning_rate=cfg.critic_lr),
+        dpo_params=dpo_params,
+        reward_mean=reward["reward_mean"],
+        reward_std=reward["reward_std"],
+    )
+    _, _, iteration_fn = ppo_fns(ppo)
+    prompts = BatchIterator(task.prompts_train, cfg.rollout_batch_size, seed=config.seed)
+    manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
+    rng = common.stage_key(config.seed, stage)
+    start = 0
+    saved = lambda state, rng: {"policy": state.policy, "critic": state.critic, "rng": jax.random.key_data(rng)}
+    if manager.latest_step() is not None:
+        tree, meta, start = checkpoint.restore(manager, saved(state, rng))
+        state = state.replace(policy=tree["policy"], critic=tree["critic"])
+        rng = jax.random.wrap_key_data(tree["rng"])
+        prompts.restore(meta["data"])
+        run_log.truncate(stage, start)
+        log.info("ppo: resumed from iteration %d", start)
+    bar = progress(f"ppo[{cfg.variant}]", total, start)
+    values = {}
+    for step in range(start + 1, total + 1):
+        batch = next(prompts)
+        rng, step_rng = jax.random.split(rng)
+        if common.hook_hits(config, "nan_at", stage, step):
+            state = state.replace(policy=state.policy.replace(params=common.poison(state.policy.params)))
+        state, metrics = iteration_fn(state, {k: batch[k] for k in ("prompt_ids", "prompt_mask")}, step_rng)
+        values = scalars(metrics)
+        run_log.log(stage, step, values)
+        common.check_finite(stage, step, values, (state.policy.params, state.critic.params), manager)
+        if step == total or step % config.checkpoint.every_steps == 0:
+            checkpoint.save(manager, step, saved(state, rng), {"step": step, "data": prompts.state()})
+        bar.update(1)
+        bar.set_postfix({"score": f"{values['score']:.3g}", "kl": f"{values['kl_to_ref']:.3g}"})
+        if common.hook_hits(config, "fail_after", stage, step):
+            raise common.SimulatedFailure(f"debug.fail_after: {stage} step {step}")
+    bar.close()
+    folder = common.stage_dir(workdir, stage)
+    path = common.export(state.policy.model(), folder / "model", task)
+    common.export(state.critic.model(), folder / "critic", task)
+    keys = ("score", "kl_to_ref", "response_length", "eos_rate", "loss")
+    return {
+        "model_path": path,
+        "source": "trained",
+        "variant": cfg.variant,
+        "steps": total,
+        **{k: values[k] for k in keys if k in values},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def make_judge(path: str, config) -> Callable[[dict], np.ndarray]:
+    """A win-rate judge: SFT-layout arrays -> scores `[N]` (higher is better).
+
+    Today a reward-model folder / hub id. Extension point: any callable with this signature, e.g. an
+    LLM judge that decodes prompt and response with the task's tokenizer, asks a model which of two
+    summaries is better and returns per-row preference scores.
+    """
+    model = common.load_model(path, "scalar", config)
+    return lambda arrays: score_arrays(model, arrays, config.evaluate.batch_size)
+
+
+def evaluate_policy(
+    config, task, policy_path: str, reward_model, judge, ref, references: dict | None
+) -> tuple[dict, dict]:
+    """Samples on the held-out prompts and scores them -> (metrics, the samples' arrays)."""
+    cfg = config.evaluate
+    policy = common.load_model(policy_path, "lm", config)
+    graphdef, params = nnx.split(policy)
+    sampling = SamplingConfig(
+        task.response_length, task.eos_id, task.pad_id, temperature=cfg.temperature, greedy=cfg.greedy
+    )
+    # The same key for every policy: common random numbers make policies comparable.
+    rows = sample_responses(
+        graphdef, params, task.eval_prompts, cfg.batch_size, sampling, common.stage_key(config.seed, "evaluate")
+    )
+    mask = rows["response_mask"]
+    r = task.response_length
+    has_eos = np.any((rows["input_ids"][:, -r:] == task.eos_id) & (mask > 0), axis=1)
+    out = {
+        "rm_score": float(np.mean(score_arrays(reward_model, rows, cfg.batch_size))),
+        "length": float(np.mean(mask.sum(1))),
+        "eos_rate": float(np.mean(has_eos)),
+    }
+    if ref is not None:  # KL(pi || pi_ref) estimated on the samples, both at the sampling temperature
+        kl = []
+        for batch, n in _batches(rows, cfg.batch_size):
+            args = (
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["positions"],
+                batch["response_mask"],
+                cfg.temperature,
+            )
+            diff = _logprobs(graphdef, params, *args) - _logprobs(ref[0], ref[1], *args)
+            kl.append(np.asarray(jnp.sum(diff, axis=1))[:n])
+        out["kl_to_ref"] = float(np.mean(np.concatenate(kl)))
+    if references is not None:
+        mine, theirs = judge(rows), references["judge_scores"]
+        out["win_rate"] = float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))
+    if task.gold_reward is not None:
+        p = task.prompt_length
+        gold = task.gold_reward(rows["input_ids"][:, :p], rows["attention_mask"][:, :p], rows["input_ids"][:, p:], mask)
+        out["gold_reward"] = float(np.mean(gold))
+    return out, rows
+
+
+def run_evaluate(
+    config, workdir, task, run_log: RunLog, policies: dict[str, str], reward_path: str | None, ref_path: str | None
+) -> dict:
+    """Every policy on the held-out prompts: reward-model score, KL to pi_ref, length, EOS rate, win rate
+    against the dataset's reference responses (judge: evaluate.judge or the run's reward model).
+
+    Per-policy results are cached in `<workdir>/evaluate/<policy>.json` (a restart skips them).
+    """
+    cfg = config.evaluate
+    folder = common.stage_dir(workdir, "evaluate")
+    judge_path = cfg.judge or reward_path
+    reward_model = common.load_model(reward_path or judge_path, "scalar", config)
+    judge = make_judge(judge_path, config)
+    ref = nnx.split(common.load_model(ref_path, "lm", config)) if ref_path else None
+    results: dict[str, dict] = {}
+    references = None
+    if task.eval_references is not None:
+        references = {"judge_scores": judge(task.eval_references)}
+        mask = task.eval_references["response_mask"]
+        tokens = task.eval_references["input_ids"][:, -task.response_length :]
+        results["reference"] = {
+            "rm_score": float(np.mean(score_arrays(reward_model, task.eval_references, cfg.batch_size))),
+            "length": float(np.mean(mask.sum(1))),
+            "eos_rate": float(np.mean(np.any((tokens == task.eos_id) & (mask > 0), axis=1))),
+            "win_rate": 0.5,
+        }
+    for name, path in policies.items():
+        cache = folder / f"{name}.json"
+        if cache.exists():
+            results[name] = json.loads(cache.read_text())
+            continue
+        metrics, rows = evaluate_policy(config, task, path, reward_model, judge, ref, references)
+        metrics["model_path"] = path
+        results[name] = metrics
+        run_log.log("evaluate", 0, {k: v for k, v in metrics.items() if isinstance(v, float)}, split=name)
+        _write_samples(folder / f"samples_{name}.jsonl", task, rows, cfg.num_samples_logged)
+        write_json_atomic(cache, metrics)
+    print(
+        table(
+            f"evaluation ({len(task.eval_prompts['prompt_ids'])} held-out prompts)",
+            {k: {m: v for m, v in r.items() if m != "model_path"} for k, r in results.items()},
+        )
+    )
+    return {"policies": results, "judge": judge_path, "num_prompts": len(task.eval_prompts["prompt_ids"])}
+
+
+def _write_samples(path: Path, task, rows: dict, count: int) -> None:
+    p = task.prompt_length
+    lines = []
+    for i in range(min(count, len(rows["input_ids"]))):
+        prompt = rows["input_ids"][i, :p][rows["attention_mask"][i, :p] > 0]
+        response = rows["input_ids"][i, p:][rows["response_mask"][i] > 0]
+        lines.append(json.dumps({"prompt": task.decode(prompt), "response": task.decode(response)}))
+    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+
+
+__all__ = [
+    "make_judge",
+    "ppo_config",
+    "run_dpo",
+    "run_evaluate",
+    "run_ppo",
+    "run_reward_model",
+    "run_sft",
+    "summary",
+    "train_loop",
+]

@@ -1,0 +1,266 @@
+"""Where a run's data comes from: a `Task` holds every array the stages read, already tokenized.
+
+The stages only touch a Task's fields, never a tokenizer or a file, so any data source that fills
+them plugs in:
+
+  build_text_task(config, workdir)   text datasets (config.data) through rto_jax.data + a tokenizer
+  (synthetic task adapter)           token-id data with a gold reward: fill the same fields from
+                                     rto_jax.data.synthetic.SyntheticTask (tokenizer=None, pad/eos ids
+                                     from the task, gold_reward from its gold reward function).
+
+Array layouts follow CONTRACT.md (prompt left-padded to P, response right-padded to R):
+  SFT arrays         input_ids, attention_mask, positions [N, P+R], response_mask [N, R] float32,
+                     prompt_ids, prompt_mask [N, P]
+  preference arrays  chosen_* and rejected_* versions of the four sequence keys + prompt_ids/mask
+  prompt arrays      prompt_ids, prompt_mask [N, P] int32
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rto_jax.data import formats as formats_lib
+from rto_jax.data import load_examples, load_table, train_eval_split
+from rto_jax.data import tokenize as tok
+
+log = logging.getLogger(__name__)
+
+PAD_TOKEN, EOS_TOKEN = "<|pad|>", "<|endoftext|>"
+# A minimal chat template for the trained BPE, so chat-message formats (ultrafeedback) also work with it.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# gold_reward(prompt_ids [B, P], prompt_mask [B, P], response_ids [B, R], response_mask [B, R]) -> [B] float
+GoldReward = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class Task:
+    """Everything the stages read. `None` marks data a source does not have (then the stages that
+    need it must be given a checkpoint through `init_from`)."""
+
+    name: str
+    pad_id: int  # != eos_id
+    eos_id: int
+    vocab_size: int  # every id is < vocab_size (the size of a randomly initialized model's vocabulary)
+    prompt_length: int  # P
+    response_length: int  # R
+    prompts_train: dict[str, np.ndarray]  # rollout prompts (PPO): prompt_ids, prompt_mask [N, P]
+    eval_prompts: dict[str, np.ndarray]  # held-out prompts (evaluation): prompt_ids, prompt_mask [M, P]
+    sft_train: dict[str, np.ndarray] | None = None  # SFT arrays
+    sft_eval: dict[str, np.ndarray] | None = None  # SFT arrays (held-out loss)
+    preference_train: dict[str, np.ndarray] | None = None  # preference arrays
+    preference_eval: dict[str, np.ndarray] | None = None  # preference arrays (held-out accuracy)
+    eval_references: dict[str, np.ndarray] | None = None  # SFT arrays of eval_prompts' reference responses (win rate)
+    tokenizer: Any = None  # None for token-id tasks
+    gold_reward: GoldReward | None = None  # known true reward (synthetic tasks)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def describe(self) -> dict[str, int]:
+        rows = lambda a: 0 if a is None else len(next(iter(a.values())))
+        return {
+            "sft_train": rows(self.sft_train),
+            "sft_eval": rows(self.sft_eval),
+            "preference_train": rows(self.preference_train),
+            "preference_eval": rows(self.preference_eval),
+            "prompts_train": rows(self.prompts_train),
+            "eval_prompts": rows(self.eval_prompts),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers.
+
+
+def _strings(value, out: list[str]) -> None:
+    """Every string inside a row value (message lists and dicts included)."""
+    if isinstance(value, str):
+        if value:
+            out.append(value)
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            _strings(v, out)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _strings(v, out)
+
+
+def training_texts(sources, limit: int) -> list[str]:
+    """Up to `limit` strings from the raw rows of the data sources (format-agnostic)."""
+    texts: list[str] = []
+    for src in sources:
+        table = load_table(
+            src.path,
+            split=src.split,
+            name=src.name,
+            revision=src.revision,
+            data_dir=src.data_dir,
+            max_rows=src.max_rows,
+        )
+        rows = table if isinstance(table, list) else table.to_list()
+        for row in rows:
+            _strings(row, texts)
+            if len(texts) >= limit:
+                return texts[:limit]
+    return texts
+
+
+def train_bpe(texts, vocab_size: int, folder: str | os.PathLike):
+    """A byte-level BPE (pad id 0, EOS id 1) trained on `texts`, saved to `folder` as an HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return tokenizer
+
+
+def load_run_tokenizer(config, workdir):
+    """The run's tokenizer: tokenizer.path, a BPE trained once per workdir, or the first model's."""
+    from rto_jax.models import load_tokenizer
+    from rto_jax.pipeline.common import resolve_model_path
+
+    if config.tokenizer.path:
+        return load_tokenizer(resolve_model_path(config.tokenizer.path))
+    if config.tokenizer.bpe_vocab_size > 0:
+        folder = Path(workdir) / "tokenizer"
+        if folder.exists():  # trained by an earlier (interrupted) run of this workdir: reuse it exactly
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(folder))
+        sources = [s for s in (config.data.sft, config.data.preference) if s.path]
+        texts = training_texts(sources, config.tokenizer.bpe_max_texts)
+        log.info("training a byte-level BPE (vocab %d) on %d strings", config.tokenizer.bpe_vocab_size, len(texts))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return train_bpe(texts, config.tokenizer.bpe_vocab_size, folder)
+    for name in [config.model.init_from] + [config[s].init_from for s in ("sft", "reward_model", "dpo", "ppo")]:
+        if name:
+            return load_tokenizer(resolve_model_path(name))
+    raise ValueError("config.tokenizer.path: no tokenizer source")
+
+
+# ----------------------------------------------------------------------------------------------
+# Text tasks.
+
+
+def _column_map(value: str) -> dict[str, str] | None:
+    pairs = [item.split("=", 1) for item in value.split(",") if item.strip()] if value else []
+    return {k.strip(): v.strip() for k, v in pairs} or None
+
+
+def _examples(src, config, tokenizer, seed: int):
+    """(train, eval) examples of one source: eval from eval_path, else a split grouped by prompt."""
+    kwargs = dict(
+        tokenizer=tokenizer,
+        split=src.split,
+        name=src.name,
+        revision=src.revision,
+        data_dir=src.data_dir,
+        max_rows=src.max_rows,
+        column_map=_column_map(src.column_map),
+        cache_dir=config.data.cache_dir,
+    )
+    train, _ = load_examples(src.path, src.format, **kwargs)
+    if src.eval_path:
+        held_out, _ = load_examples(src.eval_path, src.format, **{**kwargs, "split": src.eval_split})
+        return train, held_out
+    size = config.data.eval_size
+    return train_eval_split(train, size if size < 1 else int(size), seed)
+
+
+def _first_per_prompt(examples):
+    seen: dict[str, Any] = {}
+    for e in examples:
+        seen.setdefault(e.prompt, e)
+    return list(seen.values())
+
+
+def build_text_task(config, workdir, tokenizer=None) -> Task:
+    """A Task from config.data: SFT pairs (or the preference data's chosen responses), preference
+    pairs, PPO prompts = distinct SFT training prompts, evaluation = distinct held-out SFT prompts with
+    their reference responses (at most config.evaluate.num_prompts)."""
+    tokenizer = tokenizer if tokenizer is not None else load_run_tokenizer(config, workdir)
+    pad_id, eos_id = tok.special_ids(tokenizer, config.data.pad_id, config.data.eos_id)
+    p, r = config.data.max_prompt_len, config.data.max_response_len
+    common = dict(
+        pad_id=pad_id,
+        eos_id=eos_id,
+        prompt_truncation=config.data.prompt_truncation,
+        skip_long_prompts=config.data.skip_long_prompts,
+        add_bos=config.data.add_bos,
+    )
+    pairs = dict(common, drop_truncated_responses=config.data.drop_truncated_responses)
+
+    preference_train = preference_eval = None
+    pref_examples = None
+    if config.data.preference.path:
+        pref_examples = _examples(config.data.preference, config, tokenizer, config.seed)
+        preference_train, _ = tok.tokenize_preference(pref_examples[0], tokenizer, p, r, **pairs)
+        preference_eval, _ = tok.tokenize_preference(pref_examples[1], tokenizer, p, r, **pairs)
+    if config.data.sft.path:
+        sft_train_ex, sft_eval_ex = _examples(config.data.sft, config, tokenizer, config.seed)
+    else:  # SFT on the preferred responses (HH-RLHF / UltraFeedback practice), same prompt split
+        sft_train_ex, sft_eval_ex = [
+            [formats_lib.SFTExample(e.prompt, e.chosen) for e in part] for part in pref_examples
+        ]
+    sft_train, _ = tok.tokenize_sft(sft_train_ex, tokenizer, p, r, **pairs)
+    sft_eval, _ = tok.tokenize_sft(sft_eval_ex, tokenizer, p, r, **pairs)
+    prompts_train, _ = tok.tokenize_prompts(sft_train_ex, tokenizer, p, unique=True, **common)
+    eval_ex = _first_per_prompt(sft_eval_ex)
+    if config.evaluate.num_prompts:
+        eval_ex = eval_ex[: config.evaluate.num_prompts]
+    eval_references, _ = tok.tokenize_sft(eval_ex, tokenizer, p, r, **common)
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
+    return Task(
+        name=config.name,
+        pad_id=pad_id,
+        eos_id=eos_id,
+        vocab_size=int(vocab),
+        prompt_length=p,
+        response_length=r,
+        prompts_train={k: prompts_train[k] for k in ("prompt_ids", "prompt_mask")},
+        eval_prompts={k: eval_references[k] for k in ("prompt_ids", "prompt_mask")},
+        sft_train=sft_train,
+        sft_eval=sft_eval,
+        preference_train=preference_train,
+        preference_eval=preference_eval,
+        eval_references=eval_references,
+        tokenizer=tokenizer,
+    )
+
+
+def build_task(config, workdir) -> Task:
+    """The task of a config (text datasets today; a synthetic adapter would dispatch here)."""
+    return build_text_task(config, workdir)

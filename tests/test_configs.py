@@ -1,0 +1,149 @@
+"""Config files and presets load and validate; bad values fail before any work, naming the key."""
+
+import importlib.util
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rto_jax.pipeline import config as config_lib
+from rto_jax.pipeline.config import VARIANTS, ConfigError, ppo_variant_fields, shared_data_dir, validate
+from rto_jax.pipeline.stages import ppo_config
+from rto_jax.pipeline.tasks import Task
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {
+    "rto_tldr": ["1b", "2.8b", "6.9b", "tiny"],
+    "ppo_tldr": ["1b", "tiny"],
+    "dpo_tldr": ["1b", "tiny"],
+    "rto_ultrafeedback": ["llama3_8b", "smollm2", "tiny"],
+}
+HAS_SHARED = (shared_data_dir() / "tldr_comparisons_10k.parquet").exists()
+
+
+def load_config(name: str, preset: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def _comments_missing(*functions) -> list[str]:
+    """Lines of `functions` assigning a config field without a trailing comment."""
+    missing = []
+    for line in "\n".join(inspect.getsource(f) for f in functions).splitlines():
+        s = line.strip()
+        if s.startswith(("c.", "s.", "stage.")) and "=" in s and "#" not in s and "ConfigDict()" not in s:
+            missing.append(s)
+    return missing
+
+
+@pytest.mark.parametrize("name,preset", [(n, p) for n, presets in PRESETS.items() for p in presets])
+def test_every_preset_loads_and_validates(name, preset):
+    config = load_config(name, preset)
+    if preset == "tiny" and not HAS_SHARED:
+        pytest.skip(f"shared data not found in {shared_data_dir()}: the tiny presets read it")
+    validate(config)
+    assert config.name.endswith(preset)
+
+
+def test_every_base_field_has_a_comment():
+    assert _comments_missing(config_lib.base_config, config_lib._source, config_lib._optimizer) == []
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        load_config("rto_tldr", "huge")
+
+
+def _tiny():
+    config = load_config("rto_tldr", "tiny")
+    # Local paths must exist for validation: point them at this file when the shared data is absent.
+    if not HAS_SHARED:
+        config.data.sft.path = config.data.preference.path = ""
+        config.data.preference.path = str(ROOT / "tests" / "test_configs.py")
+    return config
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("stages", "sft,train_more", "config.stages: unknown stage 'train_more'"),
+        ("stages", "ppo,sft", "config.stages: stages must be distinct and in the order"),
+        ("data.max_response_len", 1, "config.data.max_response_len: must be >= 2"),
+        ("data.max_prompt_len", 400, "config.model.max_position_embeddings: 256 < max_prompt_len"),
+        ("data.pad_id", 1, "config.data.pad_id: pad_id must differ from eos_id"),
+        ("ppo.variant", "grpo", "config.ppo.variant: unknown variant 'grpo'"),
+        ("ppo.num_minibatches", 3, "config.ppo.num_minibatches: 3 does not divide rollout_batch_size 16"),
+        ("sft.grad_accum_steps", 3, "config.sft.grad_accum_steps: 3 does not divide batch_size 16"),
+        ("sft.init_from", "/no/such/model", "config.sft.init_from: '/no/such/model' does not exist"),
+        (
+            "data.preference.path",
+            "/no/such/file.parquet",
+            "config.data.preference.path: data file '/no/such/file.parquet'",
+        ),
+        ("data.preference.format", "tldr_sft", "config.data.preference.format: 'tldr_sft' is a sft format"),
+        ("dpo.loss_type", "kto", "config.dpo.loss_type: expected"),
+        ("debug.fail_after", "ppo", "config.debug.fail_after: expected 'stage:step'"),
+        ("ppo.total_episodes", 8, "config.ppo.total_episodes: 8 < one rollout batch"),
+        ("tokenizer.bpe_vocab_size", 100, "config.tokenizer.bpe_vocab_size: 100 < 300"),
+    ],
+)
+def test_bad_values_name_their_key(key, value, message):
+    config = _tiny()
+    section, _, field = key.rpartition(".")
+    if key == "data.pad_id":
+        config.data.eos_id = 1
+    node = config
+    for part in filter(None, section.split(".")):
+        node = node[part]
+    node[field] = value
+    with pytest.raises(ConfigError) as error:
+        validate(config)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_a_stage_needing_a_model_nobody_makes_is_refused(tmp_path):
+    config = _tiny()
+    config.stages = "ppo,evaluate"  # RTO needs sft, reward_model and dpo models
+    with pytest.raises(ConfigError, match=r"config.sft.init_from: stage 'ppo' needs the sft model"):
+        validate(config, tmp_path)
+    config.sft.init_from = config.reward_model.init_from = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"config.dpo.init_from: stage 'ppo' needs the dpo model .*'rto'"):
+        validate(config, tmp_path)
+    config.ppo.variant = "ppo"  # plain PPO has no DPO reward
+    validate(config, tmp_path)
+    config.ppo.variant = "rto"
+    (tmp_path / "dpo").mkdir()
+    (tmp_path / "dpo" / "done.json").write_text("{}")  # finished in this workdir earlier
+    validate(config, tmp_path)
+
+
+def test_variants_map_to_ppo_config():
+    config = _tiny()
+    task = Task(
+        "t", pad_id=0, eos_id=1, vocab_size=8, prompt_length=4, response_length=6, prompts_train={}, eval_prompts={}
+    )
+    for variant, fields in VARIANTS.items():
+        config.ppo.variant = variant
+        ppo = ppo_config(config, task)
+        assert {k: getattr(ppo, k) for k in fields} == fields
+    assert ppo_config(config, task).sampling.max_new_tokens == 6
+    config.ppo.variant, config.ppo.beta_kl = "ppo", 0.05  # explicit fields win over the variant
+    assert ppo_variant_fields(config)["beta_kl"] == 0.05 and ppo_variant_fields(config)["beta_dpo"] == 0.0
+
+
+def _run_cli(*args):
+    cmd = [sys.executable, str(ROOT / "experiments" / "run.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_rejects_bad_values_and_unknown_keys_before_any_work(tmp_path):
+    workdir = tmp_path / "run"
+    bad = _run_cli("--config=configs/rto_tldr.py:1b", f"--workdir={workdir}", "--config.ppo.variant=nope")
+    assert bad.returncode != 0 and "config.ppo.variant: unknown variant 'nope'" in bad.stderr + bad.stdout
+    unknown = _run_cli("--config=configs/rto_tldr.py:1b", f"--workdir={workdir}", "--config.ppo.learning_rate=1e-6")
+    assert unknown.returncode != 0 and "learning_rate" in unknown.stderr + unknown.stdout
+    assert not workdir.exists()  # nothing was written

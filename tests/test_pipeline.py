@@ -1,0 +1,235 @@
+"""The experiment pipeline: checkpoints, logging, end to end on the tiny preset, exact resume, NaN stop."""
+
+import importlib.util
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rto_jax.models import CausalLM, ModelConfig, load_pretrained
+from rto_jax.pipeline import checkpoint, run
+from rto_jax.pipeline.common import NonFiniteError, SimulatedFailure
+from rto_jax.pipeline.config import shared_data_dir
+from rto_jax.pipeline.logging import RunLog, read_metrics
+from rto_jax.pipeline.tasks import train_bpe
+from rto_jax.train import OptimizerConfig, TrainState, make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RTO_JAX_NO_TQDM", "1")
+
+
+def load_config(name: str, preset: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: a small prompt/chosen/rejected file (chosen responses use "good" words) and a BPE.
+
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "quick",
+    "slow",
+    "paper",
+    "light",
+    "house",
+    "music",
+    "field",
+    "dream",
+    "table",
+]
+GOOD, BAD = ["good", "great", "clear"], ["bad", "poor", "vague"]
+
+
+@pytest.fixture(scope="module")
+def fixture_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(96):
+        post = " ".join(rng.choice(WORDS, rng.integers(6, 20)))
+        prompt = f"SUBREDDIT: r/test{i % 5} TITLE: post {i} POST: {post} TL;DR:"
+        chosen = " " + " ".join(rng.choice(GOOD, rng.integers(2, 6)))
+        rejected = " " + " ".join(rng.choice(BAD, rng.integers(2, 6)))
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    data = folder / "pref.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
+    tokenizer_dir = folder / "tokenizer"
+    train_bpe(texts, 320, tokenizer_dir)
+    return data, tokenizer_dir
+
+
+def small_config(data, tokenizer_dir, stages="sft,reward_model,dpo,ppo,evaluate"):
+    """The tiny preset shrunk further: a 2-layer d=32 model and a handful of steps per stage."""
+    c = load_config("rto_tldr", "tiny")
+    c.stages = stages
+    c.tokenizer.path, c.tokenizer.bpe_vocab_size = str(tokenizer_dir), 0
+    c.data.sft.path = ""
+    c.data.preference.path, c.data.preference.format, c.data.preference.max_rows = (
+        str(data),
+        "prompt_chosen_rejected",
+        None,
+    )
+    c.data.max_prompt_len, c.data.max_response_len, c.data.eval_size = 40, 8, 16
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = (
+        32,
+        64,
+        2,
+        2,
+        16,
+    )
+    for stage, steps in (("sft", 5), ("reward_model", 4), ("dpo", 3)):
+        c[stage].batch_size, c[stage].max_steps, c[stage].eval_every, c[stage].eval_batch_size = 8, steps, 2, 8
+    c.reward_model.normalize_rows = 16
+    c.ppo.rollout_batch_size, c.ppo.total_episodes, c.ppo.num_minibatches, c.ppo.ppo_epochs = 8, 8 * 4, 2, 1
+    c.evaluate.num_prompts, c.evaluate.batch_size = 8, 8
+    c.checkpoint.every_steps, c.checkpoint.keep = 2, 2
+    return c
+
+
+def strip_time(records):
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def same_numbers(a, b):
+    """Record lists equal, NaN == NaN."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys(), (x, y)
+        for k in x:
+            both_nan = isinstance(x[k], float) and math.isnan(x[k]) and math.isnan(y[k])
+            assert both_nan or x[k] == y[k], (k, x, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Units.
+
+
+def test_checkpoint_restores_any_pytree_onto_an_abstract_sharded_target(tmp_path):
+    model = CausalLM(
+        ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=2, head_dim=8),
+        nnx.Rngs(0),
+    )
+    state = TrainState.create(model, make_optimizer(OptimizerConfig()))
+    tree = {"policy": state, "rng": jax.random.key_data(jax.random.key(7))}
+    manager = checkpoint.manager(tmp_path / "ckpt", keep=2)
+    for step in (1, 2, 3):
+        checkpoint.save(manager, step, tree, {"step": step, "data": {"epoch": 0, "index": step}})
+    assert sorted(int(p.name) for p in (tmp_path / "ckpt").iterdir() if p.name.isdigit()) == [2, 3]  # keep=2
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    restored, meta, step = checkpoint.restore(manager, abstract)
+    assert step == 3 and meta["data"] == {"epoch": 0, "index": 3}
+    assert isinstance(restored["policy"], TrainState) and restored["policy"].graphdef is not None
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.sharding == sharding
+
+
+def test_run_log_drops_partial_lines_and_truncates_a_stage(tmp_path):
+    log = RunLog(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        log.log("sft", step, {"loss": 1.0 / step})
+    log.log("ppo", 1, {"score": jnp.float32(0.5)})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "sft", "st')  # a write cut by a kill
+    log = RunLog(tmp_path, tensorboard=False)
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 4
+    assert log.truncate("sft", 1) == 2
+    log.close()
+    assert [(r["stage"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [("sft", 1), ("ppo", 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs.
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_identical_metrics_and_params(fixture_data, tmp_path):
+    data, tokenizer_dir = fixture_data
+    stages = "sft,reward_model,dpo,ppo"
+    run(small_config(data, tokenizer_dir, stages), tmp_path / "a")
+
+    interrupted = tmp_path / "b"
+    for hook in ("sft:3", "ppo:3"):  # killed mid-SFT, then mid-PPO (checkpoints every 2 steps)
+        config = small_config(data, tokenizer_dir, stages)
+        config.debug.fail_after = hook
+        with pytest.raises(SimulatedFailure):
+            run(config, interrupted)
+    assert (interrupted / "sft" / "done.json").exists() and not (interrupted / "ppo" / "done.json").exists()
+    run(small_config(data, tokenizer_dir, stages), interrupted)
+
+    same_numbers(
+        strip_time(read_metrics(tmp_path / "a" / "metrics.jsonl")),
+        strip_time(read_metrics(interrupted / "metrics.jsonl")),
+    )
+    for stage in ("sft", "ppo"):
+        a = jax.tree.leaves(nnx.state(load_pretrained(tmp_path / "a" / stage / "model")))
+        b = jax.tree.leaves(nnx.state(load_pretrained(interrupted / stage / "model")))
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-identical on CPU
+
+
+def test_nan_stops_the_stage_naming_step_and_last_good_checkpoint(fixture_data, tmp_path):
+    data, tokenizer_dir = fixture_data
+    config = small_config(data, tokenizer_dir, "sft")
+    config.debug.nan_at = "sft:3"
+    with pytest.raises(NonFiniteError, match=r"sft: non-finite .* at step 3.*checkpoints/2 \(step 2\)"):
+        run(config, tmp_path)
+    manager = checkpoint.manager(tmp_path / "sft" / "checkpoints")
+    assert manager.latest_step() == 2
+    assert not (tmp_path / "sft" / "done.json").exists()
+    metrics = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert math.isnan(metrics[-1]["loss"]) and metrics[-1]["step"] == 3
+
+
+@pytest.mark.slow
+def test_tiny_preset_end_to_end_on_shared_data(tmp_path):
+    """All stages of configs/rto_tldr.py:tiny on ../shared/data (fewer steps), then a restart skips them."""
+    data = shared_data_dir()
+    if not (data / "tldr_sft_oai1b.csv").exists() or not (data / "tldr_comparisons_10k.parquet").exists():
+        pytest.skip(f"shared TL;DR sample data not found in {data} (set RTO_JAX_SHARED_DATA)")
+    config = load_config("rto_tldr", "tiny")
+    config.tokenizer.bpe_vocab_size, config.tokenizer.bpe_max_texts = 512, 800
+    config.data.sft.max_rows, config.data.preference.max_rows = 200, 300
+    config.data.max_prompt_len, config.data.max_response_len, config.data.eval_size = 64, 16, 16
+    for stage, steps in (("sft", 4), ("reward_model", 4), ("dpo", 3)):
+        config[stage].max_steps, config[stage].batch_size, config[stage].eval_every = steps, 8, 0
+    config.ppo.rollout_batch_size, config.ppo.total_episodes, config.ppo.num_minibatches = 8, 16, 2
+    config.evaluate.num_prompts, config.evaluate.batch_size = 8, 8
+    results = run(config, tmp_path)
+
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert set(on_disk["policies"]) == {"reference", "sft", "dpo", "rto"}
+    for name in ("sft", "dpo", "rto"):
+        numbers = on_disk["policies"][name]
+        for key in ("rm_score", "kl_to_ref", "length", "eos_rate", "win_rate"):
+            assert np.isfinite(numbers[key]), (name, key)
+    assert on_disk["policies"]["sft"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-4)  # the reference itself
+    assert results["policies"].keys() == on_disk["policies"].keys()
+    records = read_metrics(tmp_path / "metrics.jsonl")  # raises on a malformed line
+    assert {r["stage"] for r in records} == {"sft", "reward_model", "dpo", "ppo", "evaluate"}
+    stats = json.loads((tmp_path / "reward_model" / "done.json").read_text())
+    assert stats["reward_std"] > 0
+    assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
+    for folder in ("sft/model", "reward_model/model", "dpo/model", "ppo/model", "ppo/critic", "tokenizer"):
+        assert (tmp_path / folder).is_dir(), folder
+    assert load_pretrained(tmp_path / "ppo" / "model").config.vocab_size == 512
+
+    before = len(records)
+    run(config, tmp_path)  # everything finished: every stage is skipped
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == before
