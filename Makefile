@@ -25,7 +25,10 @@ smollm2: $(VENV)/.installed
 chat: smollm2
 	$(PY) -m rto_jax.chat --prompt "What is the capital of France?"
 
-demo: chat
+# The offline synthetic benchmark: SFT, DPO, PPO, RTO and ablations, judged by a gold reward.
+DEMO_WORKDIR ?= runs/synthetic_demo
+demo: $(VENV)/.installed
+	$(PY) experiments/run.py --config=configs/rto_synthetic.py:demo --workdir=$(DEMO_WORKDIR)
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run
