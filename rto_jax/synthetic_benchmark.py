@@ -23,6 +23,7 @@ from flax import nnx
 
 from rto_jax.data.loader import BatchIterator
 from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig, best_of_n_frontier
+from rto_jax.pipeline.logging import RunLog, progress, write_json_atomic
 from rto_jax.eval.plots import plot_gold_vs_episodes, plot_gold_vs_kl
 from rto_jax.eval.rollout_eval import episodes_to_reach, evaluate_policy, summarize
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions, load_pretrained, save_pretrained
@@ -83,12 +84,17 @@ def _optimizer(stage_config, steps: int):
     )
 
 
-def _train(step_fn, state, arrays: dict, batch_size: int, steps: int, seed: int, name: str):
+def _train(step_fn, state, arrays: dict, batch_size: int, steps: int, seed: int, name: str, run_log: RunLog):
+    """`steps` calls of a jitted step on shuffled batches; every step's metrics go to metrics.jsonl."""
     iterator = BatchIterator(arrays, batch_size, seed)
-    metrics = {}
+    run_log.truncate(name, 0)  # a stage restarted from scratch logs its steps again
     start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in next(iterator).items()}, None)
+    metrics = {}
+    with progress(name, steps) as bar:
+        for step in range(steps):
+            state, metrics = step_fn(state, {k: jnp.asarray(v) for k, v in next(iterator).items()}, None)
+            run_log.log(name, step + 1, metrics)
+            bar.update(1)
     metrics = {k: float(v) for k, v in metrics.items()}
     log.info(
         "%s: %d steps in %.1fs, last metrics %s",
@@ -137,6 +143,7 @@ def _sample(graphdef, params, prompts, rng, sampling: SamplingConfig, batch_size
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    run_log = RunLog(workdir)
     seed = config.seed
     task = SyntheticTask.create(SyntheticTaskConfig(**config.task.to_dict()), seed=seed)
     data_rng = np.random.default_rng(seed)
@@ -154,7 +161,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     def train_sft():
         state = TrainState.create(CausalLM(model_cfg, nnx.Rngs(seed)), _optimizer(config.sft, config.sft.steps))
-        return _train(make_sft_step(), state, sft_data, config.sft.batch_size, config.sft.steps, seed, "sft")[0].model()
+        return _train(make_sft_step(), state, sft_data, config.sft.batch_size, config.sft.steps, seed, "sft", run_log)[
+            0
+        ].model()
 
     graphdef, sft_params = nnx.split(_trained(workdir, "sft", train_sft))
     timings["sft"] = time.perf_counter() - start
@@ -185,6 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             config.reward_model.steps,
             seed,
             "reward_model",
+            run_log,
         )[0].model()
 
     reward_model = _trained(workdir, "reward_model", train_reward_model)
@@ -221,6 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             config.dpo.steps,
             seed,
             "dpo",
+            run_log,
         )[0].model()
 
     dpo_params = nnx.split(_trained(workdir, "dpo", train_dpo))[1]
@@ -266,9 +277,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                 eval_prompts,
                 eval_key,
                 float(rows["sft"]["gold"].mean()),
+                run_log,
             )
             save_pretrained(nnx.merge(graphdef, params), workdir / "models" / name)
-            _write_json(curve_file, curves[name])
+            write_json_atomic(curve_file, curves[name])
         rows[name] = evaluate(params, eval_key)
         timings[name] = time.perf_counter() - start
 
@@ -302,11 +314,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     results["episodes_to_ppo_final"] = (
         {name: episodes_to_reach(curve, ppo_final) for name, curve in curves.items()} if (ppo_final is not None) else {}
     )
-    _write_json(workdir / "results.json", results)
+    write_json_atomic(workdir / "results.json", results)
     table = results_table(results)
     (workdir / "results.md").write_text(table + "\n")
     plot_gold_vs_episodes(curves, workdir / "gold_vs_episodes.png", f"Synthetic task, seed {seed}")
     plot_gold_vs_kl(methods, results["best_of_n"], workdir / "gold_vs_kl.png", f"Synthetic task, seed {seed}")
+    run_log.close()
     print(table)
     return results
 
@@ -336,14 +349,6 @@ def results_table(results: dict) -> str:
         + ", ".join(f"n={n}: {bon[n]['gold_reward']:.3f} (KL {bon[n]['kl']:.2f})" for n in (1, 4, 16, 64) if n in bon)
     )
     return "\n".join(lines)
-
-
-def _write_json(path: Path, value) -> None:
-    """Atomic: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def _reward_model_accuracy(task, reward_model, graphdef, sft_params, sampling, seed, num_pairs=1024) -> dict:
@@ -383,6 +388,7 @@ def _train_ppo(
     eval_prompts,
     eval_key,
     sft_gold,
+    run_log,
 ):
     """One PPO-family method from pi_sft; returns its final params and its (episodes, gold reward) curve."""
     ppo = config.ppo
@@ -414,6 +420,8 @@ def _train_ppo(
     prompt_rng = np.random.default_rng(config.seed + 7)  # the same prompt stream for every method
     method_key = jax.random.key(config.seed + 99)
     curve = [(0, sft_gold)]
+    run_log.truncate(name, 0)
+    bar = progress(name, iterations)
     for it in range(iterations):
         prompts = task.sample_prompts(prompt_rng, ppo.rollout_batch_size)
         state, metrics = iteration(
@@ -421,6 +429,8 @@ def _train_ppo(
             {k: jnp.asarray(prompts[k]) for k in ("prompt_ids", "prompt_mask")},
             jax.random.fold_in(method_key, it),
         )
+        run_log.log(name, it + 1, metrics)
+        bar.update(1)
         if (it + 1) % ppo.eval_every == 0 or it + 1 == iterations:
             gold = evaluate_policy(
                 graphdef,
@@ -432,6 +442,7 @@ def _train_ppo(
                 gold_fn=task.gold_reward_jax,
             )["gold"]
             curve.append(((it + 1) * ppo.rollout_batch_size, float(gold.mean())))
+            run_log.log(name, it + 1, {"gold_reward": gold.mean(), "episodes": curve[-1][0]}, split="eval")
             log.info(
                 "%s it %d: gold %.4f score %.3f kl %.3f len %.1f eos %.2f",
                 name,
@@ -442,6 +453,7 @@ def _train_ppo(
                 float(metrics["response_length"]),
                 float(metrics["eos_rate"]),
             )
+    bar.close()
     return state.policy.params, curve
 
 
@@ -460,7 +472,7 @@ def run_benchmark(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
             single.seed = seed
         per_seed.append(run(single, workdir / f"seed_{seed}"))
     results = aggregate(per_seed)
-    _write_json(workdir / "results.json", results)
+    write_json_atomic(workdir / "results.json", results)
     table = results_table(results)
     (workdir / "results.md").write_text(table + "\n")
     plot_gold_vs_episodes(results["curves"], workdir / "gold_vs_episodes.png", f"Synthetic task, seeds {config.seeds}")
