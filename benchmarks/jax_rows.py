@@ -1,0 +1,242 @@
+"""Rows measured on our JAX code: matmul ceiling, training steps, sampler rollout, a PPO iteration's split."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.timing import measure
+from benchmarks.workloads import FIRST_TOKEN, SHAPES
+from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions
+from rto_jax.sampling import SamplingConfig, generate_jit
+from rto_jax.train import (
+    DPOConfig,
+    Experience,
+    OptimizerConfig,
+    PPOConfig,
+    TrainState,
+    create_ppo_state,
+    make_dpo_step,
+    make_optimizer,
+    make_ppo_fns,
+    make_reward_model_step,
+    make_sft_step,
+)
+
+PAD = 0
+
+
+def _config(row: dict) -> ModelConfig:
+    return ModelConfig(
+        **SHAPES[row["shape"]], scan_layers=row.get("layout") == "scan", dtype=row.get("dtype", "float32")
+    )
+
+
+def _sync(tree):
+    return jax.block_until_ready(tree)
+
+
+def ceiling(row: dict) -> dict:
+    """Best float32 matmul rate over the sizes: jitted `jnp.dot` of two n x n matrices."""
+    out = {"by_size": {}}
+    dot = jax.jit(jnp.dot)
+    for n in row["sizes"]:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        timing = measure(lambda a=a, b=b: dot(a, b), row["warmup"], row["reps"], _sync)
+        out["by_size"][str(n)] = 2 * n**3 / timing["median_s"] / 1e9
+        out["median_s"] = timing["median_s"]  # of the largest size, the last one
+    out["gflops"] = max(out["by_size"].values())
+    return out
+
+
+def _token_ids(rng, shape, vocab):
+    return jnp.asarray(rng.integers(FIRST_TOKEN, vocab, shape), jnp.int32)
+
+
+def _sequences(rng, seqs, length, response, vocab, prefix=""):
+    """Full-length rows (no padding) in the CONTRACT layout; response = the last `response` columns."""
+    mask = jnp.ones((seqs, length), jnp.int32)
+    return {
+        f"{prefix}input_ids": _token_ids(rng, (seqs, length), vocab),
+        f"{prefix}attention_mask": mask,
+        f"{prefix}positions": default_positions(mask),
+        f"{prefix}response_mask": jnp.ones((seqs, response), jnp.float32),
+    }
+
+
+def _optimizer():
+    # AdamW after global-norm clipping, as every trainer here uses; the peers do the same.
+    return make_optimizer(OptimizerConfig(learning_rate=1e-5, schedule="constant"))
+
+
+def train(row: dict) -> dict:
+    """Median step time of SFT / reward model / DPO (reference in the step) / PPO update on random data."""
+    cfg = _config(row)
+    rng = np.random.default_rng(0)
+    seqs, length = row["batch"], row["seq"]
+    response = length - row["prompt"]
+    task = row["task"]
+    key = jax.random.key(0)
+    if task in ("rm", "dpo") and seqs % 2:
+        raise ValueError(f"{row['id']}: a preference batch needs an even number of sequences")
+    if task == "sft":
+        step = make_sft_step()
+        state = TrainState.create(CausalLM(cfg, nnx.Rngs(0)), _optimizer())
+        batch = _sequences(rng, seqs, length, response, cfg.vocab_size)
+    elif task in ("rm", "dpo"):
+        pairs = seqs // 2
+        batch = {
+            **_sequences(rng, pairs, length, response, cfg.vocab_size, "chosen_"),
+            **_sequences(rng, pairs, length, response, cfg.vocab_size, "rejected_"),
+        }
+        if task == "rm":
+            step = make_reward_model_step()
+            state = TrainState.create(ScalarHeadModel(cfg, nnx.Rngs(0)), _optimizer())
+        else:
+            step = make_dpo_step(DPOConfig(beta=0.1))
+            policy = CausalLM(cfg, nnx.Rngs(0))
+            reference = jax.tree.map(jnp.copy, nnx.split(policy)[1])
+            state = TrainState.create(policy, _optimizer()).replace(frozen={"ref": reference})
+    elif task == "ppo":
+        state, (_, update_fn, _), _ = _ppo_setup(cfg, response)
+        data = _sequences(rng, seqs, length, response, cfg.vocab_size)
+        batch = Experience(
+            input_ids=data["input_ids"],
+            attention_mask=data["attention_mask"],
+            positions=data["positions"],
+            response_mask=data["response_mask"],
+            logp_old=jnp.asarray(-rng.exponential(1.0, (seqs, response)), jnp.float32),
+            values=jnp.asarray(rng.normal(size=(seqs, response)), jnp.float32),
+            advantages=jnp.asarray(rng.normal(size=(seqs, response)), jnp.float32),
+            returns=jnp.asarray(rng.normal(size=(seqs, response)), jnp.float32),
+        )
+        step = update_fn
+    else:
+        raise ValueError(f"{row['id']}: unknown task {task!r}")
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], batch, key)
+        return holder["state"], metrics
+
+    return measure(one_step, row["warmup"], row["reps"], _sync)
+
+
+def _ppo_setup(cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: bool = True):
+    """PPO state (policy, critic, reward model, reference; DPO policy when beta_dpo != 0) and jitted fns."""
+    policy = CausalLM(cfg, nnx.Rngs(0))
+    critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(1))
+    reward = ScalarHeadModel(cfg, nnx.Rngs(2))
+    dpo_params = nnx.split(CausalLM(cfg, nnx.Rngs(3)))[1] if beta_dpo else None
+    state = create_ppo_state(policy, critic, reward, _optimizer(), _optimizer(), dpo_params=dpo_params)
+    # EOS = vocab_size: an id the model can never emit, so every rollout runs all `response` tokens.
+    sampling = SamplingConfig(max_new_tokens=response, eos_id=cfg.vocab_size, pad_id=PAD, greedy=greedy)
+    config = PPOConfig(sampling=sampling, beta_dpo=beta_dpo)
+    return state, make_ppo_fns(config), sampling
+
+
+def _rollout_model(row: dict):
+    """SmolLM2-135M from the real GGUF when the shape is the 135M one and the file is present, else random init."""
+    cfg = _config(row)
+    if row["shape"] == "smollm2-135m":
+        from rto_jax.models import load_pretrained
+        from rto_jax.models.smollm2 import find_smollm2_gguf
+
+        path = find_smollm2_gguf()
+        if path is not None:
+            model = load_pretrained(path, kind="lm", scan_layers=cfg.scan_layers, dtype=cfg.dtype)
+            return model, f"real weights: {path.name}"
+    return CausalLM(cfg, nnx.Rngs(0)), "random init"
+
+
+def rollout(row: dict) -> dict:
+    """Prefill and decode tokens/s of the jitted sampler (greedy, EOS never emitted).
+
+    A call with R new tokens runs the prefill plus R one-token forwards (the last one's logits unused);
+    one with 1 new token runs the prefill plus one. So a decode step takes (t_R - t_1) / (R - 1) and the
+    prefill t_1 minus one step.
+    """
+    model, weights = _rollout_model(row)
+    batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    prompt_ids = _token_ids(rng, (batch, prompt), vocab)
+    prompt_mask = jnp.ones((batch, prompt), jnp.int32)
+    graphdef, params = nnx.split(model)
+    key = jax.random.key(0)
+
+    def call(max_new):
+        config = SamplingConfig(max_new_tokens=max_new, eos_id=vocab, pad_id=PAD, greedy=True)
+        return lambda: generate_jit(graphdef, params, prompt_ids, prompt_mask, key, config)
+
+    full = measure(call(new), row["warmup"], row["reps"], _sync)
+    samples = call(new)()
+    generated = int(jnp.sum(samples.response_mask))
+    if generated != batch * new:
+        raise RuntimeError(f"{row['id']}: generated {generated} tokens, expected {batch * new}")
+    one = measure(call(1), row["warmup"], row["reps"], _sync)
+    return _split_rollout(full, one, new, weights)
+
+
+def _split_rollout(full: dict, one: dict, new: int, weights: str) -> dict:
+    step_s = max(full["median_s"] - one["median_s"], 0.0) / max(new - 1, 1)
+    return {
+        "median_s": full["median_s"],
+        "times_s": full["times_s"],
+        "first_s": full["first_s"],
+        "one_token_median_s": one["median_s"],
+        "decode_step_s": step_s,
+        "prefill_s": max(one["median_s"] - step_s, 1e-9),
+        "weights": weights,
+    }
+
+
+def ppo_split(row: dict) -> dict:
+    """One RTO PPO iteration at rollout batch B, timed in pieces with the jitted functions PPO uses:
+    the sampler alone, `make_experience` (sampler + 5 scoring forwards + rewards + GAE), `ppo_update`.
+    Scoring = make_experience - sampler. Sampling is non-greedy (temperature 1), as in training."""
+    cfg = _config(row)
+    batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
+    state, (experience_fn, update_fn, _), sampling = _ppo_setup(cfg, new, beta_dpo=0.05, greedy=False)
+    rng = np.random.default_rng(0)
+    prompts = {
+        "prompt_ids": _token_ids(rng, (batch, prompt), cfg.vocab_size),
+        "prompt_mask": jnp.ones((batch, prompt), jnp.int32),
+    }
+    key = jax.random.key(0)
+    sampler = measure(
+        lambda: generate_jit(
+            state.policy.graphdef, state.policy.params, prompts["prompt_ids"], prompts["prompt_mask"], key, sampling
+        ),
+        row["warmup"],
+        row["reps"],
+        _sync,
+    )
+    experience = measure(lambda: experience_fn(state, prompts, key), row["warmup"], row["reps"], _sync)
+    exp, _ = experience_fn(state, prompts, key)
+    holder = {"state": state}
+
+    def update():
+        holder["state"], metrics = update_fn(holder["state"], exp, key)
+        return holder["state"], metrics
+
+    upd = measure(update, row["warmup"], row["reps"], _sync)
+    rollout_s = sampler["median_s"]
+    scoring_s = max(experience["median_s"] - rollout_s, 0.0)
+    update_s = upd["median_s"]
+    total = rollout_s + scoring_s + update_s
+    return {
+        "median_s": total,
+        "times_s": [],
+        "first_s": sampler["first_s"] + experience["first_s"] + upd["first_s"],
+        "split_s": {"rollout": rollout_s, "scoring": scoring_s, "update": update_s},
+        "split_share": {"rollout": rollout_s / total, "scoring": scoring_s / total, "update": update_s / total},
+        "make_experience_s": experience["median_s"],
+    }
+
+
+RUNNERS = {"ceiling": ceiling, "train": train, "rollout": rollout, "ppo_split": ppo_split}

@@ -1,0 +1,294 @@
+"""Peer rows: transformers' PyTorch Llama on the same shapes and objectives, HF `generate`, TRL's DPO trainer.
+
+Every peer runs the same workload as our row: full-length random rows, the LM head only on the response
+positions (`logits_to_keep`), AdamW after global-norm clipping at 1.0, float32, torch threads = cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks.timing import measure
+from benchmarks.workloads import FIRST_TOKEN, SHAPES
+
+PAD = 0
+torch.set_num_threads(os.cpu_count() or 1)
+
+
+def _hf_config(shape_name: str, **extra):
+    from transformers import LlamaConfig
+
+    s = SHAPES[shape_name]
+    return LlamaConfig(
+        vocab_size=s["vocab_size"],
+        hidden_size=s["hidden_size"],
+        intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_layers"],
+        num_attention_heads=s["num_heads"],
+        num_key_value_heads=s["num_kv_heads"],
+        head_dim=s["head_dim"],
+        rope_parameters={"rope_type": "default", "rope_theta": s["rope_theta"]},
+        rms_norm_eps=s["norm_eps"],
+        tie_word_embeddings=s["tie_word_embeddings"],
+        max_position_embeddings=4096,
+        pad_token_id=PAD,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="sdpa",
+        **extra,
+    )
+
+
+def _causal_lm(shape_name: str):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(_hf_config(shape_name)).float()
+
+
+class ValueModel(torch.nn.Module):
+    """LlamaModel + a bias-free scalar head on every position: our ScalarHeadModel (critic, reward model)."""
+
+    def __init__(self, shape_name: str):
+        from transformers import LlamaModel
+
+        super().__init__()
+        config = _hf_config(shape_name)
+        self.model = LlamaModel(config)
+        self.head = torch.nn.Linear(config.hidden_size, 1, bias=False)
+
+    def forward(self, input_ids):
+        return self.head(self.model(input_ids=input_ids).last_hidden_state)[..., 0]
+
+
+def ceiling(row: dict) -> dict:
+    out = {"by_size": {}}
+    for n in row["sizes"]:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        timing = measure(lambda a=a, b=b: torch.matmul(a, b), row["warmup"], row["reps"])
+        out["by_size"][str(n)] = 2 * n**3 / timing["median_s"] / 1e9
+        out["median_s"] = timing["median_s"]  # of the largest size, the last one
+    out["gflops"] = max(out["by_size"].values())
+    return out
+
+
+def _ids(rng, seqs, length, vocab):
+    return torch.from_numpy(rng.integers(FIRST_TOKEN, vocab, (seqs, length))).long()
+
+
+def _response_logps(model, input_ids, response: int):
+    """Per-token log-probs `[B, R]` of the last R tokens, the LM head on the R positions that predict them."""
+    logits = model(input_ids=input_ids, logits_to_keep=response + 1).logits[:, :-1]
+    return torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, -response:, None])[..., 0], logits
+
+
+def _optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+
+
+def _train_step(loss_fn, params, optimizer):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def train(row: dict) -> dict:
+    """Median step time (forward + backward + clip + AdamW) of the same objective as our row."""
+    if row["task"] == "trl_dpo":
+        return trl_dpo(row)
+    rng = np.random.default_rng(0)
+    seqs, length = row["batch"], row["seq"]
+    response = length - row["prompt"]
+    vocab = SHAPES[row["shape"]]["vocab_size"]
+    ids = _ids(rng, seqs, length, vocab)
+    task = row["task"]
+    if task == "sft":
+        model = _causal_lm(row["shape"]).train()
+
+        def loss_fn():
+            logits = model(input_ids=ids, logits_to_keep=response + 1).logits[:, :-1]
+            return F.cross_entropy(logits.reshape(-1, vocab), ids[:, -response:].reshape(-1))
+
+        params = list(model.parameters())
+    elif task == "rm":
+        model = ValueModel(row["shape"]).train()
+
+        def loss_fn():
+            chosen, rejected = model(ids)[:, -1].chunk(2)
+            return -F.logsigmoid(chosen - rejected).mean()
+
+        params = list(model.parameters())
+    elif task == "dpo":
+        model = _causal_lm(row["shape"]).train()
+        reference = _causal_lm(row["shape"]).eval().requires_grad_(False)
+
+        def loss_fn():
+            logp, _ = _response_logps(model, ids, response)
+            with torch.no_grad():
+                ref, _ = _response_logps(reference, ids, response)
+            chosen, rejected = (logp.sum(1) - ref.sum(1)).chunk(2)
+            return -F.logsigmoid(0.1 * (chosen - rejected)).mean()
+
+        params = list(model.parameters())
+    elif task == "ppo":
+        model, critic = _causal_lm(row["shape"]).train(), ValueModel(row["shape"]).train()
+        logp_old = torch.from_numpy(-rng.exponential(1.0, (seqs, response))).float()
+        old_values = torch.from_numpy(rng.normal(size=(seqs, response))).float()
+        advantages = torch.from_numpy(rng.normal(size=(seqs, response))).float()
+        returns = torch.from_numpy(rng.normal(size=(seqs, response))).float()
+
+        def loss_fn():
+            logp, logits = _response_logps(model, ids, response)
+            ratio = torch.exp(logp - logp_old)
+            pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
+            values = critic(ids)[:, length - response - 1 : -1]
+            clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
+            vf = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2).mean()
+            with torch.no_grad():  # entropy is a logged metric in our update too
+                probs = F.softmax(logits, -1)
+                (-(probs * F.log_softmax(logits, -1)).sum(-1)).mean()
+            return pg + 0.5 * vf
+
+        params = list(model.parameters()) + list(critic.parameters())
+    else:
+        raise ValueError(f"{row['id']}: unknown task {task!r}")
+    # One AdamW over policy and critic: the same update as our two optimizers with equal settings.
+    return measure(_train_step(loss_fn, params, _optimizer(params)), row["warmup"], row["reps"])
+
+
+def trl_dpo(row: dict) -> dict:
+    """TRL's `DPOTrainer` (reference model in the step, sigmoid loss): time between on_step_begin and on_step_end.
+
+    Text rows over a word-level tokenizer ("t17 t5 ...") map one word to one token id, so TRL tokenizes
+    exactly the lengths of our row: prompt P words, chosen/rejected R - 1 words and EOS.
+    """
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    shape = SHAPES[row["shape"]]
+    vocab = shape["vocab_size"]
+    words = {"<pad>": PAD, "<eos>": 1, **{f"t{i}": i for i in range(FIRST_TOKEN, vocab)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+
+    pairs = row["batch"] // 2
+    steps = max(row["warmup"], 1) + row["reps"]
+    rng = np.random.default_rng(0)
+    response = row["seq"] - row["prompt"]
+    text = lambda n: " ".join(f"t{i}" for i in rng.integers(FIRST_TOKEN, vocab, n))
+    examples = [
+        {
+            "prompt": text(row["prompt"]) + " ",
+            "chosen": text(response - 1) + " <eos>",
+            "rejected": text(response - 1) + " <eos>",
+        }
+        for _ in range(pairs * steps)
+    ]
+    # Completions already end in EOS, so TRL adds none; the space after the prompt keeps the word boundary.
+    model, reference = _causal_lm(row["shape"]), _causal_lm(row["shape"])
+
+    times, starts = [], []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            starts.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - starts[-1])
+
+    out_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"trl-dpo-bench-{os.getpid()}")
+    args = DPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=pairs,
+        max_steps=steps,
+        learning_rate=1e-5,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        beta=0.1,
+        max_length=None,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    sample = trainer.data_collator([trainer.train_dataset[i] for i in range(pairs)])
+    got = tuple(sample["input_ids"].shape)
+    if got != (2 * pairs, row["seq"]):
+        raise RuntimeError(f"{row['id']}: TRL collated {got}, expected {(2 * pairs, row['seq'])}")
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    warm = max(row["warmup"], 1)
+    return {"first_s": times[0], "times_s": times[warm:], "median_s": statistics.median(times[warm:])}
+
+
+def rollout(row: dict) -> dict:
+    """HF `generate` (greedy, KV cache, no EOS): max_new_tokens=R and =1 as for our sampler.
+
+    Here a call with R new tokens runs the prefill plus R - 1 one-token forwards and a call with 1 runs
+    the prefill alone, so a decode step takes (t_R - t_1) / (R - 1) and the prefill t_1.
+    """
+    model = _causal_lm(row["shape"]).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    rng = np.random.default_rng(0)
+    batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
+    ids = _ids(rng, batch, prompt, SHAPES[row["shape"]]["vocab_size"])
+    mask = torch.ones_like(ids)
+
+    def call(max_new):
+        def run():
+            with torch.inference_mode():
+                return model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, use_cache=True
+                )
+
+        return run
+
+    full = measure(call(new), row["warmup"], row["reps"])
+    out = call(new)()
+    if tuple(out.shape) != (batch, prompt + new):
+        raise RuntimeError(f"{row['id']}: generate returned {tuple(out.shape)}, expected {(batch, prompt + new)}")
+    one = measure(call(1), row["warmup"], row["reps"])
+    step_s = max(full["median_s"] - one["median_s"], 0.0) / max(new - 1, 1)
+    return {
+        "median_s": full["median_s"],
+        "times_s": full["times_s"],
+        "first_s": full["first_s"],
+        "one_token_median_s": one["median_s"],
+        "decode_step_s": step_s,
+        "prefill_s": one["median_s"],
+        "weights": "random init",
+    }
+
+
+RUNNERS = {"ceiling": ceiling, "train": train, "rollout": rollout}

@@ -1,0 +1,55 @@
+"""Worker process: `python -m benchmarks.worker ROWS.json RESULTS.json` runs rows of one backend in order.
+
+Imports only that backend's framework, so JAX rows never pay for torch's memory and vice versa. The
+results file is rewritten after every row, so a row that crashes or times out keeps the ones before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+
+
+def _write(path: str, results: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    rows_path, out_path = argv
+    with open(rows_path) as f:
+        rows = json.load(f)
+    backends = {row["backend"] for row in rows}
+    if len(backends) != 1:
+        raise ValueError(f"one backend per worker, got {sorted(backends)}")
+    if backends == {"jax"}:
+        from benchmarks.jax_rows import RUNNERS
+    else:
+        from benchmarks.torch_rows import RUNNERS
+    results = []
+    for row in rows:
+        start = time.perf_counter()
+        try:
+            result = {"status": "ok", **RUNNERS[row["kind"]](row)}
+        except ModuleNotFoundError as e:  # an optional peer (TRL) that is not installed
+            result = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}
+        except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
+            tail = traceback.format_exc().strip().splitlines()[-6:]
+            result = {"status": "error", "reason": f"{type(e).__name__}: {e}", "traceback": tail}
+        result["id"] = row["id"]
+        result["wall_s"] = time.perf_counter() - start
+        # ru_maxrss is in KiB on Linux: the peak of this process so far (so of this row when it runs alone).
+        result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        results.append(result)
+        _write(out_path, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

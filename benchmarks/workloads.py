@@ -1,0 +1,256 @@
+"""Model shapes, FLOP counts and the list of benchmark rows. Imports neither JAX nor torch.
+
+A row is a plain dict (it travels as JSON to a worker process):
+    id        unique name, e.g. "train/sft/smollm2-135m/4x256/jax-loop"
+    group     "ceiling" | "train" | "rollout" | "ppo" | "scaling"
+    backend   "jax" | "torch" (which worker runs it; the other framework is never imported there)
+    kind      "ceiling" | "train" | "rollout" | "ppo_split"
+    task      train: "sft" | "rm" | "dpo" | "ppo" | "trl_dpo"; otherwise the kind
+    impl      "jax-loop" | "jax-scan" | "torch" | "hf-generate" | "trl"
+    shape     key of SHAPES; batch, seq (prompt + response), prompt (P); rollout: new_tokens (R)
+    warmup, reps
+A training row's batch counts sequences: a preference row of batch 4 is 2 chosen/rejected pairs,
+so every training row at "4x256" pushes the same 1024 tokens through the policy.
+"""
+
+from __future__ import annotations
+
+SHAPES = {
+    # SmolLM2-135M: the real model's architecture (tied embeddings, GQA 9/3).
+    "smollm2-135m": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_layers": 30,
+        "num_heads": 9,
+        "num_kv_heads": 3,
+        "head_dim": 64,
+        "rope_theta": 100000.0,
+        "norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    # A small model whose steps are dominated by per-op overhead rather than matmuls.
+    "tiny": {
+        "vocab_size": 2048,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_layers": 4,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 32,
+        "rope_theta": 10000.0,
+        "norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    # Only for --smoke: compiles and runs in well under a second per row.
+    "smoke": {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 16,
+        "rope_theta": 10000.0,
+        "norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+}
+
+# Token ids the benchmarks draw inputs from start here, so pad (0) and the fake EOS never occur.
+FIRST_TOKEN = 2
+
+
+def param_counts(shape: dict) -> tuple[int, int]:
+    """(N_body, N_head): matmul parameters of the blocks, and of the LM head (= the embedding when tied)."""
+    d, hd = shape["hidden_size"], shape["head_dim"]
+    attn = d * hd * (2 * shape["num_heads"] + 2 * shape["num_kv_heads"])  # q, o and k, v
+    mlp = 3 * d * shape["intermediate_size"]
+    return shape["num_layers"] * (attn + mlp), shape["vocab_size"] * d
+
+
+def forward_flops(shape: dict, seqs: int, length: int, head_tokens: int, lm_head: bool = True) -> float:
+    """Model FLOPs of a forward pass over `seqs` sequences of `length` tokens.
+
+    2 FLOPs per matmul parameter per token, the LM head only on the `head_tokens` positions each
+    sequence needs, plus attention's 4 L (H hd) T per token (QK^T and AV, causal mask not discounted,
+    as in PaLM's 6N + 12 L d T training count). Embedding lookups, norms and softmax are not counted.
+    """
+    body, head = param_counts(shape)
+    attention = 4 * shape["num_layers"] * shape["num_heads"] * shape["head_dim"] * length * length
+    return seqs * (2 * body * length + attention + (2 * head * head_tokens if lm_head else 0))
+
+
+def train_flops(shape: dict, seqs: int, length: int, head_tokens: int, lm_head: bool = True) -> float:
+    """Forward + backward = 3x the forward FLOPs."""
+    return 3 * forward_flops(shape, seqs, length, head_tokens, lm_head)
+
+
+def decode_flops(shape: dict, batch: int, prompt: int, new_tokens: int) -> float:
+    """FLOPs of decoding `new_tokens` tokens one at a time after a `prompt`-token prefix (KV cache)."""
+    body, head = param_counts(shape)
+    per_ctx = 4 * shape["num_layers"] * shape["num_heads"] * shape["head_dim"]
+    total = 0.0
+    for t in range(new_tokens):
+        total += 2 * body + 2 * head + per_ctx * (prompt + t + 1)
+    return batch * total
+
+
+def prefill_flops(shape: dict, batch: int, prompt: int) -> float:
+    """Useful prefill work: the blocks over the prompt and the LM head on its last position only."""
+    return forward_flops(shape, batch, prompt, head_tokens=1)
+
+
+def workload_flops(row: dict) -> float | None:
+    """FLOPs of one timed unit of `row` (a training step, or for rollouts None: see rollout fields)."""
+    if row["kind"] != "train":
+        return None
+    shape = SHAPES[row["shape"]]
+    seqs, length = row["batch"], row["seq"]
+    response = length - row["prompt"]
+    task = row["task"]
+    if task == "sft":
+        return train_flops(shape, seqs, length, response)
+    if task == "rm":
+        return train_flops(shape, seqs, length, 0, lm_head=False)
+    if task in ("dpo", "trl_dpo"):  # policy trained, reference forward
+        return train_flops(shape, seqs, length, response) + forward_flops(shape, seqs, length, response)
+    if task == "ppo":  # policy and critic trained on the same rollout
+        return train_flops(shape, seqs, length, response) + train_flops(shape, seqs, length, 0, lm_head=False)
+    raise ValueError(f"unknown training task {task!r}")
+
+
+def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prompt=None):
+    layout = {"jax-loop": "loop", "jax-scan": "scan"}.get(impl)
+    return {
+        "id": f"{group}/{task}/{shape}/{batch}x{seq}/{impl}",
+        "group": group,
+        "backend": "jax" if impl.startswith("jax") else "torch",
+        "kind": "train",
+        "task": task,
+        "impl": impl,
+        "layout": layout,
+        "shape": shape,
+        "batch": batch,
+        "seq": seq,
+        "prompt": prompt if prompt is not None else seq // 4,
+        "warmup": warmup,
+        "reps": reps,
+    }
+
+
+def _rollout(shape, batch, impl, *, prompt, new_tokens, reps, warmup=1):
+    return {
+        "id": f"rollout/{shape}/b{batch}/{impl}",
+        "group": "rollout",
+        "backend": "jax" if impl.startswith("jax") else "torch",
+        "kind": "rollout",
+        "task": "rollout",
+        "impl": impl,
+        "layout": {"jax-loop": "loop", "jax-scan": "scan"}.get(impl),
+        "shape": shape,
+        "batch": batch,
+        "seq": prompt + new_tokens,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "warmup": warmup,
+        "reps": reps,
+    }
+
+
+def _ceiling(impl, sizes, reps):
+    return {
+        "id": f"ceiling/matmul/{impl}",
+        "group": "ceiling",
+        "backend": "jax" if impl == "jax" else "torch",
+        "kind": "ceiling",
+        "task": "matmul",
+        "impl": impl,
+        "sizes": list(sizes),
+        "warmup": 1,
+        "reps": reps,
+    }
+
+
+def _ppo_split(shape, batch, *, prompt, new_tokens, reps, layout="loop"):
+    return {
+        "id": f"ppo/iteration/{shape}/b{batch}/jax-{layout}",
+        "group": "ppo",
+        "backend": "jax",
+        "kind": "ppo_split",
+        "task": "ppo_iteration",
+        "impl": f"jax-{layout}",
+        "layout": layout,
+        "shape": shape,
+        "batch": batch,
+        "seq": prompt + new_tokens,
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "warmup": 1,
+        "reps": reps,
+    }
+
+
+def full_rows() -> list[dict]:
+    """The real benchmark, sized to finish in about 25 minutes on a quiet 2-core machine.
+
+    Rough budget (PERF_NOTES rates): 135M training ~10 min (the 8x512 SFT pair alone ~4), rollouts ~7,
+    PPO split ~4, tiny and scaling rows ~5. `--only` runs a subset.
+    """
+    big, tiny = "smollm2-135m", "tiny"
+    rows = [_ceiling("jax", (2048, 4096), reps=5), _ceiling("torch", (2048, 4096), reps=5)]
+    # 135M at 4 x 256: every objective, ours (both layer layouts for SFT) and the PyTorch peer.
+    for task in ("sft", "rm", "dpo", "ppo"):
+        impls = ("jax-loop", "jax-scan", "torch") if task == "sft" else ("jax-loop", "torch")
+        rows += [_train(task, big, 4, 256, impl, reps=3) for impl in impls]
+    rows.append(_train("trl_dpo", big, 4, 256, "trl", reps=3))
+    # 135M at 8 x 512, SFT only: a 30 s step (PERF_NOTES), so the one objective whose peer ratio matters most.
+    rows += [_train("sft", big, 8, 512, impl, reps=3) for impl in ("jax-loop", "torch")]
+    # Tiny at 8 x 512: per-op overhead dominates.
+    for task in ("sft", "rm", "dpo", "ppo"):
+        rows += [_train(task, tiny, 8, 512, impl, reps=5) for impl in ("jax-loop", "jax-scan", "torch")]
+    rows.append(_train("trl_dpo", tiny, 8, 512, "trl", reps=5))
+    # Rollout: prompt 64, 128 new tokens, greedy.
+    for batch in (1, 8, 32):
+        rows += [_rollout(big, batch, impl, prompt=64, new_tokens=128, reps=3) for impl in ("jax-loop", "hf-generate")]
+    for batch in (1, 8, 32):
+        rows += [_rollout(tiny, batch, impl, prompt=64, new_tokens=128, reps=5) for impl in ("jax-loop", "hf-generate")]
+    # One RTO PPO iteration at 135M, split into rollout / scoring / update.
+    rows.append(_ppo_split(big, 8, prompt=64, new_tokens=128, reps=3))
+    # Scaling (tiny shape, SFT): sequence length at batch 8, batch size at length 512.
+    for seq in (256, 512, 1024):
+        rows += [_train("sft", tiny, 8, seq, impl, group="scaling", reps=3) for impl in ("jax-loop", "torch")]
+    for batch in (2, 4, 16):
+        rows += [_train("sft", tiny, batch, 512, impl, group="scaling", reps=3) for impl in ("jax-loop", "torch")]
+    return rows
+
+
+def smoke_rows() -> list[dict]:
+    """Every kind of row on the `smoke` shape, one rep: checks the harness end to end in seconds."""
+    s = "smoke"
+    rows = [_ceiling("jax", (256,), reps=1), _ceiling("torch", (256,), reps=1)]
+    for task in ("sft", "rm", "dpo", "ppo"):
+        impls = ("jax-loop", "jax-scan", "torch") if task == "sft" else ("jax-loop", "torch")
+        rows += [_train(task, s, 4, 32, impl, reps=1) for impl in impls]
+    rows.append(_train("trl_dpo", s, 4, 32, "trl", reps=1))
+    rows += [_rollout(s, 2, impl, prompt=8, new_tokens=8, reps=1) for impl in ("jax-loop", "hf-generate")]
+    rows.append(_ppo_split(s, 2, prompt=8, new_tokens=8, reps=1))
+    rows += [_train("sft", s, 2, 64, impl, group="scaling", reps=1) for impl in ("jax-loop", "torch")]
+    return rows
+
+
+def peer_of(row: dict, rows_by_id: dict) -> list[dict]:
+    """The peer rows `row` (one of ours) is compared with: same group, task, shape, batch and length."""
+    if row["backend"] != "jax" or row["kind"] not in ("train", "rollout"):
+        return []
+    peers = []
+    base = row["id"].rsplit("/", 1)[0]
+    for impl in ("torch", "hf-generate", "trl"):
+        peer = rows_by_id.get(f"{base}/{impl}")
+        if peer is not None:
+            peers.append(peer)
+    if row["kind"] == "train" and row["task"] == "dpo":
+        trl = rows_by_id.get(base.replace("/dpo/", "/trl_dpo/") + "/trl")
+        if trl is not None:
+            peers.append(trl)
+    return peers
