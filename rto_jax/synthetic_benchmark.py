@@ -25,7 +25,7 @@ from rto_jax.data.loader import BatchIterator
 from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig, best_of_n_frontier
 from rto_jax.pipeline.logging import RunLog, progress, write_json_atomic
 from rto_jax.eval.plots import plot_gold_vs_episodes, plot_gold_vs_kl
-from rto_jax.eval.rollout_eval import episodes_to_reach, evaluate_policy, summarize
+from rto_jax.eval.rollout_eval import episodes_to_reach, evaluate_policy, over_prompt_batches, summarize
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions, load_pretrained, save_pretrained
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
@@ -121,23 +121,13 @@ def _trained(workdir: Path, name: str, train_fn):
 
 
 def _sample(graphdef, params, prompts, rng, sampling: SamplingConfig, batch_size=512):
-    tokens, masks = [], []
-    total = len(prompts["prompt_ids"])
-    batch_size = min(batch_size, total)
-    for i, start in enumerate(range(0, total, batch_size)):
-        take = np.arange(start, start + batch_size) % total
-        out = generate_jit(
-            graphdef,
-            params,
-            jnp.asarray(prompts["prompt_ids"][take]),
-            jnp.asarray(prompts["prompt_mask"][take]),
-            jax.random.fold_in(rng, i),
-            sampling,
-        )
-        valid = min(batch_size, total - start)
-        tokens.append(np.asarray(out.tokens)[:valid])
-        masks.append(np.asarray(out.response_mask)[:valid])
-    return {"response_ids": np.concatenate(tokens), "response_mask": np.concatenate(masks)}
+    """One sample per prompt: `response_ids`, `response_mask` `[N, R]` (numpy)."""
+
+    def sample_batch(prompt_ids, prompt_mask, batch_rng):
+        out = generate_jit(graphdef, params, prompt_ids, prompt_mask, batch_rng, sampling)
+        return {"response_ids": out.tokens, "response_mask": out.response_mask}
+
+    return over_prompt_batches(sample_batch, prompts, rng, batch_size)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:

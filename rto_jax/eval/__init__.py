@@ -4,9 +4,18 @@ from rto_jax.eval.rollout_eval import (
     episodes_to_reach,
     evaluate_policy,
     mean_and_se,
+    over_prompt_batches,
     score_rollouts,
     summarize,
     win_rate,
 )
 
-__all__ = ["episodes_to_reach", "evaluate_policy", "mean_and_se", "score_rollouts", "summarize", "win_rate"]
+__all__ = [
+    "episodes_to_reach",
+    "evaluate_policy",
+    "mean_and_se",
+    "over_prompt_batches",
+    "score_rollouts",
+    "summarize",
+    "win_rate",
+]

@@ -70,27 +70,41 @@ def evaluate_policy(
     gold_fn=None,
     batch_size: int = 256,
 ) -> dict[str, np.ndarray]:
-    """`score_rollouts` over all `prompts` (`prompt_ids`, `prompt_mask` `[N, P]`) in fixed-size batches.
+    """`score_rollouts` over all `prompts` (`prompt_ids`, `prompt_mask` `[N, P]`): numpy arrays `[N]` per metric."""
+    return over_prompt_batches(
+        lambda prompt_ids, prompt_mask, batch_rng: score_rollouts(
+            policy_graphdef,
+            policy_params,
+            ref_params,
+            reward_graphdef,
+            reward_params,
+            prompt_ids,
+            prompt_mask,
+            batch_rng,
+            config,
+            gold_fn,
+        ),
+        prompts,
+        rng,
+        batch_size,
+    )
 
-    The last batch is padded by repeating prompts so every call has the same shape (one compile).
-    Returns numpy arrays `[N]` per metric.
+
+def over_prompt_batches(fn, prompts: dict, rng, batch_size: int) -> dict[str, np.ndarray]:
+    """Calls `fn(prompt_ids, prompt_mask, rng) -> {name: [b, ...]}` on fixed-size batches of `prompts` `[N, P]`.
+
+    The last batch is padded by repeating prompts so every call has the same shape (one compile); the
+    padding rows are dropped. Batch i gets `fold_in(rng, i)`. Returns numpy arrays `[N, ...]`.
     """
     total = prompts["prompt_ids"].shape[0]
     batch_size = min(batch_size, total)
     rows: dict[str, list] = {}
     for index, start in enumerate(range(0, total, batch_size)):
         take = np.arange(start, start + batch_size) % total
-        out = score_rollouts(
-            policy_graphdef,
-            policy_params,
-            ref_params,
-            reward_graphdef,
-            reward_params,
+        out = fn(
             jnp.asarray(prompts["prompt_ids"][take]),
             jnp.asarray(prompts["prompt_mask"][take]),
             jax.random.fold_in(rng, index),
-            config,
-            gold_fn,
         )
         valid = min(batch_size, total - start)
         for key, value in out.items():
