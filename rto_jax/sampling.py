@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rto_jax.models.layers import compute_dtype
+from rto_jax.models.layers import compute_dtype, constrain
 from rto_jax.models.transformer import default_positions
 
 
@@ -35,6 +35,15 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.temperature={self.temperature}: must be > 0 (use greedy=True for argmax)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingConfig.top_p={self.top_p}: must be in (0, 1]")
+
+
+# Logical axes of a KV cache array `[L?, B, S, K, D]` (the leading `layers` axis only with scan_layers).
+KV_CACHE_AXES = ("layers", "batch", "length", "kv_heads", None)
+
+
+def _constrain_cache(cache):
+    """Pins the cache's sharding (batch over data x fsdp, kv heads over tensor) inside a sharded step; else a no-op."""
+    return jax.tree.map(lambda c: constrain(c, KV_CACHE_AXES[-c.ndim :]), cache)
 
 
 class Samples(NamedTuple):
@@ -78,7 +87,7 @@ def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, confi
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_ids.shape
     new = config.max_new_tokens
-    cache = model.init_cache(batch, prompt_len + new, compute_dtype(model.config))
+    cache = _constrain_cache(model.init_cache(batch, prompt_len + new, compute_dtype(model.config)))
     key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((batch, new), jnp.int32)], axis=1)
     logits, cache = model.forward_cached(prompt_ids, key_mask, default_positions(prompt_mask), cache, 0)
     prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
@@ -99,6 +108,7 @@ def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, confi
         logits, cache = model.forward_cached(
             token[:, None], key_mask, (prompt_lengths + t)[:, None], cache, prompt_len + t
         )
+        cache = _constrain_cache(cache)
         return t + 1, done, tokens, logprobs, mask, logits[:, -1], cache, key_mask
 
     init = (

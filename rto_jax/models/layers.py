@@ -7,6 +7,8 @@ Every parameter carries `axes`, its logical axis names (`embed`, `mlp`, `heads`,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -18,6 +20,31 @@ from rto_jax.models.config import ModelConfig
 
 def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+
+# Set by a sharded step while it is traced (rto_jax.train.sharding): `fn(x, logical_names) -> x` pins an
+# activation's sharding so XLA gathers weights instead of resharding activations. Unset: a no-op.
+_ACTIVATION_CONSTRAINT: contextvars.ContextVar = contextvars.ContextVar("activation_constraint", default=None)
+
+
+@contextlib.contextmanager
+def activation_constraint(fn):
+    token = _ACTIVATION_CONSTRAINT.set(fn)
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONSTRAINT.reset(token)
+
+
+def constrain(x, names: tuple):
+    """`x` with its sharding pinned to the logical `names` (its last dims) when a sharded step is traced."""
+    fn = _ACTIVATION_CONSTRAINT.get()
+    return x if fn is None else fn(x, names)
+
+
+def _constrain_hidden(x):
+    # Norm outputs feed the matmuls: pinning them batch-split makes XLA all-gather the fsdp-split weights.
+    return constrain(x, ("batch", "length", "embed")) if x.ndim == 3 else x
 
 
 class Dense(nnx.Module):
@@ -39,12 +66,13 @@ class Dense(nnx.Module):
         )
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), axes=(axes[1],)) if use_bias else None
         self.dtype = dtype
+        self.axes = tuple(axes)
 
     def __call__(self, x):
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return constrain(y, ("batch", "length", self.axes[1])) if y.ndim == 3 else y
 
 
 class Embed(nnx.Module):
@@ -57,10 +85,12 @@ class Embed(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return constrain(x, ("batch", "length", "embed")) if x.ndim == 3 else x
 
     def attend(self, x):
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        y = jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        return constrain(y, ("batch", "length", "vocab")) if y.ndim == 3 else y
 
 
 class RMSNorm(nnx.Module):
@@ -73,7 +103,7 @@ class RMSNorm(nnx.Module):
         # The statistics are float32 whatever the compute dtype, as in HF's LlamaRMSNorm.
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...] * x32).astype(self.dtype)
+        return _constrain_hidden((self.scale[...] * x32).astype(self.dtype))
 
 
 class LayerNorm(nnx.Module):
@@ -88,7 +118,7 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+        return _constrain_hidden((y * self.scale[...] + self.bias[...]).astype(self.dtype))
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> jnp.ndarray:

@@ -20,6 +20,7 @@ from flax import nnx, struct
 from rto_jax.objectives import gae, masked_mean, masked_whiten, policy_loss, rto_token_rewards, value_loss
 from rto_jax.objectives.sft import entropy_from_logits
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
+from rto_jax.train.sharding import StepShardings, jit_step
 from rto_jax.train.state import TrainState
 from rto_jax.train.steps import response_logprobs, response_scalars, sequence_scores
 
@@ -186,8 +187,13 @@ def ppo_update(state: PPOState, experience: Experience, rng, config: PPOConfig) 
     return state.replace(policy=policy, critic=critic), summary
 
 
-def make_ppo_fns(config: PPOConfig):
-    """Jitted `make_experience`, `ppo_update` and `ppo_iteration` (state donated) for a fixed config."""
+def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None):
+    """Jitted `make_experience`, `ppo_update` and `ppo_iteration` (state donated) for a fixed config.
+
+    With `shardings` (`step_shardings(ppo_state, mesh)`) every function has explicit in/out shardings:
+    prompts and the Experience split over data x fsdp, the sampler's KV cache split by batch and kv
+    heads, the PPOState by its parameters' rules, rng and metrics replicated.
+    """
 
     def experience_fn(state, prompts, rng):
         return make_experience(state, prompts, rng, config)
@@ -201,7 +207,11 @@ def make_ppo_fns(config: PPOConfig):
         state, update_metrics = ppo_update(state, experience, update_rng, config)
         return state, {**rollout_metrics, **update_metrics}
 
-    return (jax.jit(experience_fn), jax.jit(update_fn, donate_argnums=0), jax.jit(iteration_fn, donate_argnums=0))
+    return (
+        jit_step(experience_fn, shardings, batch_out=True, donate=False),
+        jit_step(update_fn, shardings),
+        jit_step(iteration_fn, shardings),
+    )
 
 
 def create_ppo_state(

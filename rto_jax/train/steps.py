@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rto_jax.objectives import bradley_terry_loss, dpo_loss, last_token_index, sft_loss, token_logprobs
+from rto_jax.train.sharding import StepShardings, jit_step
 from rto_jax.train.state import TrainState, accumulate_gradients
 
 
@@ -68,8 +69,13 @@ class StepConfig:
     grad_accum_steps: int = 1
 
 
-def make_sft_step(config: StepConfig = StepConfig()):
-    """SFT: masked cross-entropy of the response tokens. batch: input_ids, attention_mask, positions, response_mask."""
+def make_sft_step(config: StepConfig = StepConfig(), shardings: StepShardings | None = None):
+    """SFT: masked cross-entropy of the response tokens. batch: input_ids, attention_mask, positions, response_mask.
+
+    Every step factory returns `jax.jit(step, donate_argnums=0)`; with `shardings`
+    (`rto_jax.train.sharding.step_shardings(state, mesh)`) the jit has explicit in/out shardings: the
+    state's tree, the batch split over data x fsdp, rng and metrics replicated.
+    """
 
     def loss_fn(params, batch, graphdef):
         model = nnx.merge(graphdef, params)
@@ -84,10 +90,12 @@ def make_sft_step(config: StepConfig = StepConfig()):
         )
         return state.apply_gradients(grads), {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
 
-    return jax.jit(step, donate_argnums=0)
+    return jit_step(step, shardings)
 
 
-def make_reward_model_step(config: StepConfig = StepConfig(), margin: bool = False):
+def make_reward_model_step(
+    config: StepConfig = StepConfig(), margin: bool = False, shardings: StepShardings | None = None
+):
     """Bradley-Terry on scores at the last response token. batch: a preference batch (+ `margin` `[B]`)."""
 
     def loss_fn(params, batch, graphdef):
@@ -103,7 +111,7 @@ def make_reward_model_step(config: StepConfig = StepConfig(), margin: bool = Fal
         )
         return state.apply_gradients(grads), {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
 
-    return jax.jit(step, donate_argnums=0)
+    return jit_step(step, shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +138,7 @@ def precompute_reference_logps(graphdef, params, batch) -> dict:
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
-def make_dpo_step(config: DPOConfig = DPOConfig()):
+def make_dpo_step(config: DPOConfig = DPOConfig(), shardings: StepShardings | None = None):
     """DPO. The reference log-probs come from the batch (`ref_chosen_logps`, `ref_rejected_logps`, precomputed
     once) or, when absent, from `state.frozen["ref"]` (params with the policy's graphdef) inside the step."""
 
@@ -160,7 +168,7 @@ def make_dpo_step(config: DPOConfig = DPOConfig()):
         )
         return state.apply_gradients(grads), {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
 
-    return jax.jit(step, donate_argnums=0)
+    return jit_step(step, shardings)
 
 
 def _global_norm(grads):

@@ -1,0 +1,1 @@
+"""Command-line tools: `python -m rto_jax.tools.plan` (memory planner)."""
