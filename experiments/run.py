@@ -11,6 +11,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from rto_jax.distributed import init_distributed
 from rto_jax.pipeline import ConfigError, run, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:preset]", lock_config=True)
@@ -22,6 +23,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     logging.getLogger("rto_jax").setLevel(logging.INFO)
     config = _CONFIG.value
+    init_distributed(config)  # multi-process runs: before anything touches a device
     if config.get("benchmark") == "synthetic":  # configs/rto_synthetic.py: its own self-contained runner
         from rto_jax.synthetic_benchmark import run_benchmark
 

@@ -182,6 +182,18 @@ def base_config() -> config_dict.ConfigDict:
     c.checkpoint.every_steps = 100  # orbax checkpoint every this many steps (and at the end of a stage)
     c.checkpoint.keep = 2  # keep the last k checkpoints per stage
 
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = -1  # data-parallel mesh axis size; -1 = the devices left after fsdp x tensor
+    c.mesh.fsdp = 1  # fully-sharded (ZeRO-3) mesh axis size: parameters and optimizer states split over it
+    c.mesh.tensor = 1  # tensor-parallel mesh axis size (heads, MLP width); data x fsdp x tensor = device count
+
+    c.distributed = config_dict.ConfigDict()
+    c.distributed.coordinator_address = ""  # 'host:port' of process 0 for multi-process runs; '' = env/auto/single
+    c.distributed.num_processes = 0  # processes of a multi-process run (with coordinator_address); 0 = from env
+    c.distributed.process_id = -1  # this process's index (with coordinator_address); -1 = from env
+    c.distributed.local_device_ids = ""  # comma-separated local devices of this process (e.g. '0'); '' = all
+    c.distributed.auto = False  # jax.distributed.initialize() with JAX's cluster detection (SLURM, TPU VMs)
+
     c.debug = config_dict.ConfigDict()
     c.debug.fail_after = ""  # test hook 'stage:step': raise right after that step is checkpointed/logged
     c.debug.nan_at = ""  # test hook 'stage:step': poison the params before that step (NaN-stop test)
@@ -462,6 +474,13 @@ def validate(config, workdir=None) -> None:
         config, "ppo.max_steps", "ppo.top_k", "ppo.entropy_coef", "ppo.missing_eos_penalty", "ppo.warmup_steps"
     )
     _positive(config, "checkpoint.every_steps", "checkpoint.keep")
+    if "mesh" in config:
+        from rto_jax.train.sharding import mesh_shape
+
+        try:
+            mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        except ValueError as e:
+            raise ConfigError("mesh", str(e)) from None
 
     # Debug hooks.
     for key in ("fail_after", "nan_at"):

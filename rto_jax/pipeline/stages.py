@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.data import BatchIterator, pad_batch
+from rto_jax.distributed import host_local_batch_to_global, process_slice
 from rto_jax.objectives import dpo_loss, sft_loss
 from rto_jax.pipeline import checkpoint, common
 from rto_jax.pipeline.config import ppo_variant_fields
@@ -43,6 +44,7 @@ from rto_jax.train import (
     sequence_logps,
     sequence_scores,
 )
+from rto_jax.train.sharding import mesh_from_config, shard_tree, step_shardings
 from rto_jax.train.steps import response_logits
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,26 @@ sft_step = functools.lru_cache(maxsize=None)(make_sft_step)
 reward_model_step = functools.lru_cache(maxsize=None)(make_reward_model_step)
 dpo_step = functools.lru_cache(maxsize=None)(make_dpo_step)
 ppo_fns = functools.lru_cache(maxsize=None)(make_ppo_fns)
+
+
+def device_mesh(config):
+    """The mesh of `config.mesh`, or None on a single device (the unsharded path, exactly as before)."""
+    if jax.device_count() == 1:
+        return None
+    return mesh_from_config(config)
+
+
+def shard_state(state, mesh):
+    """(state placed on `mesh` by the sharding rules, its StepShardings); (state, None) without a mesh."""
+    if mesh is None:
+        return state, None
+    state = shard_tree(state, mesh)
+    return state, step_shardings(state, mesh)
+
+
+def to_global(batch: dict, shardings) -> dict:
+    """This process's host batch as global arrays split over the mesh's batch axes (as-is without one)."""
+    return batch if shardings is None else host_local_batch_to_global(batch, shardings.batch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,14 +135,16 @@ def train_loop(
     evaluate: Callable[[TrainState], dict] | None = None,
     prepare: Callable[[dict], dict] = lambda batch: batch,
     main_metric: str = "loss",
+    shardings=None,
 ) -> tuple[TrainState, dict]:
     """Runs (or resumes) `step_fn` over shuffled batches of `train_arrays`; returns (state, final eval).
 
     The checkpoint holds the train state, the RNG and the data iterator's position; a resumed run
-    drops the metrics logged after that checkpoint and logs them again, identically.
+    drops the metrics logged after that checkpoint and logs them again, identically. With `shardings`
+    (`state` already sharded) each process loads its rows and the batch is assembled over the mesh.
     """
     cfg = config[stage]
-    iterator = BatchIterator(train_arrays, cfg.batch_size, seed=config.seed)
+    iterator = BatchIterator(train_arrays, cfg.batch_size, seed=config.seed, **process_slice())
     total = len(iterator) * cfg.num_epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
@@ -128,14 +152,16 @@ def train_loop(
     start, final_eval = 0, {}
     if manager.latest_step() is not None:
         (state, rng_data), meta, start = checkpoint.restore(manager, (state, jax.random.key_data(rng)))
-        rng = jax.random.wrap_key_data(rng_data)
+        rng = jax.random.wrap_key_data(
+            rng_data if shardings is None else jax.device_put(rng_data, shardings.replicated)
+        )
         iterator.restore(meta["data"])
         final_eval = meta.get("eval", {})
         dropped = run_log.truncate(stage, start)
         log.info("%s: resumed from step %d (%d metric records after it dropped)", stage, start, dropped)
     bar = progress(stage, total, start)
     for step in range(start + 1, total + 1):
-        batch = prepare(next(iterator))
+        batch = to_global(prepare(next(iterator)), shardings)
         rng, step_rng = jax.random.split(rng)
         if common.hook_hits(config, "nan_at", stage, step):
             state = state.replace(params=common.poison(state.params))
@@ -170,8 +196,8 @@ def run_sft(config, workdir, task, run_log: RunLog) -> dict:
     model = common.init_base_model(config, task)
     steps = len(BatchIterator(task.sft_train, cfg.batch_size)) * cfg.num_epochs
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-    state = TrainState.create(model, common.optimizer(cfg, steps))
-    step_fn = sft_step(StepConfig(grad_accum_steps=cfg.grad_accum_steps))
+    state, shardings = shard_state(TrainState.create(model, common.optimizer(cfg, steps)), device_mesh(config))
+    step_fn = sft_step(StepConfig(grad_accum_steps=cfg.grad_accum_steps), shardings=shardings)
 
     def evaluate(state):
         losses = [
@@ -180,7 +206,9 @@ def run_sft(config, workdir, task, run_log: RunLog) -> dict:
         ]
         return _weighted_mean(losses)
 
-    state, final = train_loop("sft", config, workdir, run_log, state, task.sft_train, step_fn, evaluate)
+    state, final = train_loop(
+        "sft", config, workdir, run_log, state, task.sft_train, step_fn, evaluate, shardings=shardings
+    )
     path = common.export(state.model(), Path(workdir) / "sft" / "model", task)
     return {"model_path": path, "source": "trained", **final}
 
@@ -262,11 +290,21 @@ def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | Non
         model = common.load_model(sft_path, "scalar", config)
         steps = len(BatchIterator(task.preference_train, cfg.batch_size)) * cfg.num_epochs
         steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-        state = TrainState.create(model, common.optimizer(cfg, steps))
-        step_fn = reward_model_step(StepConfig(grad_accum_steps=cfg.grad_accum_steps), margin=cfg.margin)
+        state, shardings = shard_state(TrainState.create(model, common.optimizer(cfg, steps)), device_mesh(config))
+        step_fn = reward_model_step(
+            StepConfig(grad_accum_steps=cfg.grad_accum_steps), margin=cfg.margin, shardings=shardings
+        )
         evaluate = lambda state: reward_accuracy(state.model(), task.preference_eval, cfg.eval_batch_size)
         state, final = train_loop(
-            "reward_model", config, workdir, run_log, state, task.preference_train, step_fn, evaluate
+            "reward_model",
+            config,
+            workdir,
+            run_log,
+            state,
+            task.preference_train,
+            step_fn,
+            evaluate,
+            shardings=shardings,
         )
         model = state.model()
         out = {
@@ -309,14 +347,17 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
     ref_graphdef, ref_params = nnx.split(common.load_model(sft_path, "lm", config))
     steps = len(BatchIterator(task.preference_train, cfg.batch_size)) * cfg.num_epochs
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-    state = TrainState.create(policy, common.optimizer(cfg, steps))
+    mesh = device_mesh(config)
+    state, shardings = shard_state(TrainState.create(policy, common.optimizer(cfg, steps)), mesh)
+    if mesh is not None:  # on the policy's layout: the eval step takes both
+        ref_params = shard_tree(ref_params, mesh)
     dpo = DPOConfig(
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         label_smoothing=cfg.label_smoothing,
         grad_accum_steps=cfg.grad_accum_steps,
     )
-    step_fn = dpo_step(dpo)
+    step_fn = dpo_step(dpo, shardings=shardings)
     prepare = lambda batch: {**batch, **precompute_reference_logps(ref_graphdef, ref_params, batch)}
 
     def evaluate(state):
@@ -326,7 +367,9 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
         ]
         return _weighted_mean([(jax.device_get(m), n) for m, n in parts])
 
-    state, final = train_loop("dpo", config, workdir, run_log, state, task.preference_train, step_fn, evaluate, prepare)
+    state, final = train_loop(
+        "dpo", config, workdir, run_log, state, task.preference_train, step_fn, evaluate, prepare, shardings=shardings
+    )
     path = common.export(state.model(), Path(workdir) / "dpo" / "model", task)
     return {"model_path": path, "source": "trained", **final}
 
@@ -388,8 +431,9 @@ def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict,
         reward_mean=reward["reward_mean"],
         reward_std=reward["reward_std"],
     )
-    _, _, iteration_fn = ppo_fns(ppo)
-    prompts = BatchIterator(task.prompts_train, cfg.rollout_batch_size, seed=config.seed)
+    state, shardings = shard_state(state, device_mesh(config))
+    _, _, iteration_fn = ppo_fns(ppo, shardings=shardings)
+    prompts = BatchIterator(task.prompts_train, cfg.rollout_batch_size, seed=config.seed, **process_slice())
     manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
     rng = common.stage_key(config.seed, stage)
     start = 0
@@ -397,7 +441,9 @@ def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict,
     if manager.latest_step() is not None:
         tree, meta, start = checkpoint.restore(manager, saved(state, rng))
         state = state.replace(policy=tree["policy"], critic=tree["critic"])
-        rng = jax.random.wrap_key_data(tree["rng"])
+        rng = jax.random.wrap_key_data(
+            tree["rng"] if shardings is None else jax.device_put(tree["rng"], shardings.replicated)
+        )
         prompts.restore(meta["data"])
         run_log.truncate(stage, start)
         log.info("ppo: resumed from iteration %d", start)
@@ -408,7 +454,8 @@ def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict,
         rng, step_rng = jax.random.split(rng)
         if common.hook_hits(config, "nan_at", stage, step):
             state = state.replace(policy=state.policy.replace(params=common.poison(state.policy.params)))
-        state, metrics = iteration_fn(state, {k: batch[k] for k in ("prompt_ids", "prompt_mask")}, step_rng)
+        batch = to_global({k: batch[k] for k in ("prompt_ids", "prompt_mask")}, shardings)
+        state, metrics = iteration_fn(state, batch, step_rng)
         values = scalars(metrics)
         run_log.log(stage, step, values)
         common.check_finite(stage, step, values, (state.policy.params, state.critic.params), manager)
