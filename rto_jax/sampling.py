@@ -89,7 +89,9 @@ def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, confi
     new = config.max_new_tokens
     cache = _constrain_cache(model.init_cache(batch, prompt_len + new, compute_dtype(model.config)))
     key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((batch, new), jnp.int32)], axis=1)
-    logits, cache = model.forward_cached(prompt_ids, key_mask, default_positions(prompt_mask), cache, 0)
+    # Prefill: only the last prompt position needs the vocabulary projection.
+    hidden, cache = model.decoder(prompt_ids, key_mask, default_positions(prompt_mask), cache, 0)
+    logits = model.logits_from_hidden(hidden[:, -1:])
     prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
 
     def cond(carry):
