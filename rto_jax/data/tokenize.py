@@ -353,6 +353,25 @@ def _empty(keys, p, r):
     return out
 
 
+def _kept_rows(stats: DataStats, long, cuts, skip_long_prompts: bool, drop_truncated_responses: bool):
+    """Indices of the rows to keep, given which prompts (`long`) and responses (`cuts`, one mask per
+    response column) were truncated; records skips and truncations in `stats` and logs them."""
+    cut = np.logical_or.reduce(cuts)
+    keep = np.ones(len(long), bool)
+    if skip_long_prompts:
+        stats.skip("prompt_too_long", int(long.sum()))
+        keep &= ~long
+    if drop_truncated_responses:
+        stats.skip("response_too_long", int((cut & keep).sum()))
+        keep &= ~cut
+    stats.prompts_truncated += int((long & keep).sum())
+    stats.responses_truncated += int(sum((c & keep).sum() for c in cuts))
+    idx = np.flatnonzero(keep)
+    stats.num_examples = len(idx)
+    stats.log()
+    return idx
+
+
 def tokenize_sft(
     examples: Sequence[SFTExample],
     tokenizer: Any,
@@ -374,18 +393,7 @@ def tokenize_sft(
         [e.prompt for e in examples], tokenizer, max_prompt_len, prompt_truncation, add_bos
     )
     responses, cut = encode_responses([e.response for e in examples], tokenizer, max_response_len, eos_id)
-    keep = np.ones(len(examples), bool)
-    if skip_long_prompts:
-        stats.skip("prompt_too_long", int(long.sum()))
-        keep &= ~long
-    if drop_truncated_responses:
-        stats.skip("response_too_long", int((cut & keep).sum()))
-        keep &= ~cut
-    stats.prompts_truncated += int((long & keep).sum())
-    stats.responses_truncated += int((cut & keep).sum())
-    idx = np.flatnonzero(keep)
-    stats.num_examples = len(idx)
-    stats.log()
+    idx = _kept_rows(stats, long, [cut], skip_long_prompts, drop_truncated_responses)
     if not len(idx):
         return _empty(SFT_KEYS, max_prompt_len, max_response_len), stats
     arrays = collate([prompts[i] for i in idx], [responses[i] for i in idx], max_prompt_len, max_response_len, pad_id)
@@ -414,19 +422,7 @@ def tokenize_preference(
     )
     chosen, cut_c = encode_responses([e.chosen for e in examples], tokenizer, max_response_len, eos_id)
     rejected, cut_r = encode_responses([e.rejected for e in examples], tokenizer, max_response_len, eos_id)
-    cut = cut_c | cut_r
-    keep = np.ones(len(examples), bool)
-    if skip_long_prompts:
-        stats.skip("prompt_too_long", int(long.sum()))
-        keep &= ~long
-    if drop_truncated_responses:
-        stats.skip("response_too_long", int((cut & keep).sum()))
-        keep &= ~cut
-    stats.prompts_truncated += int((long & keep).sum())
-    stats.responses_truncated += int((cut_c & keep).sum() + (cut_r & keep).sum())
-    idx = np.flatnonzero(keep)
-    stats.num_examples = len(idx)
-    stats.log()
+    idx = _kept_rows(stats, long, [cut_c, cut_r], skip_long_prompts, drop_truncated_responses)
     if not len(idx):
         return _empty(PREFERENCE_KEYS, max_prompt_len, max_response_len), stats
     p = [prompts[i] for i in idx]
