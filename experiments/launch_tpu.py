@@ -1,13 +1,14 @@
 """Runs `experiments/run.py` on every worker of a Cloud TPU VM (creating the VM if asked).
 
     python experiments/launch_tpu.py --tpu_name=rto --zone=us-central2-b --accelerator_type=v4-32 \\
-        --create --setup -- --config=configs/rto_tldr.py:6.9b --workdir=gs://my-bucket/rto_6.9b
+        --create --setup -- --config=configs/rto_tldr.py:6.9b --workdir=/mnt/runs/rto_6.9b
 
 Everything after `--` is passed to run.py unchanged. The same command runs on all workers at once
 (`gcloud compute tpus tpu-vm ssh --worker=all`); each worker's process joins the others through
 `jax.distributed` (RTO_JAX_DISTRIBUTED=auto: JAX reads the slice topology from the TPU metadata).
-Use a workdir every worker can reach (a gs:// bucket or a shared disk): orbax writes checkpoints
-from all workers, logs and exports come from process 0 only.
+Use a workdir every worker sees at the same path (a GCS bucket mounted with gcsfuse, Filestore or
+other NFS): orbax writes checkpoints from all workers, logs and exports come from process 0 only, and
+every worker reads the models the stages before exported. URLs (gs://...) are not accepted.
 
 Steps, each optional: --create (a VM of --accelerator_type if --tpu_name does not exist),
 --code=archive (the current git HEAD, as a tarball copied to every worker; `git` clones --repo_url
@@ -49,7 +50,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args(argv)
     if not run_args:
-        p.error("give run.py's arguments after '--', e.g. -- --config=configs/rto_tldr.py:tiny --workdir=gs://b/r")
+        p.error("give run.py's arguments after '--', e.g. -- --config=configs/rto_tldr.py:tiny --workdir=/mnt/runs/r")
+    for arg in run_args:
+        if arg.startswith("--workdir=") and "://" in arg:
+            p.error(f"{arg}: URLs are not supported; mount the bucket (gcsfuse) at the same path on every worker")
     if args.code == "git" and not args.repo_url:
         p.error("--code=git needs --repo_url")
     return args, run_args

@@ -23,6 +23,11 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     logging.getLogger("rto_jax").setLevel(logging.INFO)
     config = _CONFIG.value
+    if "://" in _WORKDIR.value:  # every file the pipeline writes goes through the local filesystem
+        raise app.UsageError(
+            f"--workdir={_WORKDIR.value}: URLs are not supported; mount the bucket (e.g. gcsfuse) at the same "
+            "path on every host and pass that path"
+        )
     init_distributed(config)  # multi-process runs: before anything touches a device
     if config.get("benchmark") == "synthetic":  # configs/rto_synthetic.py: its own self-contained runner
         from rto_jax.synthetic_benchmark import run_benchmark

@@ -139,6 +139,24 @@ def host_local_batch_to_global(batch, sharding):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
+def to_host(tree):
+    """Numpy copies of a pytree's arrays, whole on every process.
+
+    An array split across processes (a parameter sharded over a multi-host mesh, a batch-sharded
+    output) is all-gathered, so every process must call this together; arrays this process holds
+    whole (single-process runs, replicated outputs, local models) are copied without communication.
+    """
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
 def sync(name: str = "rto_jax") -> None:
     """A barrier across processes (no-op with one), e.g. before process 0 reads files the others wrote."""
     if jax.process_count() > 1:

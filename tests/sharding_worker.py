@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 import sharding_cases as cases
 from flax import nnx
 
-from rto_jax.models import CausalLM
+from rto_jax.models import CausalLM, load_pretrained, save_pretrained
 from rto_jax.tools import plan
 from rto_jax.train import OptimizerConfig, make_optimizer, sharding
 
@@ -75,6 +75,34 @@ def checkpoint_round_trip(save_mesh, restore_mesh) -> dict:
         "restored_mesh": list(kernel.sharding.mesh.devices.shape),
         "restored_shard": list(kernel.addressable_shards[0].data.shape),
     }
+
+
+def sharded_load(shape) -> dict:
+    """save_pretrained, then load_pretrained straight onto `shape`'s mesh: same values, split shards,
+    and no device holding more than its share."""
+    model = CausalLM(cases.model_config(False), nnx.Rngs(0))
+    mesh = sharding.make_mesh(*shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, Path(tmp) / "model")
+        loaded = load_pretrained(Path(tmp) / "model", shardings=functools.partial(sharding.tree_shardings, mesh=mesh))
+    params = nnx.state(loaded, nnx.Param)
+    expected = sharding.tree_shardings(params, mesh)
+    same_sharding = all(
+        a[...].sharding == b.get_value()
+        for a, b in zip(jax.tree.leaves(params, is_leaf=_is_var), jax.tree.leaves(expected, is_leaf=_is_var))
+    )
+    original = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return {
+        "equal": all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(original, jax.tree.leaves(params))),
+        "shardings": same_sharding,
+        "up_proj_shard": list(loaded.decoder.layers[0].up_proj.kernel[...].addressable_shards[0].data.shape),
+        "max_device_bytes": _device_bytes(params),
+        "total_bytes": sum(x.nbytes for x in original),
+    }
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def _device_bytes(tree) -> int:
@@ -129,6 +157,7 @@ def main() -> None:
         )
         summary["shards"][str(shape)] = shard_shapes(state)
         summary.setdefault("planner", {})[str(shape)] = planner_check(shape)
+    summary["sharded_load"] = sharded_load((2, 4, 1))
     if args.checkpoint:
         save, restore = (tuple(int(x) for x in m.split(",")) for m in args.checkpoint.split(":"))
         summary["checkpoint"] = checkpoint_round_trip(sharding.make_mesh(*save), sharding.make_mesh(*restore))

@@ -105,6 +105,22 @@ def test_bad_values_name_their_key(key, value, message):
     assert str(error.value).startswith(message), str(error.value)
 
 
+def test_batches_must_split_over_the_mesh():
+    config = _tiny()  # batch 16 everywhere
+    config.mesh.fsdp = 4
+    validate(config, num_devices=8)  # data=2 x fsdp=4 = 8 rows per split: 16 divides
+    with pytest.raises(ConfigError, match=r"config.mesh: mesh .* 6 devices not divisible"):
+        validate(config, num_devices=6)
+    config.dpo.batch_size = 12
+    with pytest.raises(ConfigError, match=r"config.dpo.batch_size: 12 rows do not split over .* 2 x 4 .*multiple of 8"):
+        validate(config, num_devices=8)
+    config.dpo.batch_size, config.ppo.rollout_batch_size = 16, 4
+    config.ppo.total_episodes = 16
+    with pytest.raises(ConfigError, match=r"config.ppo.rollout_batch_size: 4 rows"):
+        validate(config, num_devices=8)
+    validate(config, num_devices=4)  # data=1 x fsdp=4
+
+
 def test_a_stage_needing_a_model_nobody_makes_is_refused(tmp_path):
     config = _tiny()
     config.stages = "ppo,evaluate"  # RTO needs sft, reward_model and dpo models

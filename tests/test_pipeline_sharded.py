@@ -1,10 +1,13 @@
-"""The experiment pipeline sharded: configs/rto_tldr.py:tiny on 8 simulated CPU devices (mesh data=2 x fsdp=4).
+"""The experiment pipeline, unchanged, on one device, on a mesh of 8 simulated CPU devices and on two
+processes (jax.distributed on 127.0.0.1, gloo), interrupted and resumed: the same numbers each time.
 
-Runs experiments/run.py in a subprocess so the XLA device-count flag does not leak into this process.
+Every run is experiments/run.py in a subprocess, so XLA's device-count flag stays out of this process.
 """
 
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rto_jax.pipeline.config import shared_data_dir
+from rto_jax.pipeline.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,28 +41,139 @@ OVERRIDES = [
 ]
 
 
-@pytest.mark.slow
-def test_tiny_preset_runs_on_8_simulated_devices_fsdp(tmp_path):
-    data = shared_data_dir()
-    if not (data / "tldr_sft_oai1b.csv").exists() or not (data / "tldr_comparisons_10k.parquet").exists():
-        pytest.skip(f"shared TL;DR sample data not found in {data} (set RTO_JAX_SHARED_DATA)")
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-        "RTO_JAX_NO_TQDM": "1",
-    }
-    cmd = [
+# One process on one device vs the sharded runs. Not bit-identical (reductions are split differently);
+# what differs is float32 rounding. Sampling uses the same keys, so rollouts agree token for token.
+RTOL, ATOL = 2e-3, 2e-4
+# Faster compiles (the same flags for every run, so they compute the same thing).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+TIMEOUT = 900
+
+
+def _command(workdir: Path, *extra: str) -> list[str]:
+    return [
         sys.executable,
         str(ROOT / "experiments" / "run.py"),
         "--config=" + str(ROOT / "configs" / "rto_tldr.py") + ":tiny",
-        f"--workdir={tmp_path}",
-        "--config.mesh.data=2",
-        "--config.mesh.fsdp=4",
+        f"--workdir={workdir}",
         *OVERRIDES,
+        *extra,
     ]
-    proc = subprocess.run(cmd, check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+
+
+def _env(devices: int) -> dict:
+    return {
+        **{k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")},
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
+        "JAX_PLATFORMS": "cpu",
+        "RTO_JAX_NO_TQDM": "1",
+    }
+
+
+def _run_one(workdir: Path, devices: int, *extra: str) -> None:
+    proc = subprocess.run(
+        _command(workdir, *extra),
+        check=False,
+        env=_env(devices),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr[-6000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["policies"]) >= {"sft", "dpo", "rto"}
-    assert json.loads((tmp_path / "config.json").read_text())["mesh"]["fsdp"] == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_processes(workdir: Path, devices_each: int, *extra: str) -> list[tuple[int, str]]:
+    """Both processes of one run; returns each one's (exit code, log tail)."""
+    port = _free_port()
+    procs, logs = [], []
+    for i in range(2):
+        log = workdir.parent / f"{workdir.name}.process_{i}.log"
+        distributed = [
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+        ]
+        with open(log, "w") as f:  # a file, not a pipe: a full pipe buffer would stall the collectives
+            procs.append(
+                subprocess.Popen(
+                    _command(workdir, *distributed, *extra),
+                    env=_env(devices_each),
+                    cwd=ROOT,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        logs.append(log)
+    try:
+        for p in procs:
+            p.wait(timeout=TIMEOUT)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # only our own workers, by handle
+    return [(p.returncode, log.read_text()[-6000:]) for p, log in zip(procs, logs)]
+
+
+def _records(workdir: Path) -> dict[tuple, dict]:
+    """metrics.jsonl as {(stage, split, step): numbers}; a record written twice fails here."""
+    out = {}
+    for record in read_metrics(workdir / "metrics.jsonl"):
+        key = (record.pop("stage"), record.pop("split"), record.pop("step"))
+        record.pop("time")
+        assert key not in out, f"{workdir}: metrics record {key} written twice"
+        out[key] = record
+    return out
+
+
+def _tie(record: dict, name: str) -> bool:
+    """DPO's first step: the policy is its reference, every implicit reward is 0 up to rounding, and the
+    accuracy (the share of strict wins) only counts rounding noise."""
+    return name == "rewards/accuracy" and abs(record["rewards/margin"]) < 1e-6
+
+
+def _assert_same_run(reference: Path, other: Path) -> None:
+    expected, got = _records(reference), _records(other)
+    assert got.keys() == expected.keys(), f"{other}: records differ: {sorted(set(got) ^ set(expected))}"
+    bad = [
+        f"{key} {name}: {value} vs {expected[key][name]}"
+        for key, numbers in got.items()
+        for name, value in numbers.items()
+        if not math.isclose(value, expected[key][name], rel_tol=RTOL, abs_tol=ATOL) and not _tie(expected[key], name)
+    ]
+    assert not bad, f"{other} differs from the one-device run:\n" + "\n".join(bad[:20])
+    results, expected_results = (json.loads((d / "results.json").read_text()) for d in (other, reference))
+    assert results["policies"].keys() == expected_results["policies"].keys() >= {"reference", "sft", "dpo", "rto"}
+    for folder in ("sft/model", "reward_model/model", "dpo/model", "ppo/model", "ppo/critic", "tokenizer"):
+        assert (other / folder).is_dir(), folder
+
+
+@pytest.mark.slow
+def test_tiny_preset_same_on_one_device_eight_devices_and_two_processes(tmp_path):
+    data = shared_data_dir()
+    if not (data / "tldr_sft_oai1b.csv").exists() or not (data / "tldr_comparisons_10k.parquet").exists():
+        pytest.skip(f"shared TL;DR sample data not found in {data} (set RTO_JAX_SHARED_DATA)")
+    _run_one(tmp_path / "one_device", 1)
+
+    # 8 simulated devices in one process: batch rows over data=2, parameters over fsdp=4.
+    _run_one(tmp_path / "eight_devices", 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")
+    assert json.loads((tmp_path / "eight_devices" / "config.json").read_text())["mesh"]["fsdp"] == 4
+    _assert_same_run(tmp_path / "one_device", tmp_path / "eight_devices")
+
+    # Two processes x 2 devices, parameters split over all four (fsdp=4 spans both processes); killed
+    # after DPO step 2 (checkpoint at 2), then the same command resumes it.
+    two = tmp_path / "two_processes"
+    mesh = ("--config.mesh.data=1", "--config.mesh.fsdp=4")
+    for code, log in _run_two_processes(two, 2, *mesh, "--config.debug.fail_after=dpo:2"):
+        assert code != 0 and "SimulatedFailure" in log, log
+    assert (two / "reward_model" / "done.json").exists() and not (two / "dpo" / "done.json").exists()
+    for i, (code, log) in enumerate(_run_two_processes(two, 2, *mesh)):
+        assert code == 0, f"process {i}:\n{log}"
+    _assert_same_run(tmp_path / "one_device", two)
+    # Only process 0 wrote: one metrics file, one events file per run of the workdir.
+    assert len(list((two / "tensorboard").iterdir())) == 2

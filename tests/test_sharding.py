@@ -201,6 +201,13 @@ def test_eight_devices_meshes_match_one_device_checkpoints_and_planner():
         failures.append(f"checkpoint restored onto another mesh: {checkpoint}")
     if checkpoint["restored_shard"] != [2, 16, 32]:
         failures.append(f"restored gate_proj shard {checkpoint['restored_shard']}, expected [2, 16, 32]")
+    loaded = summary["sharded_load"]  # save_pretrained -> load_pretrained onto (2, 4, 1)
+    if not (loaded["equal"] and loaded["shardings"]):
+        failures.append(f"load_pretrained onto a mesh: values equal {loaded['equal']}, shardings {loaded['shardings']}")
+    if loaded["up_proj_shard"] != [8, 64]:  # [embed 32 / fsdp 4, mlp 64]
+        failures.append(f"loaded up_proj shard {loaded['up_proj_shard']}, expected [8, 64]")
+    if loaded["max_device_bytes"] > loaded["total_bytes"] / 2:
+        failures.append(f"a device holds {loaded['max_device_bytes']} of {loaded['total_bytes']} bytes")
     assert not failures, "\n".join(failures)
 
 
@@ -233,9 +240,8 @@ def test_planner_table_for_a_real_preset():
     assert config.arch == "gpt_neox" and config.hidden_size == 2048 and config.dtype == "bfloat16"
 
 
-def test_tpu_launcher_dry_run_prints_the_commands():
-    run_args = ["--config=configs/rto_tldr.py:6.9b", "--workdir=gs://bucket/rto 6.9b"]
-    proc = subprocess.run(
+def _launch_dry_run(run_args):
+    return subprocess.run(
         [
             sys.executable,
             str(HERE.parent / "experiments" / "launch_tpu.py"),
@@ -248,6 +254,16 @@ def test_tpu_launcher_dry_run_prints_the_commands():
         timeout=60,
         check=False,
     )
+
+
+def test_tpu_launcher_refuses_a_url_workdir():
+    proc = _launch_dry_run(["--config=configs/rto_tldr.py:6.9b", "--workdir=gs://bucket/run"])
+    assert proc.returncode != 0 and "--workdir=gs://bucket/run" in proc.stderr and "gcsfuse" in proc.stderr
+
+
+def test_tpu_launcher_dry_run_prints_the_commands():
+    run_args = ["--config=configs/rto_tldr.py:6.9b", "--workdir=/mnt/runs/rto 6.9b"]
+    proc = _launch_dry_run(run_args)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if not line.startswith("#")]
     assert lines[0].startswith("gcloud compute tpus tpu-vm create rto-v4 --zone=us-central2-b")

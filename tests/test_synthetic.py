@@ -13,9 +13,17 @@ from rto_jax.data import synthetic as syn
 
 CFG = syn.SyntheticTaskConfig()
 # Tiny task for exhaustive checks: 1 topic, 3 content tokens, 1 context token, R = 3.
-TINY = syn.SyntheticTaskConfig(num_topics=1, num_content_tokens=3, prompt_length=2, max_response_length=3,
-                               min_response_length=0, eos_hazard=0.3, target_length=2, copy_prob=0.2,
-                               source_concentration=1.0)
+TINY = syn.SyntheticTaskConfig(
+    num_topics=1,
+    num_content_tokens=3,
+    prompt_length=2,
+    max_response_length=3,
+    min_response_length=0,
+    eos_hazard=0.3,
+    target_length=2,
+    copy_prob=0.2,
+    source_concentration=1.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +77,12 @@ def gold_loop(task, prompt_ids, prompt_mask, response_ids, response_mask):
         quality = sum(qs) / h if h else 0.0
         coverage = len(ctx & set(resp)) / len(ctx) if ctx else 1.0
         length = max(0.0, 1 - abs(h - cfg.target_length) / cfg.target_length)
-        out.append(cfg.quality_weight * quality + cfg.coverage_weight * (2 * coverage - 1)
-                   + cfg.length_weight * (2 * length - 1) + cfg.eos_weight * (2 * ended - 1))
+        out.append(
+            cfg.quality_weight * quality
+            + cfg.coverage_weight * (2 * coverage - 1)
+            + cfg.length_weight * (2 * length - 1)
+            + cfg.eos_weight * (2 * ended - 1)
+        )
     return np.array(out)
 
 
@@ -158,7 +170,7 @@ def test_max_gold_reward_brute_force():
     ids, mask = enumerate_responses(tokens, tiny.max_response_length)
     best = tiny.max_gold_reward(prompts["prompt_ids"], prompts["prompt_mask"])
     for i in range(3):
-        rep = lambda a: np.repeat(a[i:i + 1], len(ids), axis=0)  # noqa: E731
+        rep = lambda a: np.repeat(a[i : i + 1], len(ids), axis=0)  # noqa: E731
         brute = tiny.gold_reward(rep(prompts["prompt_ids"]), rep(prompts["prompt_mask"]), ids, mask).max()
         np.testing.assert_allclose(best[i], brute, atol=1e-6)
 
@@ -168,9 +180,12 @@ def test_max_gold_reward_dominates_samples(task):
     prompts = task.sample_prompts(rng, 8)
     resp = task.sample_reference_responses(rng, prompts, n=64)
     rep = lambda a: np.repeat(a, 64, axis=0)  # noqa: E731
-    gold = task.gold_reward(rep(prompts["prompt_ids"]), rep(prompts["prompt_mask"]),
-                            resp["response_ids"].reshape(-1, CFG.max_response_length),
-                            resp["response_mask"].reshape(-1, CFG.max_response_length)).reshape(8, 64)
+    gold = task.gold_reward(
+        rep(prompts["prompt_ids"]),
+        rep(prompts["prompt_mask"]),
+        resp["response_ids"].reshape(-1, CFG.max_response_length),
+        resp["response_mask"].reshape(-1, CFG.max_response_length),
+    ).reshape(8, 64)
     best = task.max_gold_reward(prompts["prompt_ids"], prompts["prompt_mask"])
     assert np.all(best >= gold.max(1) - 1e-6) and np.all(best <= 1.0)
     assert best.mean() > gold.max(1).mean() + 0.1  # room to improve beyond best-of-64
@@ -191,7 +206,9 @@ def test_reference_logprobs_normalised_and_match_sampler():
     samples = tiny.sample_reference_responses(np.random.default_rng(1), prompts, n=n)
     index = {tuple(row): i for i, row in enumerate(ids)}
     counts = np.bincount([index[tuple(row)] for row in samples["response_ids"][0]], minlength=len(ids))
-    np.testing.assert_array_equal(samples["response_mask"][0], mask[[index[tuple(x)] for x in samples["response_ids"][0]]])
+    np.testing.assert_array_equal(
+        samples["response_mask"][0], mask[[index[tuple(x)] for x in samples["response_ids"][0]]]
+    )
     stderr = np.sqrt(probs * (1 - probs) / n)
     assert np.all(np.abs(counts / n - probs) < 5 * stderr + 1e-3)
     # Tokens the source never emits have probability 0.
@@ -210,8 +227,9 @@ def test_default_task_has_room_and_stops(task):
     resp = task.sample_reference_responses(np.random.default_rng(2), prompts)
     comp = task.gold_components(prompts["prompt_ids"], prompts["prompt_mask"], **resp)
     assert comp["length"].min() == CFG.min_response_length  # no EOS before the minimum, then hazard
-    np.testing.assert_allclose(np.mean(comp["length"][comp["ended"]] == CFG.min_response_length),
-                               CFG.eos_hazard, atol=0.03)
+    np.testing.assert_allclose(
+        np.mean(comp["length"][comp["ended"]] == CFG.min_response_length), CFG.eos_hazard, atol=0.03
+    )
 
 
 # ----------------------------------------------------------------------------- labels
@@ -232,8 +250,12 @@ def test_calibrated_labels_reach_target_agreement(task):
     np.testing.assert_allclose(cal.temperature, info["temperature"], rtol=1e-6)
     assert abs(cal.sampled_agreement - 0.72) < 4 * se
     # chosen/rejected follow the labels.
-    chosen_gold = task.gold_reward(batch["prompt_ids"], batch["prompt_mask"],
-                                   batch["chosen_input_ids"][:, CFG.prompt_length:], batch["chosen_response_mask"])
+    chosen_gold = task.gold_reward(
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        batch["chosen_input_ids"][:, CFG.prompt_length :],
+        batch["chosen_response_mask"],
+    )
     np.testing.assert_allclose(chosen_gold, info["gold_chosen"], atol=1e-6)
     # Temperature -> 0 gives noiseless labels.
     _, clean = task.make_preference_data(rng, prompts, a, b, temperature=1e-9)
@@ -285,8 +307,14 @@ def test_prompts_and_sft_batch_layout(task):
 
     batch = task.make_sft_data(rng, 500)
     assert set(batch) == {"input_ids", "attention_mask", "positions", "response_mask", "prompt_ids", "prompt_mask"}
-    shapes = {"input_ids": p_len + r_len, "attention_mask": p_len + r_len, "positions": p_len + r_len,
-              "response_mask": r_len, "prompt_ids": p_len, "prompt_mask": p_len}
+    shapes = {
+        "input_ids": p_len + r_len,
+        "attention_mask": p_len + r_len,
+        "positions": p_len + r_len,
+        "response_mask": r_len,
+        "prompt_ids": p_len,
+        "prompt_mask": p_len,
+    }
     for key, width in shapes.items():
         assert batch[key].shape == (500, width), key
         assert batch[key].dtype == (np.float32 if key == "response_mask" else np.int32), key
@@ -309,15 +337,20 @@ def test_preference_batch_layout(task):
     prompts = task.sample_prompts(rng, 64)
     a, b = (task.sample_reference_responses(rng, prompts) for _ in range(2))
     batch, info = task.make_preference_data(rng, prompts, a, b, temperature=0.2)
-    keys = {f"{s}_{k}" for s in ("chosen", "rejected")
-            for k in ("input_ids", "attention_mask", "positions", "response_mask")} | {"prompt_ids", "prompt_mask"}
+    keys = {
+        f"{s}_{k}"
+        for s in ("chosen", "rejected")
+        for k in ("input_ids", "attention_mask", "positions", "response_mask")
+    } | {"prompt_ids", "prompt_mask"}
     assert set(batch) == keys
     p_len = CFG.prompt_length
     for side in ("chosen", "rejected"):
         np.testing.assert_array_equal(batch[f"{side}_input_ids"][:, :p_len], batch["prompt_ids"])
         np.testing.assert_array_equal(batch[f"{side}_attention_mask"][:, p_len:], batch[f"{side}_response_mask"])
     pick = info["a_preferred"][:, None]
-    np.testing.assert_array_equal(batch["chosen_input_ids"][:, p_len:],
-                                  np.where(pick, a["response_ids"], b["response_ids"]))
-    np.testing.assert_array_equal(batch["rejected_input_ids"][:, p_len:],
-                                  np.where(pick, b["response_ids"], a["response_ids"]))
+    np.testing.assert_array_equal(
+        batch["chosen_input_ids"][:, p_len:], np.where(pick, a["response_ids"], b["response_ids"])
+    )
+    np.testing.assert_array_equal(
+        batch["rejected_input_ids"][:, p_len:], np.where(pick, b["response_ids"], a["response_ids"])
+    )

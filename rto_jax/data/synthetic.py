@@ -221,8 +221,11 @@ class SyntheticTask:
 
         # Sparse +-scale bonuses on content bigrams; repeating the previous token is always
         # penalised, so the optimum is not one good token repeated.
-        signs = rng.choice([-1.0, 0.0, 1.0], size=(c, c),
-                           p=[config.bigram_density / 2, 1 - config.bigram_density, config.bigram_density / 2])
+        signs = rng.choice(
+            [-1.0, 0.0, 1.0],
+            size=(c, c),
+            p=[config.bigram_density / 2, 1 - config.bigram_density, config.bigram_density / 2],
+        )
         np.fill_diagonal(signs, -1.0)
         bigram_bonus = np.zeros((v + 1, v), np.float32)
         bigram_bonus[off:v, off:] = config.bigram_scale * signs
@@ -269,14 +272,14 @@ class SyntheticTask:
         ids = np.where(k >= 0, np.take_along_axis(seq, np.clip(k, 0, p - 1), axis=1), PAD_ID)
         mask = (k >= 0).astype(np.int32)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        return {"prompt_ids": ids.astype(np.int32), "prompt_mask": mask,
-                "prompt_positions": positions.astype(np.int32)}
+        return {"prompt_ids": ids.astype(np.int32), "prompt_mask": mask, "prompt_positions": positions.astype(np.int32)}
 
     # --------------------------------------------------------------------------- the source
     def _source_context(self, prompt_ids, prompt_mask):
-        topic, ctx = _prompt_parts(np, np.asarray(prompt_ids), np.asarray(prompt_mask),
-                                   self.vocab_size, self.config.num_topics)
-        ctx = ctx[:, self.content_offset:].astype(np.float64)  # [B, C]
+        topic, ctx = _prompt_parts(
+            np, np.asarray(prompt_ids), np.asarray(prompt_mask), self.vocab_size, self.config.num_topics
+        )
+        ctx = ctx[:, self.content_offset :].astype(np.float64)  # [B, C]
         return topic, ctx / np.maximum(ctx.sum(1, keepdims=True), 1.0)
 
     def _next_probs(self, topic, state, ctx_dist, h):
@@ -294,8 +297,9 @@ class SyntheticTask:
         num_states = (self.config.num_content_tokens + 1) ** (self.config.ngram_order - 1)
         return (state * (self.config.num_content_tokens + 1) + c + 1) % num_states
 
-    def sample_reference_responses(self, rng: np.random.Generator, prompts: Mapping[str, np.ndarray],
-                                   n: int | None = None) -> dict[str, np.ndarray]:
+    def sample_reference_responses(
+        self, rng: np.random.Generator, prompts: Mapping[str, np.ndarray], n: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Samples from the reference source (ancestral, vectorised over rows; loops over R).
 
         Returns {response_ids [B,R] int32, response_mask [B,R] float32}; with n given, n samples
@@ -375,16 +379,21 @@ class SyntheticTask:
 
         length_score = xp.maximum(0.0, 1.0 - xp.abs(length.astype(f32) - cfg.target_length) / cfg.target_length)
         a_q, a_c, a_l, a_e = cfg.quality_weight, cfg.coverage_weight, cfg.length_weight, cfg.eos_weight
-        reward = (a_q * quality + a_c * (2.0 * coverage - 1.0) + a_l * (2.0 * length_score - 1.0)
-                  + a_e * (2.0 * ended.astype(f32) - 1.0)).astype(f32)
+        reward = (
+            a_q * quality
+            + a_c * (2.0 * coverage - 1.0)
+            + a_l * (2.0 * length_score - 1.0)
+            + a_e * (2.0 * ended.astype(f32) - 1.0)
+        ).astype(f32)
 
         # Per-token credit: quality share per content token, coverage bonus at first mentions,
         # and the sequence-level constants on the last token of the response (EOS if any).
         mention = xp.where(first_mention, 2.0 * a_c / xp.maximum(n_ctx, 1).astype(f32)[:, None], 0.0)
         last = alive.astype(xp.int32).sum(1) - 1
         at_last = xp.arange(y.shape[1])[None, :] == last[:, None]
-        seq_const = (xp.where(has_ctx, -a_c, a_c) + a_l * (2.0 * length_score - 1.0)
-                     + a_e * (2.0 * ended.astype(f32) - 1.0))
+        seq_const = (
+            xp.where(has_ctx, -a_c, a_c) + a_l * (2.0 * length_score - 1.0) + a_e * (2.0 * ended.astype(f32) - 1.0)
+        )
         credit = (a_q * tok_q + mention + xp.where(at_last, seq_const[:, None], 0.0)).astype(f32)
         return _GoldParts(reward, credit, quality, coverage, length_score, ended, length)
 
@@ -462,12 +471,18 @@ class SyntheticTask:
         """n (prompt, reference response) rows as an SFT batch (see ``make_sft_batch``)."""
         prompts = self.sample_prompts(rng, n)
         responses = self.sample_reference_responses(rng, prompts)
-        return make_sft_batch(prompts["prompt_ids"], prompts["prompt_mask"],
-                              responses["response_ids"], responses["response_mask"])
+        return make_sft_batch(
+            prompts["prompt_ids"], prompts["prompt_mask"], responses["response_ids"], responses["response_mask"]
+        )
 
-    def make_preference_data(self, rng: np.random.Generator, prompts: Mapping[str, np.ndarray],
-                             responses_a: Mapping[str, np.ndarray], responses_b: Mapping[str, np.ndarray],
-                             temperature: float | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def make_preference_data(
+        self,
+        rng: np.random.Generator,
+        prompts: Mapping[str, np.ndarray],
+        responses_a: Mapping[str, np.ndarray],
+        responses_b: Mapping[str, np.ndarray],
+        temperature: float | None = None,
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Labels two responses per prompt by Bradley-Terry on r* and returns a preference batch.
 
         P(a preferred) = sigmoid((r*(a) - r*(b)) / temperature).  temperature defaults to
@@ -486,8 +501,9 @@ class SyntheticTask:
         a_pref = label_preferences(rng, gold_a, gold_b, temperature)
         pick = lambda key: np.where(a_pref[:, None], responses_a[key], responses_b[key])  # noqa: E731
         other = lambda key: np.where(a_pref[:, None], responses_b[key], responses_a[key])  # noqa: E731
-        batch = make_preference_batch(pid, pm, pick("response_ids"), pick("response_mask"),
-                                      other("response_ids"), other("response_mask"))
+        batch = make_preference_batch(
+            pid, pm, pick("response_ids"), pick("response_mask"), other("response_ids"), other("response_mask")
+        )
         diff = gold_a - gold_b
         untied = np.abs(diff) > 1e-6
         info = {
@@ -502,8 +518,9 @@ class SyntheticTask:
         }
         return batch, info
 
-    def reference_report(self, rng: np.random.Generator, num_prompts: int = 256, num_samples: int = 64,
-                         with_max: bool = True) -> dict[str, float]:
+    def reference_report(
+        self, rng: np.random.Generator, num_prompts: int = 256, num_samples: int = 64, with_max: bool = True
+    ) -> dict[str, float]:
         """Headline numbers of the reference source on fresh prompts: mean gold reward, best-of-n
         gold (n = num_samples), exact max, lengths, EOS rate, per-token entropy (nats)."""
         prompts = self.sample_prompts(rng, num_prompts)
@@ -540,8 +557,9 @@ def make_sft_batch(prompt_ids, prompt_mask, response_ids, response_mask) -> dict
     alive = _alive(np, response_ids, np.asarray(response_mask), EOS_ID)
     attention_mask = np.concatenate([prompt_mask, alive.astype(np.int32)], axis=1)
     return {
-        "input_ids": np.concatenate([np.where(prompt_mask > 0, prompt_ids, PAD_ID),
-                                     np.where(alive, response_ids, PAD_ID)], axis=1).astype(np.int32),
+        "input_ids": np.concatenate(
+            [np.where(prompt_mask > 0, prompt_ids, PAD_ID), np.where(alive, response_ids, PAD_ID)], axis=1
+        ).astype(np.int32),
         "attention_mask": attention_mask,
         "positions": np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int32),
         "response_mask": alive.astype(np.float32),
@@ -550,8 +568,9 @@ def make_sft_batch(prompt_ids, prompt_mask, response_ids, response_mask) -> dict
     }
 
 
-def make_preference_batch(prompt_ids, prompt_mask, chosen_ids, chosen_mask, rejected_ids,
-                          rejected_mask) -> dict[str, np.ndarray]:
+def make_preference_batch(
+    prompt_ids, prompt_mask, chosen_ids, chosen_mask, rejected_ids, rejected_mask
+) -> dict[str, np.ndarray]:
     """chosen_/rejected_{input_ids, attention_mask, positions, response_mask} + shared prompt_ids,
     prompt_mask, each side laid out as ``make_sft_batch``."""
     out = {}
@@ -568,8 +587,11 @@ def summarize_responses(response_ids, response_mask) -> dict[str, float]:
     response_ids = np.asarray(response_ids)
     alive = _alive(np, response_ids, np.asarray(response_mask), EOS_ID)
     eos = (alive & (response_ids == EOS_ID)).any(1)
-    return {"length": float(alive.sum(1).mean()), "content_length": float((alive.sum(1) - eos).mean()),
-            "eos_rate": float(eos.mean())}
+    return {
+        "length": float(alive.sum(1).mean()),
+        "content_length": float((alive.sum(1) - eos).mean()),
+        "eos_rate": float(eos.mean()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -601,8 +623,9 @@ class LabelCalibration(NamedTuple):
     num_pairs: int  # non-tied pairs used
 
 
-def calibrate_label_temperature(rng: np.random.Generator | None, rewards_a, rewards_b,
-                                target_agreement: float = 0.72) -> LabelCalibration:
+def calibrate_label_temperature(
+    rng: np.random.Generator | None, rewards_a, rewards_b, target_agreement: float = 0.72
+) -> LabelCalibration:
     """The Bradley-Terry temperature whose expected label/gold agreement is target_agreement.
 
     Agreement falls monotonically from 1 (T -> 0) to 1/2 (T -> inf), so bisect on log T.  rng,

@@ -99,11 +99,26 @@ def _new_model(cfg: ModelConfig, kind: str) -> nnx.Module:
     return cls(cfg, nnx.Rngs(0))
 
 
-def _fill(cfg: ModelConfig, kind: str, get: Callable[[str], np.ndarray | None], source: str) -> nnx.Module:
-    """Builds the model abstractly and fills each parameter with `get(hf_name)` (None if absent)."""
+def _place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(host)
+    # Each device (of this process) receives only its slice; no device ever holds the whole tensor.
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _fill(
+    cfg: ModelConfig,
+    kind: str,
+    get: Callable[[str], np.ndarray | None],
+    source: str,
+    shardings: Callable[[nnx.State], nnx.State] | None = None,
+) -> nnx.Module:
+    """Builds the model abstractly and fills each parameter with `get(hf_name)` (None if absent),
+    one tensor at a time, placed by `shardings(abstract_state)` when given."""
     abstract = nnx.eval_shape(lambda: _new_model(cfg, kind))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
+    placement = dict(nnx.to_flat_state(shardings(state))) if shardings is not None else {}
     filled = {}
     for key, var in flat.items():
         path = ".".join(str(k) for k in key)
@@ -119,7 +134,8 @@ def _fill(cfg: ModelConfig, kind: str, get: Callable[[str], np.ndarray | None], 
                     f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {expected}"
                 )
             arrays.append(_to_hf(path, np.asarray(tensor, np.float32)))
-        filled[key] = var.replace(jnp.asarray(np.stack(arrays) if stacked else arrays[0]))
+        sharding = placement[key].get_value() if key in placement else None
+        filled[key] = var.replace(_place(np.stack(arrays) if stacked else arrays[0], sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
@@ -176,11 +192,21 @@ def _kind_from_architectures(hf_config: dict) -> str:
     return "scalar" if arch.endswith("ForSequenceClassification") else "lm"
 
 
-def load_pretrained(path: str | os.PathLike, *, kind: str | None = None, **config_overrides):
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    shardings: Callable[[nnx.State], nnx.State] | None = None,
+    **config_overrides,
+):
     """Loads an HF model folder (safetensors) or a `.gguf` file into our NNX model.
 
     kind: "lm" (CausalLM), "scalar" (ScalarHeadModel) or None to follow config.json's
     `architectures`. A "scalar" model from a causal-LM checkpoint gets a fresh head.
+    shardings: abstract model state -> the same tree of `jax.sharding.Sharding`s (e.g.
+    `functools.partial(rto_jax.train.sharding.tree_shardings, mesh=mesh)`): every tensor is read on
+    the host and sent in slices straight to its devices, so no device holds the whole model. In a
+    multi-process run every process reads the file and builds only its own devices' slices.
     config_overrides: execution switches such as dtype="bfloat16" or scan_layers=True.
     """
     path = Path(path)
@@ -202,9 +228,9 @@ def load_pretrained(path: str | os.PathLike, *, kind: str | None = None, **confi
     stored_kind = _kind_from_architectures(hf_config)
     kind = kind or stored_kind
     if kind == "scalar" and stored_kind == "lm":
-        model = ScalarHeadModel.from_causal_lm(_fill(cfg, "lm", get, source), nnx.Rngs(0))
+        model = ScalarHeadModel.from_causal_lm(_fill(cfg, "lm", get, source, shardings), nnx.Rngs(0))
     else:
-        model = _fill(cfg, kind, get, source)
+        model = _fill(cfg, kind, get, source, shardings)
     used = set(hf_state_dict_names(model))
     unused = sorted(
         n for n in names - used if not _IGNORED.match(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)

@@ -11,9 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rto_jax.distributed import is_main_process, sync, to_host
 from rto_jax.models import CausalLM, ModelConfig, load_pretrained, save_pretrained
 from rto_jax.pipeline.config import looks_local, parse_hook
+from rto_jax.pipeline.logging import write_json_atomic
 from rto_jax.train import OptimizerConfig, make_optimizer
+from rto_jax.train.sharding import tree_shardings
 
 
 class NonFiniteError(FloatingPointError):
@@ -42,15 +45,25 @@ def execution_overrides(config) -> dict:
     return dict(dtype=config.model.dtype, scan_layers=config.model.scan_layers, remat=config.model.remat)
 
 
-def load_model(name: str, kind: str, config):
-    """kind 'lm' (CausalLM) or 'scalar' (ScalarHeadModel; a fresh head on a causal LM's backbone)."""
-    return load_pretrained(resolve_model_path(name), kind=kind, **execution_overrides(config))
+def load_model(name: str, kind: str, config, mesh=None):
+    """kind 'lm' (CausalLM) or 'scalar' (ScalarHeadModel; a fresh head on a causal LM's backbone).
+
+    mesh: load straight into the sharding rules' layout on it (no device holds the whole model).
+    """
+    shardings = None if mesh is None else functools.partial(tree_shardings, mesh=mesh)
+    return load_pretrained(resolve_model_path(name), kind=kind, shardings=shardings, **execution_overrides(config))
 
 
-def init_base_model(config, task) -> CausalLM:
-    """SFT's starting point: config.model.init_from, or a random model sized by config.model."""
+def init_base_model(config, task, mesh=None) -> CausalLM:
+    """SFT's starting point: config.model.init_from (loaded onto `mesh` when given), or a random model
+    sized by config.model (`random_base_model`)."""
     if config.model.init_from:
-        return load_model(config.model.init_from, "lm", config)
+        return load_model(config.model.init_from, "lm", config, mesh)
+    return random_base_model(config, task)
+
+
+def random_base_model(config, task) -> CausalLM:
+    """A randomly initialized CausalLM sized by config.model (seed config.seed)."""
     m = config.model
     cfg = ModelConfig(
         arch=m.arch,
@@ -73,10 +86,24 @@ def init_base_model(config, task) -> CausalLM:
 
 
 def export(model, folder: Path, task) -> str:
-    """HF-format export (safetensors + config.json, + the tokenizer when there is one), atomic."""
-    tokenizer = task.tokenizer if hasattr(task.tokenizer, "save_pretrained") else None
-    save_pretrained(model, folder, tokenizer=tokenizer)
+    """HF-format export (safetensors + config.json, + the tokenizer when there is one), atomic.
+
+    Every process calls it (parameters split across processes are gathered); process 0 writes, and
+    the others wait until the folder is complete, since the next stage loads it on every process.
+    """
+    graphdef, params = nnx.split(model)
+    model = nnx.merge(graphdef, to_host(params))
+    if is_main_process():
+        tokenizer = task.tokenizer if hasattr(task.tokenizer, "save_pretrained") else None
+        save_pretrained(model, folder, tokenizer=tokenizer)
+    sync(f"export {folder}")
     return str(folder)
+
+
+def write_json(path, obj) -> None:
+    """`write_json_atomic` on process 0 only (results, done markers, caches: nothing is written twice)."""
+    if is_main_process():
+        write_json_atomic(path, obj)
 
 
 # One optax object per OptimizerConfig: TrainState keeps `tx` as static pytree metadata, so an equal

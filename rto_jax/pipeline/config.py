@@ -289,8 +289,11 @@ def _check_data_path(key: str, path: str):
         raise ConfigError(key, f"data file {path!r} does not exist")
 
 
-def validate(config, workdir=None) -> None:
-    """Raises ConfigError (naming the key) for any value that would fail later; does no work."""
+def validate(config, workdir=None, num_devices: int | None = None) -> None:
+    """Raises ConfigError (naming the key) for any value that would fail later; does no work.
+
+    num_devices: the devices the mesh spans (default: all devices of all processes).
+    """
     from rto_jax.data.formats import FORMATS
 
     stages = stage_list(config)
@@ -478,9 +481,19 @@ def validate(config, workdir=None) -> None:
         from rto_jax.train.sharding import mesh_shape
 
         try:
-            mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+            data, fsdp, _ = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
         except ValueError as e:
             raise ConfigError("mesh", str(e)) from None
+        # Batch rows are split over data x fsdp (and each process loads its own share of them).
+        rows_split = data * fsdp
+        for key in ("sft.batch_size", "reward_model.batch_size", "dpo.batch_size", "ppo.rollout_batch_size"):
+            stage, field = key.split(".")
+            if stage in trains and config[stage][field] % rows_split:
+                raise ConfigError(
+                    key,
+                    f"{config[stage][field]} rows do not split over the mesh's data x fsdp = {data} x {fsdp} "
+                    f"devices (config.mesh); use a multiple of {rows_split}",
+                )
 
     # Debug hooks.
     for key in ("fail_after", "nan_at"):

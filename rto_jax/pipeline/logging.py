@@ -68,15 +68,24 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 class RunLog:
     """metrics.jsonl + TensorBoard events of one workdir. Appends survive a kill: every line is flushed
-    and fsynced, and a partial last line left by a kill is dropped when the log is reopened."""
+    and fsynced, and a partial last line left by a kill is dropped when the log is reopened.
 
-    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True):
+    In a multi-process run only process 0 writes (`write` defaults to `is_main_process()`); the
+    others still fetch and return each record, so every process runs the same code.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True, write: bool | None = None):
+        from rto_jax.distributed import is_main_process
+
         self.workdir = Path(workdir)
         self.path = self.workdir / "metrics.jsonl"
+        self.write = is_main_process() if write is None else write
+        self._file = self._tb = None
+        if not self.write:
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._repair()
         self._file = open(self.path, "a")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -99,6 +108,8 @@ class RunLog:
     def log(self, stage: str, step: int, metrics: Mapping[str, Any], split: str = "train") -> dict:
         values = scalars(metrics)
         record = {"stage": stage, "split": split, "step": int(step), **values, "time": round(time.time(), 3)}
+        if not self.write:
+            return record
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -111,6 +122,8 @@ class RunLog:
     def truncate(self, stage: str, after_step: int) -> int:
         """Drops `stage`'s records with step > after_step (logged after the checkpoint a resume starts
         from, so they are logged again identically). Returns how many were dropped."""
+        if not self.write:
+            return 0
         self._file.close()
         keep, dropped = [], 0
         for line in self.path.read_text().splitlines(keepends=True):
@@ -125,18 +138,20 @@ class RunLog:
         return dropped
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
 
 def progress(stage: str, total: int, initial: int = 0):
-    """A tqdm bar for a stage's steps showing its main metric (RTO_JAX_NO_TQDM=1 turns bars off)."""
+    """A tqdm bar for a stage's steps showing its main metric (process 0 only; RTO_JAX_NO_TQDM=1 turns bars off)."""
     from tqdm.auto import tqdm
 
-    return tqdm(
-        total=total, initial=initial, desc=stage, dynamic_ncols=True, disable=bool(os.environ.get("RTO_JAX_NO_TQDM"))
-    )
+    from rto_jax.distributed import is_main_process
+
+    quiet = bool(os.environ.get("RTO_JAX_NO_TQDM")) or not is_main_process()
+    return tqdm(total=total, initial=initial, desc=stage, dynamic_ncols=True, disable=quiet)
 
 
 def _fmt(value) -> str:

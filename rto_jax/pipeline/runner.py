@@ -18,7 +18,9 @@ import json
 import logging
 from pathlib import Path
 
+from rto_jax.distributed import is_main_process, sync
 from rto_jax.pipeline import stages as stages_lib
+from rto_jax.pipeline.common import write_json
 from rto_jax.pipeline.config import STAGES, parse_policies, stage_done_file, stage_list, validate
 from rto_jax.pipeline.logging import RunLog, summary, write_json_atomic
 from rto_jax.pipeline.tasks import build_task
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def _write_config(config, workdir: Path) -> None:
+    if not is_main_process():
+        return
     path = workdir / "config.json"
     new = json.loads(config.to_json_best_effort(sort_keys=True))
     if path.exists():
@@ -59,24 +63,33 @@ def run(config, workdir, task=None) -> dict:
     try:
         task = task if task is not None else build_task(config, workdir)
         log.info("task %s: %s", task.name, task.describe())
+        # Read before any stage runs: in a multi-process run process 0 writes the markers, and a
+        # process that lags behind must not see a marker of a stage it has yet to run.
+        finished = {
+            stage: json.loads(stage_done_file(workdir, stage).read_text())
+            for stage in STAGES
+            if stage_done_file(workdir, stage).exists()
+        }
+        sync("done markers read")
         done: dict[str, dict] = {}
         for stage in STAGES:
             marker = stage_done_file(workdir, stage)
-            if marker.exists():
-                done[stage] = json.loads(marker.read_text())
-                if stage in wanted:
+            if stage in finished:
+                done[stage] = finished[stage]
+                if stage in wanted and is_main_process():
                     print(f"[{stage}] already finished in {workdir}: skipped")
                 continue
             if stage not in wanted and not (stage != "evaluate" and config[stage].init_from):
                 continue
             result = _run_stage(stage, config, workdir, task, run_log, done)
-            write_json_atomic(marker, result)
+            write_json(marker, result)
             done[stage] = result
-            print(summary(f"{stage} done", {k: v for k, v in result.items() if not isinstance(v, dict)}))
+            if is_main_process():
+                print(summary(f"{stage} done", {k: v for k, v in result.items() if not isinstance(v, dict)}))
         results = {"name": config.name, "stages": {k: v for k, v in done.items() if k != "evaluate"}}
         if "evaluate" in done:
             results.update(done["evaluate"])
-        write_json_atomic(workdir / "results.json", results)
+        write_json(workdir / "results.json", results)
         return results
     finally:
         run_log.close()

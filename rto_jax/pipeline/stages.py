@@ -23,11 +23,11 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.data import BatchIterator, pad_batch
-from rto_jax.distributed import host_local_batch_to_global, process_slice
+from rto_jax.distributed import host_local_batch_to_global, is_main_process, process_slice, to_host
 from rto_jax.objectives import dpo_loss, sft_loss
 from rto_jax.pipeline import checkpoint, common
 from rto_jax.pipeline.config import ppo_variant_fields
-from rto_jax.pipeline.logging import RunLog, progress, scalars, summary, table, write_json_atomic
+from rto_jax.pipeline.logging import RunLog, progress, scalars, summary, table
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
     DPOConfig,
@@ -44,7 +44,7 @@ from rto_jax.train import (
     sequence_logps,
     sequence_scores,
 )
-from rto_jax.train.sharding import mesh_from_config, shard_tree, step_shardings
+from rto_jax.train.sharding import create_sharded_train_state, mesh_from_config, put, shard_tree, step_shardings
 from rto_jax.train.steps import response_logits
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,15 @@ def shard_state(state, mesh):
         return state, None
     state = shard_tree(state, mesh)
     return state, step_shardings(state, mesh)
+
+
+def stage_rng(config, stage: str, shardings) -> jax.Array:
+    """The stage's base PRNG key, replicated over the mesh when there is one (so checkpoints save it
+    as one global array in a multi-process run)."""
+    rng = common.stage_key(config.seed, stage)
+    if shardings is None:
+        return rng
+    return jax.random.wrap_key_data(put(jax.random.key_data(rng), shardings.replicated))
 
 
 def to_global(batch: dict, shardings) -> dict:
@@ -111,6 +120,7 @@ def _batches(arrays: dict, batch_size: int):
 
 
 def _weighted_mean(values: list[tuple[dict, int]]) -> dict[str, float]:
+    values = [(to_host(m), n) for m, n in values]
     total = sum(n for _, n in values)
     keys = values[0][0].keys()
     return {k: float(sum(float(m[k]) * n for m, n in values) / total) for k in keys}
@@ -141,27 +151,26 @@ def train_loop(
 
     The checkpoint holds the train state, the RNG and the data iterator's position; a resumed run
     drops the metrics logged after that checkpoint and logs them again, identically. With `shardings`
-    (`state` already sharded) each process loads its rows and the batch is assembled over the mesh.
+    (`state` already sharded) each process loads its rows and the batch is assembled over the mesh
+    before `prepare` sees it.
     """
     cfg = config[stage]
     iterator = BatchIterator(train_arrays, cfg.batch_size, seed=config.seed, **process_slice())
     total = len(iterator) * cfg.num_epochs
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
-    rng = common.stage_key(config.seed, stage)
+    rng = stage_rng(config, stage, shardings)
     start, final_eval = 0, {}
     if manager.latest_step() is not None:
         (state, rng_data), meta, start = checkpoint.restore(manager, (state, jax.random.key_data(rng)))
-        rng = jax.random.wrap_key_data(
-            rng_data if shardings is None else jax.device_put(rng_data, shardings.replicated)
-        )
+        rng = jax.random.wrap_key_data(rng_data)
         iterator.restore(meta["data"])
         final_eval = meta.get("eval", {})
         dropped = run_log.truncate(stage, start)
         log.info("%s: resumed from step %d (%d metric records after it dropped)", stage, start, dropped)
     bar = progress(stage, total, start)
     for step in range(start + 1, total + 1):
-        batch = to_global(prepare(next(iterator)), shardings)
+        batch = prepare(to_global(next(iterator), shardings))
         rng, step_rng = jax.random.split(rng)
         if common.hook_hits(config, "nan_at", stage, step):
             state = state.replace(params=common.poison(state.params))
@@ -193,10 +202,14 @@ def run_sft(config, workdir, task, run_log: RunLog) -> dict:
     cfg = config.sft
     if cfg.init_from:
         return {"model_path": cfg.init_from, "source": "init_from"}
-    model = common.init_base_model(config, task)
     steps = len(BatchIterator(task.sft_train, cfg.batch_size)) * cfg.num_epochs
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-    state, shardings = shard_state(TrainState.create(model, common.optimizer(cfg, steps)), device_mesh(config))
+    tx, mesh = common.optimizer(cfg, steps), device_mesh(config)
+    if mesh is not None and not config.model.init_from:  # initialized shard by shard on the mesh
+        state = create_sharded_train_state(lambda: common.random_base_model(config, task), tx, mesh)
+        shardings = step_shardings(state, mesh)
+    else:
+        state, shardings = shard_state(TrainState.create(common.init_base_model(config, task, mesh), tx), mesh)
     step_fn = sft_step(StepConfig(grad_accum_steps=cfg.grad_accum_steps), shardings=shardings)
 
     def evaluate(state):
@@ -223,7 +236,7 @@ def score_arrays(model, arrays: dict, batch_size: int, prefix: str = "") -> np.n
     keys = ("input_ids", "attention_mask", "positions", "response_mask")
     out = []
     for batch, n in _batches({k: arrays[prefix + k] for k in keys}, batch_size):
-        out.append(np.asarray(_scores(graphdef, params, *(batch[k] for k in keys)))[:n])
+        out.append(to_host(_scores(graphdef, params, *(batch[k] for k in keys)))[:n])
     return np.concatenate(out)
 
 
@@ -250,7 +263,7 @@ def sample_responses(graphdef, params, prompts: dict, batch_size: int, sampling:
         rows = dict(
             input_ids=input_ids, attention_mask=attention_mask, positions=positions, response_mask=samples.response_mask
         )
-        parts.append({k: np.asarray(v)[:n] for k, v in rows.items()})
+        parts.append({k: v[:n] for k, v in to_host(rows).items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -259,7 +272,7 @@ def reward_normalization(config, task, reward_model, sft_path: str | None) -> di
     cfg = config.reward_model
     n = cfg.normalize_rows
     if cfg.normalize_on == "sft_samples" and sft_path:
-        policy = common.load_model(sft_path, "lm", config)
+        policy = common.load_model(sft_path, "lm", config, device_mesh(config))
         graphdef, params = nnx.split(policy)
         sampling = SamplingConfig(task.response_length, task.eos_id, task.pad_id, temperature=config.ppo.temperature)
         prompts = {k: v[:n] for k, v in task.prompts_train.items()}
@@ -287,10 +300,11 @@ def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | Non
         if task.preference_eval is not None:
             out.update(reward_accuracy(model, task.preference_eval, cfg.eval_batch_size))
     else:
-        model = common.load_model(sft_path, "scalar", config)
+        mesh = device_mesh(config)
+        model = common.load_model(sft_path, "scalar", config, mesh)
         steps = len(BatchIterator(task.preference_train, cfg.batch_size)) * cfg.num_epochs
         steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-        state, shardings = shard_state(TrainState.create(model, common.optimizer(cfg, steps)), device_mesh(config))
+        state, shardings = shard_state(TrainState.create(model, common.optimizer(cfg, steps)), mesh)
         step_fn = reward_model_step(
             StepConfig(grad_accum_steps=cfg.grad_accum_steps), margin=cfg.margin, shardings=shardings
         )
@@ -343,14 +357,13 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
     cfg = config.dpo
     if cfg.init_from:
         return {"model_path": cfg.init_from, "source": "init_from"}
-    policy = common.load_model(sft_path, "lm", config)
-    ref_graphdef, ref_params = nnx.split(common.load_model(sft_path, "lm", config))
+    mesh = device_mesh(config)
+    policy = common.load_model(sft_path, "lm", config, mesh)
+    # On the policy's layout (the eval step takes both).
+    ref_graphdef, ref_params = nnx.split(common.load_model(sft_path, "lm", config, mesh))
     steps = len(BatchIterator(task.preference_train, cfg.batch_size)) * cfg.num_epochs
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
-    mesh = device_mesh(config)
     state, shardings = shard_state(TrainState.create(policy, common.optimizer(cfg, steps)), mesh)
-    if mesh is not None:  # on the policy's layout: the eval step takes both
-        ref_params = shard_tree(ref_params, mesh)
     dpo = DPOConfig(
         beta=cfg.beta,
         loss_type=cfg.loss_type,
@@ -358,14 +371,16 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
         grad_accum_steps=cfg.grad_accum_steps,
     )
     step_fn = dpo_step(dpo, shardings=shardings)
-    prepare = lambda batch: {**batch, **precompute_reference_logps(ref_graphdef, ref_params, batch)}
+    # On the mesh the reference log-probs of the (global) batch are split like the batch itself.
+    place = (lambda x: x) if shardings is None else functools.partial(jax.device_put, device=shardings.batch)
+    prepare = lambda batch: {**batch, **place(precompute_reference_logps(ref_graphdef, ref_params, batch))}
 
     def evaluate(state):
         parts = [
             (_dpo_eval(state.graphdef, state.params, ref_params, b, dpo), n)
             for b, n in _batches(task.preference_eval, cfg.eval_batch_size)
         ]
-        return _weighted_mean([(jax.device_get(m), n) for m, n in parts])
+        return _weighted_mean(parts)
 
     state, final = train_loop(
         "dpo", config, workdir, run_log, state, task.preference_train, step_fn, evaluate, prepare, shardings=shardings
@@ -417,10 +432,11 @@ def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict,
     ppo = ppo_config(config, task)
     total = cfg.total_episodes // cfg.rollout_batch_size
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    policy = common.load_model(sft_path, "lm", config)
-    reward_model = common.load_model(reward["model_path"], "scalar", config)
-    critic = common.load_model(reward["model_path"], "scalar", config)
-    dpo_params = nnx.split(common.load_model(dpo_path, "lm", config))[1] if ppo.beta_dpo else None
+    mesh = device_mesh(config)
+    policy = common.load_model(sft_path, "lm", config, mesh)
+    reward_model = common.load_model(reward["model_path"], "scalar", config, mesh)
+    critic = common.load_model(reward["model_path"], "scalar", config, mesh)
+    dpo_params = nnx.split(common.load_model(dpo_path, "lm", config, mesh))[1] if ppo.beta_dpo else None
     state = create_ppo_state(
         policy,
         critic,
@@ -431,19 +447,17 @@ def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict,
         reward_mean=reward["reward_mean"],
         reward_std=reward["reward_std"],
     )
-    state, shardings = shard_state(state, device_mesh(config))
+    state, shardings = shard_state(state, mesh)
     _, _, iteration_fn = ppo_fns(ppo, shardings=shardings)
     prompts = BatchIterator(task.prompts_train, cfg.rollout_batch_size, seed=config.seed, **process_slice())
     manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
-    rng = common.stage_key(config.seed, stage)
+    rng = stage_rng(config, stage, shardings)
     start = 0
     saved = lambda state, rng: {"policy": state.policy, "critic": state.critic, "rng": jax.random.key_data(rng)}
     if manager.latest_step() is not None:
         tree, meta, start = checkpoint.restore(manager, saved(state, rng))
         state = state.replace(policy=tree["policy"], critic=tree["critic"])
-        rng = jax.random.wrap_key_data(
-            tree["rng"] if shardings is None else jax.device_put(tree["rng"], shardings.replicated)
-        )
+        rng = jax.random.wrap_key_data(tree["rng"])
         prompts.restore(meta["data"])
         run_log.truncate(stage, start)
         log.info("ppo: resumed from iteration %d", start)
@@ -490,7 +504,7 @@ def make_judge(path: str, config) -> Callable[[dict], np.ndarray]:
     LLM judge that decodes prompt and response with the task's tokenizer, asks a model which of two
     summaries is better and returns per-row preference scores.
     """
-    model = common.load_model(path, "scalar", config)
+    model = common.load_model(path, "scalar", config, device_mesh(config))
     return lambda arrays: score_arrays(model, arrays, config.evaluate.batch_size)
 
 
@@ -499,7 +513,7 @@ def evaluate_policy(
 ) -> tuple[dict, dict]:
     """Samples on the held-out prompts and scores them -> (metrics, the samples' arrays)."""
     cfg = config.evaluate
-    policy = common.load_model(policy_path, "lm", config)
+    policy = common.load_model(policy_path, "lm", config, device_mesh(config))
     graphdef, params = nnx.split(policy)
     sampling = SamplingConfig(
         task.response_length, task.eos_id, task.pad_id, temperature=cfg.temperature, greedy=cfg.greedy
@@ -527,7 +541,7 @@ def evaluate_policy(
                 cfg.temperature,
             )
             diff = _logprobs(graphdef, params, *args) - _logprobs(ref[0], ref[1], *args)
-            kl.append(np.asarray(jnp.sum(diff, axis=1))[:n])
+            kl.append(to_host(jnp.sum(diff, axis=1))[:n])
         out["kl_to_ref"] = float(np.mean(np.concatenate(kl)))
     if references is not None:
         mine, theirs = judge(rows), references["judge_scores"]
@@ -550,10 +564,17 @@ def run_evaluate(
     cfg = config.evaluate
     folder = common.stage_dir(workdir, "evaluate")
     judge_path = cfg.judge or reward_path
-    reward_model = common.load_model(reward_path or judge_path, "scalar", config)
+    mesh = device_mesh(config)
+    reward_model = common.load_model(reward_path or judge_path, "scalar", config, mesh)
     judge = make_judge(judge_path, config)
-    ref = nnx.split(common.load_model(ref_path, "lm", config)) if ref_path else None
+    ref = nnx.split(common.load_model(ref_path, "lm", config, mesh)) if ref_path else None
     results: dict[str, dict] = {}
+    # Read before evaluating anything (see runner.run: a lagging process must not see new caches).
+    cached = {
+        name: json.loads((folder / f"{name}.json").read_text())
+        for name in policies
+        if (folder / f"{name}.json").exists()
+    }
     references = None
     if task.eval_references is not None:
         references = {"judge_scores": judge(task.eval_references)}
@@ -566,22 +587,23 @@ def run_evaluate(
             "win_rate": 0.5,
         }
     for name, path in policies.items():
-        cache = folder / f"{name}.json"
-        if cache.exists():
-            results[name] = json.loads(cache.read_text())
+        if name in cached:
+            results[name] = cached[name]
             continue
         metrics, rows = evaluate_policy(config, task, path, reward_model, judge, ref, references)
         metrics["model_path"] = path
         results[name] = metrics
         run_log.log("evaluate", 0, {k: v for k, v in metrics.items() if isinstance(v, float)}, split=name)
-        _write_samples(folder / f"samples_{name}.jsonl", task, rows, cfg.num_samples_logged)
-        write_json_atomic(cache, metrics)
-    print(
-        table(
-            f"evaluation ({len(task.eval_prompts['prompt_ids'])} held-out prompts)",
-            {k: {m: v for m, v in r.items() if m != "model_path"} for k, r in results.items()},
+        if is_main_process():
+            _write_samples(folder / f"samples_{name}.jsonl", task, rows, cfg.num_samples_logged)
+        common.write_json(folder / f"{name}.json", metrics)
+    if is_main_process():
+        print(
+            table(
+                f"evaluation ({len(task.eval_prompts['prompt_ids'])} held-out prompts)",
+                {k: {m: v for m, v in r.items() if m != "model_path"} for k, r in results.items()},
+            )
         )
-    )
     return {"policies": results, "judge": judge_path, "num_prompts": len(task.eval_prompts["prompt_ids"])}
 
 

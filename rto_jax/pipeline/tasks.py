@@ -155,16 +155,21 @@ def load_run_tokenizer(config, workdir):
     if config.tokenizer.path:
         return load_tokenizer(resolve_model_path(config.tokenizer.path))
     if config.tokenizer.bpe_vocab_size > 0:
-        folder = Path(workdir) / "tokenizer"
-        if folder.exists():  # trained by an earlier (interrupted) run of this workdir: reuse it exactly
-            from transformers import AutoTokenizer
+        from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(str(folder))
-        sources = [s for s in (config.data.sft, config.data.preference) if s.path]
-        texts = training_texts(sources, config.tokenizer.bpe_max_texts)
-        log.info("training a byte-level BPE (vocab %d) on %d strings", config.tokenizer.bpe_vocab_size, len(texts))
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        return train_bpe(texts, config.tokenizer.bpe_vocab_size, folder)
+        from rto_jax.distributed import is_main_process, sync
+
+        # Trained once per workdir, by process 0; every process (and a resumed run) reads the saved
+        # folder, so all of them tokenize with exactly the same vocabulary.
+        folder = Path(workdir) / "tokenizer"
+        if not folder.exists() and is_main_process():
+            sources = [s for s in (config.data.sft, config.data.preference) if s.path]
+            texts = training_texts(sources, config.tokenizer.bpe_max_texts)
+            log.info("training a byte-level BPE (vocab %d) on %d strings", config.tokenizer.bpe_vocab_size, len(texts))
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            train_bpe(texts, config.tokenizer.bpe_vocab_size, folder)
+        sync("tokenizer")
+        return AutoTokenizer.from_pretrained(str(folder))
     for name in [config.model.init_from] + [config[s].init_from for s in ("sft", "reward_model", "dpo", "ppo")]:
         if name:
             return load_tokenizer(resolve_model_path(name))

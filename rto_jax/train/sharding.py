@@ -266,7 +266,9 @@ def abstract_tree(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _put(x, sharding: NamedSharding):
+def put(x, sharding: NamedSharding):
+    """One array (host, single-device or global) placed with `sharding`; in a multi-process run every
+    process passes the same value and builds only its own devices' shards from it."""
     if isinstance(x, jax.Array) and x.sharding == sharding:
         return x
     if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
@@ -282,7 +284,7 @@ def shard_tree(tree, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     Each device receives only its slices. For models too big for one host's memory, create them
     sharded instead (`create_sharded_train_state` with a model function, or an orbax restore).
     """
-    return jax.tree.map(_put, tree, tree_shardings(tree, mesh, rules))
+    return jax.tree.map(put, tree, tree_shardings(tree, mesh, rules))
 
 
 # ----------------------------------------------------------------------------------------------
