@@ -219,10 +219,36 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def run(rows: list[dict], *, smoke: bool, timeout: float, log=sys.stderr) -> list[dict]:
-    """Runs every row (ceilings first) and returns one record per row: the row, its result and metrics."""
+def load_progress(path: Path | None, commit: str | None) -> dict[str, dict]:
+    """Rows already measured by an interrupted run of the same commit: `{row id: {"row", "result"}}`."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"{path}: unreadable benchmark progress file ({err}); delete it to start afresh") from err
+    if saved.get("commit") != commit:
+        return {}  # other code: its timings do not describe this commit
+    return saved.get("rows", {})
+
+
+def run(
+    rows: list[dict],
+    *,
+    smoke: bool,
+    timeout: float,
+    log=sys.stderr,
+    progress: Path | None = None,
+    commit: str | None = None,
+) -> list[dict]:
+    """Runs every row (ceilings first) and returns one record per row: the row, its result and metrics.
+
+    With `progress`, each finished row is saved there (atomically) and a row already saved by an interrupted
+    run of the same commit, with the same definition, is not measured again.
+    """
     rows = sorted(rows, key=lambda r: r["group"] != "ceiling")  # stable: ceilings first, then as listed
     results: dict[str, dict] = {}
+    saved = load_progress(progress, commit)
     with tempfile.TemporaryDirectory(prefix="rto-bench-") as tmp:
         if smoke:
             # One process per backend, one after the other (torch's spinning threads crawl when they share
@@ -240,6 +266,15 @@ def run(rows: list[dict], *, smoke: bool, timeout: float, log=sys.stderr) -> lis
                     print(f"[{backend}] {len(group)} rows in {time.perf_counter() - start:.1f} s", file=log)
         else:
             for i, row in enumerate(rows):
+                earlier = saved.get(row["id"])
+                if earlier and earlier["row"] == row:
+                    results[row["id"]] = earlier["result"]
+                    print(
+                        f"[{i + 1}/{len(rows)}] {row['id']}: {earlier['result']['status']} (kept from {progress})",
+                        file=log,
+                        flush=True,
+                    )
+                    continue
                 load_before = os.getloadavg()[0]
                 start = time.perf_counter()
                 (res,), peak = _run_worker([row], timeout, Path(tmp))
@@ -248,6 +283,9 @@ def run(rows: list[dict], *, smoke: bool, timeout: float, log=sys.stderr) -> lis
                 # This row alone keeps about `cores` threads busy; a higher load means other work shared the CPU.
                 res["noisy"] = max(res["loadavg_1m"]) > (os.cpu_count() or 1) + 1
                 results[row["id"]] = res
+                if progress is not None:
+                    saved[row["id"]] = {"row": row, "result": res}
+                    write_json(progress, {"commit": commit, "rows": saved})
                 print(
                     f"[{i + 1}/{len(rows)}] {row['id']}: {res['status']} in {time.perf_counter() - start:.0f} s"
                     + (f" ({res.get('reason')})" if res["status"] != "ok" else ""),
@@ -325,10 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(rows)} rows on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB)", file=sys.stderr
     )
-    records = run(rows, smoke=args.smoke, timeout=args.timeout)
-    summary(records)
     name = started.strftime("%Y-%m-%d") + ("-smoke" if args.smoke else "") + ".json"
     path = Path(args.out) / name
+    # An interrupted full run (killed, machine taken back) resumes from here on the next call.
+    progress = None if args.smoke else Path(args.out) / ".progress.json"
+    records = run(rows, smoke=args.smoke, timeout=args.timeout, progress=progress, commit=machine["commit"])
+    summary(records)
     write_json(
         path,
         {
@@ -341,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             "rows": records,
         },
     )
+    if progress is not None:
+        progress.unlink(missing_ok=True)
     print(f"\nwrote {path}", file=sys.stderr)
     return 0 if all(r["status"] in ("ok", "unavailable") for r in records) else 1
 

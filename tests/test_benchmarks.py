@@ -42,3 +42,21 @@ def test_smoke_run_writes_json(tmp_path):
     (ppo,) = [row for row in rows.values() if row["group"] == "ppo"]
     assert set(ppo["split_s"]) == {"rollout", "scoring", "update"}
     assert "| row" in proc.stdout and "PPO iteration" in proc.stdout
+
+
+def test_interrupted_run_keeps_rows_of_the_same_commit(tmp_path):
+    from benchmarks.run import run, write_json
+    from benchmarks.workloads import smoke_rows
+
+    ceiling = next(r for r in smoke_rows() if r["group"] == "ceiling" and r["backend"] == "jax")
+    progress = tmp_path / ".progress.json"
+    kept = {"id": ceiling["id"], "status": "ok", "gflops": 123456.0, "by_size": {}, "median_s": 1.0}
+    write_json(progress, {"commit": "abc1234", "rows": {ceiling["id"]: {"row": ceiling, "result": kept}}})
+
+    (record,) = run([ceiling], smoke=False, timeout=300, progress=progress, commit="abc1234")
+    assert record["gflops"] == 123456.0  # kept, not measured again
+
+    (record,) = run([ceiling], smoke=False, timeout=300, progress=progress, commit="def5678")
+    assert record["status"] == "ok" and record["gflops"] != 123456.0  # other code: measured afresh
+    saved = json.loads(progress.read_text())
+    assert saved["commit"] == "def5678" and saved["rows"][ceiling["id"]]["result"]["gflops"] == record["gflops"]
