@@ -9,11 +9,13 @@ ablations. Everything is determined by `config.seed` (task, data, initialisation
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +133,13 @@ def _sample(graphdef, params, prompts, rng, sampling: SamplingConfig, batch_size
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    if jax.process_count() > 1:
+        # Its models are small and its loops unsharded: several processes would each run it whole
+        # and write the same files.
+        raise ValueError(
+            "the synthetic benchmark runs in one process (on one device); start it without "
+            "config.distributed / RTO_JAX_COORDINATOR_ADDRESS"
+        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(workdir)
@@ -242,6 +251,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     )
     eval_key = jax.random.key(seed + 12345)
     rows = {"sft": evaluate(sft_params, eval_key), "dpo": evaluate(dpo_params, eval_key)}
+    start_point = PPOStart(
+        graphdef=graphdef,
+        sft_params=sft_params,
+        dpo_params=dpo_params,
+        reward_model=reward_model,
+        reward_mean=reward_mean,
+        reward_std=reward_std,
+        sampling=sampling,
+        eval_prompts=eval_prompts,
+        eval_key=eval_key,
+        sft_gold=float(rows["sft"]["gold"].mean()),
+    )
     curves = {}
     for name in config.methods:
         if name in ("sft", "dpo"):
@@ -253,22 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             params = nnx.split(load_pretrained(workdir / "models" / name))[1]
             curves[name] = json.loads(curve_file.read_text())
         else:
-            params, curves[name] = _train_ppo(
-                name,
-                config,
-                task,
-                graphdef,
-                sft_params,
-                dpo_params,
-                reward_model,
-                reward_mean,
-                reward_std,
-                sampling,
-                eval_prompts,
-                eval_key,
-                float(rows["sft"]["gold"].mean()),
-                run_log,
-            )
+            params, curves[name] = _train_ppo(name, config, task, start_point, run_log)
             save_pretrained(nnx.merge(graphdef, params), workdir / "models" / name)
             write_json_atomic(curve_file, curves[name])
         rows[name] = evaluate(params, eval_key)
@@ -364,23 +370,25 @@ def _reward_model_accuracy(task, reward_model, graphdef, sft_params, sampling, s
     return {"heldout_gold_agreement": float(agree[untied].mean())}
 
 
-def _train_ppo(
-    name,
-    config,
-    task,
-    graphdef,
-    sft_params,
-    dpo_params,
-    reward_model,
-    reward_mean,
-    reward_std,
-    sampling,
-    eval_prompts,
-    eval_key,
-    sft_gold,
-    run_log,
-):
+@dataclasses.dataclass(frozen=True)
+class PPOStart:
+    """What every PPO-family method starts from: the earlier stages' models and the evaluation setup."""
+
+    graphdef: Any  # the policy's nnx graph (pi_sft's architecture)
+    sft_params: Any  # pi_sft: initial policy and reference
+    dpo_params: Any  # pi_dpo: the token reward of the RTO variants
+    reward_model: Any  # ScalarHeadModel: reward and the critic's initialization
+    reward_mean: float  # score statistics for the normalized reward
+    reward_std: float
+    sampling: SamplingConfig
+    eval_prompts: dict  # held-out prompts `[N, P]`
+    eval_key: jax.Array  # the same sampling key for every method's evaluations
+    sft_gold: float  # pi_sft's mean gold reward: the curves' first point
+
+
+def _train_ppo(name, config, task, start: PPOStart, run_log):
     """One PPO-family method from pi_sft; returns its final params and its (episodes, gold reward) curve."""
+    graphdef, sft_params, eval_prompts, sampling = start.graphdef, start.sft_params, start.eval_prompts, start.sampling
     ppo = config.ppo
     iterations = ppo.episodes // ppo.rollout_batch_size
     shared = dict(
@@ -392,24 +400,24 @@ def _train_ppo(
         missing_eos_penalty=ppo.missing_eos_penalty,
     )
     ppo_config = PPOConfig(sampling=sampling, **{**shared, **VARIANTS[name]})
-    reward_graphdef, reward_params = nnx.split(reward_model)
+    reward_graphdef, reward_params = nnx.split(start.reward_model)
     policy = nnx.merge(graphdef, jax.tree.map(jnp.copy, sft_params))
     critic = nnx.merge(reward_graphdef, jax.tree.map(jnp.copy, reward_params))
     state = create_ppo_state(
         policy,
         critic,
-        reward_model,
+        start.reward_model,
         _optimizer(ppo, iterations),
         _optimizer(ppo.critic, iterations),
         reference_params=sft_params,
-        dpo_params=dpo_params,
-        reward_mean=reward_mean,
-        reward_std=reward_std,
+        dpo_params=start.dpo_params,
+        reward_mean=start.reward_mean,
+        reward_std=start.reward_std,
     )
     _, _, iteration = make_ppo_fns(ppo_config)
     prompt_rng = np.random.default_rng(config.seed + 7)  # the same prompt stream for every method
     method_key = jax.random.key(config.seed + 99)
-    curve = [(0, sft_gold)]
+    curve = [(0, start.sft_gold)]
     run_log.truncate(name, 0)
     bar = progress(name, iterations)
     for it in range(iterations):
@@ -427,7 +435,7 @@ def _train_ppo(
                 state.policy.params,
                 sft_params,
                 eval_prompts,
-                eval_key,
+                start.eval_key,
                 sampling,
                 gold_fn=task.gold_reward_jax,
             )["gold"]
