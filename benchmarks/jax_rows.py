@@ -10,6 +10,7 @@ from flax import nnx
 from benchmarks.timing import measure
 from benchmarks.workloads import FIRST_TOKEN, SHAPES
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions
+from rto_jax.objectives.token_rewards import bind, ppo, rto
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
     DPOConfig,
@@ -131,11 +132,13 @@ def _ppo_setup(cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: b
     policy = CausalLM(cfg, nnx.Rngs(0))
     critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(1))
     reward = ScalarHeadModel(cfg, nnx.Rngs(2))
-    dpo_params = nnx.split(CausalLM(cfg, nnx.Rngs(3)))[1] if beta_dpo else None
-    state = create_ppo_state(policy, critic, reward, _optimizer(), _optimizer(), dpo_params=dpo_params)
+    frozen = {"ref": nnx.split(policy)[1]}
+    if beta_dpo:
+        frozen["dpo"] = nnx.split(CausalLM(cfg, nnx.Rngs(3)))[1]
+    state = create_ppo_state(policy, critic, _optimizer(), _optimizer(), frozen=frozen, reward_model=reward)
     # EOS = vocab_size: an id the model can never emit, so every rollout runs all `response` tokens.
     sampling = SamplingConfig(max_new_tokens=response, eos_id=cfg.vocab_size, pad_id=PAD, greedy=greedy)
-    config = PPOConfig(sampling=sampling, beta_dpo=beta_dpo)
+    config = PPOConfig(sampling=sampling, token_reward=bind(rto, beta_dpo=beta_dpo) if beta_dpo else bind(ppo))
     return state, make_ppo_fns(config), sampling
 
 

@@ -1,10 +1,12 @@
-"""PPO baseline on TL;DR: the RTO pipeline with beta_dpo = 0 (no DPO stage needed) and the N+ KL of 0.05.
+"""PPO baseline on TL;DR: recipe experiments/ppo.py (PPO's sparse reward; no DPO stage) with the N+ KL of 0.05.
 
 Presets as in rto_tldr.py: 1b (default), 2.8b, 6.9b, tiny.
 """
 
 import importlib.util
 import os
+
+from rto_jax.pipeline.recipes import set_recipe
 
 
 def _rto_tldr():
@@ -21,7 +23,7 @@ def get_config(preset: str = "1b"):
     c = _rto_tldr().get_config(preset)
     with c.unlocked():
         c.name = f"ppo_tldr_{preset}"
-        c.stages = "sft,reward_model,ppo,evaluate"  # no DPO model: the PPO variant does not use it
-        c.ppo.variant = "ppo"  # beta_dpo = 0
-        c.ppo.beta_kl = 0.05  # N+ TL;DR KL coefficient
+        c.stages = "sft,reward_model,ppo,evaluate"  # no DPO model: PPO's reward does not read one
+    set_recipe(c, "experiments/ppo.py")
+    c.ppo.reward_args.beta_kl = 0.05  # N+ TL;DR KL coefficient
     return c

@@ -53,7 +53,6 @@ def tiny_data(c):
 def get_config(preset: str = "1b"):
     c = base_config()
     c.name = f"rto_tldr_{preset}"
-    c.ppo.variant = "rto"
     if preset == "tiny":
         apply_tiny(tiny_data(c))
     elif preset in PYTHIA:

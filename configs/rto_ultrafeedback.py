@@ -30,7 +30,6 @@ def ultrafeedback_data(c):
 def get_config(preset: str = "llama3_8b"):
     c = base_config()
     c.name = f"rto_ultrafeedback_{preset}"
-    c.ppo.variant = "rto"
     if preset == "tiny":
         apply_tiny(c)
         c.data.sft.path = ""  # SFT on the chosen responses

@@ -25,6 +25,7 @@ from flax import nnx
 
 from rto_jax.data.loader import BatchIterator
 from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig, best_of_n_frontier
+from rto_jax.objectives.token_rewards import TOKEN_REWARDS, bind, frozen_models, needs_reward_model, reward_args
 from rto_jax.pipeline.logging import RunLog, progress, write_json_atomic
 from rto_jax.eval.plots import plot_gold_vs_episodes, plot_gold_vs_kl
 from rto_jax.eval.rollout_eval import episodes_to_reach, evaluate_policy, over_prompt_batches, summarize
@@ -47,13 +48,8 @@ from rto_jax.train import (
 
 log = logging.getLogger(__name__)
 
-# The methods compared, as PPOConfig switches (DESIGN.md: the ablations run from one code path).
-VARIANTS = {
-    "ppo": dict(beta_dpo=0.0),
-    "rto": dict(),
-    "rto_sequence_end": dict(dpo_placement="sequence_end"),
-    "rto_no_rm": dict(beta_rm=0.0),
-}
+# The methods compared: token rewards of one code path (docs/DESIGN.md: the ablations are rewards).
+VARIANTS = {name: TOKEN_REWARDS[name] for name in ("ppo", "rto", "rto_sequence_end", "rto_no_rm")}
 
 
 def _model_config(config, task: SyntheticTask) -> ModelConfig:
@@ -391,26 +387,26 @@ def _train_ppo(name, config, task, start: PPOStart, run_log):
     graphdef, sft_params, eval_prompts, sampling = start.graphdef, start.sft_params, start.eval_prompts, start.sampling
     ppo = config.ppo
     iterations = ppo.episodes // ppo.rollout_batch_size
-    shared = dict(
-        beta_kl=ppo.beta_kl,
-        beta_dpo=ppo.beta_dpo,
-        dpo_clip=ppo.dpo_clip,
+    fn = VARIANTS[name]
+    shared = dict(beta_kl=ppo.beta_kl, beta_dpo=ppo.beta_dpo, dpo_clip=ppo.dpo_clip)
+    ppo_config = PPOConfig(
+        sampling=sampling,
+        token_reward=bind(fn, **{k: v for k, v in shared.items() if k in reward_args(fn)}),
         ppo_epochs=ppo.ppo_epochs,
         num_minibatches=ppo.num_minibatches,
         missing_eos_penalty=ppo.missing_eos_penalty,
     )
-    ppo_config = PPOConfig(sampling=sampling, **{**shared, **VARIANTS[name]})
     reward_graphdef, reward_params = nnx.split(start.reward_model)
     policy = nnx.merge(graphdef, jax.tree.map(jnp.copy, sft_params))
     critic = nnx.merge(reward_graphdef, jax.tree.map(jnp.copy, reward_params))
+    available = {"ref": sft_params, "dpo": start.dpo_params}
     state = create_ppo_state(
         policy,
         critic,
-        start.reward_model,
         _optimizer(ppo, iterations),
         _optimizer(ppo.critic, iterations),
-        reference_params=sft_params,
-        dpo_params=start.dpo_params,
+        frozen={m: available[m] for m in frozen_models(fn)},
+        reward_model=start.reward_model if needs_reward_model(fn) else None,
         reward_mean=start.reward_mean,
         reward_std=start.reward_std,
     )

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from rto_jax import distributed
 from rto_jax.data import BatchIterator
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions
+from rto_jax.objectives.token_rewards import bind, rto
 from rto_jax.sampling import SamplingConfig
 from rto_jax.train import (
     DPOConfig,
@@ -173,7 +174,7 @@ def run_dpo(mesh=None) -> dict:
 
 def ppo_config() -> PPOConfig:
     sampling_config = SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD, greedy=True)
-    return PPOConfig(sampling=sampling_config, beta_dpo=0.05, ppo_epochs=1, num_minibatches=2)
+    return PPOConfig(sampling=sampling_config, token_reward=bind(rto), ppo_epochs=1, num_minibatches=2)
 
 
 def ppo_state(mesh=None):
@@ -181,8 +182,15 @@ def ppo_state(mesh=None):
     critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(3))
     reward_model = ScalarHeadModel(model_config(False), nnx.Rngs(5))
     dpo_params = nnx.split(CausalLM(model_config(True), nnx.Rngs(4)))[1]
+    ref_params = nnx.split(policy)[1]
     state = create_ppo_state(
-        policy, critic, reward_model, optimizer(), optimizer(), dpo_params=dpo_params, reward_std=0.5
+        policy,
+        critic,
+        optimizer(),
+        optimizer(),
+        frozen={"ref": ref_params, "dpo": dpo_params},
+        reward_model=reward_model,
+        reward_std=0.5,
     )
     return state if mesh is None else sharding.shard_tree(state, mesh)
 

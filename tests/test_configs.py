@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from rto_jax.pipeline import config as config_lib
-from rto_jax.pipeline.config import VARIANTS, ConfigError, ppo_variant_fields, shared_data_dir, validate
+from rto_jax.objectives.token_rewards import TOKEN_REWARDS, BoundReward, reward_args
+from rto_jax.pipeline.config import ConfigError, shared_data_dir, validate
+from rto_jax.pipeline.recipes import load_recipe, set_recipe
 from rto_jax.pipeline.stages import ppo_config
 from rto_jax.pipeline.tasks import Task
 
@@ -75,7 +77,7 @@ def _tiny():
         ("data.max_response_len", 1, "config.data.max_response_len: must be >= 2"),
         ("data.max_prompt_len", 400, "config.model.max_position_embeddings: 256 < max_prompt_len"),
         ("data.pad_id", 1, "config.data.pad_id: pad_id must differ from eos_id"),
-        ("ppo.variant", "grpo", "config.ppo.variant: unknown variant 'grpo'"),
+        ("recipe", "experiments/grpo.py", "config.recipe: recipe 'experiments/grpo.py' not found"),
         ("ppo.num_minibatches", 3, "config.ppo.num_minibatches: 3 does not divide rollout_batch_size 16"),
         ("sft.grad_accum_steps", 3, "config.sft.grad_accum_steps: 3 does not divide batch_size 16"),
         ("sft.init_from", "/no/such/model", "config.sft.init_from: '/no/such/model' does not exist"),
@@ -129,26 +131,36 @@ def test_a_stage_needing_a_model_nobody_makes_is_refused(tmp_path):
     config.sft.init_from = config.reward_model.init_from = str(tmp_path)
     with pytest.raises(ConfigError, match=r"config.dpo.init_from: stage 'ppo' needs the dpo model .*'rto'"):
         validate(config, tmp_path)
-    config.ppo.variant = "ppo"  # plain PPO has no DPO reward
+    set_recipe(config, "experiments/ppo.py")  # PPO's reward reads no DPO policy
     validate(config, tmp_path)
-    config.ppo.variant = "rto"
+    set_recipe(config, "experiments/rto.py")
     (tmp_path / "dpo").mkdir()
     (tmp_path / "dpo" / "done.json").write_text("{}")  # finished in this workdir earlier
     validate(config, tmp_path)
 
 
-def test_variants_map_to_ppo_config():
+def test_recipes_bind_their_token_reward_to_the_config_coefficients():
     config = _tiny()
     task = Task(
         "t", pad_id=0, eos_id=1, vocab_size=8, prompt_length=4, response_length=6, prompts_train={}, eval_prompts={}
     )
-    for variant, fields in VARIANTS.items():
-        config.ppo.variant = variant
-        ppo = ppo_config(config, task)
-        assert {k: getattr(ppo, k) for k in fields} == fields
-    assert ppo_config(config, task).sampling.max_new_tokens == 6
-    config.ppo.variant, config.ppo.beta_kl = "ppo", 0.05  # explicit fields win over the variant
-    assert ppo_variant_fields(config)["beta_kl"] == 0.05 and ppo_variant_fields(config)["beta_dpo"] == 0.0
+    assert load_recipe(config.recipe).TOKEN_REWARD is TOKEN_REWARDS["rto"]
+    assert config.ppo.reward_args.to_dict() == reward_args(TOKEN_REWARDS["rto"])  # base config = rto's defaults
+    config.ppo.reward_args.beta_kl = 0.3
+    ppo = ppo_config(config, task, load_recipe(config.recipe).TOKEN_REWARD)
+    assert isinstance(ppo.token_reward, BoundReward) and ppo.token_reward.fn is TOKEN_REWARDS["rto"]
+    assert dict(ppo.token_reward.args)["beta_kl"] == 0.3 and ppo.sampling.max_new_tokens == 6
+    ppo_tldr = load_config("ppo_tldr", "1b")
+    assert load_recipe(ppo_tldr.recipe).TOKEN_REWARD is TOKEN_REWARDS["ppo"]
+    assert ppo_tldr.ppo.reward_args.to_dict() == {"beta_kl": 0.05, "beta_rm": 1.0}
+    config.ppo.reward_args.beta_kl = -1.0
+    with pytest.raises(ConfigError, match=r"config.ppo.reward_args.beta_kl: must be >= 0"):
+        validate(config)
+    set_recipe(config, "experiments/ppo.py")
+    with config.unlocked():
+        config.ppo.reward_args.beta_dpo = 0.1  # PPO's reward has no DPO term: refused, not ignored
+    with pytest.raises(ConfigError, match=r"config.ppo.reward_args.beta_dpo: the token reward 'ppo'.*takes no"):
+        validate(config)
 
 
 def _run_cli(*args):
@@ -158,8 +170,8 @@ def _run_cli(*args):
 
 def test_cli_rejects_bad_values_and_unknown_keys_before_any_work(tmp_path):
     workdir = tmp_path / "run"
-    bad = _run_cli("--config=configs/rto_tldr.py:1b", f"--workdir={workdir}", "--config.ppo.variant=nope")
-    assert bad.returncode != 0 and "config.ppo.variant: unknown variant 'nope'" in bad.stderr + bad.stdout
+    bad = _run_cli("--config=configs/rto_tldr.py:1b", f"--workdir={workdir}", "--config.recipe=nope.py")
+    assert bad.returncode != 0 and "config.recipe: recipe 'nope.py' not found" in bad.stderr + bad.stdout
     unknown = _run_cli("--config=configs/rto_tldr.py:1b", f"--workdir={workdir}", "--config.ppo.learning_rate=1e-6")
     assert unknown.returncode != 0 and "learning_rate" in unknown.stderr + unknown.stdout
     assert not workdir.exists()  # nothing was written

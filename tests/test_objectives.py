@@ -232,25 +232,38 @@ def test_last_token_index(rng):
     np.testing.assert_array_equal(obj.last_token_index(jnp.asarray(mask)), [np_last_index(row) for row in mask])
 
 
+def rto_rewards(lo, lr, ld, score, mask, *, beta_dpo, dpo_clip, beta_kl, beta_rm, placement="token"):
+    """The four token-reward functions as one, for the comparisons with the authors' formulas."""
+    from rto_jax.objectives import token_rewards as tr
+
+    logps = {"policy": lo, "ref": lr, "dpo": ld}
+    if beta_dpo == 0:
+        return tr.ppo(logps, score, mask, beta_kl=beta_kl, beta_rm=beta_rm)
+    fn = tr.rto if placement == "token" else tr.rto_sequence_end
+    return fn(logps, score, mask, beta_dpo=beta_dpo, dpo_clip=dpo_clip, beta_kl=beta_kl, beta_rm=beta_rm)
+
+
 @JIT
 @pytest.mark.parametrize("placement", ["token", "sequence_end"])
 @pytest.mark.parametrize("clip", [0.05, 0.0])
 def test_rto_token_rewards(rng, wrap, placement, clip):
     lo, lr, ld = logps(rng), logps(rng), logps(rng)
     score, mask = rng.normal(size=B).astype(np.float32), response_mask(rng)
-    kw = dict(beta_dpo=0.05, dpo_clip=clip, beta_kl=0.01, beta_rm=1.0, dpo_placement=placement)
-    rewards, parts = wrap(lambda *a: obj.rto_token_rewards(*a, **kw))(lo, lr, ld, score, mask)
+    kw = dict(beta_dpo=0.05, dpo_clip=clip, beta_kl=0.01, beta_rm=1.0, placement=placement)
+    rewards, parts = wrap(lambda *a: rto_rewards(*a, **kw))(lo, lr, ld, score, mask)
     ref = np_rto_rewards(lo, lr, ld, score, mask, 0.05, clip, 0.01, 1.0, placement)
     assert rewards.dtype == jnp.float32 and rewards.shape == (B, T)
     np.testing.assert_allclose(rewards, ref, **TOL)
+    assert set(parts) == {"dpo", "kl", "score"}
     np.testing.assert_allclose(parts["dpo"] + parts["kl"] + parts["score"], rewards, **TOL)
     assert not np.any(np.asarray(rewards)[2])  # the empty row contributes nothing
 
 
-def test_rto_is_ppo_reward_when_beta_dpo_zero(rng):
+def test_ppo_reward_is_kl_and_score_at_the_last_token(rng):
     lo, lr, ld = logps(rng), logps(rng), logps(rng)
     score, mask = rng.normal(size=B).astype(np.float32), response_mask(rng)
-    rewards, _ = obj.rto_token_rewards(lo, lr, ld, score, mask, beta_dpo=0.0, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0)
+    rewards, parts = rto_rewards(lo, lr, ld, score, mask, beta_dpo=0.0, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0)
+    assert set(parts) == {"kl", "score"}
     ppo = np.zeros((B, T))
     for b in range(B):
         for t in range(T):
@@ -261,12 +274,37 @@ def test_rto_is_ppo_reward_when_beta_dpo_zero(rng):
     np.testing.assert_allclose(rewards, ppo, **TOL)
 
 
+def test_rto_no_rm_is_rto_without_the_score(rng):
+    from rto_jax.objectives import token_rewards as tr
+
+    lo, lr, ld = logps(rng), logps(rng), logps(rng)
+    score, mask = rng.normal(size=B).astype(np.float32) + 3.0, response_mask(rng)
+    logps_ = {"policy": lo, "ref": lr, "dpo": ld}
+    rewards, parts = tr.rto_no_rm(logps_, None, mask)  # the score is never read: None is fine
+    full, full_parts = tr.rto(logps_, score, mask)
+    assert set(parts) == {"dpo", "kl"} and "reward" not in tr.rto_no_rm.uses
+    np.testing.assert_allclose(rewards, full - full_parts["score"], **TOL)
+
+
+def test_token_rewards_declare_what_they_read_and_bind_checks_coefficients():
+    from rto_jax.objectives import token_rewards as tr
+
+    assert tr.frozen_models(tr.ppo) == ("ref",) and tr.needs_reward_model(tr.ppo)
+    assert tr.frozen_models(tr.rto) == ("ref", "dpo") and tr.needs_reward_model(tr.rto)
+    assert tr.frozen_models(tr.rto_no_rm) == ("ref", "dpo") and not tr.needs_reward_model(tr.rto_no_rm)
+    assert tr.reward_args(tr.rto) == {"beta_dpo": 0.05, "dpo_clip": 0.05, "beta_kl": 0.01, "beta_rm": 1.0}
+    assert tr.bind(tr.rto, beta_kl=0.2) == tr.bind(tr.rto, beta_kl=0.2)  # hashable by value: one compile
+    assert hash(tr.bind(tr.rto, beta_kl=0.2)) == hash(tr.bind(tr.rto, beta_kl=0.2))
+    with pytest.raises(TypeError, match="beta_dpo"):
+        tr.bind(tr.ppo, beta_dpo=0.1)
+
+
 @pytest.mark.parametrize("placement", ["token", "sequence_end"])
 def test_rto_dpo_only_sums_to_sequence_log_ratio(rng, placement):
     lo, lr, ld = logps(rng), logps(rng), logps(rng)
     score, mask = rng.normal(size=B).astype(np.float32), response_mask(rng)
-    rewards, _ = obj.rto_token_rewards(
-        lo, lr, ld, score, mask, beta_dpo=0.05, dpo_clip=0.0, beta_kl=0.0, beta_rm=0.0, dpo_placement=placement
+    rewards, _ = rto_rewards(
+        lo, lr, ld, score, mask, beta_dpo=0.05, dpo_clip=0.0, beta_kl=0.0, beta_rm=0.0, placement=placement
     )
     expected = [0.05 * sum(float(ld[b, t] - lr[b, t]) for t in range(T) if mask[b, t]) for b in range(B)]
     np.testing.assert_allclose(np.asarray(rewards).sum(-1), expected, **TOL)
@@ -276,7 +314,7 @@ def test_rto_rewards_float32_from_int_inputs(rng):
     ints = lambda: rng.integers(-5, 1, size=(B, T)).astype(np.int32)
     score = rng.integers(-3, 4, size=B).astype(np.int32)
     mask = response_mask(rng).astype(np.int32)
-    rewards, parts = obj.rto_token_rewards(
+    rewards, parts = rto_rewards(
         ints(), ints(), ints(), score, mask, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0
     )
     assert rewards.dtype == jnp.float32
@@ -371,13 +409,13 @@ CASES = {
     "gae": (lambda lg, tg, a, b, c, s, m: obj.gae(a, b, m, gamma=1.0, lam=0.95)),
     "whiten": (lambda lg, tg, a, b, c, s, m: obj.masked_whiten(a, m)),
     "rto": (
-        lambda lg, tg, a, b, c, s, m: obj.rto_token_rewards(
+        lambda lg, tg, a, b, c, s, m: rto_rewards(
             a, b, c, s, m, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0
         )
     ),
     "rto_seq_end": (
-        lambda lg, tg, a, b, c, s, m: obj.rto_token_rewards(
-            a, b, c, s, m, beta_dpo=0.05, dpo_clip=0.0, beta_kl=0.01, beta_rm=1.0, dpo_placement="sequence_end"
+        lambda lg, tg, a, b, c, s, m: rto_rewards(
+            a, b, c, s, m, beta_dpo=0.05, dpo_clip=0.0, beta_kl=0.01, beta_rm=1.0, placement="sequence_end"
         )
     ),
     "dpo_token": (lambda lg, tg, a, b, c, s, m: obj.dpo_token_rewards(a, b, m, 0.1)),

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions
+from rto_jax.objectives.token_rewards import bind, ppo, rto
 from rto_jax.sampling import SamplingConfig
 from rto_jax.train import (
     DPOConfig,
@@ -184,9 +185,14 @@ def _ppo(reward_model, beta_dpo, lr=3e-3, **kw):
     policy = CausalLM(tiny_config(), nnx.Rngs(2))
     critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(3))
     tx = make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant"))
-    dpo_params = nnx.split(CausalLM(tiny_config(), nnx.Rngs(4)))[1] if beta_dpo else None
-    state = create_ppo_state(policy, critic, reward_model, tx, tx, dpo_params=dpo_params)
-    config = PPOConfig(sampling=SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD), beta_dpo=beta_dpo, **kw)
+    frozen = {"ref": nnx.split(policy)[1]}
+    if beta_dpo:
+        frozen["dpo"] = nnx.split(CausalLM(tiny_config(), nnx.Rngs(4)))[1]
+    beta_kl = kw.pop("beta_kl", 0.01)
+    reward = bind(rto, beta_dpo=beta_dpo, beta_kl=beta_kl) if beta_dpo else bind(ppo, beta_kl=beta_kl)
+    sampling = SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD)
+    state = create_ppo_state(policy, critic, tx, tx, frozen=frozen, reward_model=reward_model)
+    config = PPOConfig(sampling=sampling, token_reward=reward, **kw)
     return state, make_ppo_fns(config)
 
 

@@ -1,4 +1,4 @@
-"""Pure objective functions of arrays (no model code); float32 outputs. See DESIGN.md 1."""
+"""Pure objective functions of arrays (no model code); float32 outputs. See docs/DESIGN.md 1."""
 
 from rto_jax.objectives.dpo import LOSS_TYPES as DPO_LOSS_TYPES
 from rto_jax.objectives.dpo import dpo_loss, dpo_token_rewards
@@ -6,11 +6,13 @@ from rto_jax.objectives.masked import apply_mask, masked_mean, masked_sum, maske
 from rto_jax.objectives.ppo import gae, masked_entropy, policy_loss, value_loss
 from rto_jax.objectives.reward_model import bradley_terry_loss
 from rto_jax.objectives.sft import entropy_from_logits, sft_loss, token_logprobs
-from rto_jax.objectives.token_rewards import last_token_index, rto_token_rewards
+from rto_jax.objectives.token_rewards import TOKEN_REWARDS, bind, last_token_index, token_reward
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "TOKEN_REWARDS",
     "apply_mask",
+    "bind",
     "bradley_terry_loss",
     "dpo_loss",
     "dpo_token_rewards",
@@ -22,8 +24,8 @@ __all__ = [
     "masked_sum",
     "masked_whiten",
     "policy_loss",
-    "rto_token_rewards",
     "sft_loss",
     "token_logprobs",
+    "token_reward",
     "value_loss",
 ]

@@ -1,18 +1,91 @@
-"""RTO token rewards (DESIGN.md 1, stage 4; arXiv 2404.18922):
+"""Token rewards of the token-level MDP (RTO, arXiv 2404.18922, eq. 4.4 and Alg. 2 line 5):
 
-    r_h = clip(beta_dpo * (logp_dpo(h) - logp_ref(h)), -c, c)     # DPO token reward
-          - beta_kl * (logp_old(h) - logp_ref(h))                 # KL penalty
-          + beta_rm * [h == H] * score                            # sentence reward at EOS
+    r_h = beta_dpo * log(pi_dpo(y_h) / pi_ref(y_h))        # DPO's implicit token reward (clipped)
+          - beta_kl * log(pi_old(y_h) / pi_ref(y_h))       # KL penalty
+          + beta_rm * [h == H] * score                     # the reward model's score at the last token
 
-``beta_dpo = 0`` gives PPO's reward. All arrays are ``[B, T]`` over response tokens except
-``score [B]``; ``H`` is each row's last valid token (from the mask, never column -1).
+A token reward is a pure function, passed to PPO's experience maker as it is:
+
+    reward(logps, score, mask, **coefficients) -> (rewards [B, R] float32, parts {name: [B, R]})
+
+    logps  {model: [B, R]}: log-probs of the sampled response tokens at the rollout temperature;
+           "policy" is the rollout policy pi_old, every other name is a frozen model the reward
+           lists in `uses` ("ref" = pi_ref = pi_sft, "dpo" = pi_dpo, or any model a recipe loads)
+    score  [B]: the reward model's normalized sequence score, or None unless "reward" is in `uses`
+    mask   [B, R]: response mask (1 up to and including EOS); H is each row's last valid token
+
+The parts sum to the rewards and are each logged (`reward/<part>`). `@token_reward(*uses)` records
+which frozen models (and whether the reward model) the run must load. The coefficients are
+keyword-only with defaults: a config's `ppo.reward_args` starts from them (`reward_args(fn)`).
 """
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 
 from rto_jax.objectives.masked import apply_mask, masked_sum
 
-PLACEMENTS = ("token", "sequence_end")
+REWARD_MODEL = "reward"  # the name in `uses` that asks for the reward model's score
+
+
+def token_reward(*uses: str):
+    """Marks `fn(logps, score, mask, **coefficients)` as a token reward reading `uses`."""
+
+    def mark(fn):
+        fn.uses = tuple(uses)
+        return fn
+
+    return mark
+
+
+def frozen_models(fn) -> tuple[str, ...]:
+    """The frozen language models whose log-probs `fn` reads (its `uses` without the reward model)."""
+    return tuple(name for name in fn.uses if name != REWARD_MODEL)
+
+
+def needs_reward_model(fn) -> bool:
+    return REWARD_MODEL in fn.uses
+
+
+def reward_args(fn) -> dict:
+    """`fn`'s keyword-only coefficients and their defaults (the only place they are defined)."""
+    params = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundReward:
+    """A token reward with its coefficients fixed; hashable, so it can be static in a jitted step."""
+
+    fn: Callable
+    args: tuple = ()  # sorted (name, value) pairs
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        return self.fn.uses
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def __call__(self, logps, score, mask):
+        return self.fn(logps, score, mask, **dict(self.args))
+
+
+def bind(fn, **coefficients) -> BoundReward:
+    """`fn` with `coefficients` (a subset of `reward_args(fn)`; the rest keep their defaults)."""
+    unknown = sorted(set(coefficients) - set(reward_args(fn)))
+    if unknown:
+        raise TypeError(f"token reward {fn.__name__!r} takes no {unknown}; its coefficients: {sorted(reward_args(fn))}")
+    return BoundReward(fn, tuple(sorted(coefficients.items())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces.
 
 
 def last_token_index(mask):
@@ -21,43 +94,79 @@ def last_token_index(mask):
     return jnp.max(jnp.where(mask > 0, cols, -1), axis=-1)
 
 
-def _clip(x, c):
-    # c <= 0 means no clip; jnp.where keeps this valid for a traced c as well.
+def at_last_token(values, mask):
+    """``values [B]`` placed at each row's last valid token of ``mask [B, T]``, 0 elsewhere: ``[B, T]``."""
+    is_last = jnp.arange(mask.shape[-1])[None, :] == last_token_index(mask)[:, None]
+    return jnp.where(is_last, jnp.asarray(values, jnp.float32)[:, None], 0.0)
+
+
+def clip_symmetric(x, c):
+    """``clip(x, -c, c)``; ``c <= 0`` means no clip (valid for a traced ``c`` as well)."""
     return jnp.where(c > 0, jnp.clip(x, -jnp.abs(c), jnp.abs(c)), x)
 
 
-def rto_token_rewards(
-    logp_old, logp_ref, logp_dpo, score, mask, *, beta_dpo, dpo_clip, beta_kl, beta_rm, dpo_placement="token"
-):
-    """Per-token rewards of RTO.
+def log_ratio(logps: Mapping, model: str, base: str, mask):
+    """``log pi_model(y_h) - log pi_base(y_h)`` in float32, 0 outside ``mask``: ``[B, R]``."""
+    f32 = lambda name: jnp.asarray(logps[name], jnp.float32)
+    return apply_mask(f32(model) - f32(base), mask)
 
-    Args:
-      logp_old, logp_ref, logp_dpo: ``[B, T]`` log-probs of the sampled response tokens under
-        the rollout policy, the reference (SFT) policy and the DPO policy.
-      score: ``[B]`` sequence reward r_MLE(x, y) (already normalised / clipped / penalised).
-      mask: ``[B, T]`` response mask (1 up to and including EOS).
-      beta_dpo, dpo_clip (c; ``<= 0`` disables the clip), beta_kl, beta_rm: coefficients.
-      dpo_placement: ``"token"`` (the RTO reward, clipped per token), or ``"sequence_end"``:
-        the sequence sum of the *unclipped* per-token terms ``beta_dpo * (logp_dpo - logp_ref)``
-        over valid tokens, then clipped to ``[-c, c]`` if ``c > 0``, placed at the last valid
-        token. (The sum is the DPO implicit sequence reward; the clip bounds the same quantity.)
-    Returns:
-      ``(rewards, parts)``: float32 ``[B, T]`` rewards, 0 at masked positions, and
-      ``parts = {'dpo', 'kl', 'score'}``, each ``[B, T]``, which sum to ``rewards``.
-    """
-    if dpo_placement not in PLACEMENTS:
-        raise ValueError(f"unknown dpo_placement {dpo_placement!r}; valid: {', '.join(PLACEMENTS)}")
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
-    logp_old, logp_ref, logp_dpo, score = map(f32, (logp_old, logp_ref, logp_dpo, score))
-    is_last = jnp.arange(mask.shape[-1])[None, :] == last_token_index(mask)[:, None]
 
-    dpo_tok = beta_dpo * (logp_dpo - logp_ref)
-    if dpo_placement == "token":
-        dpo = _clip(dpo_tok, dpo_clip)
-    else:
-        dpo = jnp.where(is_last, _clip(masked_sum(dpo_tok, mask, axis=-1), dpo_clip)[:, None], 0.0)
-    kl = -beta_kl * (logp_old - logp_ref)
-    sentence = jnp.where(is_last, beta_rm * score[:, None], 0.0)
+def _sum_parts(parts: dict, mask):
+    parts = {k: apply_mask(jnp.asarray(v, jnp.float32), mask) for k, v in parts.items()}
+    return sum(parts.values()), parts
 
-    parts = {"dpo": apply_mask(dpo, mask), "kl": apply_mask(kl, mask), "score": apply_mask(sentence, mask)}
-    return parts["dpo"] + parts["kl"] + parts["score"], parts
+
+# ----------------------------------------------------------------------------------------------
+# The paper's methods and ablations.
+
+
+@token_reward("ref", REWARD_MODEL)
+def ppo(logps, score, mask, *, beta_kl=0.01, beta_rm=1.0):
+    """PPO's reward (sparse): the KL penalty per token and the score at the last token."""
+    return _sum_parts(
+        {"kl": -beta_kl * log_ratio(logps, "policy", "ref", mask), "score": beta_rm * at_last_token(score, mask)}, mask
+    )
+
+
+@token_reward("ref", "dpo", REWARD_MODEL)
+def rto(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0):
+    """RTO: the clipped DPO token reward on every token, the KL penalty, the score at the last token."""
+    return _sum_parts(
+        {
+            "dpo": clip_symmetric(beta_dpo * log_ratio(logps, "dpo", "ref", mask), dpo_clip),
+            "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
+            "score": beta_rm * at_last_token(score, mask),
+        },
+        mask,
+    )
+
+
+@token_reward("ref", "dpo", REWARD_MODEL)
+def rto_sequence_end(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0):
+    """Ablation: DPO's sequence reward (the sum of the unclipped token terms, then clipped) at the last token."""
+    dpo_sequence = masked_sum(beta_dpo * log_ratio(logps, "dpo", "ref", mask), mask, axis=-1)
+    return _sum_parts(
+        {
+            "dpo": at_last_token(clip_symmetric(dpo_sequence, dpo_clip), mask),
+            "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
+            "score": beta_rm * at_last_token(score, mask),
+        },
+        mask,
+    )
+
+
+@token_reward("ref", "dpo")
+def rto_no_rm(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01):
+    """Ablation: RTO without the reward model (DPO token reward and KL penalty only)."""
+    del score
+    return _sum_parts(
+        {
+            "dpo": clip_symmetric(beta_dpo * log_ratio(logps, "dpo", "ref", mask), dpo_clip),
+            "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
+        },
+        mask,
+    )
+
+
+# Named for configs (`ppo.reward`); a recipe may pass any function with the same signature instead.
+TOKEN_REWARDS = {fn.__name__: fn for fn in (rto, ppo, rto_sequence_end, rto_no_rm)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from pathlib import Path
 
 import jax
@@ -167,5 +168,5 @@ def poison(params):
 
 
 def stage_key(seed: int, stage: str) -> jax.Array:
-    """A stage's base PRNG key (distinct per stage, fixed by the seed)."""
-    return jax.random.fold_in(jax.random.key(seed), ("sft", "reward_model", "dpo", "ppo", "evaluate").index(stage))
+    """A stage's base PRNG key (distinct per stage name, fixed by the seed)."""
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode()) & 0x7FFFFFFF)

@@ -1,8 +1,9 @@
-"""The experiment config (an `ml_collections.ConfigDict`), its validation, and the PPO variant table.
+"""The experiment config (an `ml_collections.ConfigDict`) and its validation.
 
 `base_config()` holds every field with its default and a one-line comment; the files in `configs/`
-start from it and set a preset. `validate(config, workdir)` runs before any work and raises
-`ConfigError` naming the offending key (`config.ppo.variant: ...`).
+start from it and set a preset. `config.recipe` names the experiment file that composes the stages
+(rto_jax/pipeline/recipes.py); `config.ppo.reward_args` are its token reward's coefficients. `validate(config, workdir)` runs before any work and raises
+`ConfigError` naming the offending key (`config.ppo.lr: ...`).
 """
 
 from __future__ import annotations
@@ -13,18 +14,10 @@ from pathlib import Path
 
 from ml_collections import config_dict
 
+from rto_jax.objectives.token_rewards import bind, frozen_models, reward_args, rto
+
 STAGES = ("sft", "reward_model", "dpo", "ppo", "evaluate")
 TRAINED_STAGES = ("sft", "reward_model", "dpo", "ppo")
-
-# PPO variants (DESIGN.md 1.4): the paper's methods and ablations, all one code path. Values are the
-# PPOConfig fields they set; an explicit `config.ppo.<field>` (not None) overrides the variant.
-VARIANTS = {
-    "rto": dict(beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0, dpo_placement="token"),
-    "ppo": dict(beta_dpo=0.0, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0, dpo_placement="token"),
-    "rto_sequence_end": dict(beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0, dpo_placement="sequence_end"),
-    "rto_no_rm": dict(beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=0.0, dpo_placement="token"),
-}
-VARIANT_FIELDS = ("beta_dpo", "dpo_clip", "beta_kl", "beta_rm", "dpo_placement")
 
 
 class ConfigError(ValueError):
@@ -68,6 +61,7 @@ def base_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()
     c.name = "rto"  # experiment name (printed and stored in results.json)
     c.seed = 0  # global seed: model init, data split and order, sampling
+    c.recipe = "experiments/rto.py"  # the recipe file that composes the stages (path, or relative to the repo root)
     c.stages = ",".join(STAGES)  # comma-separated stages to run, in this order: sft,reward_model,dpo,ppo,evaluate
 
     c.model = config_dict.ConfigDict()
@@ -142,12 +136,8 @@ def base_config() -> config_dict.ConfigDict:
 
     c.ppo = config_dict.ConfigDict()
     c.ppo.init_from = ""  # take this trained policy (to evaluate) instead of running PPO
-    c.ppo.variant = "rto"  # 'rto', 'ppo' (no DPO reward), 'rto_sequence_end', 'rto_no_rm' (see VARIANTS)
-    c.ppo.beta_dpo = config_dict.placeholder(float)  # DPO token-reward scale; None = the variant's
-    c.ppo.dpo_clip = config_dict.placeholder(float)  # clip of the scaled DPO token reward; None = the variant's
-    c.ppo.beta_kl = config_dict.placeholder(float)  # fixed per-token KL penalty; None = the variant's
-    c.ppo.beta_rm = config_dict.placeholder(float)  # weight of the reward-model score at EOS; None = the variant's
-    c.ppo.dpo_placement = config_dict.placeholder(str)  # 'token' or 'sequence_end'; None = the variant's
+    # Coefficients of the recipe's token reward (keyword arguments; defaults from its signature).
+    c.ppo.reward_args = config_dict.ConfigDict(reward_args(rto))  # recipes.set_recipe() resets them
     c.ppo.rollout_batch_size = 512  # prompts per PPO iteration (N+: 512)
     c.ppo.total_episodes = 1_000_000  # rollouts in all; iterations = total_episodes // rollout_batch_size
     c.ppo.max_steps = 0  # > 0: stop after this many iterations
@@ -208,14 +198,11 @@ def stage_list(config) -> list[str]:
     return [s.strip() for s in str(config.stages).split(",") if s.strip()]
 
 
-def ppo_variant_fields(config) -> dict:
-    """PPOConfig's reward-shaping fields: the variant's, with explicit `config.ppo.<field>` overrides."""
-    fields = dict(VARIANTS[config.ppo.variant])
-    for key in VARIANT_FIELDS:
-        value = config.ppo.get(key)
-        if value is not None:
-            fields[key] = value
-    return fields
+def recipe_token_reward(config):
+    """The token reward of the config's recipe, bound to `config.ppo.reward_args`."""
+    from rto_jax.pipeline.recipes import load_recipe
+
+    return bind(load_recipe(config.recipe).TOKEN_REWARD, **config.ppo.reward_args.to_dict())
 
 
 def parse_hook(value: str) -> tuple[str, int] | None:
@@ -287,6 +274,27 @@ def _check_data_path(key: str, path: str):
 
     if path and _looks_local(path) and not os.path.exists(os.path.expanduser(path)):
         raise ConfigError(key, f"data file {path!r} does not exist")
+
+
+def _check_recipe(config):
+    """The recipe loads and `ppo.reward_args` are coefficients of its token reward; returns the reward."""
+    from rto_jax.pipeline.recipes import RecipeError, load_recipe
+
+    try:
+        fn = load_recipe(config.recipe).TOKEN_REWARD
+    except RecipeError as e:
+        raise ConfigError("recipe", str(e)) from None
+    known = reward_args(fn)
+    for key, value in config.ppo.reward_args.items():
+        if key not in known:
+            raise ConfigError(
+                f"ppo.reward_args.{key}",
+                f"the token reward {fn.__name__!r} of {config.recipe} takes no {key!r}; its coefficients: "
+                f"{', '.join(known) or 'none'}",
+            )
+        if key.startswith("beta") and value < 0:
+            raise ConfigError(f"ppo.reward_args.{key}", f"must be >= 0, got {value}")
+    return fn
 
 
 def validate(config, workdir=None, num_devices: int | None = None) -> None:
@@ -391,25 +399,16 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
                 f"stage {stage!r} needs the {what} model ({why}): add {what!r} to config.stages or set {what}.init_from",
             )
 
-    if config.ppo.variant not in VARIANTS:
-        raise ConfigError("ppo.variant", f"unknown variant {config.ppo.variant!r}; known: {', '.join(VARIANTS)}")
-    variant_fields = ppo_variant_fields(config)
-    if variant_fields["dpo_placement"] not in ("token", "sequence_end"):
-        raise ConfigError(
-            "ppo.dpo_placement", f"expected 'token' or 'sequence_end', got {variant_fields['dpo_placement']!r}"
-        )
-    for key in ("beta_kl", "beta_rm", "beta_dpo"):
-        if variant_fields[key] < 0:
-            raise ConfigError(f"ppo.{key}", f"must be >= 0, got {variant_fields[key]}")
+    token_reward = _check_recipe(config)
     for stage in ("reward_model", "dpo"):
         if stage in trains:
             need(stage, "sft", "its initialization and reference")
     if "ppo" in trains:
         need("ppo", "sft", "the initial policy and the reference")
-        # The critic starts from the reward model in every variant (rto_no_rm included).
+        # The critic starts from the reward model whatever the token reward (rto_no_rm included).
         need("ppo", "reward_model", "the reward and the critic's initialization")
-        if variant_fields["beta_dpo"] > 0:
-            need("ppo", "dpo", f"the DPO token reward of variant {config.ppo.variant!r}")
+        if "dpo" in frozen_models(token_reward):
+            need("ppo", "dpo", f"the DPO log-probs of the token reward {token_reward.__name__!r}")
     if "evaluate" in stages:
         if not config.evaluate.judge and not stage_available(config, workdir, "reward_model"):
             raise ConfigError(

@@ -1,4 +1,4 @@
-"""Runs the stages a config names, in order, in one workdir (`experiments/run.py` calls `run`).
+"""Runs a config's recipe in one workdir (`experiments/run.py` calls `run`); `Pipeline` is what a recipe sees.
 
 Workdir layout:
   config.json                  the config of the latest run (a changed config is reported on restart)
@@ -19,10 +19,10 @@ import logging
 from pathlib import Path
 
 from rto_jax.distributed import is_main_process, sync
-from rto_jax.pipeline import stages as stages_lib
 from rto_jax.pipeline.common import write_json
-from rto_jax.pipeline.config import STAGES, parse_policies, stage_done_file, stage_list, validate
+from rto_jax.pipeline.config import stage_done_file, stage_list, validate
 from rto_jax.pipeline.logging import RunLog, summary, write_json_atomic
+from rto_jax.pipeline.recipes import load_recipe
 from rto_jax.pipeline.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,63 @@ def _diff(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
+class Pipeline:
+    """One run of a recipe in one workdir: the validated config, the task, the run log and the
+    stages' done markers. A recipe calls `stage` once per stage, in order.
+
+    A stage finished in this workdir earlier (its `done.json` exists) is skipped and its summary
+    returned; a stage not in `config.stages` returns None unless its `init_from` gives the model.
+    """
+
+    def __init__(self, config, workdir, task, run_log: RunLog):
+        self.config, self.workdir, self.task, self.run_log = config, Path(workdir), task, run_log
+        self.wanted = stage_list(config)
+        # Read before any stage runs: in a multi-process run process 0 writes the markers, and a
+        # process that lags behind must not see a marker of a stage it has yet to run.
+        self.finished = {
+            path.parent.name: json.loads(path.read_text()) for path in sorted(self.workdir.glob("*/done.json"))
+        }
+        sync("done markers read")
+        self.done: dict[str, dict] = {}
+
+    def stage(self, name: str, fn, *, section: str | None = None, **inputs) -> dict | None:
+        """`fn(config, workdir, task, run_log, **inputs)` as stage `name` (its folder and metric prefix).
+
+        section: the config section that says whether it runs (default: `name`), e.g. several PPO
+        runs of one recipe share `ppo`.
+        """
+        section = section or name
+        if name in self.finished:
+            self.done[name] = self.finished[name]
+            if section in self.wanted and is_main_process():
+                print(f"[{name}] already finished in {self.workdir}: skipped")
+            return self.done[name]
+        given = section != "evaluate" and bool(self.config[section].get("init_from"))
+        if section not in self.wanted and not given:
+            return None
+        result = fn(self.config, self.workdir, self.task, self.run_log, **inputs)
+        write_json(stage_done_file(self.workdir, name), result)
+        self.done[name] = result
+        if is_main_process():
+            print(summary(f"{name} done", {k: v for k, v in result.items() if not isinstance(v, dict)}))
+        return result
+
+    def results(self, evaluation: dict | None = None) -> dict:
+        """results.json: every stage's summary, and the evaluation's numbers at the top level."""
+        results = {"name": self.config.name, "recipe": self.config.recipe}
+        results["stages"] = {k: v for k, v in self.done.items() if v is not evaluation}
+        results.update(evaluation or {})
+        write_json(self.workdir / "results.json", results)
+        return results
+
+
+def model_path(result: dict | None) -> str | None:
+    """The model a stage made or took (its summary's `model_path`); None for a stage that did not run."""
+    return None if result is None else result["model_path"]
+
+
 def run(config, workdir, task=None) -> dict:
-    """Validates the config, then runs (or skips, when done) each stage; returns results.json's content.
+    """Validates the config, then runs its recipe (`config.recipe`); returns results.json's content.
 
     task: a prebuilt `tasks.Task` (e.g. a synthetic one); default: built from config.data.
     """
@@ -58,59 +113,10 @@ def run(config, workdir, task=None) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
-    wanted = stage_list(config)
     run_log = RunLog(workdir)
     try:
         task = task if task is not None else build_task(config, workdir)
         log.info("task %s: %s", task.name, task.describe())
-        # Read before any stage runs: in a multi-process run process 0 writes the markers, and a
-        # process that lags behind must not see a marker of a stage it has yet to run.
-        finished = {
-            stage: json.loads(stage_done_file(workdir, stage).read_text())
-            for stage in STAGES
-            if stage_done_file(workdir, stage).exists()
-        }
-        sync("done markers read")
-        done: dict[str, dict] = {}
-        for stage in STAGES:
-            marker = stage_done_file(workdir, stage)
-            if stage in finished:
-                done[stage] = finished[stage]
-                if stage in wanted and is_main_process():
-                    print(f"[{stage}] already finished in {workdir}: skipped")
-                continue
-            if stage not in wanted and not (stage != "evaluate" and config[stage].init_from):
-                continue
-            result = _run_stage(stage, config, workdir, task, run_log, done)
-            write_json(marker, result)
-            done[stage] = result
-            if is_main_process():
-                print(summary(f"{stage} done", {k: v for k, v in result.items() if not isinstance(v, dict)}))
-        results = {"name": config.name, "stages": {k: v for k, v in done.items() if k != "evaluate"}}
-        if "evaluate" in done:
-            results.update(done["evaluate"])
-        write_json(workdir / "results.json", results)
-        return results
+        return load_recipe(config.recipe).run(Pipeline(config, workdir, task, run_log))
     finally:
         run_log.close()
-
-
-def _path(done: dict, stage: str) -> str | None:
-    return done[stage]["model_path"] if stage in done else None
-
-
-def _run_stage(stage: str, config, workdir: Path, task, run_log: RunLog, done: dict) -> dict:
-    sft = _path(done, "sft")
-    if stage == "sft":
-        return stages_lib.run_sft(config, workdir, task, run_log)
-    if stage == "reward_model":
-        return stages_lib.run_reward_model(config, workdir, task, run_log, sft)
-    if stage == "dpo":
-        return stages_lib.run_dpo(config, workdir, task, run_log, sft)
-    if stage == "ppo":
-        return stages_lib.run_ppo(config, workdir, task, run_log, sft, done.get("reward_model"), _path(done, "dpo"))
-    policies = {name: _path(done, name) for name in ("sft", "dpo") if name in done}
-    if "ppo" in done:
-        policies[done["ppo"].get("variant", "ppo")] = _path(done, "ppo")
-    policies.update(parse_policies(config.evaluate.policies))
-    return stages_lib.run_evaluate(config, workdir, task, run_log, policies, _path(done, "reward_model"), sft)

@@ -26,7 +26,8 @@ from rto_jax.data import BatchIterator, pad_batch
 from rto_jax.distributed import host_local_batch_to_global, is_main_process, process_slice, to_host
 from rto_jax.objectives import dpo_loss, sft_loss
 from rto_jax.pipeline import checkpoint, common
-from rto_jax.pipeline.config import ppo_variant_fields
+from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model
+from rto_jax.pipeline.config import parse_policies
 from rto_jax.pipeline.logging import RunLog, progress, scalars, summary, table
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
@@ -393,8 +394,9 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
 # PPO / RTO.
 
 
-def ppo_config(config, task) -> PPOConfig:
-    """PPOConfig of config.ppo: the variant's reward shaping (with explicit overrides) and PPO fields."""
+def ppo_config(config, task, token_reward) -> PPOConfig:
+    """PPOConfig of config.ppo with `token_reward` (a function of token_rewards' signature) bound to
+    `config.ppo.reward_args`."""
     cfg = config.ppo
     sampling = SamplingConfig(
         max_new_tokens=task.response_length,
@@ -406,7 +408,7 @@ def ppo_config(config, task) -> PPOConfig:
     )
     return PPOConfig(
         sampling=sampling,
-        **ppo_variant_fields(config),
+        token_reward=bind(token_reward, **cfg.reward_args.to_dict()),
         gamma=cfg.gamma,
         lam=cfg.lam,
         ppo_epochs=cfg.ppo_epochs,
@@ -421,29 +423,41 @@ def ppo_config(config, task) -> PPOConfig:
     )
 
 
-def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict, dpo_path: str | None) -> dict:
-    """PPO with RTO token rewards: policy and reference from pi_sft, critic from the reward model.
+def run_ppo(
+    config, workdir, task, run_log: RunLog, *, token_reward, models: dict[str, str | None], reward: dict, stage="ppo"
+) -> dict:
+    """PPO with a token reward: the policy starts from `models['ref']` (pi_sft), the critic from the
+    reward model; the frozen models loaded are exactly those the token reward reads.
 
+    token_reward: `fn(logps, score, mask, **coefficients)` (rto_jax.objectives.token_rewards).
+    models: {name: model path} of the frozen language models a recipe offers ('ref' required).
     reward: the reward-model stage's summary (model_path, reward_mean, reward_std).
+    stage: the stage's name (its folder, metrics and checkpoints).
     """
-    cfg, stage = config.ppo, "ppo"
+    cfg = config.ppo
+    name = token_reward.__name__
     if cfg.init_from:
-        return {"model_path": cfg.init_from, "source": "init_from", "variant": cfg.variant}
-    ppo = ppo_config(config, task)
+        return {"model_path": cfg.init_from, "source": "init_from", "token_reward": name}
+    ppo = ppo_config(config, task, token_reward)
     total = cfg.total_episodes // cfg.rollout_batch_size
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     mesh = device_mesh(config)
-    policy = common.load_model(sft_path, "lm", config, mesh)
-    reward_model = common.load_model(reward["model_path"], "scalar", config, mesh)
+    missing = [m for m in frozen_models(token_reward) if not models.get(m)]
+    if missing:
+        raise ValueError(f"token reward {name!r} reads the models {missing}, which the recipe does not give")
+    policy = common.load_model(models["ref"], "lm", config, mesh)
+    frozen = {m: nnx.split(common.load_model(models[m], "lm", config, mesh))[1] for m in frozen_models(token_reward)}
     critic = common.load_model(reward["model_path"], "scalar", config, mesh)
-    dpo_params = nnx.split(common.load_model(dpo_path, "lm", config, mesh))[1] if ppo.beta_dpo else None
+    reward_model = None
+    if needs_reward_model(token_reward):
+        reward_model = common.load_model(reward["model_path"], "scalar", config, mesh)
     state = create_ppo_state(
         policy,
         critic,
-        reward_model,
         common.optimizer(cfg, total),
         common.optimizer(cfg, total, learning_rate=cfg.critic_lr),
-        dpo_params=dpo_params,
+        frozen=frozen,
+        reward_model=reward_model,
         reward_mean=reward["reward_mean"],
         reward_std=reward["reward_std"],
     )
@@ -461,7 +475,7 @@ def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict,
         prompts.restore(meta["data"])
         run_log.truncate(stage, start)
         log.info("ppo: resumed from iteration %d", start)
-    bar = progress(f"ppo[{cfg.variant}]", total, start)
+    bar = progress(f"{stage}[{name}]", total, start)
     values = {}
     for step in range(start + 1, total + 1):
         batch = next(prompts)
@@ -476,7 +490,7 @@ def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict,
         if step == total or step % config.checkpoint.every_steps == 0:
             checkpoint.save(manager, step, saved(state, rng), {"step": step, "data": prompts.state()})
         bar.update(1)
-        bar.set_postfix({"score": f"{values['score']:.3g}", "kl": f"{values['kl_to_ref']:.3g}"})
+        bar.set_postfix({"reward": f"{values['reward/total']:.3g}", "kl": f"{values.get('kl_to_ref', 0.0):.3g}"})
         if common.hook_hits(config, "fail_after", stage, step):
             raise common.SimulatedFailure(f"debug.fail_after: {stage} step {step}")
     bar.close()
@@ -487,7 +501,7 @@ def run_ppo(config, workdir, task, run_log: RunLog, sft_path: str, reward: dict,
     return {
         "model_path": path,
         "source": "trained",
-        "variant": cfg.variant,
+        "token_reward": name,
         "steps": total,
         **{k: values[k] for k in keys if k in values},
     }
@@ -554,14 +568,16 @@ def evaluate_policy(
 
 
 def run_evaluate(
-    config, workdir, task, run_log: RunLog, policies: dict[str, str], reward_path: str | None, ref_path: str | None
+    config, workdir, task, run_log: RunLog, *, policies: dict[str, str], reward_path: str | None, ref_path: str | None
 ) -> dict:
     """Every policy on the held-out prompts: reward-model score, KL to pi_ref, length, EOS rate, win rate
     against the dataset's reference responses (judge: evaluate.judge or the run's reward model).
 
+    policies: {name: model path}, plus those of `config.evaluate.policies`.
     Per-policy results are cached in `<workdir>/evaluate/<policy>.json` (a restart skips them).
     """
     cfg = config.evaluate
+    policies = {**policies, **parse_policies(cfg.policies)}
     folder = common.stage_dir(workdir, "evaluate")
     judge_path = cfg.judge or reward_path
     mesh = device_mesh(config)

@@ -1,11 +1,14 @@
-"""PPO over the token MDP with RTO token rewards (DESIGN.md 1, stage 4), as pure jitted functions.
+"""PPO over the token MDP with a token reward passed in (docs/DESIGN.md 1, stage 4), as pure jitted functions.
 
     make_experience(state, prompts, rng) -> Experience      rollout, scoring, token rewards, GAE
     ppo_update(state, experience, rng) -> (state, metrics)   epochs x minibatches in lax.scan
     ppo_iteration(state, prompts, rng) -> (state, metrics)   both, in one jit
 
-The policy and reference share the policy's graphdef; the critic, the reward model (and its score
-normalization) and the DPO policy are fields of `PPOState`, so a step needs nothing but its arguments.
+`PPOConfig.token_reward` (rto_jax.objectives.token_rewards: RTO, PPO, the ablations, or a recipe's own)
+turns the per-token log-probs of named models and the reward model's score into `[B, R]` rewards.
+The frozen language models it reads (reference, DPO policy, ...) share the policy's graphdef; they,
+the critic, the reward model and its score normalization are fields of `PPOState`, so a step needs
+nothing but its arguments.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from rto_jax.objectives import gae, masked_mean, masked_whiten, policy_loss, rto_token_rewards, value_loss
+from rto_jax.objectives import gae, masked_mean, masked_whiten, policy_loss, value_loss
 from rto_jax.objectives.sft import entropy_from_logits
+from rto_jax.objectives.token_rewards import BoundReward, frozen_models, needs_reward_model, rto
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.train.sharding import StepShardings, jit_step
 from rto_jax.train.state import TrainState
@@ -28,11 +32,8 @@ from rto_jax.train.steps import response_logprobs, response_scalars, sequence_sc
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     sampling: SamplingConfig  # rollout: max_new_tokens R, temperature tau (also applied when training)
-    beta_dpo: float = 0.05  # DPO token reward scale; 0 gives plain PPO
-    dpo_clip: float = 0.05  # clip of the scaled DPO token reward; <= 0 disables
-    beta_kl: float = 0.01  # fixed KL penalty per token
-    beta_rm: float = 1.0  # weight of the reward model's score at EOS; 0 drops it (ablation)
-    dpo_placement: str = "token"  # "token" (RTO) or "sequence_end" (ablation: summed DPO reward at EOS)
+    # token_reward(logps, score, mask) -> (rewards, parts): a BoundReward (hashable: static under jit)
+    token_reward: BoundReward = BoundReward(rto)
     gamma: float = 1.0
     lam: float = 0.95
     ppo_epochs: int = 1
@@ -47,8 +48,9 @@ class PPOConfig:
 
 
 class PPOState(struct.PyTreeNode):
-    """Everything PPO updates or reads. `frozen`: {'ref', 'reward', optional 'dpo'} params,
-    `reward_mean`/`reward_std` scalars that normalize the reward model's score."""
+    """Everything PPO updates or reads. `frozen`: {'models': {name: LM params (the policy's graphdef)},
+    and, when the token reward uses the reward model, 'reward' params and the `reward_mean` /
+    `reward_std` scalars that normalize its score}."""
 
     policy: TrainState
     critic: TrainState
@@ -76,61 +78,53 @@ def _has_eos(tokens, mask, eos_id):
 def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> tuple[Experience, dict]:
     """Rollout with the jitted sampler, then every model's view of it, the token rewards and GAE.
 
-    prompts: `prompt_ids`, `prompt_mask` `[B, P]` (left-padded).
+    prompts: `prompt_ids`, `prompt_mask` `[B, P]` (left-padded). Every log-prob is taken at the
+    rollout temperature. Metrics include each part of the token reward as `reward/<part>` (per-sequence sums).
     """
     tau = config.sampling.temperature
+    reward_fn = config.token_reward
+    missing = [m for m in frozen_models(reward_fn) if m not in state.frozen["models"]]
+    if missing or (needs_reward_model(reward_fn) and "reward" not in state.frozen):
+        missing += ["reward"] if needs_reward_model(reward_fn) else []
+        raise ValueError(f"token reward {reward_fn.name!r} uses {missing}, which the PPOState does not hold")
     samples = generate(
         state.policy.graphdef, state.policy.params, prompts["prompt_ids"], prompts["prompt_mask"], rng, config.sampling
     )
     input_ids, attention_mask, positions = response_inputs(prompts["prompt_ids"], prompts["prompt_mask"], samples)
     mask = samples.response_mask
     inputs = (input_ids, attention_mask, positions)
-    policy = nnx.merge(state.policy.graphdef, state.policy.params)
-    logp_old, logits = response_logprobs(policy, *inputs, mask, tau)
-    logp_ref, _ = response_logprobs(nnx.merge(state.policy.graphdef, state.frozen["ref"]), *inputs, mask, tau)
-    if config.beta_dpo != 0:
-        if "dpo" not in state.frozen:
-            raise ValueError("PPOConfig.beta_dpo != 0 (RTO) needs the DPO policy: pass dpo_params to create_ppo_state")
-        logp_dpo, _ = response_logprobs(nnx.merge(state.policy.graphdef, state.frozen["dpo"]), *inputs, mask, tau)
-    else:
-        logp_dpo = logp_ref
-    critic = nnx.merge(state.critic.graphdef, state.critic.params)
+    logp_old, logits = response_logprobs(state.policy.model(), *inputs, mask, tau)
+    logps = {"policy": logp_old}
+    for name, params in state.frozen["models"].items():
+        logps[name] = response_logprobs(nnx.merge(state.policy.graphdef, params), *inputs, mask, tau)[0]
+    critic = state.critic.model()
     values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
-    raw_score = sequence_scores(nnx.merge(state.reward_graphdef, state.frozen["reward"]), *inputs, mask)
-    score = jnp.clip(
-        (raw_score - state.frozen["reward_mean"]) / state.frozen["reward_std"], -config.score_clip, config.score_clip
-    )
     has_eos = _has_eos(samples.tokens, mask, config.sampling.eos_id)
-    score = score - config.missing_eos_penalty * (1.0 - has_eos.astype(jnp.float32))
-    rewards, parts = rto_token_rewards(
-        logp_old,
-        logp_ref,
-        logp_dpo,
-        score,
-        mask,
-        beta_dpo=config.beta_dpo,
-        dpo_clip=config.dpo_clip,
-        beta_kl=config.beta_kl,
-        beta_rm=config.beta_rm,
-        dpo_placement=config.dpo_placement,
-    )
+    metrics = {}
+    score = None
+    if needs_reward_model(reward_fn):
+        raw_score = sequence_scores(nnx.merge(state.reward_graphdef, state.frozen["reward"]), *inputs, mask)
+        normalized = (raw_score - state.frozen["reward_mean"]) / state.frozen["reward_std"]
+        score = jnp.clip(normalized, -config.score_clip, config.score_clip)
+        score = score - config.missing_eos_penalty * (1.0 - has_eos.astype(jnp.float32))
+        metrics.update(score=jnp.mean(raw_score), score_normalized=jnp.mean(score))
+    rewards, parts = reward_fn(logps, score, mask)
     advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, mask)
     per_sequence = lambda x: jnp.mean(jnp.sum(x, axis=1))
-    metrics = {
-        "score": jnp.mean(raw_score),
-        "score_normalized": jnp.mean(score),
-        "reward/dpo": per_sequence(parts["dpo"]),
-        "reward/kl": per_sequence(parts["kl"]),
-        "reward/score": per_sequence(parts["score"]),
-        "reward/total": per_sequence(rewards),
-        "kl_to_ref": per_sequence(jnp.where(mask > 0, logp_old - logp_ref, 0.0)),
-        "entropy": masked_mean(entropy_from_logits(logits), mask),
-        "response_length": jnp.mean(jnp.sum(mask, axis=1)),
-        "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
-        "value_mean": masked_mean(values, mask),
-    }
+    metrics.update({f"reward/{name}": per_sequence(part) for name, part in parts.items()})
+    metrics.update(
+        {
+            "reward/total": per_sequence(rewards),
+            "entropy": masked_mean(entropy_from_logits(logits), mask),
+            "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+            "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
+            "value_mean": masked_mean(values, mask),
+        }
+    )
+    if "ref" in logps:
+        metrics["kl_to_ref"] = per_sequence(jnp.where(mask > 0, logp_old - logps["ref"], 0.0))
     return Experience(input_ids, attention_mask, positions, mask, logp_old, values, advantages, returns), metrics
 
 
@@ -217,33 +211,33 @@ def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None):
 def create_ppo_state(
     policy: nnx.Module,
     critic: nnx.Module,
-    reward_model: nnx.Module,
     policy_tx,
     critic_tx,
     *,
-    reference_params: Any = None,
-    dpo_params: Any = None,
+    frozen: dict[str, Any] | None = None,
+    reward_model: nnx.Module | None = None,
     reward_mean: float = 0.0,
     reward_std: float = 1.0,
 ) -> PPOState:
-    """PPO state from the policy (usually pi_sft), the critic (usually the reward model) and the reward model.
+    """PPO state from the policy (usually pi_sft), the critic (usually the reward model) and the frozen models.
 
-    reference_params default to a copy of the policy's; `dpo_params` (pi_dpo, the policy's graphdef) are
-    required when `beta_dpo != 0`. The policy's and critic's arrays become the train states' (donated by
-    the jitted update); the frozen models are copied.
+    frozen: {name: params with the policy's graphdef}, the language models the token reward reads
+      (`frozen_models(token_reward)`, e.g. {'ref': pi_sft, 'dpo': pi_dpo}); default {'ref': a copy of
+      the policy}. reward_model: the scorer, when the token reward uses one (`needs_reward_model`).
+    The policy's and critic's arrays become the train states' (donated by the jitted update); the
+    frozen models are copied.
     """
     # The update donates the whole state; copies keep the caller's reward/DPO/reference models alive.
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
     policy_state = TrainState.create(policy, policy_tx)
-    reward_graphdef, reward_params = nnx.split(reward_model)
-    frozen = {
-        "ref": copy(reference_params if reference_params is not None else policy_state.params),
-        "reward": copy(reward_params),
-        "reward_mean": jnp.float32(reward_mean),
-        "reward_std": jnp.float32(reward_std),
-    }
-    if dpo_params is not None:
-        frozen["dpo"] = copy(dpo_params)
+    models = frozen if frozen is not None else {"ref": policy_state.params}
+    tree = {"models": {name: copy(params) for name, params in models.items()}}
+    reward_graphdef = None
+    if reward_model is not None:
+        reward_graphdef, reward_params = nnx.split(reward_model)
+        tree.update(
+            reward=copy(reward_params), reward_mean=jnp.float32(reward_mean), reward_std=jnp.float32(reward_std)
+        )
     return PPOState(
-        policy=policy_state, critic=TrainState.create(critic, critic_tx), frozen=frozen, reward_graphdef=reward_graphdef
+        policy=policy_state, critic=TrainState.create(critic, critic_tx), frozen=tree, reward_graphdef=reward_graphdef
     )
