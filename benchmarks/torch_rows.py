@@ -2,6 +2,8 @@
 
 Every peer runs the same workload as our row: full-length random rows, the LM head only on the response
 positions (`logits_to_keep`), AdamW after global-norm clipping at 1.0, float32, torch threads = cores.
+The peers' models and TRL's trainer are built by third_party/torch_peers; this file defines the
+workloads and times them.
 """
 
 from __future__ import annotations
@@ -17,55 +19,20 @@ import torch.nn.functional as F
 
 from benchmarks.timing import measure
 from benchmarks.workloads import FIRST_TOKEN, SHAPES
+from third_party import torch_peers
 
 PAD = 0
 torch.set_num_threads(os.cpu_count() or 1)
 
 
-def _hf_config(shape_name: str, **extra):
-    from transformers import LlamaConfig
-
-    s = SHAPES[shape_name]
-    return LlamaConfig(
-        vocab_size=s["vocab_size"],
-        hidden_size=s["hidden_size"],
-        intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_layers"],
-        num_attention_heads=s["num_heads"],
-        num_key_value_heads=s["num_kv_heads"],
-        head_dim=s["head_dim"],
-        rope_parameters={"rope_type": "default", "rope_theta": s["rope_theta"]},
-        rms_norm_eps=s["norm_eps"],
-        tie_word_embeddings=s["tie_word_embeddings"],
-        max_position_embeddings=4096,
-        pad_token_id=PAD,
-        bos_token_id=None,
-        eos_token_id=None,
-        attn_implementation="sdpa",
-        **extra,
-    )
-
-
 def _causal_lm(shape_name: str):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(_hf_config(shape_name)).float()
+    """transformers' LlamaForCausalLM of the shape, float32, seed 0."""
+    return torch_peers.causal_lm(SHAPES[shape_name], pad_token_id=PAD, seed=0)
 
 
-class ValueModel(torch.nn.Module):
+def _value_model(shape_name: str):
     """LlamaModel + a bias-free scalar head on every position: our ScalarHeadModel (critic, reward model)."""
-
-    def __init__(self, shape_name: str):
-        from transformers import LlamaModel
-
-        super().__init__()
-        config = _hf_config(shape_name)
-        self.model = LlamaModel(config)
-        self.head = torch.nn.Linear(config.hidden_size, 1, bias=False)
-
-    def forward(self, input_ids):
-        return self.head(self.model(input_ids=input_ids).last_hidden_state)[..., 0]
+    return torch_peers.ValueModel(SHAPES[shape_name], pad_token_id=PAD)
 
 
 def ceiling(row: dict) -> dict:
@@ -124,7 +91,7 @@ def train(row: dict) -> dict:
 
         params = list(model.parameters())
     elif task == "rm":
-        model = ValueModel(row["shape"]).train()
+        model = _value_model(row["shape"]).train()
 
         def loss_fn():
             chosen, rejected = model(ids)[:, -1].chunk(2)
@@ -144,7 +111,7 @@ def train(row: dict) -> dict:
 
         params = list(model.parameters())
     elif task == "ppo":
-        model, critic = _causal_lm(row["shape"]).train(), ValueModel(row["shape"]).train()
+        model, critic = _causal_lm(row["shape"]).train(), _value_model(row["shape"]).train()
         logp_old = torch.from_numpy(-rng.exponential(1.0, (seqs, response))).float()
         old_values = torch.from_numpy(rng.normal(size=(seqs, response))).float()
         advantages = torch.from_numpy(rng.normal(size=(seqs, response))).float()
@@ -175,17 +142,12 @@ def trl_dpo(row: dict) -> dict:
     Text rows over a word-level tokenizer ("t17 t5 ...") map one word to one token id, so TRL tokenizes
     exactly the lengths of our row: prompt P words, chosen/rejected R - 1 words and EOS.
     """
-    from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    import trl  # noqa: F401 - an absent optional peer is reported (ModuleNotFoundError) before any model is built
+    from transformers import TrainerCallback
 
     shape = SHAPES[row["shape"]]
     vocab = shape["vocab_size"]
-    words = {"<pad>": PAD, "<eos>": 1, **{f"t{i}": i for i in range(FIRST_TOKEN, vocab)}}
-    backend = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tokenizer = torch_peers.word_level_tokenizer(vocab, first_token=FIRST_TOKEN, pad_id=PAD, eos_id=1)
 
     pairs = row["batch"] // 2
     steps = max(row["warmup"], 1) + row["reps"]
@@ -213,31 +175,8 @@ def trl_dpo(row: dict) -> dict:
             times.append(time.perf_counter() - starts[-1])
 
     out_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"trl-dpo-bench-{os.getpid()}")
-    args = DPOConfig(
-        output_dir=out_dir,
-        per_device_train_batch_size=pairs,
-        max_steps=steps,
-        learning_rate=1e-5,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        lr_scheduler_type="constant",
-        beta=0.1,
-        max_length=None,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=0,
-        disable_tqdm=True,
-    )
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=reference,
-        args=args,
-        train_dataset=Dataset.from_list(examples),
-        processing_class=tokenizer,
-        callbacks=[StepTimer()],
+    trainer = torch_peers.trl_dpo_trainer(
+        model, reference, tokenizer, examples, pairs=pairs, steps=steps, out_dir=out_dir, callbacks=[StepTimer()]
     )
     sample = trainer.data_collator([trainer.train_dataset[i] for i in range(pairs)])
     got = tuple(sample["input_ids"].shape)

@@ -194,7 +194,7 @@ def _ppo_split(shape, batch, *, prompt, new_tokens, reps, layout="loop"):
 def full_rows() -> list[dict]:
     """The real benchmark, sized to finish in about 25 minutes on a quiet 2-core machine.
 
-    Rough budget (PERF_NOTES rates): 135M training ~10 min (the 8x512 SFT pair alone ~4), rollouts ~7,
+    Rough budget (docs/PERF_NOTES.md rates): 135M training ~10 min (the 8x512 SFT pair alone ~4), rollouts ~7,
     PPO split ~4, tiny and scaling rows ~5. `--only` runs a subset.
     """
     big, tiny = "smollm2-135m", "tiny"
@@ -204,7 +204,7 @@ def full_rows() -> list[dict]:
         impls = ("jax-loop", "jax-scan", "torch") if task == "sft" else ("jax-loop", "torch")
         rows += [_train(task, big, 4, 256, impl, reps=3) for impl in impls]
     rows.append(_train("trl_dpo", big, 4, 256, "trl", reps=3))
-    # 135M at 8 x 512, SFT only: a 30 s step (PERF_NOTES), so the one objective whose peer ratio matters most.
+    # 135M at 8 x 512, SFT only: a 30 s step (docs/PERF_NOTES.md), so the one objective whose peer ratio matters most.
     rows += [_train("sft", big, 8, 512, impl, reps=3) for impl in ("jax-loop", "torch")]
     # Tiny at 8 x 512: per-op overhead dominates.
     for task in ("sft", "rm", "dpo", "ppo"):

@@ -3,7 +3,8 @@
 Synthetic tests (tiny GGUF files written with `gguf.GGUFWriter`) always run. Tests on the real
 SmolLM2-135M-Instruct Q4_1 GGUF skip when the file is absent (set $RTO_JAX_SMOLLM2_GGUF or run
 `python -m rto_jax.models.smollm2` to fetch it). They compare against transformers' own GGUF
-loader and run a greedy chat completion with a torch LlamaForCausalLM holding our tensors.
+loader and run a greedy chat completion with a torch LlamaForCausalLM holding our tensors
+(both through third_party/transformers_reference).
 """
 
 from __future__ import annotations
@@ -342,14 +343,13 @@ def test_smollm2_chat_template(smol):
 def test_smollm2_matches_transformers_gguf_loader(smol, smol_path):
     """Independent reference: transformers' own GGUF reader (dequantize + q/k un-permute)."""
     pytest.importorskip("torch")
+    from third_party import transformers_reference as reference
+
+    cfg, tensors, tok = smol
     try:
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        theirs_cfg = reference.gguf_config_via_transformers(smol_path)
     except ImportError as e:
         pytest.skip(f"transformers GGUF loader unavailable: {e}")
-    cfg, tensors, tok = smol
-
-    theirs_cfg = load_gguf_checkpoint(str(smol_path), return_tensors=False)["config"]
     for k in (
         "vocab_size",
         "hidden_size",
@@ -365,48 +365,32 @@ def test_smollm2_matches_transformers_gguf_loader(smol, smol_path):
         "eos_token_id",
     ):
         assert cfg[k] == theirs_cfg[k], k
-    # Their weight-name map needs a model instance; its values are never used.
-    import torch
-
-    with torch.device("meta"):
-        skeleton = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in theirs_cfg.items() if not k.startswith("_")}))
-    theirs = load_gguf_checkpoint(str(smol_path), return_tensors=True, model_to_load=skeleton)
-    theirs = theirs["tensors"]
+    theirs = reference.gguf_tensors_via_transformers(smol_path, theirs_cfg)
     assert set(theirs) == set(tensors)
     for k, v in tensors.items():
-        np.testing.assert_allclose(v, theirs[k].float().numpy(), rtol=0, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(v, theirs[k], rtol=0, atol=1e-6, err_msg=k)
 
-    ref = AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
+    ref = reference.gguf_tokenizer_via_transformers(smol_path)
     for s in COMPARE:
         assert tok.encode(s) == ref.encode(s), s
     assert tok.convert_ids_to_tokens(list(range(len(tok)))) == ref.convert_ids_to_tokens(list(range(len(ref))))
 
 
 def test_smollm2_greedy_chat_completion(smol):
-    torch = pytest.importorskip("torch")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    pytest.importorskip("torch")
+    from third_party import transformers_reference as reference
 
     cfg, tensors, tok = smol
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()}, strict=False)
+    model, missing, unexpected = reference.llama_from_tensors(cfg, tensors, seed=0)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
-    enc = tok.apply_chat_template(
+    completion = reference.greedy_chat_completion(
+        model,
+        tok,
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
+        max_new_tokens=32,
+        eos_token_id=cfg["eos_token_id"],
     )
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=32,
-            do_sample=False,
-            eos_token_id=cfg["eos_token_id"],
-            pad_token_id=cfg["eos_token_id"],
-        )
-    completion = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     print(f"\nSmolLM2 greedy completion: {completion!r}")
     assert "Paris" in completion

@@ -1,4 +1,8 @@
-"""Our NNX decoders against transformers' PyTorch implementations, through our safetensors I/O."""
+"""Our NNX decoders against transformers' PyTorch implementations, through our safetensors I/O.
+
+The transformers side (building, saving and running its PyTorch models) lives in
+third_party/transformers_reference.
+"""
 
 import json
 
@@ -6,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, load_pretrained, save_pretrained
+from third_party import transformers_reference as reference
 
 VOCAB = 97
 
@@ -110,18 +114,9 @@ def _left_padded_batch(rng, lengths, total):
     return ids, mask, positions
 
 
-def _torch_model(name, tmp_path, cls=transformers.AutoModelForCausalLM):
-    torch.manual_seed(0)
-    hf_config = HF_CONFIGS[name]()
-    hf_config.pad_token_id = 0
-    model = cls.from_config(hf_config).float().eval()
-    # Random biases and norms too, so a dropped or transposed tensor cannot hide.
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") or "norm" in pname or "layernorm" in pname:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    return model
+def _torch_model(name, tmp_path):
+    # Seed 0, pad id 0, random biases and norms too (so a dropped or transposed tensor cannot hide).
+    return reference.random_causal_lm(HF_CONFIGS[name](), tmp_path, pad_token_id=0, seed=0)
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
@@ -130,10 +125,7 @@ def test_logits_match_transformers_with_left_padding(name, scan_layers, tmp_path
     torch_model = _torch_model(name, tmp_path)
     model = load_pretrained(tmp_path, scan_layers=scan_layers)
     ids, mask, positions = _left_padded_batch(np.random.default_rng(0), [11, 4, 1], 11)
-    with torch.no_grad():
-        expected = torch_model(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
-        ).logits.numpy()
+    expected = reference.causal_lm_logits(torch_model, ids, attention_mask=mask, position_ids=positions)
     got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)))
     assert got.dtype == np.float32 and got.shape == expected.shape
     valid = mask.astype(bool)
@@ -147,12 +139,9 @@ def test_save_pretrained_round_trip_through_transformers(name, tmp_path):
     _torch_model(name, tmp_path / "src")
     ours = load_pretrained(tmp_path / "src")
     save_pretrained(ours, tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").float().eval()
+    reloaded = reference.load_causal_lm(tmp_path / "out")
     ids, mask, positions = _left_padded_batch(np.random.default_rng(1), [7, 3], 7)
-    with torch.no_grad():
-        theirs = reloaded(
-            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
-        ).logits.numpy()
+    theirs = reference.causal_lm_logits(reloaded, ids, attention_mask=mask, position_ids=positions)
     got = np.asarray(ours(jnp.asarray(ids), attention_mask=jnp.asarray(mask), positions=jnp.asarray(positions)))
     np.testing.assert_allclose(got[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4, rtol=0)
     # And our own loader reads back exactly what we wrote.
@@ -176,10 +165,9 @@ def test_scalar_head_exports_as_sequence_classification(tmp_path):
     assert json.loads((tmp_path / "rm" / "config.json").read_text())["architectures"] == [
         "LlamaForSequenceClassification"
     ]
-    torch_rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").float().eval()
+    torch_rm = reference.load_sequence_classifier(tmp_path / "rm")
     ids = np.random.default_rng(2).integers(1, VOCAB, (3, 9))
-    with torch.no_grad():
-        theirs = torch_rm(input_ids=torch.tensor(ids)).logits.numpy()[:, 0]
+    theirs = reference.sequence_classifier_scores(torch_rm, ids)
     ours = np.asarray(model(jnp.asarray(ids)))[:, -1]
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     reloaded = load_pretrained(tmp_path / "rm")
