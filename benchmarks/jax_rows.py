@@ -13,17 +13,17 @@ from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_posit
 from rto_jax.objectives.token_rewards import bind, ppo, rto
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
-    DPOConfig,
+    DPOLoss,
     Experience,
     OptimizerConfig,
     PPOConfig,
     TrainState,
     create_ppo_state,
-    make_dpo_step,
     make_optimizer,
     make_ppo_fns,
-    make_reward_model_step,
-    make_sft_step,
+    RewardModelLoss,
+    SFTLoss,
+    make_train_step,
 )
 
 PAD = 0
@@ -84,7 +84,7 @@ def train(row: dict) -> dict:
     if task in ("rm", "dpo") and seqs % 2:
         raise ValueError(f"{row['id']}: a preference batch needs an even number of sequences")
     if task == "sft":
-        step = make_sft_step()
+        step = make_train_step(SFTLoss())
         state = TrainState.create(CausalLM(cfg, nnx.Rngs(0)), _optimizer())
         batch = _sequences(rng, seqs, length, response, cfg.vocab_size)
     elif task in ("rm", "dpo"):
@@ -94,10 +94,10 @@ def train(row: dict) -> dict:
             **_sequences(rng, pairs, length, response, cfg.vocab_size, "rejected_"),
         }
         if task == "rm":
-            step = make_reward_model_step()
+            step = make_train_step(RewardModelLoss())
             state = TrainState.create(ScalarHeadModel(cfg, nnx.Rngs(0)), _optimizer())
         else:
-            step = make_dpo_step(DPOConfig(beta=0.1))
+            step = make_train_step(DPOLoss(beta=0.1))
             policy = CausalLM(cfg, nnx.Rngs(0))
             reference = jax.tree.map(jnp.copy, nnx.split(policy)[1])
             state = TrainState.create(policy, _optimizer()).replace(frozen={"ref": reference})

@@ -16,8 +16,7 @@ import ml_collections
 def get_config(preset: str = "demo"):
     c = ml_collections.ConfigDict()
     c.benchmark = "synthetic"  # experiments/run.py dispatches on this field
-    c.seed = 0  # the task, data, initialisation and sampling all derive from it
-    c.seeds = [0]  # seeds run by `full` (results averaged); `seed` is ignored when more than one
+    c.seeds = "0"  # comma-separated seeds ('--config.seeds=3,4,5'); each derives the task, data, init, sampling
     c.temperature = 1.0  # sampling temperature of rollouts, preference samples and evaluation
     c.methods = ["sft", "dpo", "ppo", "rto", "rto_sequence_end", "rto_no_rm"]  # what to train and compare
     # Overrides of rto_jax.data.synthetic.SyntheticTaskConfig (empty: the documented defaults).
@@ -53,7 +52,7 @@ def get_config(preset: str = "demo"):
     c.dpo.lr = 1e-4  # peak learning rate (tuned on seed 1000 for DPO: 3e-5, 1e-4, 3e-4)
     c.dpo.schedule = "cosine"  # after warmup
     c.dpo.warmup_steps = 20  # linear warmup steps
-    c.dpo.beta = 0.1  # DPO beta (DESIGN.md default)
+    c.dpo.beta = 0.1  # DPO beta (docs/DESIGN.md default)
 
     c.ppo = ml_collections.ConfigDict()  # shared by ppo, rto and the ablations; only reward shaping differs
     c.ppo.episodes = 6400  # prompts rolled out per method (the budget)
@@ -81,10 +80,10 @@ def get_config(preset: str = "demo"):
     if preset == "demo":
         pass
     elif preset == "full":
-        c.seeds = [0, 1, 2]
+        c.seeds = "0,1,2"
         c.ppo.episodes = 12_800
     elif preset == "tune":
-        c.seed, c.seeds = 1000, [1000]
+        c.seeds = "1000"
     elif preset == "smoke":
         c.sft.num_examples, c.sft.steps, c.sft.batch_size = 512, 5, 16
         c.preferences.num_pairs = 64

@@ -5,7 +5,7 @@ Presets (`--config=configs/rto_tldr.py:PRESET`):
                             RLHF with PPO", Huang et al. 2024, github.com/vwxyzjn/summarize_from_feedback_details):
                             P = 512 prompt tokens, R = 53 response tokens, SFT batch 128, RM/DPO batch 64,
                             PPO 1M episodes in batches of 512, 4 PPO epochs, lr 3e-6, temperature 0.7,
-                            EOS penalty 1. RTO's reward shaping follows the authors' code (DESIGN.md):
+                            EOS penalty 1. RTO's reward shaping follows the authors' code (docs/DESIGN.md):
                             beta_dpo 0.05 (clip 0.05), fixed beta_kl 0.01.
   tiny                      random-init 2-layer model, 2k BPE, the offline sample data in ../shared/data.
 

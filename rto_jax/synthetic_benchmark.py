@@ -32,16 +32,16 @@ from rto_jax.eval.rollout_eval import episodes_to_reach, evaluate_policy, over_p
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions, load_pretrained, save_pretrained
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
-    DPOConfig,
+    DPOLoss,
     OptimizerConfig,
     PPOConfig,
     TrainState,
     create_ppo_state,
-    make_dpo_step,
     make_optimizer,
     make_ppo_fns,
-    make_reward_model_step,
-    make_sft_step,
+    RewardModelLoss,
+    SFTLoss,
+    make_train_step,
     precompute_reference_logps,
     sequence_scores,
 )
@@ -156,9 +156,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     def train_sft():
         state = TrainState.create(CausalLM(model_cfg, nnx.Rngs(seed)), _optimizer(config.sft, config.sft.steps))
-        return _train(make_sft_step(), state, sft_data, config.sft.batch_size, config.sft.steps, seed, "sft", run_log)[
-            0
-        ].model()
+        return _train(
+            make_train_step(SFTLoss()), state, sft_data, config.sft.batch_size, config.sft.steps, seed, "sft", run_log
+        )[0].model()
 
     graphdef, sft_params = nnx.split(_trained(workdir, "sft", train_sft))
     timings["sft"] = time.perf_counter() - start
@@ -182,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         model = ScalarHeadModel.from_causal_lm(nnx.merge(graphdef, sft_params), nnx.Rngs(seed + 1))
         state = TrainState.create(model, _optimizer(config.reward_model, config.reward_model.steps))
         return _train(
-            make_reward_model_step(),
+            make_train_step(RewardModelLoss()),
             state,
             prefs,
             config.reward_model.batch_size,
@@ -219,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             nnx.merge(graphdef, jax.tree.map(jnp.copy, sft_params)), _optimizer(config.dpo, config.dpo.steps)
         )
         return _train(
-            make_dpo_step(DPOConfig(beta=config.dpo.beta)),
+            make_train_step(DPOLoss(beta=config.dpo.beta)),
             state,
             prefs_ref,
             config.dpo.batch_size,
@@ -438,11 +438,11 @@ def _train_ppo(name, config, task, start: PPOStart, run_log):
             curve.append(((it + 1) * ppo.rollout_batch_size, float(gold.mean())))
             run_log.log(name, it + 1, {"gold_reward": gold.mean(), "episodes": curve[-1][0]}, split="eval")
             log.info(
-                "%s it %d: gold %.4f score %.3f kl %.3f len %.1f eos %.2f",
+                "%s it %d: gold %.4f reward %.3f kl %.3f len %.1f eos %.2f",
                 name,
                 it + 1,
                 gold.mean(),
-                float(metrics["score"]),
+                float(metrics["reward/total"]),
                 float(metrics["kl_to_ref"]),
                 float(metrics["response_length"]),
                 float(metrics["eos_rate"]),
@@ -454,27 +454,38 @@ def _train_ppo(name, config, task, start: PPOStart, run_log):
 def run_benchmark(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """`run` for each of `config.seeds` (in workdir/seed_N when there are several), then mean ± s.e. over seeds."""
     workdir = Path(workdir)
-    if len(config.seeds) <= 1:
-        single = config.copy_and_resolve_references()
-        with single.unlocked():
-            single.seed = config.seeds[0] if config.seeds else config.seed
-        return run(single, workdir)
-    per_seed = []
-    for seed in config.seeds:
-        single = config.copy_and_resolve_references()
-        with single.unlocked():
-            single.seed = seed
-        per_seed.append(run(single, workdir / f"seed_{seed}"))
+    seeds = parse_seeds(config.seeds)
+
+    def single(seed):
+        one = config.copy_and_resolve_references()
+        with one.unlocked():
+            one.seed = seed
+        return one
+
+    if len(seeds) == 1:
+        return run(single(seeds[0]), workdir)
+    per_seed = [run(single(seed), workdir / f"seed_{seed}") for seed in seeds]
     results = aggregate(per_seed)
     write_json_atomic(workdir / "results.json", results)
     table = results_table(results)
     (workdir / "results.md").write_text(table + "\n")
-    plot_gold_vs_episodes(results["curves"], workdir / "gold_vs_episodes.png", f"Synthetic task, seeds {config.seeds}")
+    plot_gold_vs_episodes(results["curves"], workdir / "gold_vs_episodes.png", f"Synthetic task, seeds {seeds}")
     plot_gold_vs_kl(
-        results["methods"], results["best_of_n"], workdir / "gold_vs_kl.png", f"Synthetic task, seeds {config.seeds}"
+        results["methods"], results["best_of_n"], workdir / "gold_vs_kl.png", f"Synthetic task, seeds {seeds}"
     )
-    print(f"\nMean ± standard error over seeds {list(config.seeds)}:\n{table}")
+    print(f"\nMean ± standard error over seeds {seeds}:\n{table}")
     return results
+
+
+def parse_seeds(value) -> list[int]:
+    """'3,4,5' (or one int) -> [3, 4, 5]; a bad value raises ValueError naming `config.seeds`."""
+    try:
+        seeds = [int(s) for s in str(value).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"config.seeds: expected comma-separated integers like '3,4,5', got {value!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"config.seeds: expected distinct integers like '3,4,5', got {value!r}")
+    return seeds
 
 
 def aggregate(per_seed: list[dict]) -> dict:

@@ -20,16 +20,16 @@ from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_posit
 from rto_jax.objectives.token_rewards import bind, rto
 from rto_jax.sampling import SamplingConfig
 from rto_jax.train import (
-    DPOConfig,
+    DPOLoss,
     OptimizerConfig,
     PPOConfig,
     TrainState,
     create_ppo_state,
-    make_dpo_step,
     make_optimizer,
     make_ppo_fns,
-    make_reward_model_step,
-    make_sft_step,
+    RewardModelLoss,
+    SFTLoss,
+    make_train_step,
     sharding,
 )
 
@@ -144,7 +144,9 @@ def _result(metrics, state_params) -> dict:
 def run_sft(mesh=None) -> dict:
     state = _state(lambda: CausalLM(model_config(False), nnx.Rngs(0)), mesh)
     shardings = None if mesh is None else sharding.step_shardings(state, mesh)
-    state, metrics = make_sft_step(shardings=shardings)(state, _place_batch(sft_batch(), shardings), jax.random.key(0))
+    state, metrics = make_train_step(SFTLoss(), shardings=shardings)(
+        state, _place_batch(sft_batch(), shardings), jax.random.key(0)
+    )
     return _result(metrics, state.params)
 
 
@@ -152,7 +154,7 @@ def run_reward_model(mesh=None) -> dict:
     state = _state(lambda: ScalarHeadModel(model_config(False), nnx.Rngs(1)), mesh)
     shardings = None if mesh is None else sharding.step_shardings(state, mesh)
     batch = _place_batch(preference_batch(), shardings)
-    state, metrics = make_reward_model_step(shardings=shardings)(state, batch, jax.random.key(0))
+    state, metrics = make_train_step(RewardModelLoss(), shardings=shardings)(state, batch, jax.random.key(0))
     return _result(metrics, state.params)
 
 
@@ -166,7 +168,7 @@ def run_dpo(mesh=None) -> dict:
     state = _state(model_fn, mesh, frozen={"ref": ref})
     shardings = None if mesh is None else sharding.step_shardings(state, mesh)
     batch = _place_batch(preference_batch(), shardings)
-    state, metrics = make_dpo_step(DPOConfig(beta=0.1), shardings=shardings)(state, batch, jax.random.key(0))
+    state, metrics = make_train_step(DPOLoss(beta=0.1), shardings=shardings)(state, batch, jax.random.key(0))
     out = _result(metrics, state.params)
     out["margin"] = float(metrics["rewards/margin"])
     return out

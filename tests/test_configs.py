@@ -88,7 +88,6 @@ def _tiny():
         ),
         ("data.preference.format", "tldr_sft", "config.data.preference.format: 'tldr_sft' is a sft format"),
         ("dpo.loss_type", "kto", "config.dpo.loss_type: expected"),
-        ("debug.fail_after", "ppo", "config.debug.fail_after: expected 'stage:step'"),
         ("ppo.total_episodes", 8, "config.ppo.total_episodes: 8 < one rollout batch"),
         ("tokenizer.bpe_vocab_size", 100, "config.tokenizer.bpe_vocab_size: 100 < 300"),
     ],

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import sys
 from pathlib import Path
 
 import jax
@@ -13,14 +15,17 @@ import pytest
 from flax import nnx
 
 from rto_jax.models import CausalLM, ModelConfig, load_pretrained
-from rto_jax.pipeline import checkpoint, run
-from rto_jax.pipeline.common import NonFiniteError, SimulatedFailure
+from rto_jax.pipeline import checkpoint, run, set_recipe
+from rto_jax.pipeline.common import NonFiniteError
 from rto_jax.pipeline.config import shared_data_dir
 from rto_jax.pipeline.logging import RunLog, read_metrics
 from rto_jax.pipeline.tasks import train_bpe
 from rto_jax.train import OptimizerConfig, TrainState, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from faults import SimulatedFailure, count_steps, kill_after_checkpoint, nan_params_at  # noqa: E402
+
 os.environ.setdefault("RTO_JAX_NO_TQDM", "1")
 
 
@@ -100,6 +105,39 @@ def small_config(data, tokenizer_dir, stages="sft,reward_model,dpo,ppo,evaluate"
     return c
 
 
+@pytest.fixture(scope="module")
+def trained_models(fixture_data, tmp_path_factory):
+    """SFT, reward model and DPO of `small_config`, trained once for the tests that start at PPO."""
+    workdir = tmp_path_factory.mktemp("trained")
+    run(small_config(*fixture_data, "sft,reward_model,dpo"), workdir)
+    return workdir
+
+
+def given_models(config, workdir):
+    """Points config's sft / reward_model / dpo `init_from` at the models of `trained_models`."""
+    for stage in ("sft", "reward_model", "dpo"):
+        config[stage].init_from = str(workdir / stage / "model")
+
+
+FORKED_REWARD = """
+from rto_jax.objectives.token_rewards import at_last_token, log_ratio, token_reward
+
+
+@token_reward("ref", "reward")
+def length_bonus(logps, score, mask, *, bonus=0.5, beta_kl=0.01):
+    \"\"\"A constant bonus per token, the KL penalty and the score at the last token.\"\"\"
+    parts = {
+        "bonus": bonus * mask,
+        "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
+        "score": at_last_token(score, mask),
+    }
+    return parts["bonus"] + parts["kl"] + parts["score"], parts
+
+
+TOKEN_REWARD = length_bonus
+"""
+
+
 def strip_time(records):
     return [{k: v for k, v in r.items() if k != "time"} for r in records]
 
@@ -162,16 +200,21 @@ def test_run_log_drops_partial_lines_and_truncates_a_stage(tmp_path):
 def test_interrupted_run_resumes_to_identical_metrics_and_params(fixture_data, tmp_path):
     data, tokenizer_dir = fixture_data
     stages = "sft,reward_model,dpo,ppo"
-    run(small_config(data, tokenizer_dir, stages), tmp_path / "a")
+    with count_steps() as full:
+        run(small_config(data, tokenizer_dir, stages), tmp_path / "a")
+    assert full == {"sft": 5, "reward_model": 4, "dpo": 3, "ppo": 4}
 
     interrupted = tmp_path / "b"
-    for hook in ("sft:3", "ppo:3"):  # killed mid-SFT, then mid-PPO (checkpoints every 2 steps)
-        config = small_config(data, tokenizer_dir, stages)
-        config.debug.fail_after = hook
-        with pytest.raises(SimulatedFailure):
-            run(config, interrupted)
+    for stage in ("sft", "ppo"):  # killed right after SFT's checkpoint 2, then after PPO's (every 2 steps)
+        with kill_after_checkpoint(stage, 2), pytest.raises(SimulatedFailure):
+            run(small_config(data, tokenizer_dir, stages), interrupted)
     assert (interrupted / "sft" / "done.json").exists() and not (interrupted / "ppo" / "done.json").exists()
-    run(small_config(data, tokenizer_dir, stages), interrupted)
+    with count_steps() as resumed:
+        run(small_config(data, tokenizer_dir, stages), interrupted)
+    # The resumed PPO restored iteration 2 and ran only the two after it: a silent restart would not.
+    assert resumed == {"ppo": 2}
+    assert json.loads((interrupted / "ppo" / "done.json").read_text())["resumed_from"] == 2
+    assert json.loads((tmp_path / "a" / "ppo" / "done.json").read_text())["resumed_from"] == 0
 
     same_numbers(
         strip_time(read_metrics(tmp_path / "a" / "metrics.jsonl")),
@@ -184,17 +227,50 @@ def test_interrupted_run_resumes_to_identical_metrics_and_params(fixture_data, t
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-identical on CPU
 
 
-def test_nan_stops_the_stage_naming_step_and_last_good_checkpoint(fixture_data, tmp_path):
+@pytest.mark.parametrize("stage,step", [("sft", 2), ("ppo", 4)])
+def test_nan_parameters_with_a_finite_loss_stop_the_stage_before_its_checkpoint(
+    fixture_data, tmp_path, request, stage, step
+):
+    """NaN parameters at a checkpoint step (2, 4: checkpoints every 2 steps) while the step's loss is
+    finite: the stage stops naming the step, and the NaN state is never saved."""
     data, tokenizer_dir = fixture_data
-    config = small_config(data, tokenizer_dir, "sft")
-    config.debug.nan_at = "sft:3"
-    with pytest.raises(NonFiniteError, match=r"sft: non-finite .* at step 3.*checkpoints/2 \(step 2\)"):
+    config = small_config(data, tokenizer_dir, stage)
+    if stage == "ppo":
+        given_models(config, request.getfixturevalue("trained_models"))
+    with nan_params_at(stage, step), pytest.raises(NonFiniteError) as error:
         run(config, tmp_path)
-    manager = checkpoint.manager(tmp_path / "sft" / "checkpoints")
-    assert manager.latest_step() == 2
-    assert not (tmp_path / "sft" / "done.json").exists()
-    metrics = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
-    assert math.isnan(metrics[-1]["loss"]) and metrics[-1]["step"] == 3
+    last_good = step - 2
+    where = rf"checkpoints/{last_good} \(step {last_good}\)" if last_good else "none yet"
+    assert re.search(rf"{stage}: non-finite parameters .* at step {step}.*{where}", str(error.value)), error.value
+    assert checkpoint.manager(tmp_path / stage / "checkpoints").latest_step() == (last_good or None)
+    assert not (tmp_path / stage / "done.json").exists()
+    metrics = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["stage"] == stage and r["split"] == "train"]
+    assert metrics[-1]["step"] == step and all(math.isfinite(v) for v in metrics[-1].values() if isinstance(v, float))
+
+
+def test_a_forked_recipe_trains_with_its_own_token_reward(fixture_data, trained_models, tmp_path):
+    """README's "fork an experiment": copy experiments/rto.py outside the package, change its reward,
+    point a config at it. The logged reward parts show the new reward was the one used."""
+    recipe = (ROOT / "experiments" / "rto.py").read_text()
+    assert "\nTOKEN_REWARD = rto\n" in recipe
+    fork = tmp_path / "my_reward.py"
+    fork.write_text(recipe.replace("\nTOKEN_REWARD = rto\n", FORKED_REWARD))
+    config = small_config(*fixture_data, "ppo,evaluate")
+    given_models(config, trained_models)
+    config.dpo.init_from = ""  # the new reward reads no DPO policy: none is needed
+    set_recipe(config, str(fork))
+    assert config.ppo.reward_args.to_dict() == {"bonus": 0.5, "beta_kl": 0.01}
+    config.ppo.reward_args.bonus = 0.25
+    results = run(config, tmp_path / "run")
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["stage"] == "ppo"]
+    assert len(records) == 4
+    for r in records:
+        assert "reward/dpo" not in r and {"reward/bonus", "reward/kl", "reward/score"} <= r.keys()
+        assert r["reward/bonus"] == pytest.approx(0.25 * r["response_length"], rel=1e-5)
+        parts = r["reward/bonus"] + r["reward/kl"] + r["reward/score"]
+        assert r["reward/total"] == pytest.approx(parts, rel=1e-4, abs=1e-5)
+    assert set(results["policies"]) == {"reference", "sft", "length_bonus"}
+    assert json.loads((tmp_path / "run" / "ppo" / "done.json").read_text())["token_reward"] == "length_bonus"
 
 
 @pytest.mark.slow

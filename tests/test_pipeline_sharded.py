@@ -49,10 +49,11 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 TIMEOUT = 900
 
 
-def _command(workdir: Path, *extra: str) -> list[str]:
+def _command(workdir: Path, *extra: str, fault: str = "") -> list[str]:
+    script = [str(ROOT / "tests" / "fault_run.py"), fault] if fault else [str(ROOT / "experiments" / "run.py")]
     return [
         sys.executable,
-        str(ROOT / "experiments" / "run.py"),
+        *script,
         "--config=" + str(ROOT / "configs" / "rto_tldr.py") + ":tiny",
         f"--workdir={workdir}",
         *OVERRIDES,
@@ -88,7 +89,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(workdir: Path, devices_each: int, *extra: str) -> list[tuple[int, str]]:
+def _run_two_processes(workdir: Path, devices_each: int, *extra: str, fault: str = "") -> list[tuple[int, str]]:
     """Both processes of one run; returns each one's (exit code, log tail)."""
     port = _free_port()
     procs, logs = [], []
@@ -102,7 +103,7 @@ def _run_two_processes(workdir: Path, devices_each: int, *extra: str) -> list[tu
         with open(log, "w") as f:  # a file, not a pipe: a full pipe buffer would stall the collectives
             procs.append(
                 subprocess.Popen(
-                    _command(workdir, *distributed, *extra),
+                    _command(workdir, *distributed, *extra, fault=fault),
                     env=_env(devices_each),
                     cwd=ROOT,
                     stdout=f,
@@ -169,11 +170,12 @@ def test_tiny_preset_same_on_one_device_eight_devices_and_two_processes(tmp_path
     # after DPO step 2 (checkpoint at 2), then the same command resumes it.
     two = tmp_path / "two_processes"
     mesh = ("--config.mesh.data=1", "--config.mesh.fsdp=4")
-    for code, log in _run_two_processes(two, 2, *mesh, "--config.debug.fail_after=dpo:2"):
+    for code, log in _run_two_processes(two, 2, *mesh, fault="--kill_after_checkpoint=dpo:2"):
         assert code != 0 and "SimulatedFailure" in log, log
     assert (two / "reward_model" / "done.json").exists() and not (two / "dpo" / "done.json").exists()
     for i, (code, log) in enumerate(_run_two_processes(two, 2, *mesh)):
         assert code == 0, f"process {i}:\n{log}"
+    assert json.loads((two / "dpo" / "done.json").read_text())["resumed_from"] == 2
     _assert_same_run(tmp_path / "one_device", two)
     # Only process 0 wrote: one metrics file, one events file per run of the workdir.
     assert len(list((two / "tensorboard").iterdir())) == 2

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from rto_jax.eval import episodes_to_reach, win_rate
+from rto_jax.pipeline.logging import read_metrics
 from rto_jax.synthetic_benchmark import aggregate, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,28 @@ def _config(preset):
 
 def test_smoke_preset_writes_every_output_and_restarts_from_saved_models(tmp_path):
     config = _config("smoke")
+    config.seeds = "7"  # what `--config.seeds=7` sets: the run must be seed 7's, not the default's
     results = run_benchmark(config, tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["seed"] == 7
+    # Each method trained with its own token reward: the logged parts say which terms it had.
+    parts = {}
+    for record in read_metrics(tmp_path / "metrics.jsonl"):
+        if record["split"] == "train" and "reward/total" in record:
+            parts.setdefault(record["stage"], []).append(record)
+    expected = {
+        "ppo": {"kl", "score"},
+        "rto": {"dpo", "kl", "score"},
+        "rto_sequence_end": {"dpo", "kl", "score"},
+        "rto_no_rm": {"dpo", "kl"},
+    }
+    assert set(parts) == set(expected)
+    for method, records in parts.items():
+        for r in records:
+            assert {k[len("reward/") :] for k in r if k.startswith("reward/")} - {"total"} == expected[method], method
+            total = sum(r[f"reward/{p}"] for p in expected[method])
+            assert abs(r["reward/total"] - total) < 1e-4 * max(1.0, abs(total)), (method, r)
+        if "dpo" in expected[method]:  # the DPO policy differs from the reference: its reward is not 0
+            assert any(abs(r["reward/dpo"]) > 1e-6 for r in records), method
     for name in ("results.json", "results.md", "gold_vs_episodes.png", "gold_vs_kl.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -11,17 +11,16 @@ from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_posit
 from rto_jax.objectives.token_rewards import bind, ppo, rto
 from rto_jax.sampling import SamplingConfig
 from rto_jax.train import (
-    DPOConfig,
+    DPOLoss,
     OptimizerConfig,
     PPOConfig,
-    StepConfig,
     TrainState,
     create_ppo_state,
-    make_dpo_step,
     make_optimizer,
     make_ppo_fns,
-    make_reward_model_step,
-    make_sft_step,
+    RewardModelLoss,
+    SFTLoss,
+    make_train_step,
     precompute_reference_logps,
     sequence_scores,
 )
@@ -93,7 +92,7 @@ def _state(model, lr=3e-3, **kw):
 
 
 def test_sft_loss_falls_and_step_compiles_once():
-    step = make_sft_step()
+    step = make_train_step(SFTLoss())
     state = _state(CausalLM(tiny_config(), nnx.Rngs(0)))
     batch = sft_batch(0)
     losses = []
@@ -115,7 +114,7 @@ def test_sft_gradient_accumulation_matches_full_batch():
     for accum in (1, 2):
         # Plain SGD, so the parameter change is the gradient itself (Adam would amplify float noise).
         state = TrainState.create(CausalLM(tiny_config(), nnx.Rngs(0)), optax.sgd(1.0))
-        state, metrics = make_sft_step(StepConfig(grad_accum_steps=accum))(state, full_rows, jax.random.key(0))
+        state, metrics = make_train_step(SFTLoss(), grad_accum_steps=accum)(state, full_rows, jax.random.key(0))
         results.append((metrics["loss"], state.params))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
@@ -123,7 +122,7 @@ def test_sft_gradient_accumulation_matches_full_batch():
 
 
 def test_reward_model_separates_toy_preferences():
-    step = make_reward_model_step()
+    step = make_train_step(RewardModelLoss())
     state = _state(ScalarHeadModel(tiny_config(), nnx.Rngs(0)))
     for i in range(60):
         state, metrics = step(state, preference_batch(i % 4), jax.random.key(0))
@@ -155,7 +154,7 @@ def test_dpo_margin_grows(precomputed):
     state = _state(policy, lr=2e-3, max_grad_norm=1.0)
     if not precomputed:
         state = state.replace(frozen={"ref": ref_params})
-    step = make_dpo_step(DPOConfig(beta=0.1))
+    step = make_train_step(DPOLoss(beta=0.1))
     margins = []
     for i in range(25):
         batch = preference_batch(i % 4)
@@ -169,7 +168,7 @@ def test_dpo_margin_grows(precomputed):
 
 
 def _trained_reward_model():
-    step = make_reward_model_step()
+    step = make_train_step(RewardModelLoss())
     state = _state(ScalarHeadModel(tiny_config(), nnx.Rngs(1)))
     for i in range(60):
         state, _ = step(state, preference_batch(i % 4), jax.random.key(0))

@@ -1,4 +1,4 @@
-"""Bradley-Terry reward-model loss (DESIGN.md 1, stage 2).
+"""Bradley-Terry reward-model loss (docs/DESIGN.md 1, stage 2).
 
 loss = mean_b  -log sigmoid(r_w[b] - r_l[b] - margin[b])
 """

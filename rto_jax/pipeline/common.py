@@ -1,5 +1,5 @@
 """Small helpers the stages share: model paths (local or hub), model creation and export, optimizers,
-stage folders, the NaN/inf guard and the test hooks."""
+stage folders and the NaN/inf guard."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flax import nnx
 
 from rto_jax.distributed import is_main_process, sync, to_host
 from rto_jax.models import CausalLM, ModelConfig, load_pretrained, save_pretrained
-from rto_jax.pipeline.config import looks_local, parse_hook
+from rto_jax.pipeline.config import looks_local
 from rto_jax.pipeline.logging import write_json_atomic
 from rto_jax.train import OptimizerConfig, make_optimizer
 from rto_jax.train.sharding import tree_shardings
@@ -22,10 +22,6 @@ from rto_jax.train.sharding import tree_shardings
 
 class NonFiniteError(FloatingPointError):
     """A loss, metric or parameter became NaN/inf; the message names the step and the last checkpoint."""
-
-
-class SimulatedFailure(RuntimeError):
-    """Raised by the `debug.fail_after` test hook."""
 
 
 def resolve_model_path(name: str) -> Path:
@@ -124,7 +120,6 @@ def optimizer(stage_config, total_steps: int, learning_rate: float | None = None
             b2=stage_config.b2,
             eps=stage_config.adam_eps,
             max_grad_norm=stage_config.max_grad_norm,
-            grad_accum_steps=stage_config.grad_accum_steps,
         )
     )
 
@@ -154,17 +149,6 @@ def check_finite(stage: str, step: int, values: dict, params, manager) -> None:
     where = f"{manager.directory / str(last)} (step {last})" if last is not None else "none yet (nothing was saved)"
     what = ", ".join(bad) if bad else "parameters (a non-finite gradient)"
     raise NonFiniteError(f"{stage}: non-finite {what} at step {step}; stopped. Last good checkpoint: {where}, intact.")
-
-
-def hook_hits(config, key: str, stage: str, step: int) -> bool:
-    hook = parse_hook(config.debug[key])
-    return hook is not None and hook == (stage, step)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def poison(params):
-    """The `debug.nan_at` hook: NaN parameters, as a diverged update would leave them."""
-    return jax.tree.map(lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def stage_key(seed: int, stage: str) -> jax.Array:

@@ -184,9 +184,6 @@ def base_config() -> config_dict.ConfigDict:
     c.distributed.local_device_ids = ""  # comma-separated local devices of this process (e.g. '0'); '' = all
     c.distributed.auto = False  # jax.distributed.initialize() with JAX's cluster detection (SLURM, TPU VMs)
 
-    c.debug = config_dict.ConfigDict()
-    c.debug.fail_after = ""  # test hook 'stage:step': raise right after that step is checkpointed/logged
-    c.debug.nan_at = ""  # test hook 'stage:step': poison the params before that step (NaN-stop test)
     return c
 
 
@@ -203,14 +200,6 @@ def recipe_token_reward(config):
     from rto_jax.pipeline.recipes import load_recipe
 
     return bind(load_recipe(config.recipe).TOKEN_REWARD, **config.ppo.reward_args.to_dict())
-
-
-def parse_hook(value: str) -> tuple[str, int] | None:
-    """'stage:step' -> (stage, step), '' -> None."""
-    if not value:
-        return None
-    stage, _, step = value.partition(":")
-    return stage, int(step)
 
 
 def parse_policies(value: str) -> dict[str, str]:
@@ -493,15 +482,6 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
                     f"{config[stage][field]} rows do not split over the mesh's data x fsdp = {data} x {fsdp} "
                     f"devices (config.mesh); use a multiple of {rows_split}",
                 )
-
-    # Debug hooks.
-    for key in ("fail_after", "nan_at"):
-        try:
-            hook = parse_hook(config.debug[key])
-        except ValueError:
-            raise ConfigError(f"debug.{key}", f"expected 'stage:step', got {config.debug[key]!r}") from None
-        if hook is not None and hook[0] not in TRAINED_STAGES:
-            raise ConfigError(f"debug.{key}", f"unknown trained stage {hook[0]!r}")
 
 
 # ----------------------------------------------------------------------------------------------

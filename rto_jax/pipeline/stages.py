@@ -4,9 +4,9 @@ Each returns its summary (the path of the model it made or took, final metrics),
 stores in `<workdir>/<stage>/done.json`. A stage reads only the exported (HF-format) models of the
 stages before it, so a stage given `init_from` and a stage trained here are the same to the next one.
 
-Loop of a trained stage (SFT, reward model, DPO in `train_loop`; PPO written out in `run_ppo`):
-  restore the last checkpoint (state, RNG, data position) if any -> for each step: next batch,
-  split the RNG, jitted step, log, NaN/inf guard, checkpoint every N steps and at the end -> export.
+Every trained stage builds its state and jitted step, then runs the one resumable loop
+(rto_jax/pipeline/loop.py) and exports its model. SFT, reward model and DPO are `make_train_step`
+given their loss; PPO's step is a whole iteration (rollout, token rewards, GAE, update).
 """
 
 from __future__ import annotations
@@ -23,38 +23,34 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.data import BatchIterator, pad_batch
-from rto_jax.distributed import host_local_batch_to_global, is_main_process, process_slice, to_host
-from rto_jax.objectives import dpo_loss, sft_loss
-from rto_jax.pipeline import checkpoint, common
+from rto_jax.distributed import is_main_process, process_slice, to_host
+from rto_jax.pipeline import common
+from rto_jax.pipeline.loop import Checkpointed, Progress, run_loop
 from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model
 from rto_jax.pipeline.config import parse_policies
-from rto_jax.pipeline.logging import RunLog, progress, scalars, summary, table
+from rto_jax.pipeline.logging import RunLog, summary, table
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
-    DPOConfig,
+    DPOLoss,
     PPOConfig,
-    StepConfig,
     TrainState,
     create_ppo_state,
-    make_dpo_step,
     make_ppo_fns,
-    make_reward_model_step,
-    make_sft_step,
+    RewardModelLoss,
+    SFTLoss,
+    loss_metrics,
+    make_train_step,
     precompute_reference_logps,
     response_logprobs,
-    sequence_logps,
     sequence_scores,
 )
-from rto_jax.train.sharding import create_sharded_train_state, mesh_from_config, put, shard_tree, step_shardings
-from rto_jax.train.steps import response_logits
+from rto_jax.train.sharding import create_sharded_train_state, mesh_from_config, shard_tree, step_shardings
 
 log = logging.getLogger(__name__)
 
 # The step factories return new jitted closures; caching them per (hashable, frozen) config lets a
 # process that runs several pipelines (tests, notebooks, a resumed run) reuse the compiled steps.
-sft_step = functools.lru_cache(maxsize=None)(make_sft_step)
-reward_model_step = functools.lru_cache(maxsize=None)(make_reward_model_step)
-dpo_step = functools.lru_cache(maxsize=None)(make_dpo_step)
+train_step = functools.lru_cache(maxsize=None)(make_train_step)
 ppo_fns = functools.lru_cache(maxsize=None)(make_ppo_fns)
 
 
@@ -73,20 +69,6 @@ def shard_state(state, mesh):
     return state, step_shardings(state, mesh)
 
 
-def stage_rng(config, stage: str, shardings) -> jax.Array:
-    """The stage's base PRNG key, replicated over the mesh when there is one (so checkpoints save it
-    as one global array in a multi-process run)."""
-    rng = common.stage_key(config.seed, stage)
-    if shardings is None:
-        return rng
-    return jax.random.wrap_key_data(put(jax.random.key_data(rng), shardings.replicated))
-
-
-def to_global(batch: dict, shardings) -> dict:
-    """This process's host batch as global arrays split over the mesh's batch axes (as-is without one)."""
-    return batch if shardings is None else host_local_batch_to_global(batch, shardings.batch)
-
-
 # ----------------------------------------------------------------------------------------------
 # Jitted evaluation helpers (graphdef static; arrays [B, ...]).
 
@@ -102,14 +84,6 @@ def _logprobs(graphdef, params, input_ids, attention_mask, positions, response_m
     """Per-token response log-probs `[B, R]` at `temperature`."""
     model = nnx.merge(graphdef, params)
     return response_logprobs(model, input_ids, attention_mask, positions, response_mask, temperature)[0]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _sft_eval_loss(graphdef, params, batch):
-    model = nnx.merge(graphdef, params)
-    length = batch["response_mask"].shape[1]
-    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["positions"], length)
-    return sft_loss(logits, batch["input_ids"][:, -length:], batch["response_mask"])[0]
 
 
 def _batches(arrays: dict, batch_size: int):
@@ -131,67 +105,15 @@ def _pair_side(batch: dict, side: str) -> tuple:
     return tuple(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "positions", "response_mask"))
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop of SFT, reward model and DPO.
+def _epochs(config, cfg, arrays: dict) -> tuple[BatchIterator, int]:
+    """This process's shuffled batches of `arrays` and the stage's steps (epochs, capped by max_steps)."""
+    batches = BatchIterator(arrays, cfg.batch_size, seed=config.seed, **process_slice())
+    steps = len(batches) * cfg.num_epochs
+    return batches, min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def train_loop(
-    stage: str,
-    config,
-    workdir,
-    run_log: RunLog,
-    state: TrainState,
-    train_arrays: dict,
-    step_fn: Callable,
-    evaluate: Callable[[TrainState], dict] | None = None,
-    prepare: Callable[[dict], dict] = lambda batch: batch,
-    main_metric: str = "loss",
-    shardings=None,
-) -> tuple[TrainState, dict]:
-    """Runs (or resumes) `step_fn` over shuffled batches of `train_arrays`; returns (state, final eval).
-
-    The checkpoint holds the train state, the RNG and the data iterator's position; a resumed run
-    drops the metrics logged after that checkpoint and logs them again, identically. With `shardings`
-    (`state` already sharded) each process loads its rows and the batch is assembled over the mesh
-    before `prepare` sees it.
-    """
-    cfg = config[stage]
-    iterator = BatchIterator(train_arrays, cfg.batch_size, seed=config.seed, **process_slice())
-    total = len(iterator) * cfg.num_epochs
-    total = min(total, cfg.max_steps) if cfg.max_steps else total
-    manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
-    rng = stage_rng(config, stage, shardings)
-    start, final_eval = 0, {}
-    if manager.latest_step() is not None:
-        (state, rng_data), meta, start = checkpoint.restore(manager, (state, jax.random.key_data(rng)))
-        rng = jax.random.wrap_key_data(rng_data)
-        iterator.restore(meta["data"])
-        final_eval = meta.get("eval", {})
-        dropped = run_log.truncate(stage, start)
-        log.info("%s: resumed from step %d (%d metric records after it dropped)", stage, start, dropped)
-    bar = progress(stage, total, start)
-    for step in range(start + 1, total + 1):
-        batch = prepare(to_global(next(iterator), shardings))
-        rng, step_rng = jax.random.split(rng)
-        if common.hook_hits(config, "nan_at", stage, step):
-            state = state.replace(params=common.poison(state.params))
-        state, metrics = step_fn(state, batch, step_rng)
-        values = scalars(metrics)
-        run_log.log(stage, step, values)
-        common.check_finite(stage, step, values, state.params, manager)
-        last = step == total
-        if evaluate is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-            final_eval = evaluate(state)
-            run_log.log(stage, step, final_eval, split="eval")
-        if last or step % config.checkpoint.every_steps == 0:
-            meta = {"step": step, "data": iterator.state(), "eval": final_eval if last else {}}
-            checkpoint.save(manager, step, (state, jax.random.key_data(rng)), meta)
-        bar.update(1)
-        bar.set_postfix({main_metric: f"{values[main_metric]:.4g}"})
-        if common.hook_hits(config, "fail_after", stage, step):
-            raise common.SimulatedFailure(f"debug.fail_after: {stage} step {step}")
-    bar.close()
-    return state, {**final_eval, "steps": total}
+def _summary(done: Progress) -> dict:
+    return {**done.last_eval, "steps": done.steps, "resumed_from": done.resumed_from}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,28 +125,28 @@ def run_sft(config, workdir, task, run_log: RunLog) -> dict:
     cfg = config.sft
     if cfg.init_from:
         return {"model_path": cfg.init_from, "source": "init_from"}
-    steps = len(BatchIterator(task.sft_train, cfg.batch_size)) * cfg.num_epochs
-    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    batches, steps = _epochs(config, cfg, task.sft_train)
     tx, mesh = common.optimizer(cfg, steps), device_mesh(config)
     if mesh is not None and not config.model.init_from:  # initialized shard by shard on the mesh
         state = create_sharded_train_state(lambda: common.random_base_model(config, task), tx, mesh)
         shardings = step_shardings(state, mesh)
     else:
         state, shardings = shard_state(TrainState.create(common.init_base_model(config, task, mesh), tx), mesh)
-    step_fn = sft_step(StepConfig(grad_accum_steps=cfg.grad_accum_steps), shardings=shardings)
+    step_fn = train_step(SFTLoss(), cfg.grad_accum_steps, shardings)
 
     def evaluate(state):
         losses = [
-            ({"loss": _sft_eval_loss(state.graphdef, state.params, b)}, n)
+            ({"loss": loss_metrics(SFTLoss(), state, b)["loss"]}, n)
             for b, n in _batches(task.sft_eval, cfg.eval_batch_size)
         ]
         return _weighted_mean(losses)
 
-    state, final = train_loop(
-        "sft", config, workdir, run_log, state, task.sft_train, step_fn, evaluate, shardings=shardings
-    )
+    state, done = run_loop(
+        "sft", config, workdir, run_log, state, batches, step_fn, steps,
+        evaluate=evaluate, eval_every=cfg.eval_every, shardings=shardings,
+    )  # fmt: skip
     path = common.export(state.model(), Path(workdir) / "sft" / "model", task)
-    return {"model_path": path, "source": "trained", **final}
+    return {"model_path": path, "source": "trained", **_summary(done)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,7 +191,7 @@ def sample_responses(graphdef, params, prompts: dict, batch_size: int, sampling:
 
 
 def reward_normalization(config, task, reward_model, sft_path: str | None) -> dict:
-    """Mean/std of the reward model's scores on reference responses or on SFT samples (DESIGN.md 1.2)."""
+    """Mean/std of the reward model's scores on reference responses or on SFT samples (docs/DESIGN.md 1.2)."""
     cfg = config.reward_model
     n = cfg.normalize_rows
     if cfg.normalize_on == "sft_samples" and sft_path:
@@ -303,29 +225,19 @@ def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | Non
     else:
         mesh = device_mesh(config)
         model = common.load_model(sft_path, "scalar", config, mesh)
-        steps = len(BatchIterator(task.preference_train, cfg.batch_size)) * cfg.num_epochs
-        steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+        batches, steps = _epochs(config, cfg, task.preference_train)
         state, shardings = shard_state(TrainState.create(model, common.optimizer(cfg, steps)), mesh)
-        step_fn = reward_model_step(
-            StepConfig(grad_accum_steps=cfg.grad_accum_steps), margin=cfg.margin, shardings=shardings
-        )
+        step_fn = train_step(RewardModelLoss(margin=cfg.margin), cfg.grad_accum_steps, shardings)
         evaluate = lambda state: reward_accuracy(state.model(), task.preference_eval, cfg.eval_batch_size)
-        state, final = train_loop(
-            "reward_model",
-            config,
-            workdir,
-            run_log,
-            state,
-            task.preference_train,
-            step_fn,
-            evaluate,
-            shardings=shardings,
-        )
+        state, done = run_loop(
+            "reward_model", config, workdir, run_log, state, batches, step_fn, steps,
+            evaluate=evaluate, eval_every=cfg.eval_every, shardings=shardings,
+        )  # fmt: skip
         model = state.model()
         out = {
             "model_path": common.export(model, Path(workdir) / "reward_model" / "model", task),
             "source": "trained",
-            **final,
+            **_summary(done),
         }
     out.update(reward_normalization(config, task, model, sft_path))
     return out
@@ -333,24 +245,6 @@ def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | Non
 
 # ----------------------------------------------------------------------------------------------
 # DPO.
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _dpo_eval(graphdef, params, ref_params, batch, dpo: DPOConfig):
-    (chosen, rejected), (chosen_len, rejected_len) = sequence_logps(graphdef, params, batch)
-    (ref_chosen, ref_rejected), _ = sequence_logps(graphdef, ref_params, batch)
-    _, metrics = dpo_loss(
-        chosen,
-        rejected,
-        ref_chosen,
-        ref_rejected,
-        beta=dpo.beta,
-        loss_type=dpo.loss_type,
-        label_smoothing=dpo.label_smoothing,
-        chosen_lengths=chosen_len,
-        rejected_lengths=rejected_len,
-    )
-    return metrics
 
 
 def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
@@ -362,32 +256,27 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
     policy = common.load_model(sft_path, "lm", config, mesh)
     # On the policy's layout (the eval step takes both).
     ref_graphdef, ref_params = nnx.split(common.load_model(sft_path, "lm", config, mesh))
-    steps = len(BatchIterator(task.preference_train, cfg.batch_size)) * cfg.num_epochs
-    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    batches, steps = _epochs(config, cfg, task.preference_train)
     state, shardings = shard_state(TrainState.create(policy, common.optimizer(cfg, steps)), mesh)
-    dpo = DPOConfig(
-        beta=cfg.beta,
-        loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing,
-        grad_accum_steps=cfg.grad_accum_steps,
-    )
-    step_fn = dpo_step(dpo, shardings=shardings)
+    loss = DPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+    step_fn = train_step(loss, cfg.grad_accum_steps, shardings)
     # On the mesh the reference log-probs of the (global) batch are split like the batch itself.
     place = (lambda x: x) if shardings is None else functools.partial(jax.device_put, device=shardings.batch)
     prepare = lambda batch: {**batch, **place(precompute_reference_logps(ref_graphdef, ref_params, batch))}
 
     def evaluate(state):
         parts = [
-            (_dpo_eval(state.graphdef, state.params, ref_params, b, dpo), n)
+            (loss_metrics(loss, state, {**b, **precompute_reference_logps(ref_graphdef, ref_params, b)}), n)
             for b, n in _batches(task.preference_eval, cfg.eval_batch_size)
         ]
         return _weighted_mean(parts)
 
-    state, final = train_loop(
-        "dpo", config, workdir, run_log, state, task.preference_train, step_fn, evaluate, prepare, shardings=shardings
-    )
+    state, done = run_loop(
+        "dpo", config, workdir, run_log, state, batches, step_fn, steps,
+        prepare=prepare, evaluate=evaluate, eval_every=cfg.eval_every, shardings=shardings,
+    )  # fmt: skip
     path = common.export(state.model(), Path(workdir) / "dpo" / "model", task)
-    return {"model_path": path, "source": "trained", **final}
+    return {"model_path": path, "source": "trained", **_summary(done)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,36 +353,19 @@ def run_ppo(
     state, shardings = shard_state(state, mesh)
     _, _, iteration_fn = ppo_fns(ppo, shardings=shardings)
     prompts = BatchIterator(task.prompts_train, cfg.rollout_batch_size, seed=config.seed, **process_slice())
-    manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
-    rng = stage_rng(config, stage, shardings)
-    start = 0
-    saved = lambda state, rng: {"policy": state.policy, "critic": state.critic, "rng": jax.random.key_data(rng)}
-    if manager.latest_step() is not None:
-        tree, meta, start = checkpoint.restore(manager, saved(state, rng))
-        state = state.replace(policy=tree["policy"], critic=tree["critic"])
-        rng = jax.random.wrap_key_data(tree["rng"])
-        prompts.restore(meta["data"])
-        run_log.truncate(stage, start)
-        log.info("ppo: resumed from iteration %d", start)
-    bar = progress(f"{stage}[{name}]", total, start)
-    values = {}
-    for step in range(start + 1, total + 1):
-        batch = next(prompts)
-        rng, step_rng = jax.random.split(rng)
-        if common.hook_hits(config, "nan_at", stage, step):
-            state = state.replace(policy=state.policy.replace(params=common.poison(state.policy.params)))
-        batch = to_global({k: batch[k] for k in ("prompt_ids", "prompt_mask")}, shardings)
-        state, metrics = iteration_fn(state, batch, step_rng)
-        values = scalars(metrics)
-        run_log.log(stage, step, values)
-        common.check_finite(stage, step, values, (state.policy.params, state.critic.params), manager)
-        if step == total or step % config.checkpoint.every_steps == 0:
-            checkpoint.save(manager, step, saved(state, rng), {"step": step, "data": prompts.state()})
-        bar.update(1)
-        bar.set_postfix({"reward": f"{values['reward/total']:.3g}", "kl": f"{values.get('kl_to_ref', 0.0):.3g}"})
-        if common.hook_hits(config, "fail_after", stage, step):
-            raise common.SimulatedFailure(f"debug.fail_after: {stage} step {step}")
-    bar.close()
+    policy_and_critic = Checkpointed(
+        tree=lambda state: {"policy": state.policy, "critic": state.critic},
+        restore=lambda state, tree: state.replace(policy=tree["policy"], critic=tree["critic"]),
+        trained=lambda state: (state.policy.params, state.critic.params),
+    )
+    state, done = run_loop(
+        stage, config, workdir, run_log, state, prompts, iteration_fn, total,
+        prepare=lambda batch: {k: batch[k] for k in ("prompt_ids", "prompt_mask")},
+        checkpointed=policy_and_critic,
+        postfix=lambda v: {"reward": f"{v['reward/total']:.3g}", "kl": f"{v.get('kl_to_ref', 0.0):.3g}"},
+        shardings=shardings,
+    )  # fmt: skip
+    values = done.last_metrics
     folder = common.stage_dir(workdir, stage)
     path = common.export(state.policy.model(), folder / "model", task)
     common.export(state.critic.model(), folder / "critic", task)
@@ -503,6 +375,7 @@ def run_ppo(
         "source": "trained",
         "token_reward": name,
         "steps": total,
+        "resumed_from": done.resumed_from,
         **{k: values[k] for k in keys if k in values},
     }
 
@@ -642,5 +515,4 @@ __all__ = [
     "run_reward_model",
     "run_sft",
     "summary",
-    "train_loop",
 ]

@@ -15,7 +15,7 @@ and the name, so a new layer cannot silently end up replicated.
     mesh = make_mesh(data=-1, fsdp=4, tensor=1)           # or mesh_from_config(config)
     state = create_sharded_train_state(lambda: CausalLM(cfg, nnx.Rngs(0)), tx, mesh)
     shardings = step_shardings(state, mesh)
-    step = make_sft_step(StepConfig(), shardings=shardings)
+    step = make_train_step(SFTLoss(), shardings=shardings)
     state, metrics = step(state, jax.device_put(batch, shardings.batch), rng)
 """
 

@@ -56,7 +56,6 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # global-norm clip; <= 0 disables
-    grad_accum_steps: int = 1  # micro-batches per step (the batch is split along its first axis)
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:

@@ -1,4 +1,5 @@
-"""Pure jitted steps for SFT, the reward model and DPO: `(state, batch, rng) -> (state, metrics)`.
+"""One step factory for SFT, the reward model and DPO: `make_train_step(loss)` ->
+`(state, batch, rng) -> (state, metrics)`, jitted; the three are losses given to it.
 
 Batches follow CONTRACT.md: prompt left-padded to P, response right-padded to R, the response
 starting at column P; preference batches carry `chosen_*` and `rejected_*` copies of the keys.
@@ -11,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from rto_jax.objectives import bradley_terry_loss, dpo_loss, last_token_index, sft_loss, token_logprobs
@@ -64,62 +66,60 @@ def _pair_inputs(batch):
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# Losses: `loss(params, batch, state) -> (scalar loss, metrics)`; frozen dataclasses, hashable by value.
+
+
 @dataclasses.dataclass(frozen=True)
-class StepConfig:
-    grad_accum_steps: int = 1
+class SFTLoss:
+    """Masked cross-entropy of the response tokens. batch: input_ids, attention_mask, positions, response_mask."""
 
-
-def make_sft_step(config: StepConfig = StepConfig(), shardings: StepShardings | None = None):
-    """SFT: masked cross-entropy of the response tokens. batch: input_ids, attention_mask, positions, response_mask.
-
-    Every step factory returns `jax.jit(step, donate_argnums=0)`; with `shardings`
-    (`rto_jax.train.sharding.step_shardings(state, mesh)`) the jit has explicit in/out shardings: the
-    state's tree, the batch split over data x fsdp, rng and metrics replicated.
-    """
-
-    def loss_fn(params, batch, graphdef):
-        model = nnx.merge(graphdef, params)
+    def __call__(self, params, batch, state):
+        model = nnx.merge(state.graphdef, params)
         length = batch["response_mask"].shape[1]
         logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["positions"], length)
         return sft_loss(logits, batch["input_ids"][:, -length:], batch["response_mask"])
 
-    def step(state: TrainState, batch: dict, rng):
-        del rng  # deterministic: dropout is off everywhere
-        loss, metrics, grads = accumulate_gradients(
-            lambda p, b: loss_fn(p, b, state.graphdef), state.params, batch, config.grad_accum_steps
-        )
-        return state.apply_gradients(grads), {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
 
-    return jit_step(step, shardings)
-
-
-def make_reward_model_step(
-    config: StepConfig = StepConfig(), margin: bool = False, shardings: StepShardings | None = None
-):
+@dataclasses.dataclass(frozen=True)
+class RewardModelLoss:
     """Bradley-Terry on scores at the last response token. batch: a preference batch (+ `margin` `[B]`)."""
 
-    def loss_fn(params, batch, graphdef):
-        model = nnx.merge(graphdef, params)
-        scores = sequence_scores(model, *_pair_inputs(batch))
+    margin: bool = False
+
+    def __call__(self, params, batch, state):
+        scores = sequence_scores(nnx.merge(state.graphdef, params), *_pair_inputs(batch))
         chosen, rejected = jnp.split(scores, 2)
-        return bradley_terry_loss(chosen, rejected, batch["margin"] if margin else None)
-
-    def step(state: TrainState, batch: dict, rng):
-        del rng
-        loss, metrics, grads = accumulate_gradients(
-            lambda p, b: loss_fn(p, b, state.graphdef), state.params, batch, config.grad_accum_steps
-        )
-        return state.apply_gradients(grads), {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
-
-    return jit_step(step, shardings)
+        return bradley_terry_loss(chosen, rejected, batch["margin"] if self.margin else None)
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOConfig:
+class DPOLoss:
+    """DPO. The reference log-probs come from the batch (`ref_chosen_logps`, `ref_rejected_logps`,
+    precomputed once) or, when absent, from `state.frozen["ref"]` (params with the policy's graphdef)."""
+
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
-    grad_accum_steps: int = 1
+
+    def __call__(self, params, batch, state):
+        (chosen, rejected), (chosen_len, rejected_len) = sequence_logps(state.graphdef, params, batch)
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            (ref_chosen, ref_rejected), _ = sequence_logps(state.graphdef, state.frozen["ref"], batch)
+            ref_chosen, ref_rejected = jax.lax.stop_gradient(ref_chosen), jax.lax.stop_gradient(ref_rejected)
+        return dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            chosen_lengths=chosen_len,
+            rejected_lengths=rejected_len,
+        )
 
 
 def sequence_logps(graphdef, params, batch):
@@ -138,38 +138,31 @@ def precompute_reference_logps(graphdef, params, batch) -> dict:
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
-def make_dpo_step(config: DPOConfig = DPOConfig(), shardings: StepShardings | None = None):
-    """DPO. The reference log-probs come from the batch (`ref_chosen_logps`, `ref_rejected_logps`, precomputed
-    once) or, when absent, from `state.frozen["ref"]` (params with the policy's graphdef) inside the step."""
+@functools.partial(jax.jit, static_argnums=0)
+def loss_metrics(loss, state: TrainState, batch: dict) -> dict:
+    """`loss`'s metrics (and the value as `loss`) on `batch` at `state.params`, no gradient: held-out evaluation."""
+    value, metrics = loss(state.params, batch, state)
+    return {**metrics, "loss": value}
 
-    def loss_fn(params, batch, state):
-        (chosen, rejected), (chosen_len, rejected_len) = sequence_logps(state.graphdef, params, batch)
-        if "ref_chosen_logps" in batch:
-            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
-            (ref_chosen, ref_rejected), _ = sequence_logps(state.graphdef, state.frozen["ref"], batch)
-            ref_chosen, ref_rejected = jax.lax.stop_gradient(ref_chosen), jax.lax.stop_gradient(ref_rejected)
-        return dpo_loss(
-            chosen,
-            rejected,
-            ref_chosen,
-            ref_rejected,
-            beta=config.beta,
-            loss_type=config.loss_type,
-            label_smoothing=config.label_smoothing,
-            chosen_lengths=chosen_len,
-            rejected_lengths=rejected_len,
-        )
+
+# ----------------------------------------------------------------------------------------------
+# The one step factory.
+
+
+def make_train_step(loss, grad_accum_steps: int = 1, shardings: StepShardings | None = None):
+    """`jax.jit(step, donate_argnums=0)` of `step(state, batch, rng) -> (state, metrics)` minimizing `loss`.
+
+    loss: `loss(params, batch, state) -> (scalar, metrics)`, e.g. SFTLoss(), RewardModelLoss(),
+      DPOLoss(beta=0.1). grad_accum_steps: micro-batches per step (the batch is split on its first axis).
+    With `shardings` (`rto_jax.train.sharding.step_shardings(state, mesh)`) the jit has explicit in/out
+    shardings: the state's tree, the batch split over data x fsdp, rng and metrics replicated.
+    """
 
     def step(state: TrainState, batch: dict, rng):
-        del rng
-        loss, metrics, grads = accumulate_gradients(
-            lambda p, b: loss_fn(p, b, state), state.params, batch, config.grad_accum_steps
+        del rng  # deterministic: dropout is off everywhere
+        value, metrics, grads = accumulate_gradients(
+            lambda p, b: loss(p, b, state), state.params, batch, grad_accum_steps
         )
-        return state.apply_gradients(grads), {**metrics, "loss": loss, "grad_norm": _global_norm(grads)}
+        return state.apply_gradients(grads), {**metrics, "loss": value, "grad_norm": optax.tree.norm(grads)}
 
     return jit_step(step, shardings)
-
-
-def _global_norm(grads):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
