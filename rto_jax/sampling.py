@@ -50,6 +50,7 @@ class Samples(NamedTuple):
     tokens: jax.Array  # [B, R] int32, pad after the first EOS
     logprobs: jax.Array  # [B, R] float32, log pi(y_t | ...) at the sampling temperature, 0 where masked
     response_mask: jax.Array  # [B, R] float32, 1 up to and including the first EOS
+    steps: jax.Array  # [] int32, decode iterations run (< R when every row stopped early)
 
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -123,8 +124,8 @@ def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, confi
         cache,
         key_mask,
     )
-    _, _, tokens, logprobs, mask, _, _, _ = jax.lax.while_loop(cond, body, init)
-    return Samples(tokens, logprobs, mask)
+    steps, _, tokens, logprobs, mask, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return Samples(tokens, logprobs, mask, steps)
 
 
 generate_jit = jax.jit(generate, static_argnums=(0, 5))
