@@ -138,7 +138,8 @@ def _ppo_setup(cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: b
     state = create_ppo_state(policy, critic, _optimizer(), _optimizer(), frozen=frozen, reward_model=reward)
     # EOS = vocab_size: an id the model can never emit, so every rollout runs all `response` tokens.
     sampling = SamplingConfig(max_new_tokens=response, eos_id=cfg.vocab_size, pad_id=PAD, greedy=greedy)
-    config = PPOConfig(sampling=sampling, token_reward=bind(rto, beta_dpo=beta_dpo) if beta_dpo else bind(ppo))
+    token_reward = bind(rto, beta_dpo=beta_dpo) if beta_dpo else bind(ppo)
+    config = PPOConfig(sampling=sampling, token_reward=token_reward, ppo_epochs=1)  # the rows measured one epoch
     return state, make_ppo_fns(config), sampling
 
 

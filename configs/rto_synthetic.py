@@ -1,97 +1,77 @@
-"""The offline synthetic benchmark: SFT, DPO, PPO, RTO and RTO's ablations judged by a hidden gold reward.
+"""The offline synthetic comparison: SFT, DPO, PPO, RTO and RTO's ablations judged by a hidden gold reward.
 
+Recipe experiments/synthetic_compare.py on `data.source = 'synthetic'` (rto_jax/data/synthetic.py).
 Presets (`--config=configs/rto_synthetic.py:PRESET`):
   demo (default)  every stage and method, one seed; the default of `make demo` (minutes on 2 CPU cores)
   full            the same hyperparameters on seeds 0, 1, 2 with twice the PPO episodes; mean ± s.e. over seeds
   smoke           seconds: tiny budgets, checks that every output file is produced
   tune            seed 1000, reserved for choosing the shared hyperparameters (never reported)
+Seeds: `--config.seeds=3,4,5`.
 
-The shared PPO hyperparameters below were chosen on the tuning seed (1000) for the PPO baseline, then
-frozen for every method and seed; see README "Synthetic benchmark".
+Every value below is a deviation from rto_jax/pipeline/config.py:base_config (the N+ TL;DR recipe)
+and says why. The shared PPO hyperparameters were chosen on the tuning seed (1000) for the PPO
+baseline, then frozen for every method and seed; see README "Synthetic benchmark".
 """
 
-import ml_collections
+from rto_jax.pipeline.config import base_config
+from rto_jax.pipeline.recipes import set_recipe
 
 
 def get_config(preset: str = "demo"):
-    c = ml_collections.ConfigDict()
-    c.benchmark = "synthetic"  # experiments/run.py dispatches on this field
-    c.seeds = "0"  # comma-separated seeds ('--config.seeds=3,4,5'); each derives the task, data, init, sampling
-    c.temperature = 1.0  # sampling temperature of rollouts, preference samples and evaluation
-    c.methods = ["sft", "dpo", "ppo", "rto", "rto_sequence_end", "rto_no_rm"]  # what to train and compare
-    # Overrides of rto_jax.data.synthetic.SyntheticTaskConfig (empty: the documented defaults).
-    c.task = ml_collections.ConfigDict()
+    c = base_config()
+    c.name = f"rto_synthetic_{preset}"
+    set_recipe(c, "experiments/synthetic_compare.py")
+    c.stages = "sft,preferences,reward_model,dpo,ppo,evaluate"  # preferences: pi_sft pairs labelled by gold
+    c.data.source = "synthetic"  # token ids and a gold reward; no tokenizer, no files
+    c.data.max_prompt_len = c.synthetic.task.prompt_length  # fixed by the task (6)
+    c.data.max_response_len = c.synthetic.task.max_response_length  # fixed by the task (24)
+    c.data.eval_size = 256  # held-out preference pairs (reward-model accuracy, DPO metrics)
 
-    c.model = ml_collections.ConfigDict()
-    c.model.hidden_size = 64  # d_model of the random-init Llama-style decoder
-    c.model.intermediate_size = 128  # SwiGLU width
-    c.model.num_layers = 2  # decoder blocks
-    c.model.num_heads = 4  # attention heads (head_dim = hidden_size / num_heads)
+    # A model sized for a 38-token language on 2 CPU cores (random init, Llama-style).
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 64, 128, 2  # small task, fast CPU steps
+    c.model.num_heads, c.model.num_kv_heads, c.model.head_dim = 4, 4, 16  # d = 64 = 4 x 16
+    c.model.max_position_embeddings = 64  # P + R = 30
+    c.model.tie_word_embeddings = True  # a 38-token vocabulary: one embedding table is plenty
 
-    c.sft = ml_collections.ConfigDict()
-    c.sft.num_examples = 20_000  # (prompt, reference response) pairs drawn from the reference source
-    c.sft.steps = 600  # optimizer steps
-    c.sft.batch_size = 64  # sequences per step
-    c.sft.lr = 3e-3  # peak AdamW learning rate
-    c.sft.schedule = "cosine"  # after warmup: cosine | linear | constant
-    c.sft.warmup_steps = 30  # linear warmup steps
+    # A random-init model learns fast: larger learning rates and more epochs than a pretrained 1B.
+    c.sft.batch_size, c.sft.num_epochs, c.sft.max_steps = 64, 2, 600  # 600 steps over 20k pairs
+    c.sft.lr, c.sft.warmup_steps = 3e-3, 30  # from scratch
+    c.reward_model.batch_size, c.reward_model.num_epochs, c.reward_model.max_steps = 64, 5, 300  # ~3.8k pairs
+    c.reward_model.lr, c.reward_model.warmup_steps = 1e-3, 20  # tuned on seed 1000
+    c.reward_model.normalize_on = "sft_samples"  # the score is normalized where PPO starts: pi_sft's samples
+    c.dpo.batch_size, c.dpo.num_epochs, c.dpo.max_steps = 64, 5, 300  # the same pairs as the reward model
+    c.dpo.lr, c.dpo.warmup_steps = 1e-4, 20  # tuned on seed 1000 for DPO: 3e-5, 1e-4, 3e-4
 
-    c.preferences = ml_collections.ConfigDict()
-    c.preferences.num_pairs = 4096  # prompts with two pi_sft samples each, labelled by Bradley-Terry on gold
-
-    c.reward_model = ml_collections.ConfigDict()
-    c.reward_model.steps = 300  # optimizer steps (backbone initialised from pi_sft)
-    c.reward_model.batch_size = 64  # preference pairs per step
-    c.reward_model.lr = 1e-3  # peak learning rate
-    c.reward_model.schedule = "cosine"  # after warmup
-    c.reward_model.warmup_steps = 20  # linear warmup steps
-
-    c.dpo = ml_collections.ConfigDict()
-    c.dpo.steps = 300  # optimizer steps on the same preferences
-    c.dpo.batch_size = 64  # preference pairs per step
-    c.dpo.lr = 1e-4  # peak learning rate (tuned on seed 1000 for DPO: 3e-5, 1e-4, 3e-4)
-    c.dpo.schedule = "cosine"  # after warmup
-    c.dpo.warmup_steps = 20  # linear warmup steps
-    c.dpo.beta = 0.1  # DPO beta (docs/DESIGN.md default)
-
-    c.ppo = ml_collections.ConfigDict()  # shared by ppo, rto and the ablations; only reward shaping differs
-    c.ppo.episodes = 6400  # prompts rolled out per method (the budget)
-    c.ppo.rollout_batch_size = 64  # prompts per PPO iteration
-    c.ppo.lr = 3e-4  # policy learning rate (tuned on seed 1000 for PPO: 3e-5, 1e-4, 3e-4)
-    c.ppo.schedule = "constant"  # policy schedule after warmup
-    c.ppo.warmup_steps = 0  # policy warmup iterations
-    c.ppo.beta_kl = 0.2  # KL penalty per token (tuned on seed 1000 for PPO: 0.01, 0.05, 0.2)
-    c.ppo.beta_dpo = 0.05  # RTO's DPO token-reward scale (authors' default; 0 in the ppo method)
-    c.ppo.dpo_clip = 0.05  # clip of the scaled DPO token reward (authors' default)
-    c.ppo.ppo_epochs = 2  # passes over each rollout batch
-    c.ppo.num_minibatches = 2  # minibatches per pass
-    c.ppo.missing_eos_penalty = 1.0  # subtracted from the normalized score of responses without EOS
-    c.ppo.eval_every = 25  # iterations between gold evaluations (the sample-efficiency curve)
-    c.ppo.critic = ml_collections.ConfigDict()
-    c.ppo.critic.lr = 1e-3  # critic learning rate (critic initialised from the reward model)
-    c.ppo.critic.schedule = "constant"  # critic schedule
-    c.ppo.critic.warmup_steps = 0  # critic warmup iterations
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_prompts = 512  # held-out prompts (one sample each per method)
-    c.eval.best_of_n = 64  # largest n of the best-of-n frontier
-    c.eval.best_of_n_prompts = 128  # prompts used for the frontier (n samples each from pi_sft)
+    # PPO: the budget and the shared hyperparameters of every PPO-family method.
+    c.ppo.rollout_batch_size, c.ppo.total_episodes = 64, 6400  # the budget: 100 iterations of 64 prompts
+    c.ppo.lr, c.ppo.schedule = 3e-4, "constant"  # tuned on seed 1000 for PPO: 3e-5, 1e-4, 3e-4
+    c.ppo.critic_lr = 1e-3  # the critic (from the reward model) adapts faster than the policy
+    c.ppo.ppo_epochs, c.ppo.num_minibatches = 2, 2  # 4 updates per batch: enough for a 2-layer policy
+    c.ppo.temperature = 1.0  # the source's own distribution: rollouts, pairs and evaluation at T = 1
+    c.ppo.reward_args.beta_kl = 0.2  # tuned on seed 1000 for PPO: 0.01, 0.05, 0.2
+    c.ppo.eval_every = 25  # the gold-reward curve (sample efficiency): 4 points per method
+    c.evaluate.num_prompts, c.evaluate.batch_size = 512, 256  # one sample per held-out prompt
+    c.evaluate.temperature = 1.0  # as the rollouts
 
     if preset == "demo":
         pass
     elif preset == "full":
-        c.seeds = "0,1,2"
-        c.ppo.episodes = 12_800
+        c.seeds = "0,1,2"  # mean ± standard error across seeds
+        c.ppo.total_episodes = 12_800  # twice the demo's budget
     elif preset == "tune":
-        c.seeds = "1000"
-    elif preset == "smoke":
-        c.sft.num_examples, c.sft.steps, c.sft.batch_size = 512, 5, 16
-        c.preferences.num_pairs = 64
-        c.reward_model.steps = c.dpo.steps = 3
-        c.reward_model.batch_size = c.dpo.batch_size = 16
-        c.ppo.episodes, c.ppo.rollout_batch_size, c.ppo.eval_every = 32, 16, 1
-        c.eval.num_prompts, c.eval.best_of_n, c.eval.best_of_n_prompts = 32, 4, 8
-        c.model.hidden_size, c.model.intermediate_size, c.model.num_heads = 32, 64, 2
+        c.seeds = "1000"  # the tuning seed, never reported
+    elif preset == "smoke":  # seconds of work (mostly compilation): every file is produced
+        c.synthetic.sft_examples, c.synthetic.sft_eval_examples, c.synthetic.preference_pairs = 512, 32, 64
+        c.sft.batch_size, c.sft.max_steps = 16, 5
+        c.data.eval_size = 16
+        for stage in ("reward_model", "dpo"):
+            c[stage].batch_size, c[stage].max_steps = 16, 3
+        c.dpo.lr, c.dpo.warmup_steps = 3e-3, 0  # 3 steps must move pi_dpo off pi_sft (a visible DPO reward)
+        c.ppo.total_episodes, c.ppo.rollout_batch_size, c.ppo.eval_every = 32, 16, 1
+        c.evaluate.num_prompts, c.evaluate.batch_size = 32, 32
+        c.synthetic.best_of_n, c.synthetic.best_of_n_prompts = 4, 8
+        c.model.hidden_size, c.model.intermediate_size, c.model.num_heads, c.model.num_kv_heads = 32, 64, 2, 2
+        c.checkpoint.every_steps = 2
     else:
         raise ValueError(f"rto_synthetic.py: unknown preset {preset!r}; presets: demo, full, smoke, tune")
     c.lock()

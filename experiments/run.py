@@ -29,11 +29,6 @@ def main(argv):
             "path on every host and pass that path"
         )
     init_distributed(config)  # multi-process runs: before anything touches a device
-    if config.get("benchmark") == "synthetic":  # configs/rto_synthetic.py: its own self-contained runner
-        from rto_jax.synthetic_benchmark import run_benchmark
-
-        run_benchmark(config, _WORKDIR.value)
-        return
     try:
         validate(config, _WORKDIR.value)  # before any work: a bad value fails here, naming its key
     except ConfigError as e:

@@ -21,6 +21,7 @@ PRESETS = {
     "ppo_tldr": ["1b", "tiny"],
     "dpo_tldr": ["1b", "tiny"],
     "rto_ultrafeedback": ["llama3_8b", "smollm2", "tiny"],
+    "rto_synthetic": ["demo", "full", "smoke", "tune"],
 }
 HAS_SHARED = (shared_data_dir() / "tldr_comparisons_10k.parquet").exists()
 

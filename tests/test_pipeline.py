@@ -17,7 +17,6 @@ from flax import nnx
 from rto_jax.models import CausalLM, ModelConfig, load_pretrained
 from rto_jax.pipeline import checkpoint, run, set_recipe
 from rto_jax.pipeline.common import NonFiniteError
-from rto_jax.pipeline.config import shared_data_dir
 from rto_jax.pipeline.logging import RunLog, read_metrics
 from rto_jax.pipeline.tasks import train_bpe
 from rto_jax.train import OptimizerConfig, TrainState, make_optimizer
@@ -271,41 +270,3 @@ def test_a_forked_recipe_trains_with_its_own_token_reward(fixture_data, trained_
         assert r["reward/total"] == pytest.approx(parts, rel=1e-4, abs=1e-5)
     assert set(results["policies"]) == {"reference", "sft", "length_bonus"}
     assert json.loads((tmp_path / "run" / "ppo" / "done.json").read_text())["token_reward"] == "length_bonus"
-
-
-@pytest.mark.slow
-def test_tiny_preset_end_to_end_on_shared_data(tmp_path):
-    """All stages of configs/rto_tldr.py:tiny on ../shared/data (fewer steps), then a restart skips them."""
-    data = shared_data_dir()
-    if not (data / "tldr_sft_oai1b.csv").exists() or not (data / "tldr_comparisons_10k.parquet").exists():
-        pytest.skip(f"shared TL;DR sample data not found in {data} (set RTO_JAX_SHARED_DATA)")
-    config = load_config("rto_tldr", "tiny")
-    config.tokenizer.bpe_vocab_size, config.tokenizer.bpe_max_texts = 512, 800
-    config.data.sft.max_rows, config.data.preference.max_rows = 200, 300
-    config.data.max_prompt_len, config.data.max_response_len, config.data.eval_size = 64, 16, 16
-    for stage, steps in (("sft", 4), ("reward_model", 4), ("dpo", 3)):
-        config[stage].max_steps, config[stage].batch_size, config[stage].eval_every = steps, 8, 0
-    config.ppo.rollout_batch_size, config.ppo.total_episodes, config.ppo.num_minibatches = 8, 16, 2
-    config.evaluate.num_prompts, config.evaluate.batch_size = 8, 8
-    results = run(config, tmp_path)
-
-    on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert set(on_disk["policies"]) == {"reference", "sft", "dpo", "rto"}
-    for name in ("sft", "dpo", "rto"):
-        numbers = on_disk["policies"][name]
-        for key in ("rm_score", "kl_to_ref", "length", "eos_rate", "win_rate"):
-            assert np.isfinite(numbers[key]), (name, key)
-    assert on_disk["policies"]["sft"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-4)  # the reference itself
-    assert results["policies"].keys() == on_disk["policies"].keys()
-    records = read_metrics(tmp_path / "metrics.jsonl")  # raises on a malformed line
-    assert {r["stage"] for r in records} == {"sft", "reward_model", "dpo", "ppo", "evaluate"}
-    stats = json.loads((tmp_path / "reward_model" / "done.json").read_text())
-    assert stats["reward_std"] > 0
-    assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
-    for folder in ("sft/model", "reward_model/model", "dpo/model", "ppo/model", "ppo/critic", "tokenizer"):
-        assert (tmp_path / folder).is_dir(), folder
-    assert load_pretrained(tmp_path / "ppo" / "model").config.vocab_size == 512
-
-    before = len(records)
-    run(config, tmp_path)  # everything finished: every stage is skipped
-    assert len(read_metrics(tmp_path / "metrics.jsonl")) == before

@@ -154,12 +154,34 @@ def _assert_same_run(reference: Path, other: Path) -> None:
         assert (other / folder).is_dir(), folder
 
 
+def _check_end_to_end(workdir: Path) -> None:
+    """The one-device run of configs/rto_tldr.py:tiny on ../shared/data is complete, and a restart of
+    the same command skips every stage."""
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["policies"]) == {"reference", "sft", "dpo", "rto"} and results["seed"] == 0
+    for name in ("sft", "dpo", "rto"):
+        for key in ("rm_score", "kl_to_ref", "length", "eos_rate", "win_rate"):
+            assert math.isfinite(results["policies"][name][key]), (name, key)
+    assert abs(results["policies"]["sft"]["kl_to_ref"]) < 1e-4  # the reference itself
+    records = read_metrics(workdir / "metrics.jsonl")  # raises on a malformed line
+    assert {r["stage"] for r in records} == {"sft", "reward_model", "dpo", "ppo", "evaluate"}
+    assert json.loads((workdir / "reward_model" / "done.json").read_text())["reward_std"] > 0
+    assert (workdir / "config.json").exists() and list((workdir / "tensorboard").iterdir())
+    for folder in ("sft/model", "reward_model/model", "dpo/model", "ppo/model", "ppo/critic", "tokenizer"):
+        assert (workdir / folder).is_dir(), folder
+    assert json.loads((workdir / "ppo" / "model" / "config.json").read_text())["vocab_size"] == 512
+    _run_one(workdir, 1)  # everything finished: every stage is skipped
+    assert len(read_metrics(workdir / "metrics.jsonl")) == len(records)
+
+
 @pytest.mark.slow
 def test_tiny_preset_same_on_one_device_eight_devices_and_two_processes(tmp_path):
+    """The one tiny TL;DR run of the suite: checked end to end, then the reference of the sharded runs."""
     data = shared_data_dir()
     if not (data / "tldr_sft_oai1b.csv").exists() or not (data / "tldr_comparisons_10k.parquet").exists():
         pytest.skip(f"shared TL;DR sample data not found in {data} (set RTO_JAX_SHARED_DATA)")
     _run_one(tmp_path / "one_device", 1)
+    _check_end_to_end(tmp_path / "one_device")
 
     # 8 simulated devices in one process: batch rows over data=2, parameters over fsdp=4.
     _run_one(tmp_path / "eight_devices", 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")

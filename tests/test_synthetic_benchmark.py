@@ -1,16 +1,21 @@
-"""The synthetic comparison end to end (smoke preset): every output file, and restart reuse."""
+"""The synthetic comparison (configs/rto_synthetic.py:smoke) through the one pipeline: every output
+file, each method's own token reward, the seed it was asked for, and a restart that reuses everything."""
 
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from rto_jax.eval import episodes_to_reach, win_rate
+from rto_jax.eval.report import aggregate
+from rto_jax.pipeline import run
 from rto_jax.pipeline.logging import read_metrics
-from rto_jax.synthetic_benchmark import aggregate, run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"ppo": {"kl", "score"}, "rto": {"dpo", "kl", "score"}, "rto_sequence_end": {"dpo", "kl", "score"}}
+METHODS["rto_no_rm"] = {"dpo", "kl"}
 
 
 def _config(preset):
@@ -20,47 +25,63 @@ def _config(preset):
     return module.get_config(preset)
 
 
-def test_smoke_preset_writes_every_output_and_restarts_from_saved_models(tmp_path):
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("smoke")
     config = _config("smoke")
     config.seeds = "7"  # what `--config.seeds=7` sets: the run must be seed 7's, not the default's
-    results = run_benchmark(config, tmp_path)
-    assert json.loads((tmp_path / "results.json").read_text())["seed"] == 7
-    # Each method trained with its own token reward: the logged parts say which terms it had.
-    parts = {}
-    for record in read_metrics(tmp_path / "metrics.jsonl"):
-        if record["split"] == "train" and "reward/total" in record:
-            parts.setdefault(record["stage"], []).append(record)
-    expected = {
-        "ppo": {"kl", "score"},
-        "rto": {"dpo", "kl", "score"},
-        "rto_sequence_end": {"dpo", "kl", "score"},
-        "rto_no_rm": {"dpo", "kl"},
-    }
-    assert set(parts) == set(expected)
-    for method, records in parts.items():
-        for r in records:
-            assert {k[len("reward/") :] for k in r if k.startswith("reward/")} - {"total"} == expected[method], method
-            total = sum(r[f"reward/{p}"] for p in expected[method])
-            assert abs(r["reward/total"] - total) < 1e-4 * max(1.0, abs(total)), (method, r)
-        if "dpo" in expected[method]:  # the DPO policy differs from the reference: its reward is not 0
-            assert any(abs(r["reward/dpo"]) > 1e-6 for r in records), method
+    return config, workdir, run(config, workdir)
+
+
+def test_smoke_preset_writes_every_output_for_the_seed_asked(smoke):
+    _, workdir, results = smoke
     for name in ("results.json", "results.md", "gold_vs_episodes.png", "gold_vs_kl.png"):
-        assert (tmp_path / name).stat().st_size > 0, name
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["methods"]) == {"sft", "dpo", "ppo", "rto", "rto_sequence_end", "rto_no_rm"}
+        assert (workdir / name).stat().st_size > 0, name
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["seed"] == 7 and json.loads((workdir / "config.json").read_text())["seed"] == 7
+    assert set(saved["methods"]) == {"sft", "dpo", *METHODS}
     for method in saved["methods"].values():
         for key in ("gold_reward", "gold_reward_se", "kl", "score", "length", "eos_rate", "gold_win_rate_vs_sft"):
             assert np.isfinite(method[key]), key
         assert -1.0 <= method["gold_reward"] <= 1.0
     assert [p["n"] for p in saved["best_of_n"]] == [1, 2, 3, 4]
     assert saved["methods"]["sft"]["kl"] == 0.0  # the reference policy itself
-    assert set(saved["episodes_to_ppo_final"]) == {"ppo", "rto", "rto_sequence_end", "rto_no_rm"}
-    for name in ("sft", "reward_model", "dpo", "ppo", "rto"):
-        assert (tmp_path / "models" / name / "model.safetensors").exists()
-    # A restart reuses every saved model and reproduces the evaluation exactly.
-    again = run_benchmark(config, tmp_path)
+    assert saved["methods"]["sft"]["gold_win_rate_vs_sft"] == 0.5
+    assert set(saved["episodes_to_ppo_final"]) == set(METHODS)
+    assert all(len(curve) == 3 for curve in saved["curves"].values())  # start + 2 iterations (eval_every 1)
+    for name in ("sft", "reward_model", "dpo", *(f"ppo_{m}" for m in METHODS)):
+        assert (workdir / name / "model" / "model.safetensors").exists(), name
+    assert 0.5 < saved["labels"]["agreement"] <= 1.0
+
+
+def test_each_method_trains_with_its_own_token_reward(smoke):
+    """The logged reward parts say which terms each method's reward had; the DPO term is not 0."""
+    _, workdir, _ = smoke
+    parts = {}
+    for record in read_metrics(workdir / "metrics.jsonl"):
+        if record["split"] == "train" and "reward/total" in record:
+            parts.setdefault(record["stage"], []).append(record)
+    assert set(parts) == {f"ppo_{m}" for m in METHODS}
+    for method, expected in METHODS.items():
+        records = parts[f"ppo_{method}"]
+        for r in records:
+            assert {k[len("reward/") :] for k in r if k.startswith("reward/")} - {"total"} == expected, method
+            total = sum(r[f"reward/{p}"] for p in expected)
+            assert abs(r["reward/total"] - total) < 1e-4 * max(1.0, abs(total)), (method, r)
+        if "dpo" in expected:  # the DPO policy differs from the reference: its reward is not 0
+            assert any(abs(r["reward/dpo"]) > 1e-6 for r in records), method
+    # The same prompts and rollout keys for every method: their first rollouts are identical.
+    first = {m: parts[f"ppo_{m}"][0] for m in METHODS}
+    assert len({round(r["response_length"], 6) for r in first.values()}) == 1
+
+
+def test_a_restart_reuses_every_stage_and_reproduces_the_results(smoke):
+    config, workdir, results = smoke
+    before = len(read_metrics(workdir / "metrics.jsonl"))
+    again = run(config, workdir)
+    assert len(read_metrics(workdir / "metrics.jsonl")) == before  # nothing ran again
     assert again["methods"] == results["methods"]
-    assert again["curves"] == json.loads(json.dumps(results["curves"]))
+    assert json.loads(json.dumps(again["curves"])) == json.loads(json.dumps(results["curves"]))
 
 
 def test_episodes_to_reach_interpolates_and_win_rate_counts_ties():

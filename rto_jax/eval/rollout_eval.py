@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
-from rto_jax.train.steps import response_logprobs, sequence_scores
+from rto_jax.scoring import response_logprobs, sequence_scores
 
 
 @functools.partial(jax.jit, static_argnames=("policy_graphdef", "reward_graphdef", "config", "gold_fn"))

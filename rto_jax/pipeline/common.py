@@ -17,7 +17,7 @@ from rto_jax.models import CausalLM, ModelConfig, load_pretrained, save_pretrain
 from rto_jax.pipeline.config import looks_local
 from rto_jax.pipeline.logging import write_json_atomic
 from rto_jax.train import OptimizerConfig, make_optimizer
-from rto_jax.train.sharding import tree_shardings
+from rto_jax.train.sharding import mesh_from_config, shard_tree, step_shardings, tree_shardings
 
 
 class NonFiniteError(FloatingPointError):
@@ -154,3 +154,18 @@ def check_finite(stage: str, step: int, values: dict, params, manager) -> None:
 def stage_key(seed: int, stage: str) -> jax.Array:
     """A stage's base PRNG key (distinct per stage name, fixed by the seed)."""
     return jax.random.fold_in(jax.random.key(seed), zlib.crc32(stage.encode()) & 0x7FFFFFFF)
+
+
+def device_mesh(config):
+    """The mesh of `config.mesh`, or None on a single device (the unsharded path, exactly as before)."""
+    if jax.device_count() == 1:
+        return None
+    return mesh_from_config(config)
+
+
+def shard_state(state, mesh):
+    """(state placed on `mesh` by the sharding rules, its StepShardings); (state, None) without a mesh."""
+    if mesh is None:
+        return state, None
+    state = shard_tree(state, mesh)
+    return state, step_shardings(state, mesh)

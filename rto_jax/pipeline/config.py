@@ -8,15 +8,20 @@ start from it and set a preset. `config.recipe` names the experiment file that c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from ml_collections import config_dict
 
+from rto_jax.data.synthetic import SyntheticTaskConfig
 from rto_jax.objectives.token_rewards import bind, frozen_models, reward_args, rto
+from rto_jax.train.ppo import PPOConfig
+from rto_jax.train.state import OptimizerConfig
+from rto_jax.train.steps import DPOLoss
 
-STAGES = ("sft", "reward_model", "dpo", "ppo", "evaluate")
+STAGES = ("sft", "preferences", "reward_model", "dpo", "ppo", "evaluate")
 TRAINED_STAGES = ("sft", "reward_model", "dpo", "ppo")
 
 
@@ -46,23 +51,38 @@ def _source(path: str = "", format: str = "tldr_sft") -> config_dict.ConfigDict:
 
 def _optimizer(stage: config_dict.ConfigDict, lr: float) -> None:
     """Optimizer fields shared by the trained stages (rto_jax.train.OptimizerConfig)."""
+    opt = _defaults(OptimizerConfig)
     stage.lr = lr  # peak learning rate
-    stage.schedule = "cosine"  # 'cosine', 'linear' (decay to 0) or 'constant', after the warmup
-    stage.warmup_steps = 0  # linear warmup steps
-    stage.weight_decay = 0.0  # AdamW decoupled weight decay
-    stage.b1 = 0.9  # Adam beta1
-    stage.b2 = 0.999  # Adam beta2 (PyTorch's default, as in the N+ and RTO code)
-    stage.adam_eps = 1e-5  # Adam epsilon (N+ uses 1e-5)
-    stage.max_grad_norm = 1.0  # global gradient-norm clip; <= 0 disables
+    stage.schedule = opt["schedule"]  # 'cosine', 'linear' (decay to 0) or 'constant', after the warmup
+    stage.warmup_steps = opt["warmup_steps"]  # linear warmup steps
+    stage.weight_decay = opt["weight_decay"]  # AdamW decoupled weight decay
+    stage.b1 = opt["b1"]  # Adam beta1
+    stage.b2 = opt["b2"]  # Adam beta2
+    stage.adam_eps = opt["eps"]  # Adam epsilon
+    stage.max_grad_norm = opt["max_grad_norm"]  # global gradient-norm clip; <= 0 disables
+
+
+def _defaults(cls) -> dict:
+    """A dataclass's field defaults: configs derive theirs from the dataclasses, the only place they are set."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+
+def _from_dataclass(cls) -> config_dict.ConfigDict:
+    """A ConfigDict of a dataclass's fields and defaults (the dataclass stays the only place they are set)."""
+    out = config_dict.ConfigDict()
+    for field in dataclasses.fields(cls):
+        value = field.default
+        out[field.name] = config_dict.placeholder(float) if value is None else value
+    return out
 
 
 def base_config() -> config_dict.ConfigDict:
     """Every field of an experiment, with defaults close to the RTO paper / N+ TL;DR recipe."""
     c = config_dict.ConfigDict()
     c.name = "rto"  # experiment name (printed and stored in results.json)
-    c.seed = 0  # global seed: model init, data split and order, sampling
+    c.seeds = "0"  # comma-separated seeds ('3,4,5': one run each in workdir/seed_N); model init, data, sampling
     c.recipe = "experiments/rto.py"  # the recipe file that composes the stages (path, or relative to the repo root)
-    c.stages = ",".join(STAGES)  # comma-separated stages to run, in this order: sft,reward_model,dpo,ppo,evaluate
+    c.stages = "sft,reward_model,dpo,ppo,evaluate"  # stages to run, in the order of STAGES (+ preferences: synthetic)
 
     c.model = config_dict.ConfigDict()
     c.model.init_from = ""  # SFT's base model: HF folder, .gguf or hub id 'owner/name[@revision]'; '' = random init
@@ -85,6 +105,7 @@ def base_config() -> config_dict.ConfigDict:
     c.tokenizer.bpe_max_texts = 20000  # at most this many data strings train the BPE
 
     c.data = config_dict.ConfigDict()
+    c.data.source = "text"  # 'text' (the datasets below + a tokenizer) or 'synthetic' (config.synthetic)
     c.data.max_prompt_len = 512  # P: prompts are left-padded / truncated (keeping their end) to P tokens
     c.data.max_response_len = 53  # R: responses (+EOS) are right-padded / truncated to R tokens, also rollout length
     c.data.pad_id = config_dict.placeholder(int)  # pad token id (must differ from EOS); None = the tokenizer's
@@ -123,9 +144,10 @@ def base_config() -> config_dict.ConfigDict:
 
     c.dpo = config_dict.ConfigDict()
     c.dpo.init_from = ""  # take this DPO policy instead of training one
-    c.dpo.beta = 0.1  # DPO beta (the RTO paper's DPO stage: 0.1)
-    c.dpo.loss_type = "sigmoid"  # 'sigmoid', 'ipo', 'hinge' or 'robust'
-    c.dpo.label_smoothing = 0.0  # eps of conservative / robust DPO
+    dpo = _defaults(DPOLoss)
+    c.dpo.beta = dpo["beta"]  # DPO beta
+    c.dpo.loss_type = dpo["loss_type"]  # 'sigmoid', 'ipo', 'hinge' or 'robust'
+    c.dpo.label_smoothing = dpo["label_smoothing"]  # eps of conservative / robust DPO
     c.dpo.batch_size = 64  # preference pairs per optimizer step
     c.dpo.num_epochs = 1  # passes over the preference data
     c.dpo.max_steps = 0  # > 0: stop after this many steps
@@ -135,26 +157,28 @@ def base_config() -> config_dict.ConfigDict:
     _optimizer(c.dpo, 3e-6)
 
     c.ppo = config_dict.ConfigDict()
+    ppo = _defaults(PPOConfig)  # PPO's switches: defaults in rto_jax.train.PPOConfig
     c.ppo.init_from = ""  # take this trained policy (to evaluate) instead of running PPO
     # Coefficients of the recipe's token reward (keyword arguments; defaults from its signature).
     c.ppo.reward_args = config_dict.ConfigDict(reward_args(rto))  # recipes.set_recipe() resets them
     c.ppo.rollout_batch_size = 512  # prompts per PPO iteration (N+: 512)
     c.ppo.total_episodes = 1_000_000  # rollouts in all; iterations = total_episodes // rollout_batch_size
     c.ppo.max_steps = 0  # > 0: stop after this many iterations
-    c.ppo.ppo_epochs = 4  # passes over each rollout batch (N+: 4)
-    c.ppo.num_minibatches = 1  # minibatches per pass (N+: 1)
+    c.ppo.ppo_epochs = ppo["ppo_epochs"]  # passes over each rollout batch
+    c.ppo.num_minibatches = ppo["num_minibatches"]  # minibatches per pass
     c.ppo.temperature = 0.7  # rollout temperature, also applied to every log-prob (N+: 0.7)
     c.ppo.top_k = 0  # rollout top-k filter; 0 = off
     c.ppo.top_p = 1.0  # rollout nucleus filter; 1 = off
-    c.ppo.gamma = 1.0  # GAE discount
-    c.ppo.lam = 0.95  # GAE lambda
-    c.ppo.clip_eps = 0.2  # policy ratio clip
-    c.ppo.value_clip_eps = 0.2  # value clip
-    c.ppo.vf_coef = 0.1  # value-loss weight (N+: 0.1)
-    c.ppo.entropy_coef = 0.0  # entropy bonus
-    c.ppo.score_clip = 10.0  # the normalized reward-model score is clipped to [-score_clip, score_clip]
-    c.ppo.missing_eos_penalty = 1.0  # subtracted from the score of responses without EOS (N+: -1 reward)
-    c.ppo.whiten_advantages = True  # whiten advantages over the rollout batch
+    c.ppo.gamma = ppo["gamma"]  # GAE discount
+    c.ppo.lam = ppo["lam"]  # GAE lambda
+    c.ppo.clip_eps = ppo["clip_eps"]  # policy ratio clip
+    c.ppo.value_clip_eps = ppo["value_clip_eps"]  # value clip
+    c.ppo.vf_coef = ppo["vf_coef"]  # value-loss weight
+    c.ppo.entropy_coef = ppo["entropy_coef"]  # entropy bonus
+    c.ppo.score_clip = ppo["score_clip"]  # the normalized reward-model score is clipped to [-score_clip, score_clip]
+    c.ppo.missing_eos_penalty = ppo["missing_eos_penalty"]  # subtracted from the score of responses without EOS
+    c.ppo.whiten_advantages = ppo["whiten_advantages"]  # whiten advantages over the rollout batch
+    c.ppo.eval_every = 0  # > 0: gold reward on the held-out prompts every this many iterations (gold tasks)
     c.ppo.critic_lr = config_dict.placeholder(float)  # critic learning rate; None = ppo.lr
     c.ppo.grad_accum_steps = 1  # must stay 1: PPO splits a batch with num_minibatches instead
     _optimizer(c.ppo, 3e-6)
@@ -167,6 +191,15 @@ def base_config() -> config_dict.ConfigDict:
     c.evaluate.judge = ""  # win-rate judge: reward-model folder/hub id; '' = this run's reward model
     c.evaluate.policies = ""  # extra policies 'name=path,...' to evaluate next to this run's
     c.evaluate.num_samples_logged = 8  # decoded samples per policy written to evaluate/samples_<policy>.jsonl
+
+    # The synthetic task (data.source = 'synthetic'; rto_jax/data/synthetic.py), drawn from the seed.
+    c.synthetic = config_dict.ConfigDict()
+    c.synthetic.task = _from_dataclass(SyntheticTaskConfig)  # the task's definition (SyntheticTaskConfig fields)
+    c.synthetic.sft_examples = 20_000  # (prompt, reference response) pairs from the reference source
+    c.synthetic.sft_eval_examples = 512  # held-out pairs (SFT loss)
+    c.synthetic.preference_pairs = 4096  # prompts with two pi_sft samples each, labelled by the gold reward
+    c.synthetic.best_of_n = 64  # largest n of the best-of-n frontier (gold reward vs KL, from pi_sft)
+    c.synthetic.best_of_n_prompts = 128  # held-out prompts of the frontier (n samples each)
 
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every_steps = 100  # orbax checkpoint every this many steps (and at the end of a stage)
@@ -200,6 +233,17 @@ def recipe_token_reward(config):
     from rto_jax.pipeline.recipes import load_recipe
 
     return bind(load_recipe(config.recipe).TOKEN_REWARD, **config.ppo.reward_args.to_dict())
+
+
+def parse_seeds(value) -> list[int]:
+    """`config.seeds` ('3,4,5' or one int) -> [3, 4, 5]."""
+    try:
+        seeds = [int(s) for s in str(value).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError("seeds", f"expected comma-separated integers like '3,4,5', got {value!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError("seeds", f"expected distinct integers like '3,4,5', got {value!r}")
+    return seeds
 
 
 def parse_policies(value: str) -> dict[str, str]:
@@ -286,13 +330,68 @@ def _check_recipe(config):
     return fn
 
 
+def _check_text_data(config, stages, base) -> None:
+    """Tokenizer and data sources of a text task."""
+    from rto_jax.data.formats import FORMATS
+
+    # Tokenizer: a random-init model needs one from somewhere.
+    tokenizer_sources = [config.tokenizer.path, base] + [config[s].init_from for s in TRAINED_STAGES]
+    if config.tokenizer.bpe_vocab_size <= 0 and not any(tokenizer_sources):
+        raise ConfigError(
+            "tokenizer.path", "no tokenizer: set tokenizer.path, tokenizer.bpe_vocab_size > 0, or a model init_from"
+        )
+    if 0 < config.tokenizer.bpe_vocab_size < 300:
+        raise ConfigError(
+            "tokenizer.bpe_vocab_size", f"{config.tokenizer.bpe_vocab_size} < 300 (256 bytes + specials + merges)"
+        )
+    _check_model_path("tokenizer.path", config.tokenizer.path)
+
+    # Data.
+    for name in ("sft", "preference"):
+        src = config.data[name]
+        if src.path and src.format not in FORMATS:
+            raise ConfigError(f"data.{name}.format", f"unknown format {src.format!r}; known: {sorted(FORMATS)}")
+        kind = FORMATS[src.format].kind if src.format in FORMATS else None
+        want = "sft" if name == "sft" else "preference"
+        if src.path and kind != want:
+            raise ConfigError(
+                f"data.{name}.format", f"{src.format!r} is a {kind} format; data.{name} needs a {want} format"
+            )
+        _check_data_path(f"data.{name}.path", src.path)
+        _check_data_path(f"data.{name}.eval_path", src.eval_path)
+    trains = {s for s in stages if s in TRAINED_STAGES and not config[s].init_from}
+    needs_pref = trains & {"reward_model", "dpo"}
+    if needs_pref and not config.data.preference.path:
+        raise ConfigError("data.preference.path", f"stage(s) {sorted(needs_pref)} need preference data")
+    if ({"sft", "ppo", "evaluate"} & set(stages)) and not (config.data.sft.path or config.data.preference.path):
+        raise ConfigError(
+            "data.sft.path", "SFT / PPO / evaluation need prompts: set data.sft.path or data.preference.path"
+        )
+
+
+def _check_synthetic(config) -> None:
+    """The synthetic task's definition and the lengths it fixes."""
+    try:
+        task = SyntheticTaskConfig(**config.synthetic.task.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ConfigError("synthetic.task", str(e)) from None
+    for key, value in (
+        ("data.max_prompt_len", task.prompt_length),
+        ("data.max_response_len", task.max_response_length),
+    ):
+        section, name = key.split(".")
+        if config[section][name] != value:
+            raise ConfigError(key, f"{config[section][name]} != the synthetic task's {value} (set by synthetic.task)")
+    _positive(config, "synthetic.sft_examples", "synthetic.sft_eval_examples", "synthetic.preference_pairs")
+    _positive(config, "synthetic.best_of_n", "synthetic.best_of_n_prompts")
+
+
 def validate(config, workdir=None, num_devices: int | None = None) -> None:
     """Raises ConfigError (naming the key) for any value that would fail later; does no work.
 
     num_devices: the devices the mesh spans (default: all devices of all processes).
     """
-    from rto_jax.data.formats import FORMATS
-
+    parse_seeds(config.seeds)
     stages = stage_list(config)
     if not stages:
         raise ConfigError("stages", "no stage to run")
@@ -346,39 +445,22 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
         _check_model_path(f"{stage}.init_from", config[stage].init_from)
     _check_model_path("evaluate.judge", config.evaluate.judge)
 
-    # Tokenizer: a random-init model needs one from somewhere.
-    tokenizer_sources = [config.tokenizer.path, base] + [config[s].init_from for s in TRAINED_STAGES]
-    if config.tokenizer.bpe_vocab_size <= 0 and not any(tokenizer_sources):
-        raise ConfigError(
-            "tokenizer.path", "no tokenizer: set tokenizer.path, tokenizer.bpe_vocab_size > 0, or a model init_from"
-        )
-    if 0 < config.tokenizer.bpe_vocab_size < 300:
-        raise ConfigError(
-            "tokenizer.bpe_vocab_size", f"{config.tokenizer.bpe_vocab_size} < 300 (256 bytes + specials + merges)"
-        )
-    _check_model_path("tokenizer.path", config.tokenizer.path)
-
-    # Data.
-    for name in ("sft", "preference"):
-        src = config.data[name]
-        if src.path and src.format not in FORMATS:
-            raise ConfigError(f"data.{name}.format", f"unknown format {src.format!r}; known: {sorted(FORMATS)}")
-        kind = FORMATS[src.format].kind if src.format in FORMATS else None
-        want = "sft" if name == "sft" else "preference"
-        if src.path and kind != want:
-            raise ConfigError(
-                f"data.{name}.format", f"{src.format!r} is a {kind} format; data.{name} needs a {want} format"
-            )
-        _check_data_path(f"data.{name}.path", src.path)
-        _check_data_path(f"data.{name}.eval_path", src.eval_path)
+    synthetic = config.data.source == "synthetic"
+    if config.data.source not in ("text", "synthetic"):
+        raise ConfigError("data.source", f"expected 'text' or 'synthetic', got {config.data.source!r}")
+    if synthetic:
+        _check_synthetic(config)
+    else:
+        _check_text_data(config, stages, base)
     trains = {s for s in stages if s in TRAINED_STAGES and not config[s].init_from}
-    needs_pref = trains & {"reward_model", "dpo"}
-    if needs_pref and not config.data.preference.path:
-        raise ConfigError("data.preference.path", f"stage(s) {sorted(needs_pref)} need preference data")
-    if ({"sft", "ppo", "evaluate"} & set(stages)) and not (config.data.sft.path or config.data.preference.path):
-        raise ConfigError(
-            "data.sft.path", "SFT / PPO / evaluation need prompts: set data.sft.path or data.preference.path"
-        )
+    if "preferences" in stages and not synthetic:
+        raise ConfigError("stages", "the 'preferences' stage labels sampled pairs: it needs data.source='synthetic'")
+    preferences_done = workdir is not None and stage_done_file(workdir, "preferences").exists()
+    if synthetic and trains & {"reward_model", "dpo"} and "preferences" not in stages and not preferences_done:
+        raise ConfigError("stages", "the reward model and DPO of a synthetic task need the 'preferences' stage")
+    if config.ppo.eval_every and not synthetic:
+        raise ConfigError("ppo.eval_every", "the gold-reward curve needs a task with a gold reward (data.source)")
+    _non_negative(config, "ppo.eval_every")
 
     # Stages that need a model no one makes.
     def need(stage, what, why):

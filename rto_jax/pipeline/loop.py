@@ -72,15 +72,18 @@ def run_loop(
     eval_every: int = 0,
     checkpointed: Checkpointed = Checkpointed(),
     postfix: Callable[[dict], dict] = lambda values: {"loss": f"{values['loss']:.4g}"},
+    rng_name: str | None = None,
     shardings=None,
 ) -> tuple[Any, Progress]:
     """Runs (or resumes) `total` calls of `step_fn(state, batch, rng) -> (state, metrics)`.
 
     batches: this process's rows (`BatchIterator`, its position is checkpointed); with `shardings`
     each host batch is assembled into a global array over the mesh before `prepare` sees it.
+    rng_name: the name the stage's PRNG key derives from (default `stage`); stages that share it
+    draw the same random numbers (e.g. several PPO runs compared on the same rollout keys).
     """
     manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
-    rng = stage_rng(config, stage, shardings)
+    rng = stage_rng(config, rng_name or stage, shardings)
     start, last_eval = 0, {}
     if manager.latest_step() is not None:
         (tree, rng_data), meta, start = checkpoint.restore(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rto_jax.distributed import is_main_process, sync
 from rto_jax.pipeline.common import write_json
-from rto_jax.pipeline.config import stage_done_file, stage_list, validate
+from rto_jax.pipeline.config import TRAINED_STAGES, parse_seeds, stage_done_file, stage_list, validate
 from rto_jax.pipeline.logging import RunLog, summary, write_json_atomic
 from rto_jax.pipeline.recipes import load_recipe
 from rto_jax.pipeline.tasks import build_task
@@ -80,7 +80,7 @@ class Pipeline:
             if section in self.wanted and is_main_process():
                 print(f"[{name}] already finished in {self.workdir}: skipped")
             return self.done[name]
-        given = section != "evaluate" and bool(self.config[section].get("init_from"))
+        given = section in TRAINED_STAGES and bool(self.config[section].init_from)
         if section not in self.wanted and not given:
             return None
         result = fn(self.config, self.workdir, self.task, self.run_log, **inputs)
@@ -90,11 +90,12 @@ class Pipeline:
             print(summary(f"{name} done", {k: v for k, v in result.items() if not isinstance(v, dict)}))
         return result
 
-    def results(self, evaluation: dict | None = None) -> dict:
-        """results.json: every stage's summary, and the evaluation's numbers at the top level."""
-        results = {"name": self.config.name, "recipe": self.config.recipe}
+    def results(self, evaluation: dict | None = None, **extra) -> dict:
+        """results.json: every stage's summary, the evaluation's numbers at the top level, and `extra`."""
+        results = {"name": self.config.name, "recipe": self.config.recipe, "seed": self.config.seed}
         results["stages"] = {k: v for k, v in self.done.items() if v is not evaluation}
         results.update(evaluation or {})
+        results.update(extra)
         write_json(self.workdir / "results.json", results)
         return results
 
@@ -104,19 +105,43 @@ def model_path(result: dict | None) -> str | None:
     return None if result is None else result["model_path"]
 
 
-def run(config, workdir, task=None) -> dict:
-    """Validates the config, then runs its recipe (`config.recipe`); returns results.json's content.
+def with_seed(config, seed: int):
+    """A copy of `config` for one seed (`config.seed`, read by every stage)."""
+    one = config.copy_and_resolve_references()
+    with one.unlocked():
+        one.seed = seed
+    return one
 
-    task: a prebuilt `tasks.Task` (e.g. a synthetic one); default: built from config.data.
+
+def run(config, workdir, task=None) -> dict:
+    """Validates the config, then runs its recipe (`config.recipe`) once per seed of `config.seeds`;
+    returns results.json's content. Several seeds run in `workdir/seed_N`, and the recipe's
+    `aggregate(per_seed_results, workdir)` (if it has one) writes the across-seed results.
+
+    task: a prebuilt `tasks.Task` (single seed only); default: built from config.data.
     """
     validate(config, workdir)
-    workdir = Path(workdir)
+    seeds = parse_seeds(config.seeds)
+    recipe = load_recipe(config.recipe)
+    if len(seeds) == 1:
+        return _run_one(with_seed(config, seeds[0]), Path(workdir), recipe, task)
+    if task is not None:
+        raise ValueError("run(task=...) takes one seed; config.seeds has several")
+    per_seed = [_run_one(with_seed(config, seed), Path(workdir) / f"seed_{seed}", recipe, None) for seed in seeds]
+    if hasattr(recipe, "aggregate"):
+        return recipe.aggregate(per_seed, Path(workdir))
+    results = {"seeds": seeds, "per_seed": per_seed}
+    write_json(Path(workdir) / "results.json", results)
+    return results
+
+
+def _run_one(config, workdir: Path, recipe, task) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
     run_log = RunLog(workdir)
     try:
         task = task if task is not None else build_task(config, workdir)
-        log.info("task %s: %s", task.name, task.describe())
-        return load_recipe(config.recipe).run(Pipeline(config, workdir, task, run_log))
+        log.info("task %s (seed %d): %s", task.name, config.seed, task.describe())
+        return recipe.run(Pipeline(config, workdir, task, run_log))
     finally:
         run_log.close()

@@ -12,39 +12,42 @@ given their loss; PPO's step is a whole iteration (rollout, token rewards, GAE, 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rto_jax.data import BatchIterator, pad_batch
-from rto_jax.distributed import is_main_process, process_slice, to_host
-from rto_jax.pipeline import common
-from rto_jax.pipeline.loop import Checkpointed, Progress, run_loop
+from rto_jax.data import BatchIterator
+from rto_jax.distributed import is_main_process, process_slice, sync
+from rto_jax.eval.policy_eval import (
+    fixed_size_batches,
+    reward_accuracy,
+    run_evaluate,  # the evaluation stage, with the scoring it shares with the reward-model stage
+    sample_responses,
+    score_arrays,
+    weighted_mean,
+)
 from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model
-from rto_jax.pipeline.config import parse_policies
-from rto_jax.pipeline.logging import RunLog, summary, table
-from rto_jax.sampling import SamplingConfig, generate_jit
+from rto_jax.pipeline import common
+from rto_jax.pipeline.logging import RunLog, summary
+from rto_jax.eval.rollout_eval import evaluate_policy
+from rto_jax.pipeline.loop import Checkpointed, Progress, run_loop
+from rto_jax.sampling import SamplingConfig
 from rto_jax.train import (
     DPOLoss,
     PPOConfig,
-    TrainState,
-    create_ppo_state,
-    make_ppo_fns,
     RewardModelLoss,
     SFTLoss,
+    TrainState,
+    create_ppo_state,
     loss_metrics,
+    make_ppo_fns,
     make_train_step,
     precompute_reference_logps,
-    response_logprobs,
-    sequence_scores,
 )
-from rto_jax.train.sharding import create_sharded_train_state, mesh_from_config, shard_tree, step_shardings
+from rto_jax.train.sharding import create_sharded_train_state, step_shardings
 
 log = logging.getLogger(__name__)
 
@@ -52,57 +55,6 @@ log = logging.getLogger(__name__)
 # process that runs several pipelines (tests, notebooks, a resumed run) reuse the compiled steps.
 train_step = functools.lru_cache(maxsize=None)(make_train_step)
 ppo_fns = functools.lru_cache(maxsize=None)(make_ppo_fns)
-
-
-def device_mesh(config):
-    """The mesh of `config.mesh`, or None on a single device (the unsharded path, exactly as before)."""
-    if jax.device_count() == 1:
-        return None
-    return mesh_from_config(config)
-
-
-def shard_state(state, mesh):
-    """(state placed on `mesh` by the sharding rules, its StepShardings); (state, None) without a mesh."""
-    if mesh is None:
-        return state, None
-    state = shard_tree(state, mesh)
-    return state, step_shardings(state, mesh)
-
-
-# ----------------------------------------------------------------------------------------------
-# Jitted evaluation helpers (graphdef static; arrays [B, ...]).
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _scores(graphdef, params, input_ids, attention_mask, positions, response_mask):
-    """Scalar-head score at the last response token `[B]`."""
-    return sequence_scores(nnx.merge(graphdef, params), input_ids, attention_mask, positions, response_mask)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _logprobs(graphdef, params, input_ids, attention_mask, positions, response_mask, temperature):
-    """Per-token response log-probs `[B, R]` at `temperature`."""
-    model = nnx.merge(graphdef, params)
-    return response_logprobs(model, input_ids, attention_mask, positions, response_mask, temperature)[0]
-
-
-def _batches(arrays: dict, batch_size: int):
-    """Fixed-size batches over all rows (the last one padded by repeating rows) and their valid counts."""
-    n = len(next(iter(arrays.values())))
-    for start in range(0, n, batch_size):
-        chunk = {k: v[start : start + batch_size] for k, v in arrays.items()}
-        yield pad_batch(chunk, batch_size)
-
-
-def _weighted_mean(values: list[tuple[dict, int]]) -> dict[str, float]:
-    values = [(to_host(m), n) for m, n in values]
-    total = sum(n for _, n in values)
-    keys = values[0][0].keys()
-    return {k: float(sum(float(m[k]) * n for m, n in values) / total) for k in keys}
-
-
-def _pair_side(batch: dict, side: str) -> tuple:
-    return tuple(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "positions", "response_mask"))
 
 
 def _epochs(config, cfg, arrays: dict) -> tuple[BatchIterator, int]:
@@ -126,20 +78,20 @@ def run_sft(config, workdir, task, run_log: RunLog) -> dict:
     if cfg.init_from:
         return {"model_path": cfg.init_from, "source": "init_from"}
     batches, steps = _epochs(config, cfg, task.sft_train)
-    tx, mesh = common.optimizer(cfg, steps), device_mesh(config)
+    tx, mesh = common.optimizer(cfg, steps), common.device_mesh(config)
     if mesh is not None and not config.model.init_from:  # initialized shard by shard on the mesh
         state = create_sharded_train_state(lambda: common.random_base_model(config, task), tx, mesh)
         shardings = step_shardings(state, mesh)
     else:
-        state, shardings = shard_state(TrainState.create(common.init_base_model(config, task, mesh), tx), mesh)
+        state, shardings = common.shard_state(TrainState.create(common.init_base_model(config, task, mesh), tx), mesh)
     step_fn = train_step(SFTLoss(), cfg.grad_accum_steps, shardings)
 
     def evaluate(state):
         losses = [
             ({"loss": loss_metrics(SFTLoss(), state, b)["loss"]}, n)
-            for b, n in _batches(task.sft_eval, cfg.eval_batch_size)
+            for b, n in fixed_size_batches(task.sft_eval, cfg.eval_batch_size)
         ]
-        return _weighted_mean(losses)
+        return weighted_mean(losses)
 
     state, done = run_loop(
         "sft", config, workdir, run_log, state, batches, step_fn, steps,
@@ -150,44 +102,45 @@ def run_sft(config, workdir, task, run_log: RunLog) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reward model.
+# Preferences (tasks that label pairs themselves: synthetic).
 
 
-def score_arrays(model, arrays: dict, batch_size: int, prefix: str = "") -> np.ndarray:
-    """Scalar-head scores `[N]` of SFT-layout arrays (or of the `prefix`-ed keys of preference arrays)."""
-    graphdef, params = nnx.split(model)
-    keys = ("input_ids", "attention_mask", "positions", "response_mask")
-    out = []
-    for batch, n in _batches({k: arrays[prefix + k] for k in keys}, batch_size):
-        out.append(to_host(_scores(graphdef, params, *(batch[k] for k in keys)))[:n])
-    return np.concatenate(out)
-
-
-def reward_accuracy(model, preference: dict, batch_size: int) -> dict:
-    chosen = score_arrays(model, preference, batch_size, "chosen_")
-    rejected = score_arrays(model, preference, batch_size, "rejected_")
+def run_preferences(config, workdir, task, run_log: RunLog, *, sft_path: str) -> dict:
+    """Two pi_sft samples for each of `task.preference_prompts`, labelled by `task.label_pairs`
+    (Bradley-Terry on the gold reward, with human-like noise); saved to `preferences/pairs.npz`.
+    Attach them to the task with `tasks.with_preferences` before the reward model and DPO."""
+    del run_log  # nothing is trained
+    if task.label_pairs is None or task.preference_prompts is None:
+        raise ValueError(f"task {task.name!r} does not label preference pairs (a synthetic task does)")
+    graphdef, params = nnx.split(common.load_model(sft_path, "lm", config, common.device_mesh(config)))
+    sampling = SamplingConfig(task.response_length, task.eos_id, task.pad_id, temperature=config.ppo.temperature)
+    prompts, p = task.preference_prompts, task.prompt_length
+    responses = []
+    for side in ("a", "b"):
+        rows = sample_responses(
+            graphdef,
+            params,
+            prompts,
+            config.evaluate.batch_size,
+            sampling,
+            common.stage_key(config.seed, f"pairs/{side}"),
+        )
+        responses.append({"response_ids": rows["input_ids"][:, p:], "response_mask": rows["response_mask"]})
+    pairs, info = task.label_pairs(np.random.default_rng(config.seed), prompts, *responses)
+    path = common.stage_dir(workdir, "preferences") / "pairs.npz"
+    if is_main_process():
+        np.savez(path, **pairs)
+    sync("preference pairs written")
     return {
-        "accuracy": float(np.mean(chosen > rejected)),
-        "margin": float(np.mean(chosen - rejected)),
-        "score_chosen": float(np.mean(chosen)),
-        "score_rejected": float(np.mean(rejected)),
+        "path": str(path),
+        "pairs": len(pairs["prompt_ids"]),
+        "label_temperature": info["temperature"],
+        "label_agreement": info["agreement"],
     }
 
 
-def sample_responses(graphdef, params, prompts: dict, batch_size: int, sampling: SamplingConfig, rng) -> dict:
-    """Samples for every prompt row: SFT-layout arrays (input_ids, attention_mask, positions, response_mask)."""
-    from rto_jax.sampling import response_inputs
-
-    parts = []
-    for i, (batch, n) in enumerate(_batches(prompts, batch_size)):
-        ids, mask = jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])
-        samples = generate_jit(graphdef, params, ids, mask, jax.random.fold_in(rng, i), sampling)
-        input_ids, attention_mask, positions = response_inputs(ids, mask, samples)
-        rows = dict(
-            input_ids=input_ids, attention_mask=attention_mask, positions=positions, response_mask=samples.response_mask
-        )
-        parts.append({k: v[:n] for k, v in to_host(rows).items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+# ----------------------------------------------------------------------------------------------
+# Reward model.
 
 
 def reward_normalization(config, task, reward_model, sft_path: str | None) -> dict:
@@ -195,7 +148,7 @@ def reward_normalization(config, task, reward_model, sft_path: str | None) -> di
     cfg = config.reward_model
     n = cfg.normalize_rows
     if cfg.normalize_on == "sft_samples" and sft_path:
-        policy = common.load_model(sft_path, "lm", config, device_mesh(config))
+        policy = common.load_model(sft_path, "lm", config, common.device_mesh(config))
         graphdef, params = nnx.split(policy)
         sampling = SamplingConfig(task.response_length, task.eos_id, task.pad_id, temperature=config.ppo.temperature)
         prompts = {k: v[:n] for k, v in task.prompts_train.items()}
@@ -223,10 +176,10 @@ def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | Non
         if task.preference_eval is not None:
             out.update(reward_accuracy(model, task.preference_eval, cfg.eval_batch_size))
     else:
-        mesh = device_mesh(config)
+        mesh = common.device_mesh(config)
         model = common.load_model(sft_path, "scalar", config, mesh)
         batches, steps = _epochs(config, cfg, task.preference_train)
-        state, shardings = shard_state(TrainState.create(model, common.optimizer(cfg, steps)), mesh)
+        state, shardings = common.shard_state(TrainState.create(model, common.optimizer(cfg, steps)), mesh)
         step_fn = train_step(RewardModelLoss(margin=cfg.margin), cfg.grad_accum_steps, shardings)
         evaluate = lambda state: reward_accuracy(state.model(), task.preference_eval, cfg.eval_batch_size)
         state, done = run_loop(
@@ -252,12 +205,12 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
     cfg = config.dpo
     if cfg.init_from:
         return {"model_path": cfg.init_from, "source": "init_from"}
-    mesh = device_mesh(config)
+    mesh = common.device_mesh(config)
     policy = common.load_model(sft_path, "lm", config, mesh)
     # On the policy's layout (the eval step takes both).
     ref_graphdef, ref_params = nnx.split(common.load_model(sft_path, "lm", config, mesh))
     batches, steps = _epochs(config, cfg, task.preference_train)
-    state, shardings = shard_state(TrainState.create(policy, common.optimizer(cfg, steps)), mesh)
+    state, shardings = common.shard_state(TrainState.create(policy, common.optimizer(cfg, steps)), mesh)
     loss = DPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
     step_fn = train_step(loss, cfg.grad_accum_steps, shardings)
     # On the mesh the reference log-probs of the (global) batch are split like the batch itself.
@@ -267,9 +220,9 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
     def evaluate(state):
         parts = [
             (loss_metrics(loss, state, {**b, **precompute_reference_logps(ref_graphdef, ref_params, b)}), n)
-            for b, n in _batches(task.preference_eval, cfg.eval_batch_size)
+            for b, n in fixed_size_batches(task.preference_eval, cfg.eval_batch_size)
         ]
-        return _weighted_mean(parts)
+        return weighted_mean(parts)
 
     state, done = run_loop(
         "dpo", config, workdir, run_log, state, batches, step_fn, steps,
@@ -283,10 +236,11 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
 # PPO / RTO.
 
 
-def ppo_config(config, task, token_reward) -> PPOConfig:
+def ppo_config(config, task, token_reward, reward_args: dict | None = None) -> PPOConfig:
     """PPOConfig of config.ppo with `token_reward` (a function of token_rewards' signature) bound to
-    `config.ppo.reward_args`."""
+    `reward_args` (default `config.ppo.reward_args`)."""
     cfg = config.ppo
+    reward_args = cfg.reward_args.to_dict() if reward_args is None else reward_args
     sampling = SamplingConfig(
         max_new_tokens=task.response_length,
         eos_id=task.eos_id,
@@ -297,7 +251,7 @@ def ppo_config(config, task, token_reward) -> PPOConfig:
     )
     return PPOConfig(
         sampling=sampling,
-        token_reward=bind(token_reward, **cfg.reward_args.to_dict()),
+        token_reward=bind(token_reward, **reward_args),
         gamma=cfg.gamma,
         lam=cfg.lam,
         ppo_epochs=cfg.ppo_epochs,
@@ -312,8 +266,38 @@ def ppo_config(config, task, token_reward) -> PPOConfig:
     )
 
 
+def _gold_of_policy(state, config, task) -> dict:
+    """Mean gold reward and KL to pi_ref of the PPO policy on the held-out prompts (the evaluation's
+    sampling keys, so the last point equals the final evaluation's)."""
+    cfg = config.evaluate
+    sampling = SamplingConfig(
+        task.response_length, task.eos_id, task.pad_id, temperature=cfg.temperature, greedy=cfg.greedy
+    )
+    models = state.frozen["models"]
+    rows = evaluate_policy(
+        state.policy.graphdef,
+        state.policy.params,
+        models.get("ref", state.policy.params),
+        task.eval_prompts,
+        common.stage_key(config.seed, "evaluate"),
+        sampling,
+        gold_fn=task.gold_reward,
+        batch_size=cfg.batch_size,
+    )
+    return {"gold_reward": float(np.mean(rows["gold"])), "kl_to_ref": float(np.mean(rows["kl"]))}
+
+
 def run_ppo(
-    config, workdir, task, run_log: RunLog, *, token_reward, models: dict[str, str | None], reward: dict, stage="ppo"
+    config,
+    workdir,
+    task,
+    run_log: RunLog,
+    *,
+    token_reward,
+    models: dict[str, str | None],
+    reward: dict,
+    reward_args: dict | None = None,
+    stage: str = "ppo",
 ) -> dict:
     """PPO with a token reward: the policy starts from `models['ref']` (pi_sft), the critic from the
     reward model; the frozen models loaded are exactly those the token reward reads.
@@ -321,16 +305,19 @@ def run_ppo(
     token_reward: `fn(logps, score, mask, **coefficients)` (rto_jax.objectives.token_rewards).
     models: {name: model path} of the frozen language models a recipe offers ('ref' required).
     reward: the reward-model stage's summary (model_path, reward_mean, reward_std).
+    reward_args: the reward's coefficients (default `config.ppo.reward_args`).
     stage: the stage's name (its folder, metrics and checkpoints).
+    With a gold reward (synthetic tasks) and `ppo.eval_every > 0`, the policy's mean gold reward on the
+    held-out prompts is logged every `eval_every` iterations and at the end (split 'eval').
     """
     cfg = config.ppo
     name = token_reward.__name__
     if cfg.init_from:
         return {"model_path": cfg.init_from, "source": "init_from", "token_reward": name}
-    ppo = ppo_config(config, task, token_reward)
+    ppo = ppo_config(config, task, token_reward, reward_args)
     total = cfg.total_episodes // cfg.rollout_batch_size
     total = min(total, cfg.max_steps) if cfg.max_steps else total
-    mesh = device_mesh(config)
+    mesh = common.device_mesh(config)
     missing = [m for m in frozen_models(token_reward) if not models.get(m)]
     if missing:
         raise ValueError(f"token reward {name!r} reads the models {missing}, which the recipe does not give")
@@ -350,7 +337,7 @@ def run_ppo(
         reward_mean=reward["reward_mean"],
         reward_std=reward["reward_std"],
     )
-    state, shardings = shard_state(state, mesh)
+    state, shardings = common.shard_state(state, mesh)
     _, _, iteration_fn = ppo_fns(ppo, shardings=shardings)
     prompts = BatchIterator(task.prompts_train, cfg.rollout_batch_size, seed=config.seed, **process_slice())
     policy_and_critic = Checkpointed(
@@ -358,10 +345,15 @@ def run_ppo(
         restore=lambda state, tree: state.replace(policy=tree["policy"], critic=tree["critic"]),
         trained=lambda state: (state.policy.params, state.critic.params),
     )
+    evaluate = None
+    if task.gold_reward is not None and cfg.eval_every > 0:
+        evaluate = functools.partial(_gold_of_policy, config=config, task=task)
     state, done = run_loop(
         stage, config, workdir, run_log, state, prompts, iteration_fn, total,
         prepare=lambda batch: {k: batch[k] for k in ("prompt_ids", "prompt_mask")},
+        evaluate=evaluate, eval_every=cfg.eval_every,
         checkpointed=policy_and_critic,
+        rng_name="ppo",  # every PPO run of a seed samples with the same keys: common random numbers
         postfix=lambda v: {"reward": f"{v['reward/total']:.3g}", "kl": f"{v.get('kl_to_ref', 0.0):.3g}"},
         shardings=shardings,
     )  # fmt: skip
@@ -380,136 +372,10 @@ def run_ppo(
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation.
-
-
-def make_judge(path: str, config) -> Callable[[dict], np.ndarray]:
-    """A win-rate judge: SFT-layout arrays -> scores `[N]` (higher is better).
-
-    Today a reward-model folder / hub id. Extension point: any callable with this signature, e.g. an
-    LLM judge that decodes prompt and response with the task's tokenizer, asks a model which of two
-    summaries is better and returns per-row preference scores.
-    """
-    model = common.load_model(path, "scalar", config, device_mesh(config))
-    return lambda arrays: score_arrays(model, arrays, config.evaluate.batch_size)
-
-
-def evaluate_policy(
-    config, task, policy_path: str, reward_model, judge, ref, references: dict | None
-) -> tuple[dict, dict]:
-    """Samples on the held-out prompts and scores them -> (metrics, the samples' arrays)."""
-    cfg = config.evaluate
-    policy = common.load_model(policy_path, "lm", config, device_mesh(config))
-    graphdef, params = nnx.split(policy)
-    sampling = SamplingConfig(
-        task.response_length, task.eos_id, task.pad_id, temperature=cfg.temperature, greedy=cfg.greedy
-    )
-    # The same key for every policy: common random numbers make policies comparable.
-    rows = sample_responses(
-        graphdef, params, task.eval_prompts, cfg.batch_size, sampling, common.stage_key(config.seed, "evaluate")
-    )
-    mask = rows["response_mask"]
-    r = task.response_length
-    has_eos = np.any((rows["input_ids"][:, -r:] == task.eos_id) & (mask > 0), axis=1)
-    out = {
-        "rm_score": float(np.mean(score_arrays(reward_model, rows, cfg.batch_size))),
-        "length": float(np.mean(mask.sum(1))),
-        "eos_rate": float(np.mean(has_eos)),
-    }
-    if ref is not None:  # KL(pi || pi_ref) estimated on the samples, both at the sampling temperature
-        kl = []
-        for batch, n in _batches(rows, cfg.batch_size):
-            args = (
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["positions"],
-                batch["response_mask"],
-                cfg.temperature,
-            )
-            diff = _logprobs(graphdef, params, *args) - _logprobs(ref[0], ref[1], *args)
-            kl.append(to_host(jnp.sum(diff, axis=1))[:n])
-        out["kl_to_ref"] = float(np.mean(np.concatenate(kl)))
-    if references is not None:
-        mine, theirs = judge(rows), references["judge_scores"]
-        out["win_rate"] = float(np.mean((mine > theirs) + 0.5 * (mine == theirs)))
-    if task.gold_reward is not None:
-        p = task.prompt_length
-        gold = task.gold_reward(rows["input_ids"][:, :p], rows["attention_mask"][:, :p], rows["input_ids"][:, p:], mask)
-        out["gold_reward"] = float(np.mean(gold))
-    return out, rows
-
-
-def run_evaluate(
-    config, workdir, task, run_log: RunLog, *, policies: dict[str, str], reward_path: str | None, ref_path: str | None
-) -> dict:
-    """Every policy on the held-out prompts: reward-model score, KL to pi_ref, length, EOS rate, win rate
-    against the dataset's reference responses (judge: evaluate.judge or the run's reward model).
-
-    policies: {name: model path}, plus those of `config.evaluate.policies`.
-    Per-policy results are cached in `<workdir>/evaluate/<policy>.json` (a restart skips them).
-    """
-    cfg = config.evaluate
-    policies = {**policies, **parse_policies(cfg.policies)}
-    folder = common.stage_dir(workdir, "evaluate")
-    judge_path = cfg.judge or reward_path
-    mesh = device_mesh(config)
-    reward_model = common.load_model(reward_path or judge_path, "scalar", config, mesh)
-    judge = make_judge(judge_path, config)
-    ref = nnx.split(common.load_model(ref_path, "lm", config, mesh)) if ref_path else None
-    results: dict[str, dict] = {}
-    # Read before evaluating anything (see runner.run: a lagging process must not see new caches).
-    cached = {
-        name: json.loads((folder / f"{name}.json").read_text())
-        for name in policies
-        if (folder / f"{name}.json").exists()
-    }
-    references = None
-    if task.eval_references is not None:
-        references = {"judge_scores": judge(task.eval_references)}
-        mask = task.eval_references["response_mask"]
-        tokens = task.eval_references["input_ids"][:, -task.response_length :]
-        results["reference"] = {
-            "rm_score": float(np.mean(score_arrays(reward_model, task.eval_references, cfg.batch_size))),
-            "length": float(np.mean(mask.sum(1))),
-            "eos_rate": float(np.mean(np.any((tokens == task.eos_id) & (mask > 0), axis=1))),
-            "win_rate": 0.5,
-        }
-    for name, path in policies.items():
-        if name in cached:
-            results[name] = cached[name]
-            continue
-        metrics, rows = evaluate_policy(config, task, path, reward_model, judge, ref, references)
-        metrics["model_path"] = path
-        results[name] = metrics
-        run_log.log("evaluate", 0, {k: v for k, v in metrics.items() if isinstance(v, float)}, split=name)
-        if is_main_process():
-            _write_samples(folder / f"samples_{name}.jsonl", task, rows, cfg.num_samples_logged)
-        common.write_json(folder / f"{name}.json", metrics)
-    if is_main_process():
-        print(
-            table(
-                f"evaluation ({len(task.eval_prompts['prompt_ids'])} held-out prompts)",
-                {k: {m: v for m, v in r.items() if m != "model_path"} for k, r in results.items()},
-            )
-        )
-    return {"policies": results, "judge": judge_path, "num_prompts": len(task.eval_prompts["prompt_ids"])}
-
-
-def _write_samples(path: Path, task, rows: dict, count: int) -> None:
-    p = task.prompt_length
-    lines = []
-    for i in range(min(count, len(rows["input_ids"]))):
-        prompt = rows["input_ids"][i, :p][rows["attention_mask"][i, :p] > 0]
-        response = rows["input_ids"][i, p:][rows["response_mask"][i] > 0]
-        lines.append(json.dumps({"prompt": task.decode(prompt), "response": task.decode(response)}))
-    path.write_text("\n".join(lines) + ("\n" if lines else ""))
-
-
 __all__ = [
-    "make_judge",
     "ppo_config",
     "run_dpo",
+    "run_preferences",
     "run_evaluate",
     "run_ppo",
     "run_reward_model",

@@ -4,9 +4,9 @@ The stages only touch a Task's fields, never a tokenizer or a file, so any data 
 them plugs in:
 
   build_text_task(config, workdir)   text datasets (config.data) through rto_jax.data + a tokenizer
-  (synthetic task adapter)           token-id data with a gold reward: fill the same fields from
-                                     rto_jax.data.synthetic.SyntheticTask (tokenizer=None, pad/eos ids
-                                     from the task, gold_reward from its gold reward function).
+  build_synthetic_task(config)       token-id data with a hidden gold reward (rto_jax.data.synthetic):
+                                     no tokenizer; preferences are labelled later, on pi_sft's samples,
+                                     by the `preferences` stage (`label_pairs`, `with_preferences`)
 
 Array layouts follow CONTRACT.md (prompt left-padded to P, response right-padded to R):
   SFT arrays         input_ids, attention_mask, positions [N, P+R], response_mask [N, R] float32,
@@ -41,8 +41,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-# gold_reward(prompt_ids [B, P], prompt_mask [B, P], response_ids [B, R], response_mask [B, R]) -> [B] float
-GoldReward = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# gold_reward(prompt_ids [B, P], prompt_mask [B, P], response_ids [B, R], response_mask [B, R]) -> [B] float;
+# jittable and hashable (it is a static argument of the jitted evaluation)
+GoldReward = Callable[[Any, Any, Any, Any], Any]
+# label_pairs(rng, prompts, responses_a, responses_b) -> (preference arrays, info): labels two responses
+# per prompt (`response_ids`, `response_mask` [N, R]); info has `temperature` and `agreement` with gold
+PairLabeler = Callable[..., tuple[dict, dict]]
 
 
 @dataclasses.dataclass
@@ -65,6 +69,8 @@ class Task:
     eval_references: dict[str, np.ndarray] | None = None  # SFT arrays of eval_prompts' reference responses (win rate)
     tokenizer: Any = None  # None for token-id tasks
     gold_reward: GoldReward | None = None  # known true reward (synthetic tasks)
+    label_pairs: PairLabeler | None = None  # labels sampled pairs (synthetic tasks; see `preference_prompts`)
+    preference_prompts: dict[str, np.ndarray] | None = None  # prompts whose pi_sft sample pairs get labelled
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -266,6 +272,57 @@ def build_text_task(config, workdir, tokenizer=None) -> Task:
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# Synthetic tasks.
+
+
+def build_synthetic_task(config) -> Task:
+    """The synthetic task of `config.synthetic` and `config.seed`: SFT pairs from the reference source,
+    the PPO prompt stream (`ppo.total_episodes` prompts), held-out prompts (`evaluate.num_prompts`)
+    and the prompts whose pi_sft sample pairs the `preferences` stage labels. Every array is drawn
+    from `config.seed`."""
+    from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
+
+    cfg = config.synthetic
+    source = SyntheticTask.create(SyntheticTaskConfig(**cfg.task.to_dict()), seed=config.seed)
+    rng = np.random.default_rng(config.seed)
+    eval_prompts = source.sample_prompts(rng, config.evaluate.num_prompts)
+    sft_train = source.make_sft_data(rng, cfg.sft_examples)
+    sft_eval = source.make_sft_data(rng, cfg.sft_eval_examples)
+    preference_prompts = source.sample_prompts(rng, cfg.preference_pairs)
+    prompts_train = source.sample_prompts(rng, config.ppo.total_episodes)
+    return Task(
+        name=config.name,
+        pad_id=source.pad_id,
+        eos_id=source.eos_id,
+        vocab_size=source.vocab_size,
+        prompt_length=source.prompt_length,
+        response_length=source.max_response_length,
+        prompts_train=prompts_train,
+        eval_prompts=eval_prompts,
+        sft_train=sft_train,
+        sft_eval=sft_eval,
+        gold_reward=source.gold_reward_jax,
+        label_pairs=source.make_preference_data,
+        preference_prompts=preference_prompts,
+    )
+
+
+def with_preferences(task: Task, path, eval_size: float, seed: int) -> Task:
+    """`task` with the labelled pairs saved at `path` (.npz) as its preference data, a held-out share
+    (`eval_size` < 1) or count split off by a seeded permutation."""
+    pairs = dict(np.load(path))
+    n = len(pairs["prompt_ids"])
+    held_out = int(round(eval_size * n)) if eval_size < 1 else int(eval_size)
+    if not 0 < held_out < n:
+        raise ValueError(f"config.data.eval_size: {eval_size} leaves no training or no held-out pairs of {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    take = lambda rows: {k: v[rows] for k, v in pairs.items()}  # noqa: E731
+    return dataclasses.replace(task, preference_train=take(order[held_out:]), preference_eval=take(order[:held_out]))
+
+
 def build_task(config, workdir) -> Task:
-    """The task of a config (text datasets today; a synthetic adapter would dispatch here)."""
+    """The task of a config: `config.data.source` 'text' (datasets + tokenizer) or 'synthetic'."""
+    if config.data.source == "synthetic":
+        return build_synthetic_task(config)
     return build_text_task(config, workdir)

@@ -1,5 +1,6 @@
 """Train states and pure jitted step functions `(state, batch, rng) -> (state, metrics)`."""
 
+from rto_jax.scoring import response_logits, response_logprobs, response_scalars, sequence_scores
 from rto_jax.train.ppo import (
     Experience,
     PPOConfig,
@@ -17,11 +18,7 @@ from rto_jax.train.steps import (
     loss_metrics,
     make_train_step,
     precompute_reference_logps,
-    response_logits,
-    response_logprobs,
-    response_scalars,
     sequence_logps,
-    sequence_scores,
 )
 
 __all__ = [

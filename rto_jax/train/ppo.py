@@ -26,7 +26,7 @@ from rto_jax.objectives.token_rewards import BoundReward, frozen_models, needs_r
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.train.sharding import StepShardings, jit_step
 from rto_jax.train.state import TrainState
-from rto_jax.train.steps import response_logprobs, response_scalars, sequence_scores
+from rto_jax.scoring import response_logprobs, response_scalars, sequence_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +36,14 @@ class PPOConfig:
     token_reward: BoundReward = BoundReward(rto)
     gamma: float = 1.0
     lam: float = 0.95
-    ppo_epochs: int = 1
+    ppo_epochs: int = 4  # N+: 4
     num_minibatches: int = 1
     clip_eps: float = 0.2
     value_clip_eps: float = 0.2
-    vf_coef: float = 0.5
+    vf_coef: float = 0.1  # N+: 0.1
     entropy_coef: float = 0.0
     score_clip: float = 10.0  # the normalized reward-model score is clipped to [-score_clip, score_clip]
-    missing_eos_penalty: float = 0.0  # subtracted from the score of responses that never emit EOS
+    missing_eos_penalty: float = 1.0  # subtracted from the score of responses that never emit EOS (N+: -1)
     whiten_advantages: bool = True
 
 

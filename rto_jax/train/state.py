@@ -53,8 +53,8 @@ class OptimizerConfig:
     total_steps: int = 1000
     weight_decay: float = 0.0
     b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
+    b2: float = 0.999  # PyTorch's default, as in the N+ and RTO code
+    eps: float = 1e-5  # N+ uses 1e-5
     max_grad_norm: float = 1.0  # global-norm clip; <= 0 disables
 
 

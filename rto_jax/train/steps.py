@@ -15,41 +15,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rto_jax.objectives import bradley_terry_loss, dpo_loss, last_token_index, sft_loss, token_logprobs
+from rto_jax.objectives import bradley_terry_loss, dpo_loss, sft_loss
+from rto_jax.scoring import response_logits, response_logprobs, sequence_scores
 from rto_jax.train.sharding import StepShardings, jit_step
 from rto_jax.train.state import TrainState, accumulate_gradients
-
-
-def response_logits(model, input_ids, attention_mask, positions, response_length: int, temperature: float = 1.0):
-    """Float32 logits `[B, R, V]` that predict the R response tokens (columns P-1 .. P+R-2).
-
-    Only those R positions go through the LM head, so the prompt costs no vocabulary projection.
-    """
-    hidden, _ = model.decoder(input_ids, attention_mask, positions)
-    start = input_ids.shape[1] - response_length - 1
-    logits = model.logits_from_hidden(jax.lax.dynamic_slice_in_dim(hidden, start, response_length, axis=1))
-    return logits / temperature if temperature != 1.0 else logits
-
-
-def response_logprobs(model, input_ids, attention_mask, positions, response_mask, temperature: float = 1.0):
-    """Per-token log-probs `[B, R]` of the response tokens (0 where `response_mask` is 0) and the logits."""
-    length = response_mask.shape[1]
-    logits = response_logits(model, input_ids, attention_mask, positions, length, temperature)
-    logp = token_logprobs(logits, input_ids[:, -length:])
-    return jnp.where(response_mask > 0, logp, 0.0), logits
-
-
-def response_scalars(model, input_ids, attention_mask, positions, response_length: int):
-    """Scalar-head outputs `[B, R]` at the states before each response token (values V(s_h))."""
-    out = model(input_ids, attention_mask=attention_mask, positions=positions)
-    return out[:, input_ids.shape[1] - response_length - 1 : -1]
-
-
-def sequence_scores(model, input_ids, attention_mask, positions, response_mask):
-    """Scalar head read at each row's last real response token (its EOS): `[B]` float32."""
-    out = model(input_ids, attention_mask=attention_mask, positions=positions)
-    column = input_ids.shape[1] - response_mask.shape[1] + jnp.maximum(last_token_index(response_mask), 0)
-    return jnp.take_along_axis(out, column[:, None], axis=1)[:, 0]
 
 
 def _pair(batch: dict, key: str):
@@ -98,9 +67,9 @@ class DPOLoss:
     """DPO. The reference log-probs come from the batch (`ref_chosen_logps`, `ref_rejected_logps`,
     precomputed once) or, when absent, from `state.frozen["ref"]` (params with the policy's graphdef)."""
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
+    beta: float = 0.1  # the RTO paper's DPO stage
+    loss_type: str = "sigmoid"  # 'sigmoid', 'ipo', 'hinge' or 'robust'
+    label_smoothing: float = 0.0  # eps of conservative / robust DPO
 
     def __call__(self, params, batch, state):
         (chosen, rejected), (chosen_len, rejected_len) = sequence_logps(state.graphdef, params, batch)

@@ -1,0 +1,91 @@
+"""The synthetic comparison (`make demo`): SFT, DPO, PPO, RTO and RTO's two ablations, all from one
+SFT policy, reward model and DPO policy, judged by the synthetic task's hidden gold reward.
+
+Every PPO-family method is the same PPO stage given another token reward, with the same prompts,
+episodes and shared hyperparameters; `config.ppo.reward_args` are shared and each reward takes the
+coefficients it has. Writes results.json (`methods`, `curves`, `best_of_n`,
+`episodes_to_ppo_final`, ...), results.md, gold_vs_episodes.png and gold_vs_kl.png; with several
+seeds (`--config.seeds=0,1,2`) `aggregate` writes the same across seeds (mean ± standard error).
+"""
+
+from pathlib import Path
+
+from rto_jax.distributed import is_main_process
+from rto_jax.eval import plots, report
+from rto_jax.eval.policy_eval import run_best_of_n
+from rto_jax.objectives.token_rewards import ppo, reward_args, rto, rto_no_rm, rto_sequence_end
+from rto_jax.pipeline import Pipeline, model_path, stages
+from rto_jax.pipeline.logging import read_metrics
+from rto_jax.pipeline.tasks import with_preferences
+
+METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
+TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold (RTO takes all of them)
+
+
+def run(pipeline: Pipeline) -> dict:
+    config = pipeline.config
+    sft = pipeline.stage("sft", stages.run_sft)
+    pairs = pipeline.stage("preferences", stages.run_preferences, sft_path=model_path(sft))
+    pipeline.task = with_preferences(pipeline.task, pairs["path"], config.data.eval_size, config.seed)
+    reward_model = pipeline.stage("reward_model", stages.run_reward_model, sft_path=model_path(sft))
+    dpo = pipeline.stage("dpo", stages.run_dpo, sft_path=model_path(sft))
+
+    shared = config.ppo.reward_args.to_dict()
+    policies, stage_of = {"sft": model_path(sft), "dpo": model_path(dpo)}, {}
+    for fn in METHODS:
+        name = stage_of[fn.__name__] = f"ppo_{fn.__name__}"
+        result = pipeline.stage(
+            name,
+            stages.run_ppo,
+            section="ppo",
+            stage=name,
+            token_reward=fn,
+            models={"ref": model_path(sft), "dpo": model_path(dpo)},
+            reward=reward_model,
+            reward_args={k: v for k, v in shared.items() if k in reward_args(fn)},
+        )
+        policies[fn.__name__] = model_path(result)
+
+    evaluation = pipeline.stage(
+        "evaluate",
+        stages.run_evaluate,
+        policies=policies,
+        reward_path=model_path(reward_model),
+        ref_path=model_path(sft),
+    )
+    if evaluation is None:  # evaluation not among config.stages
+        return pipeline.results()
+    frontier = pipeline.stage("best_of_n", run_best_of_n, section="evaluate", sft_path=model_path(sft))
+    methods = report.methods(evaluation["policies"])
+    records = read_metrics(pipeline.workdir / "metrics.jsonl")
+    curves = report.gold_curves(records, stage_of, config.ppo.rollout_batch_size, methods["sft"]["gold_reward"])
+    results = pipeline.results(
+        evaluation,
+        methods=methods,
+        curves=curves,
+        best_of_n=frontier["best_of_n"],
+        episodes_to_ppo_final=report.episodes_to_final(curves),
+        labels={"temperature": pairs["label_temperature"], "agreement": pairs["label_agreement"]},
+    )
+    _write_report(results, pipeline.workdir, f"Synthetic task, seed {config.seed}")
+    return results
+
+
+def aggregate(per_seed: list[dict], workdir: Path) -> dict:
+    """Means over the seeds' results with standard errors across seeds; the same files as one seed."""
+    results = report.aggregate(per_seed)
+    _write_report(results, workdir, f"Synthetic task, seeds {results['seeds']}")
+    return results
+
+
+def _write_report(results: dict, workdir: Path, title: str) -> None:
+    if not is_main_process():
+        return
+    from rto_jax.pipeline.logging import write_json_atomic
+
+    write_json_atomic(workdir / "results.json", results)
+    table = report.results_table(results)
+    (workdir / "results.md").write_text(table + "\n")
+    plots.plot_gold_vs_episodes(results["curves"], workdir / "gold_vs_episodes.png", title)
+    plots.plot_gold_vs_kl(results["methods"], results["best_of_n"], workdir / "gold_vs_kl.png", title)
+    print(f"\n{title}\n{table}")
