@@ -3,21 +3,13 @@
 Presets as in rto_tldr.py: 1b (default), 2.8b, 6.9b, tiny.
 """
 
-import importlib.util
-import os
+from pathlib import Path
 
-
-def _rto_tldr():
-    spec = importlib.util.spec_from_file_location(
-        "rto_tldr_config", os.path.join(os.path.dirname(__file__), "rto_tldr.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from rto_jax.pipeline.config import config_from_file
 
 
 def get_config(preset: str = "1b"):
-    c = _rto_tldr().get_config(preset)
+    c = config_from_file(Path(__file__).with_name("rto_tldr.py"), preset)
     with c.unlocked():
         c.name = f"dpo_tldr_{preset}"
         c.stages = "sft,reward_model,dpo,evaluate"  # the reward model only judges the evaluation

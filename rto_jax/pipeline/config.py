@@ -570,6 +570,17 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
 # Preset helpers shared by the files in configs/.
 
 
+def config_from_file(path: str | os.PathLike, preset: str):
+    """`get_config(preset)` of a config file, loaded by path as config_flags does (configs/ is no package);"""
+    import importlib.util
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"rto_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
 def shared_data_dir() -> Path:
     """The offline sample data: $RTO_JAX_SHARED_DATA, else ../shared/data next to the repository."""
     env = os.environ.get("RTO_JAX_SHARED_DATA")

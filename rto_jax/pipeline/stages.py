@@ -11,6 +11,7 @@ given their loss; PPO's step is a whole iteration (rollout, token rewards, GAE, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -249,21 +250,9 @@ def ppo_config(config, task, token_reward, reward_args: dict | None = None) -> P
         top_k=cfg.top_k,
         top_p=cfg.top_p,
     )
-    return PPOConfig(
-        sampling=sampling,
-        token_reward=bind(token_reward, **reward_args),
-        gamma=cfg.gamma,
-        lam=cfg.lam,
-        ppo_epochs=cfg.ppo_epochs,
-        num_minibatches=cfg.num_minibatches,
-        clip_eps=cfg.clip_eps,
-        value_clip_eps=cfg.value_clip_eps,
-        vf_coef=cfg.vf_coef,
-        entropy_coef=cfg.entropy_coef,
-        score_clip=cfg.score_clip,
-        missing_eos_penalty=cfg.missing_eos_penalty,
-        whiten_advantages=cfg.whiten_advantages,
-    )
+    # config.ppo's PPO fields are PPOConfig's, by name (base_config derives them from it).
+    same_name = {f.name: cfg[f.name] for f in dataclasses.fields(PPOConfig) if f.name in cfg}
+    return PPOConfig(sampling=sampling, token_reward=bind(token_reward, **reward_args), **same_name)
 
 
 def _gold_of_policy(state, config, task) -> dict:
