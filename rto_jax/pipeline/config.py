@@ -180,7 +180,6 @@ def base_config() -> config_dict.ConfigDict:
     c.ppo.whiten_advantages = ppo["whiten_advantages"]  # whiten advantages over the rollout batch
     c.ppo.eval_every = 0  # > 0: gold reward on the held-out prompts every this many iterations (gold tasks)
     c.ppo.critic_lr = config_dict.placeholder(float)  # critic learning rate; None = ppo.lr
-    c.ppo.grad_accum_steps = 1  # must stay 1: PPO splits a batch with num_minibatches instead
     _optimizer(c.ppo, 3e-6)
 
     c.evaluate = config_dict.ConfigDict()
@@ -533,8 +532,6 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
             "ppo.num_minibatches",
             f"{config.ppo.num_minibatches} does not divide rollout_batch_size {config.ppo.rollout_batch_size}",
         )
-    if config.ppo.grad_accum_steps != 1:
-        raise ConfigError("ppo.grad_accum_steps", "must be 1: use ppo.num_minibatches to split the rollout batch")
     if config.ppo.total_episodes < config.ppo.rollout_batch_size:
         raise ConfigError(
             "ppo.total_episodes", f"{config.ppo.total_episodes} < one rollout batch ({config.ppo.rollout_batch_size})"
