@@ -15,7 +15,7 @@ from rto_jax.eval import plots, report
 from rto_jax.eval.policy_eval import run_best_of_n
 from rto_jax.objectives.token_rewards import ppo, reward_args, rto, rto_no_rm, rto_sequence_end
 from rto_jax.pipeline import Pipeline, model_path, stages
-from rto_jax.pipeline.logging import read_metrics
+from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
 
 METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
@@ -67,23 +67,23 @@ def run(pipeline: Pipeline) -> dict:
         episodes_to_ppo_final=report.episodes_to_final(curves),
         labels={"temperature": pairs["label_temperature"], "agreement": pairs["label_agreement"]},
     )
-    _write_report(results, pipeline.workdir, f"Synthetic task, seed {config.seed}")
+    _write_report(results, pipeline.workdir, f"Synthetic task, seed {config.seed}")  # results.json: pipeline.results
     return results
 
 
 def aggregate(per_seed: list[dict], workdir: Path) -> dict:
     """Means over the seeds' results with standard errors across seeds; the same files as one seed."""
     results = report.aggregate(per_seed)
+    if is_main_process():
+        write_json_atomic(workdir / "results.json", results)
     _write_report(results, workdir, f"Synthetic task, seeds {results['seeds']}")
     return results
 
 
 def _write_report(results: dict, workdir: Path, title: str) -> None:
+    """results.md and the two plots."""
     if not is_main_process():
         return
-    from rto_jax.pipeline.logging import write_json_atomic
-
-    write_json_atomic(workdir / "results.json", results)
     table = report.results_table(results)
     (workdir / "results.md").write_text(table + "\n")
     plots.plot_gold_vs_episodes(results["curves"], workdir / "gold_vs_episodes.png", title)
