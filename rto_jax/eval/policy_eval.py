@@ -112,15 +112,18 @@ def make_judge(path: str, config) -> Callable[[dict], np.ndarray]:
     return lambda arrays: score_arrays(model, arrays, config.evaluate.batch_size)
 
 
-def _policy_rows(config, task, policy_path: str, reward_model, ref_params) -> dict[str, np.ndarray]:
-    """Per held-out prompt: the sampled response and its score, KL to pi_ref, length, EOS (and gold)."""
+def held_out_rows(config, task, graphdef, params, ref_params=None, reward_model=None) -> dict[str, np.ndarray]:
+    """One sample per held-out prompt and its numbers `[N]`: KL to pi_ref, length, EOS, and the
+    reward-model score / gold reward when there are a reward model / gold reward.
+
+    Every caller (the evaluation stage, PPO's gold curve) samples with the same keys: common random
+    numbers make policies comparable, and a curve's last point equals the final evaluation.
+    """
     cfg = config.evaluate
-    graphdef, params = nnx.split(common.load_model(policy_path, "lm", config, common.device_mesh(config)))
-    reward_graphdef, reward_params = nnx.split(reward_model)
+    reward_graphdef, reward_params = nnx.split(reward_model) if reward_model is not None else (None, None)
     sampling = SamplingConfig(
         task.response_length, task.eos_id, task.pad_id, temperature=cfg.temperature, greedy=cfg.greedy
     )
-    # The same key for every policy: common random numbers make policies comparable.
     return evaluate_policy(
         graphdef,
         params,
@@ -176,7 +179,8 @@ def run_evaluate(
         if name in cached:
             results[name], rows = cached[name]
         else:
-            rows = _policy_rows(config, task, path, reward_model, ref_params)
+            graphdef, params = nnx.split(common.load_model(path, "lm", config, mesh))
+            rows = held_out_rows(config, task, graphdef, params, ref_params, reward_model)
             arrays = sequences(task.eval_prompts, rows["tokens"], rows["response_mask"])
             metrics = {
                 "rm_score": float(np.mean(rows["score"])),

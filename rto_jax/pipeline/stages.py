@@ -24,6 +24,7 @@ from rto_jax.data import BatchIterator
 from rto_jax.distributed import is_main_process, process_slice, sync
 from rto_jax.eval.policy_eval import (
     fixed_size_batches,
+    held_out_rows,
     reward_accuracy,
     run_evaluate,  # the evaluation stage, with the scoring it shares with the reward-model stage
     sample_responses,
@@ -33,7 +34,6 @@ from rto_jax.eval.policy_eval import (
 from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model
 from rto_jax.pipeline import common
 from rto_jax.pipeline.logging import RunLog, summary
-from rto_jax.eval.rollout_eval import evaluate_policy
 from rto_jax.pipeline.loop import Checkpointed, Progress, run_loop
 from rto_jax.sampling import SamplingConfig
 from rto_jax.train import (
@@ -256,23 +256,9 @@ def ppo_config(config, task, token_reward, reward_args: dict | None = None) -> P
 
 
 def _gold_of_policy(state, config, task) -> dict:
-    """Mean gold reward and KL to pi_ref of the PPO policy on the held-out prompts (the evaluation's
-    sampling keys, so the last point equals the final evaluation's)."""
-    cfg = config.evaluate
-    sampling = SamplingConfig(
-        task.response_length, task.eos_id, task.pad_id, temperature=cfg.temperature, greedy=cfg.greedy
-    )
-    models = state.frozen["models"]
-    rows = evaluate_policy(
-        state.policy.graphdef,
-        state.policy.params,
-        models.get("ref", state.policy.params),
-        task.eval_prompts,
-        common.stage_key(config.seed, "evaluate"),
-        sampling,
-        gold_fn=task.gold_reward,
-        batch_size=cfg.batch_size,
-    )
+    """Mean gold reward and KL to pi_ref of the PPO policy on the held-out prompts."""
+    ref = state.frozen["models"].get("ref")
+    rows = held_out_rows(config, task, state.policy.graphdef, state.policy.params, ref)
     return {"gold_reward": float(np.mean(rows["gold"])), "kl_to_ref": float(np.mean(rows["kl"]))}
 
 
