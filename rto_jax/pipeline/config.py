@@ -16,6 +16,7 @@ from pathlib import Path
 from ml_collections import config_dict
 
 from rto_jax.data.synthetic import SyntheticTaskConfig
+from rto_jax.errors import ConfigError
 from rto_jax.objectives.token_rewards import bind, frozen_models, reward_args, rto
 from rto_jax.train.ppo import PPOConfig
 from rto_jax.train.state import OptimizerConfig
@@ -23,14 +24,6 @@ from rto_jax.train.steps import DPOLoss
 
 STAGES = ("sft", "preferences", "reward_model", "dpo", "ppo", "evaluate")
 TRAINED_STAGES = ("sft", "reward_model", "dpo", "ppo")
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message starts with the key (`config.a.b: ...`)."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"config.{key}: {message}")
-        self.key = key
 
 
 def _source(path: str = "", format: str = "tldr_sft") -> config_dict.ConfigDict:  # pylint: disable=redefined-builtin
