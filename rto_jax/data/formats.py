@@ -41,7 +41,8 @@ SFT, reward-model, DPO and PPO stages see the same prompts):
 
 Error policy (applied by `parse_rows`):
   * a required column absent from the data, or a value of the wrong type / structure, means the
-    data is not in the named format: `FormatError` (a ValueError) naming the first bad row;
+    data is not in the named format: `FormatError` (an `rto_jax.errors.DataError`, so a ValueError)
+    naming the file, the format, the first bad row and its column, and what was expected vs found;
   * a missing (None/NaN) or empty field in one row, or chosen/rejected that do not share a
     prompt, skips that row; skipped rows are counted per reason (`SKIP_REASONS`).
 """
@@ -51,16 +52,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from rto_jax.errors import DataError, UserError
 
 __all__ = [
-    "SFTExample",
-    "PreferenceExample",
-    "Format",
     "FORMATS",
-    "FormatError",
-    "SkipRow",
     "SKIP_REASONS",
+    "Format",
+    "FormatError",
+    "PreferenceExample",
+    "SFTExample",
+    "SkipRow",
     "get_format",
     "parse_rows",
     "tldr_prompt",
@@ -98,13 +102,45 @@ class PreferenceExample:
 Example = SFTExample | PreferenceExample
 
 
-class FormatError(ValueError):
-    """The data is not in the format named. Carries the bad row's index (None: the whole table)."""
+class FormatError(DataError):
+    """The data is not in the format named: `<file>: not in format 'F': row R, column 'C': <what>`.
 
-    def __init__(self, message: str, row: int | None = None):
-        super().__init__(message)
-        self.row = row
-        self.detail = message
+    Row parsers raise it with the detail and the column only; `parse_rows` (and `resolve_columns`)
+    add the file, the format and the row. `row` is None for the whole table, `column` None when no
+    single column is at fault. A DataError, so the driver prints it as one line.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        row: int | None = None,
+        column: str | None = None,
+        *,
+        source: str | None = None,
+        format: str | None = None,  # pylint: disable=redefined-builtin
+    ):
+        parts = [] if source is None else [str(source)]
+        if format is not None:
+            parts.append(f"not in format {format!r}")
+        where = "" if row is None else f"row {row}"
+        if column is not None:
+            where += (", " if where else "") + f"column {column!r}"
+        if where:
+            parts.append(where)
+        UserError.__init__(self, ": ".join(parts + [message]))
+        self.source = None if source is None else str(source)
+        self.row, self.column, self.detail, self.format = row, column, message, format
+
+
+def _preview(value: Any, limit: int = 40) -> str:
+    """A short one-line repr of a value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _got(value: Any) -> str:
+    """'got int 5', 'got dict {...}': the type and a short repr of an unexpected value."""
+    return f"got {type(value).__name__} {_preview(value)}"
 
 
 class SkipRow(Exception):
@@ -149,34 +185,36 @@ def _text(row: Mapping[str, Any], column: str, *, empty_reason: str) -> str:
     if _is_missing(value):
         raise SkipRow("missing_field")
     if not isinstance(value, str):
-        raise FormatError(f"column {column!r} should hold a string, got {type(value).__name__}")
+        raise FormatError(f"expected a string, {_got(value)}", column=column)
     if not value.strip():
         raise SkipRow(empty_reason)
     return value
 
 
-def _sub(value: Any, key: str | int, where: str) -> Any:
-    """value[key] for nested structs/lists: missing -> skip, wrong container type -> FormatError."""
+def _sub(value: Any, key: str | int, where: str, column: str) -> Any:
+    """value[key] for nested structs/lists: missing -> skip, wrong container type -> FormatError.
+
+    `where` names the nested value ("summaries[0]"), `column` the row's column that holds it."""
     if _is_missing(value):
         raise SkipRow("missing_field")
     if isinstance(key, int):
         if not isinstance(value, (list, tuple)):
-            raise FormatError(f"{where} should be a list, got {type(value).__name__}")
+            raise FormatError(f"{where}: expected a list, {_got(value)}", column=column)
         if len(value) <= key:
-            raise FormatError(f"{where} should have more than {key} entries, has {len(value)}")
+            raise FormatError(f"{where}: expected more than {key} entries, got {len(value)}", column=column)
         return value[key]
     if not isinstance(value, Mapping):
-        raise FormatError(f"{where} should be a struct/dict, got {type(value).__name__}")
+        raise FormatError(f"{where}: expected a struct/dict, {_got(value)}", column=column)
     if key not in value:
-        raise FormatError(f"{where} has no field {key!r} (fields: {sorted(value)})")
+        raise FormatError(f"{where}: has no field {key!r} (fields: {sorted(value)})", column=column)
     return value[key]
 
 
-def _nonempty(text: Any, where: str, empty_reason: str) -> str:
+def _nonempty(text: Any, where: str, empty_reason: str, column: str) -> str:
     if _is_missing(text):
         raise SkipRow("missing_field")
     if not isinstance(text, str):
-        raise FormatError(f"{where} should be a string, got {type(text).__name__}")
+        raise FormatError(f"{where}: expected a string, {_got(text)}", column=column)
     if not text.strip():
         raise SkipRow(empty_reason)
     return text
@@ -185,8 +223,8 @@ def _nonempty(text: Any, where: str, empty_reason: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # TL;DR.
 
-_TLDR_CANONICAL = re.compile(r"SUBREDDIT: .*\n\nTITLE: .*\n\nPOST: .*\n\nTL;DR:\Z", re.S)
-_TLDR_ONE_LINE = re.compile(r"SUBREDDIT: (?P<sub>\S+) TITLE: (?P<title>.*?) POST: (?P<post>.*)\Z", re.S)
+_TLDR_CANONICAL = re.compile(r"SUBREDDIT: .*\n\nTITLE: .*\n\nPOST: .*\n\nTL;DR:\Z", re.DOTALL)
+_TLDR_ONE_LINE = re.compile(r"SUBREDDIT: (?P<sub>\S+) TITLE: (?P<title>.*?) POST: (?P<post>.*)\Z", re.DOTALL)
 
 
 def tldr_prompt(subreddit: str, title: str, post: str) -> str:
@@ -243,20 +281,21 @@ def _parse_tldr_preference(row, cols, tokenizer):
 
 def _parse_openai_comparisons(row, cols, tokenizer):
     del tokenizer
-    info = row.get(cols["info"])
-    post = _sub(info, "post", "info")
-    title = _sub(info, "title", "info")
-    subreddit = _sub(info, "subreddit", "info")
-    for name, value in (("info.post", post), ("info.title", title), ("info.subreddit", subreddit)):
-        _nonempty(value, name, "empty_prompt")
-    summaries = row.get(cols["summaries"])
-    texts = [_sub(_sub(summaries, i, "summaries"), "text", f"summaries[{i}]") for i in (0, 1)]
-    texts = [_nonempty(t, f"summaries[{i}].text", "empty_response") for i, t in enumerate(texts)]
+    info_col, sum_col = cols["info"], cols["summaries"]
+    info = row.get(info_col)
+    post = _sub(info, "post", info_col, info_col)
+    title = _sub(info, "title", info_col, info_col)
+    subreddit = _sub(info, "subreddit", info_col, info_col)
+    for name, value in (("post", post), ("title", title), ("subreddit", subreddit)):
+        _nonempty(value, f"{info_col}.{name}", "empty_prompt", info_col)
+    summaries = row.get(sum_col)
+    texts = [_sub(_sub(summaries, i, sum_col, sum_col), "text", f"{sum_col}[{i}]", sum_col) for i in (0, 1)]
+    texts = [_nonempty(t, f"{sum_col}[{i}].text", "empty_response", sum_col) for i, t in enumerate(texts)]
     choice = row.get(cols["choice"])
     if _is_missing(choice):
         raise SkipRow("missing_field")
     if isinstance(choice, bool) or not isinstance(choice, int) or choice not in (0, 1):
-        raise FormatError(f"'choice' should be 0 or 1, got {choice!r}")
+        raise FormatError(f"expected 0 or 1, {_got(choice)}", column=cols["choice"])
     # Summaries follow the prompt's "TL;DR:" after a space, as in the vwxyzjn preprocessing.
     return PreferenceExample(tldr_prompt(subreddit, title, post), " " + texts[choice], " " + texts[1 - choice])
 
@@ -265,22 +304,25 @@ def _parse_openai_comparisons(row, cols, tokenizer):
 # Chat (UltraFeedback).
 
 
-def _check_messages(messages: Any, where: str) -> list[dict]:
+def _check_messages(messages: Any, column: str) -> list[dict]:
     if _is_missing(messages):
         raise SkipRow("missing_field")
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise FormatError(f"{where} should be a non-empty list of {{role, content}} messages")
+        raise FormatError(f"expected a non-empty list of {{role, content}} messages, {_got(messages)}", column=column)
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise FormatError(f"{where}[{i}] should be a {{role, content}} message, got {m!r:.80}")
+            raise FormatError(f"message {i}: expected a {{role, content}} message, {_got(m)}", column=column)
         if _is_missing(m["content"]):
             raise SkipRow("missing_field")
-        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
-            raise FormatError(f"{where}[{i}] role and content should be strings")
+        for key in ("role", "content"):
+            if not isinstance(m[key], str):
+                raise FormatError(f"message {i}: {key}: expected a string, {_got(m[key])}", column=column)
         out.append({"role": m["role"], "content": m["content"]})
     if out[-1]["role"] != "assistant":
-        raise FormatError(f"{where} should end with an assistant turn, ends with {out[-1]['role']!r}")
+        raise FormatError(
+            f"the messages should end with an assistant turn, they end with {out[-1]['role']!r}", column=column
+        )
     return out
 
 
@@ -347,7 +389,9 @@ def _parse_hh(row, cols, tokenizer):
     rejected = _text(row, cols["rejected"], empty_reason="empty_response")
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if HH_ASSISTANT not in text:
-            raise FormatError(f"{cols[name]!r} has no '\\n\\nAssistant:' turn (not an HH-RLHF dialogue)")
+            raise FormatError(
+                f"expected an HH-RLHF dialogue with a '\\n\\nAssistant:' turn, got {_preview(text)}", column=cols[name]
+            )
     prompt, chosen_response, rejected_response = split_hh(chosen, rejected)
     if not chosen_response.strip() or not rejected_response.strip():
         raise SkipRow("empty_response")
@@ -448,7 +492,8 @@ def resolve_columns(
     source: str,
     column_map: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """{field: column} for this table, or FormatError naming the missing column(s).
+    """{field: column} for this table, or FormatError naming the missing column(s), the columns
+    present and the `column_map` way out.
 
     `column_map` overrides the column of a field, e.g. {"response": "postprocessed_response"}.
     """
@@ -460,7 +505,7 @@ def resolve_columns(
         raise ValueError(
             f"column_map fields {sorted(unknown)} are not fields of format {fmt.name!r} (fields: {sorted(known)})"
         )
-    problems = []
+    problems, first_missing = [], None
     for layout in layouts:
         resolved, missing = {}, []
         for field, candidates in layout.items():
@@ -471,14 +516,17 @@ def resolve_columns(
                 resolved[field] = found[0]
             else:
                 missing.append(" or ".join(repr(c) for c in candidates))
+                first_missing = first_missing or field
         if not missing:
             return resolved
-        problems.append(", ".join(missing))
+        problems.append(("missing column " if len(missing) == 1 else "missing columns ") + ", ".join(missing))
     alternative = f" (or, in the alternative layout, {problems[1]})" if len(problems) > 1 else ""
     raise FormatError(
-        f"{source}: not in format {fmt.name!r}: row 0: missing column {problems[0]}{alternative} "
-        f"(columns present: {list(column_names)})",
+        f"{problems[0]}{alternative}; columns present: {list(column_names)}; if another column holds "
+        f"it, name it with column_map, e.g. --config.data.{fmt.kind}.column_map='{first_missing}=COLUMN'",
         row=0,
+        source=source,
+        format=fmt.name,
     )
 
 
@@ -493,8 +541,8 @@ def parse_rows(
 ) -> tuple[list[Example], dict[str, int]]:
     """Parses rows into examples; returns (examples, {skip reason: count}).
 
-    `column_names` defaults to the keys of the first row. Raises FormatError (a ValueError) naming
-    `source` and the first bad row when the data is not in the format.
+    `column_names` defaults to the keys of the first row. Raises FormatError (a DataError) naming
+    `source`, the format, the first bad row and its column when the data is not in the format.
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     if fmt.needs_tokenizer and tokenizer is None:
@@ -513,5 +561,5 @@ def parse_rows(
         except SkipRow as skip:
             skipped[skip.reason] = skipped.get(skip.reason, 0) + 1
         except FormatError as e:
-            raise FormatError(f"{source}: not in format {fmt.name!r}: row {index}: {e.detail}", index) from None
+            raise FormatError(e.detail, index, e.column, source=source, format=fmt.name) from None
     return examples, skipped

@@ -7,34 +7,55 @@
 `path` is a local file (.jsonl, .json, .parquet, .csv, optionally .gz) or a folder of them, or a
 Hugging Face hub dataset id (then `split`, `name` and `revision` apply). A path that looks local
 (exists, starts with '/', '.', '~', or ends with a data-file suffix) and does not exist raises
-FileNotFoundError; it is never sent to the hub.
+DataFileNotFoundError (a DataError and a FileNotFoundError); it is never sent to the hub.
+
+Bad data raises `rto_jax.errors.DataError`: one line naming the path as given and, where there is
+one, the row (0-based, a CSV header not counted) and column. Missing columns, unreadable CSV / JSON /
+parquet, bytes that are not UTF-8 (byte offset and line), empty files, values of the wrong type, no
+usable rows, a hub dataset that cannot be reached. `datasets` reads the files; only when it fails
+(or loads no rows, or strings that are not UTF-8) is the file read again here, in plain Python, to
+say where it is bad. Exceptions that bad input does not cause propagate with their traceback.
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
 import gzip
+import io
 import json
+import lzma
 import os
-from typing import Any, Iterator, Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from rto_jax.data import formats as formats_lib
 from rto_jax.data import tokenize as tok
+from rto_jax.errors import DataError
 
 __all__ = [
-    "load_table",
-    "load_examples",
+    "BatchIterator",
+    "DataFileNotFoundError",
+    "default_config",
+    "from_config",
     "load",
-    "load_sft",
+    "load_examples",
     "load_preference",
     "load_prompts",
-    "from_config",
-    "default_config",
-    "train_eval_split",
-    "BatchIterator",
+    "load_sft",
+    "load_table",
     "pad_batch",
+    "train_eval_split",
 ]
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A local data path that does not exist (a DataError, and a FileNotFoundError for callers that
+    catch that)."""
+
 
 _BUILDERS = {
     ".jsonl": "json",
@@ -50,8 +71,7 @@ def _builder(path: str) -> str | None:
     """The `datasets` builder of a local data file from its suffix(es), or None."""
     name = path.lower()
     for comp in _COMPRESSION:
-        if name.endswith(comp):
-            name = name[: -len(comp)]
+        name = name.removesuffix(comp)
     return _BUILDERS.get(os.path.splitext(name)[1])
 
 
@@ -64,26 +84,391 @@ def _looks_local(path: str) -> bool:
     )
 
 
-def _read_json_rows(path: str) -> list[dict]:
-    """Plain-Python reading of a JSON / JSON-lines file (fallback that keeps row indices)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
+# ----------------------------------------------------------------------------------------------
+# Reading local files, and saying where a bad one is bad.
+
+_SUFFIXES = "'.jsonl', '.json', '.parquet' or '.csv' (optionally compressed: .gz, .bz2, .xz, .zst)"
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", list: "array", type(None): "null"}
+
+
+# A compressed file that is not (gzip.BadGzipFile is an OSError) or is cut short.
+_DECOMPRESSION_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _one_line(text: Any, limit: int = 300) -> str:
+    """`text` (e.g. a library's error message) on one line, at most `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown(source: str, local_root: str, local: str) -> str:
+    """The name to show for file `local` inside the folder `source` (as the user gave it)."""
+    return source if local == local_root else os.path.join(source, os.path.relpath(local, local_root))
+
+
+def _read_bytes(source: str, local: str) -> bytes:
+    """The (decompressed) bytes of a local file; DataError when it cannot be read or decompressed."""
+    name = local.lower()
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(local, "rb") as f:
+                return f.read()
+        if name.endswith(".bz2"):
+            with bz2.open(local, "rb") as f:
+                return f.read()
+        if name.endswith(".xz"):
+            with lzma.open(local, "rb") as f:
+                return f.read()
+        if name.endswith(".zst"):
+            import zstandard  # pylint: disable=import-outside-toplevel
+
+            with open(local, "rb") as f:
+                return zstandard.ZstdDecompressor().stream_reader(f).read()
+        with open(local, "rb") as f:
+            return f.read()
+    except (*_DECOMPRESSION_ERRORS, OSError) as e:
+        raise DataError(source, f"cannot be read or decompressed: {type(e).__name__}: {_one_line(e)}") from e
+
+
+def _read_text(source: str, local: str, *, lines_are_rows: bool = False) -> str:
+    """The UTF-8 text of a local file; DataError naming the byte offset and line of the first byte
+    that is not UTF-8 (and its row when `lines_are_rows`, every non-blank line a row: JSON lines)."""
+    raw = _read_bytes(source, local)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        row = None
+        if lines_are_rows and not raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):  # Not a JSON array.
+            row = sum(1 for chunk in raw[: e.start].split(b"\n")[:-1] if chunk.strip())
+        decompressed = " of the decompressed data" if local.lower().endswith(_COMPRESSION) else ""
+        if b"\x00" in raw[:4096]:
+            hint = "it looks like a binary file, not text"
+        else:
+            hint = "save it as UTF-8 (it may be Latin-1 / Windows-1252 text)"
+        raise DataError(
+            source,
+            f"not UTF-8 text: byte 0x{raw[e.start]:02x} at byte offset {e.start}{decompressed} (line {line}) "
+            f"cannot be decoded ({e.reason}); {hint}",
+            row=row,
+        ) from None
+    return text.removeprefix("\ufeff")  # A byte-order mark is not data.
+
+
+def _json_array_rows(source: str, text: str) -> list:
+    """The elements of a JSON array, parsed one by one so that an error names its row."""
+    decoder = json.JSONDecoder()
+    rows: list = []
+    n = len(text)
+
+    def skip(j: int) -> int:
+        while j < n and text[j] in " \t\r\n":
+            j += 1
+        return j
+
+    def fail(pos: int, what: str) -> DataError:
+        line = text.count("\n", 0, pos) + 1
+        char = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        return DataError(source, f"line {line}, character {char}: invalid JSON: {what}", row=len(rows))
+
+    i = skip(skip(0) + 1)  # After the '['.
+    if i < n and text[i] == "]":
+        i += 1
+    else:
+        while True:
+            try:
+                value, i = decoder.raw_decode(text, skip(i))
+            except json.JSONDecodeError as e:
+                raise fail(e.pos, e.msg) from None
+            rows.append(value)
+            i = skip(i)
+            if i < n and text[i] == ",":
+                i += 1
+            elif i < n and text[i] == "]":
+                i += 1
+                break
+            else:
+                raise fail(i, "expected ',' or ']' after the element" if i < n else "the array is never closed")
+    i = skip(i)
+    if i < n:
+        raise DataError(source, f"line {text.count(chr(10), 0, i) + 1}: invalid JSON: text after the array's ']'")
+    return rows
+
+
+def _read_json_rows(source: str, local: str) -> list[dict]:
+    """Plain-Python reading of a JSON / JSON-lines file (fallback that keeps row indices).
+
+    DataError for bytes that are not UTF-8, an empty file or array, invalid JSON (row, line and
+    character) and rows that are not JSON objects."""
+    text = _read_text(source, local, lines_are_rows=True)
+    stripped = text.strip()
+    if not stripped:
+        raise DataError(source, "the file is empty (no rows)")
     if stripped.startswith("["):
-        rows = json.loads(text)
+        rows = _json_array_rows(source, text)
+        if not rows:
+            raise DataError(source, "an empty JSON array (no rows)")
     else:
         rows = []
-        for i, line in enumerate(text.splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: row {len(rows)} (line {i + 1}) is not valid JSON: {e}") from None
+        for i, line in enumerate(text.split("\n")):  # Not splitlines(): JSON strings may hold U+2028.
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if not rows:  # One JSON value over several lines (a pretty-printed object)?
+                    try:
+                        rows = [json.loads(text)]
+                        break
+                    except json.JSONDecodeError:
+                        pass
+                raise DataError(
+                    source, f"line {i + 1}, character {e.colno}: invalid JSON: {e.msg}", row=len(rows)
+                ) from None
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {i} is a {type(row).__name__}, not a JSON object")
+            kind = _JSON_TYPES.get(type(row), type(row).__name__)
+            raise DataError(
+                source, f"expected a JSON object (named fields), got a JSON {kind} {formats_lib._preview(row)}", row=i
+            )
     return rows
+
+
+def _check_csv(source: str, local: str) -> None:
+    """DataError naming the row and line of what makes a CSV file unreadable, if anything does:
+    bytes that are not UTF-8, a quote that is never closed, a row with more fields than the header,
+    no data rows."""
+    text = _read_text(source, local)
+    if not text.strip():
+        raise DataError(source, "the file is empty (no header, no rows)")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, expected, row = None, 0, 0
+    while True:
+        line = reader.line_num + 1  # The first line of the next record.
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            if "end of data" in str(e):
+                what = "a quoted field starts on this line and its closing '\"' is missing (unterminated quote)"
+            else:
+                what = f"not valid CSV: {_one_line(e)}"
+            raise DataError(source, f"line {line}: {what}", row=None if header is None else row) from None
+        if not any(f.strip() for f in fields):
+            continue  # Blank lines are skipped (as pandas does).
+        if header is None:
+            header, expected = fields, len(fields)
+            continue
+        if row == 0 and len(fields) == len(header) + 1:
+            expected = len(fields)  # A first column without a header name: pandas' index column.
+        if len(fields) > expected:
+            raise DataError(
+                source,
+                f"line {line} has {len(fields)} fields but the header has {len(header)} {header}; "
+                "an unquoted comma in a value?",
+                row=row,
+            )
+        row += 1
+    if row == 0:
+        raise DataError(source, f"only a header line {header} and no data rows")
+
+
+def _check_parquet(source: str, local: str) -> None:
+    """DataError when a file is not parquet or has no rows."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+
+    try:
+        meta = pq.ParquetFile(local).metadata
+    except (pa.ArrowException, OSError) as e:  # ArrowInvalid: no parquet magic bytes / bad footer.
+        raise DataError(source, f"not a readable parquet file: {_one_line(e)}") from None
+    if meta.num_rows == 0:
+        raise DataError(source, f"no rows (a parquet file with columns {meta.schema.to_arrow_schema().names})")
+
+
+def _check_file(source: str, local: str, builder: str) -> list[dict] | None:
+    """Reads one local file in plain Python and raises DataError where it is bad; returns the rows
+    of a JSON file that is good (None for the other types)."""
+    if os.path.getsize(local) == 0:
+        raise DataError(source, "the file is empty (0 bytes)")
+    if builder == "json":
+        return _read_json_rows(source, local)
+    if builder == "csv":
+        _check_csv(source, local)
+    elif builder == "parquet":
+        _check_parquet(source, local)
+    return None
+
+
+def _data_files(folder: str) -> list[str]:
+    """The data files under a folder (those `datasets` may read from it), sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".") and _builder(f)]
+    return found
+
+
+def _bad_input_cause(error: BaseException) -> BaseException | None:
+    """The first exception in `error`'s cause/context chain that bad input causes (an undecodable
+    byte, invalid JSON or CSV, invalid arrow data), or None: then it is not the data's fault."""
+    import pandas as pd  # pylint: disable=import-outside-toplevel
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
+    kinds = (
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        csv.Error,
+        pd.errors.ParserError,
+        pd.errors.EmptyDataError,
+        pa.ArrowInvalid,
+    )
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, kinds):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _unreadable(source: str, what: str, error: BaseException) -> None:
+    """After our own reading found nothing: a DataError when `error` was caused by bad input (with
+    that cause's message), else `error` itself, traceback and all."""
+    cause = _bad_input_cause(error)
+    if cause is None:
+        raise error
+    raise DataError(source, f"cannot be read as {what}: {type(cause).__name__}: {_one_line(cause)}") from error
+
+
+def _looks_like_json_objects(local: str) -> bool:
+    """Whether a JSON(-lines) file starts with an object or an array of objects: `datasets` turns an
+    array or lines of plain values into a 'text' column instead of failing."""
+    name = local.lower()
+    if name.endswith((".bz2", ".xz", ".zst")):
+        return True  # Not worth decompressing here; the format's column check still fails clearly.
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(local, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        return head[1:].lstrip().startswith((b"{", b"]"))
+    return head.startswith(b"{") or not head
+
+
+def _check_loaded(source: str, local: str, builder: str | None, table) -> None:
+    """What `datasets` lets through: strings that are not UTF-8 (its JSON reader keeps the bytes,
+    which then fail on reading a row), JSON values that are not objects, no rows. `builder` is None
+    for a folder."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
+    files = [local] if builder else _data_files(local)
+    try:
+        table.data.validate(full=True)  # Full validation checks that every string is UTF-8.
+    except pa.ArrowInvalid:
+        for f in files:
+            if _builder(f) != "parquet":
+                _read_text(_shown(source, local, f), f, lines_are_rows=_builder(f) == "json")
+        raise
+    if builder == "json" and not _looks_like_json_objects(local):
+        _read_json_rows(source, local)
+    if len(table) == 0:
+        for f in files:
+            _check_file(_shown(source, local, f), f, _builder(f))
+        raise DataError(source, f"no rows (columns: {table.column_names})")
+
+
+def _load_local(path: str, *, split: str, cache_dir: str | None):
+    """A local file or folder -> a `datasets.Dataset`, or a list of row dicts (JSON that arrow
+    cannot type); DataError naming the file, and the row / line, when the data is bad."""
+    import datasets  # pylint: disable=import-outside-toplevel
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    from datasets.data_files import EmptyDatasetError  # pylint: disable=import-outside-toplevel
+    from datasets.exceptions import DatasetGenerationError  # pylint: disable=import-outside-toplevel
+
+    # What `datasets` raises for a file it cannot read: DatasetGenerationError (wrapping the
+    # reader's error), ArrowException (a parquet footer), ValueError ('Instruction "train"
+    # corresponds to no data!' for a file without rows), a decompression error. The file is then
+    # read here; if it is fine after all, the error is not the data's and propagates unchanged.
+    read_errors = (DatasetGenerationError, pa.ArrowException, ValueError, *_DECOMPRESSION_ERRORS)
+    local = os.path.expanduser(path)
+    if not os.path.exists(local):
+        raise DataFileNotFoundError(path, "no such data file or folder")
+    if os.path.isdir(local):
+        if os.path.exists(os.path.join(local, "dataset_info.json")) or os.path.exists(
+            os.path.join(local, "state.json")
+        ):
+            table = datasets.load_from_disk(local)
+            return table[split] if isinstance(table, datasets.DatasetDict) else table
+        try:
+            table = datasets.load_dataset(local, split=split, cache_dir=cache_dir)
+        except EmptyDatasetError:
+            raise DataError(path, f"a folder without data files (file names should end with {_SUFFIXES})") from None
+        except read_errors as e:
+            for f in _data_files(local):
+                _check_file(_shown(path, local, f), f, _builder(f))
+            _unreadable(path, "a folder of data files", e)
+        _check_loaded(path, local, None, table)
+        return table
+    builder = _builder(local)
+    if builder is None:
+        raise DataError(path, f"unknown data file type: the name should end with {_SUFFIXES}")
+    if os.path.getsize(local) == 0:
+        raise DataError(path, "the file is empty (0 bytes)")
+    try:
+        table = datasets.load_dataset(builder, data_files=local, split="train", cache_dir=cache_dir)
+    except read_errors as e:
+        rows = _check_file(path, local, builder)
+        if rows is not None:
+            return rows  # Valid JSON that arrow cannot type (mixed types): parsed row by row.
+        _unreadable(path, builder, e)
+    _check_loaded(path, local, builder, table)
+    return table
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What loading a hub dataset raises when the hub cannot be reached or has no such dataset."""
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError  # pylint: disable=import-outside-toplevel
+    from huggingface_hub import errors as hub  # pylint: disable=import-outside-toplevel
+
+    errors: tuple[type[BaseException], ...] = (
+        ConnectionError,  # datasets' "Couldn't reach '...' on the Hub" (offline too), OfflineModeIsEnabled
+        TimeoutError,
+        hub.LocalEntryNotFoundError,  # offline and not in the hub cache
+        hub.HfHubHTTPError,  # RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError, ...
+        DatasetNotFoundError,  # no such dataset, gated, or no such revision
+        DataFilesNotFoundError,
+    )
+    try:
+        from huggingface_hub.utils import httpx  # pylint: disable=import-outside-toplevel
+
+        errors += (httpx.TransportError,)  # a connection that fails after the first request
+    except ImportError:
+        pass
+    return errors
+
+
+def _load_hub(path: str, **kwargs):
+    """`datasets.load_dataset(path, ...)`; DataError naming the id and the offline alternatives when
+    the hub cannot be reached or has no such dataset."""
+    import datasets  # pylint: disable=import-outside-toplevel
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError  # pylint: disable=import-outside-toplevel
+    from huggingface_hub import errors as hub  # pylint: disable=import-outside-toplevel
+
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except _hub_errors() as e:
+        if isinstance(e, (DatasetNotFoundError, DataFilesNotFoundError, hub.RepositoryNotFoundError)):
+            problem = "no such dataset on the Hugging Face Hub (or it is gated)"
+        else:
+            problem = "the Hugging Face Hub cannot be reached (offline?)"
+        raise DataError(
+            path,
+            f"cannot load this hub dataset: {problem} ({type(e).__name__}: {_one_line(e, 200)}). Without the "
+            "network, use a local .jsonl/.json/.parquet/.csv file or folder instead (--config.data.sft.path=FILE, "
+            "--config.data.preference.path=FILE), or the presets configs/rto_tldr.py:tiny and "
+            "configs/rto_tldr.py:smollm2, which read the offline samples in ../shared/data",
+        ) from e
 
 
 def load_table(
@@ -100,53 +485,42 @@ def load_table(
 
     max_rows keeps the first rows only (file order; the hub split's order). Hub only: `name` (the
     dataset config), `revision`, `data_dir` (e.g. "harmless-base" for Anthropic/hh-rlhf).
+    Raises DataError (DataFileNotFoundError for a local path that does not exist) for data that
+    cannot be read, naming `path` as given and the row / line where there is one.
     """
-    import datasets  # Heavy import; only loading needs it.
-
     path = os.fspath(path)
     if _looks_local(path):
-        local = os.path.expanduser(path)
-        if not os.path.exists(local):
-            raise FileNotFoundError(f"data file not found: {path}")
-        if os.path.isdir(local):
-            if os.path.exists(os.path.join(local, "dataset_info.json")) or os.path.exists(
-                os.path.join(local, "state.json")
-            ):
-                table = datasets.load_from_disk(local)
-                if isinstance(table, datasets.DatasetDict):
-                    table = table[split]
-            else:
-                table = datasets.load_dataset(local, split=split, cache_dir=cache_dir)
-        else:
-            builder = _builder(local)
-            if builder is None:
-                raise ValueError(f"{path}: unknown data file type; use one of {sorted(_BUILDERS)} (optionally + .gz)")
-            try:
-                table = datasets.load_dataset(builder, data_files=local, split="train", cache_dir=cache_dir)
-            except Exception as e:  # pylint: disable=broad-except
-                if builder != "json":
-                    raise ValueError(f"{path}: could not be read as {builder}: {type(e).__name__}: {e}") from e
-                rows = _read_json_rows(local)  # Mixed types that arrow refuses: keep going row by row.
-                return rows[:max_rows] if max_rows is not None else rows
+        table = _load_local(path, split=split, cache_dir=cache_dir)
+        if isinstance(table, list):
+            return table[:max_rows] if max_rows is not None else table
     else:
         hub_split = split if max_rows is None else f"{split}[:{int(max_rows)}]"
-        table = datasets.load_dataset(
-            path, name, split=hub_split, revision=revision, data_dir=data_dir, cache_dir=cache_dir
-        )
+        table = _load_hub(path, name=name, split=hub_split, revision=revision, data_dir=data_dir, cache_dir=cache_dir)
     if max_rows is not None and len(table) > max_rows:
         table = table.select(range(int(max_rows)))
     return table
 
 
-def _iter_rows(table, columns: Sequence[str]) -> Iterator[dict]:
+def _iter_rows(table, columns: Sequence[str], source: str) -> Iterator[dict]:
     if isinstance(table, list):
         yield from table
         return
     table = table.select_columns(list(dict.fromkeys(columns)))
-    for batch in table.iter(batch_size=1024):
+    start, size = 0, 1024
+    batches = table.iter(batch_size=size)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:  # Strings that are not UTF-8 (local files are checked on loading).
+            raise DataError(
+                source, f"rows {start}..{start + size - 1}: a string is not UTF-8 text ({_one_line(e)})"
+            ) from None
         keys = list(batch)
         for values in zip(*(batch[k] for k in keys)):
             yield dict(zip(keys, values))
+        start += size
 
 
 def _column_names(table) -> list[str]:
@@ -173,8 +547,10 @@ def load_examples(
 ) -> tuple[list, tok.DataStats]:
     """Reads and parses `path` in `format` -> (examples, stats); logs one warning per skip reason.
 
-    Raises FileNotFoundError for a missing local file and ValueError (formats.FormatError) naming
-    the path, the first bad row and what is wrong when the data is not in `format`.
+    Raises DataError (a ValueError; DataFileNotFoundError for a missing local file) naming the path
+    and, where there is one, the row and column: data that cannot be read (`load_table`), no rows,
+    data not in `format` (formats.FormatError: missing columns, values of the wrong type) and no
+    usable row left after skipping.
     """
     fmt = formats_lib.get_format(format)
     table = load_table(
@@ -187,10 +563,12 @@ def load_examples(
         cache_dir=cache_dir,
     )
     source = str(path) if _looks_local(str(path)) else f"{path}[{split}]"
+    if len(table) == 0:  # Local files without rows fail in load_table; this is a hub split.
+        raise DataError(source, "no rows")
     column_names = _column_names(table)
     cols = formats_lib.resolve_columns(fmt, column_names, source, column_map)
     examples, skipped = formats_lib.parse_rows(
-        _iter_rows(table, list(cols.values())),
+        _iter_rows(table, list(cols.values()), source),
         fmt,
         source=source,
         column_names=column_names,
@@ -200,7 +578,8 @@ def load_examples(
     stats = tok.DataStats(source=source, num_rows=len(table), num_examples=len(examples), skipped=skipped)
     stats.log()
     if not examples:
-        raise ValueError(f"{source}: no usable rows in format {format!r} (skipped: {skipped})")
+        reasons = ", ".join(f"{n} because {formats_lib.SKIP_REASONS.get(r, r)}" for r, n in skipped.items())
+        raise DataError(source, f"no usable rows in format {format!r}: all {len(table)} rows were skipped: {reasons}")
     return examples, stats
 
 
@@ -244,14 +623,14 @@ def load(
         column_map=column_map,
         cache_dir=cache_dir,
     )
-    kwargs = dict(
-        pad_id=pad_id,
-        eos_id=eos_id,
-        prompt_truncation=prompt_truncation,
-        skip_long_prompts=skip_long_prompts,
-        add_bos=add_bos,
-        stats=stats,
-    )
+    kwargs = {
+        "pad_id": pad_id,
+        "eos_id": eos_id,
+        "prompt_truncation": prompt_truncation,
+        "skip_long_prompts": skip_long_prompts,
+        "add_bos": add_bos,
+        "stats": stats,
+    }
     if prompts_only:
         return tok.tokenize_prompts(examples, tokenizer, max_prompt_len, unique=unique_prompts, **kwargs)
     if max_response_len is None:
@@ -360,7 +739,7 @@ def from_config(cfg: Mapping[str, Any], tokenizer: Any, *, prompts_only: bool = 
 
 
 def train_eval_split(
-    examples: Sequence[Any], eval_size: int | float, seed: int = 0, *, group_by_prompt: bool = True
+    examples: Sequence[Any], eval_size: float, seed: int = 0, *, group_by_prompt: bool = True
 ) -> tuple[list, list]:
     """Deterministic (train, eval) split of examples.
 
@@ -368,7 +747,7 @@ def train_eval_split(
     prompt lands on the same side (TL;DR comparisons repeat posts), so eval prompts are unseen.
     """
     n = len(examples)
-    target = int(round(eval_size * n)) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
+    target = round(eval_size * n) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
     if not 0 <= target <= n:
         raise ValueError(f"eval_size={eval_size} out of range for {n} examples")
     keys = [e.prompt for e in examples] if group_by_prompt else list(range(n))
@@ -444,7 +823,7 @@ class BatchIterator:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def __iter__(self) -> "BatchIterator":
+    def __iter__(self) -> BatchIterator:
         return self
 
     def order(self, epoch: int) -> np.ndarray:

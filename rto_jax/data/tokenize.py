@@ -38,27 +38,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from rto_jax.data.formats import SKIP_REASONS, PreferenceExample, SFTExample
 
 __all__ = [
-    "DataStats",
-    "special_ids",
-    "start_tokens",
-    "encode_prompts",
-    "encode_responses",
-    "collate_prompts",
-    "collate",
-    "tokenize_sft",
-    "tokenize_preference",
-    "tokenize_prompts",
-    "prompt_only",
-    "SFT_KEYS",
     "PREFERENCE_KEYS",
     "PROMPT_KEYS",
+    "SFT_KEYS",
+    "DataStats",
+    "collate",
+    "collate_prompts",
+    "encode_prompts",
+    "encode_responses",
+    "prompt_only",
+    "special_ids",
+    "start_tokens",
+    "tokenize_preference",
+    "tokenize_prompts",
+    "tokenize_sft",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,13 @@ PREFERENCE_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k i
 PROMPT_KEYS = ("prompt_ids", "prompt_mask", "prompt_positions")
 
 # A TL;DR prompt: header up to "POST: ", the body, and the "TL;DR:" marker.
-_TLDR_PARTS = re.compile(r"(?P<head>.*?POST: )(?P<body>.*?)(?P<tail>\s*TL;DR:\s*)\Z", re.S)
+_TLDR_PARTS = re.compile(r"(?P<head>.*?POST: )(?P<body>.*?)(?P<tail>\s*TL;DR:\s*)\Z", re.DOTALL)
+
+# How a prompt longer than max_prompt_len was cut (DataStats.prompts_truncated_by):
+#   "tldr_post"   the POST shortened at a word boundary; SUBREDDIT, TITLE and "TL;DR:" kept
+#   "left"        the last tokens kept (prompt_truncation='left', or a prompt not in the TL;DR layout)
+#   "left_header" a TL;DR prompt whose header and marker alone do not fit: the last tokens kept
+TRUNCATION_KINDS = ("tldr_post", "left", "left_header")
 
 
 @dataclasses.dataclass
@@ -86,6 +93,10 @@ class DataStats:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     prompts_truncated: int = 0
     responses_truncated: int = 0
+    # How the truncated prompts were cut ({kind: count}, TRUNCATION_KINDS), under which setting.
+    prompts_truncated_by: dict[str, int] = dataclasses.field(default_factory=dict)
+    prompt_truncation: str | None = None
+    max_prompt_len: int | None = None
 
     _logged: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
@@ -117,11 +128,46 @@ class DataStats:
             )
         if self.prompts_truncated and "prompts_truncated" not in self._logged:
             self._logged.add("prompts_truncated")
-            logger.info(
-                "%s: %d prompts were longer than max_prompt_len and were truncated (end kept).",
-                self.source,
-                self.prompts_truncated,
+            logger.info("%s", self.truncation_message())
+
+    def truncation_message(self) -> str:
+        """What prompt truncation did, per kind, for the setting actually used."""
+        p = "max_prompt_len" if self.max_prompt_len is None else f"max_prompt_len={self.max_prompt_len}"
+        mode = self.prompt_truncation
+        setting = "" if mode is None else f"prompt_truncation={mode!r}"
+        if mode == "auto":
+            setting += ": 'tldr_post' for prompts in the TL;DR layout, 'left' for the others"
+        by = self.prompts_truncated_by
+        left = "cut from the left (the beginning dropped, the last tokens that fit kept)"
+        parts = []
+        if by.get("tldr_post"):
+            parts.append(
+                f"{_count(by['tldr_post'], 'TL;DR prompt')}: POST shortened at a word boundary (SUBREDDIT, TITLE "
+                "and the final 'TL;DR:' kept)"
             )
+        if by.get("left"):
+            parts.append(
+                f"{_count(by['left'], 'prompt')}{'' if mode == 'left' else ' not in the TL;DR layout'}: {left}"
+            )
+        if by.get("left_header"):
+            parts.append(
+                f"{_count(by['left_header'], 'TL;DR prompt')} whose SUBREDDIT, TITLE and 'TL;DR:' alone do not fit: "
+                "cut from the left instead (the beginning, SUBREDDIT and TITLE included, dropped; the end kept)"
+            )
+        other = self.prompts_truncated - sum(by.values())
+        if other > 0:  # Counted by a caller that did not say how.
+            parts.append(f"{_count(other, 'prompt')}: truncated")
+        return (
+            f"{self.source}: {_count(self.prompts_truncated, 'prompt')} longer than {p} tokens truncated"
+            + (f" ({setting})" if setting else "")
+            + ": "
+            + "; ".join(parts)
+            + "."
+        )
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,26 +269,36 @@ def encode_prompts(
 ) -> tuple[list[list[int]], np.ndarray]:
     """Token ids of each prompt (start tokens included, at most max_prompt_len) and a bool array
     saying which prompts were longer than max_prompt_len (and so were truncated)."""
+    ids, too_long, _ = _encode_prompts(prompts, tokenizer, max_prompt_len, prompt_truncation, add_bos)
+    return ids, too_long
+
+
+def _encode_prompts(
+    prompts: Sequence[str], tokenizer: Any, max_prompt_len: int, prompt_truncation: str, add_bos: bool | None
+) -> tuple[list[list[int]], np.ndarray, list[str]]:
+    """encode_prompts, and how each prompt was truncated: "" (it fit) or one of TRUNCATION_KINDS."""
     if prompt_truncation not in PROMPT_TRUNCATIONS:
         raise ValueError(f"prompt_truncation must be one of {PROMPT_TRUNCATIONS}, got {prompt_truncation!r}")
     prefix = start_tokens(tokenizer, add_bos)
     budget = max_prompt_len - len(prefix)
     if budget < 1:
         raise ValueError(f"max_prompt_len={max_prompt_len} leaves no room after start tokens {prefix}")
-    out, too_long = [], np.zeros(len(prompts), bool)
+    out, too_long, how = [], np.zeros(len(prompts), bool), [""] * len(prompts)
     for i, (text, ids) in enumerate(zip(prompts, _encode(tokenizer, prompts))):
         if prefix and ids[: len(prefix)] == prefix:
             ids = ids[len(prefix) :]  # The text already starts with them (e.g. a chat template's BOS).
         if len(ids) > budget:
             too_long[i] = True
             short = None
-            if prompt_truncation in ("auto", "tldr_post"):
+            how[i] = "left"
+            if prompt_truncation in ("auto", "tldr_post") and _TLDR_PARTS.match(text):
                 short = _tldr_truncate(tokenizer, text, budget)
                 if short is not None and prefix and short[: len(prefix)] == prefix:
                     short = short[len(prefix) :]
-            ids = short if short is not None and len(short) <= budget else ids[-budget:]
+                how[i] = "tldr_post" if short is not None and len(short) <= budget else "left_header"
+            ids = short if how[i] == "tldr_post" else ids[-budget:]
         out.append(prefix + ids)
-    return out, too_long
+    return out, too_long, how
 
 
 def encode_responses(
@@ -334,15 +390,28 @@ def prompt_only(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _unique_encode_prompts(prompts, tokenizer, max_prompt_len, prompt_truncation, add_bos):
-    """encode_prompts over distinct prompts only (preference data repeats prompts)."""
+    """_encode_prompts over distinct prompts only (preference data repeats prompts), per row:
+    (ids, too_long, how each was truncated)."""
     index: dict[str, int] = {}
     for p in prompts:
         index.setdefault(p, len(index))
-    ids, too_long = encode_prompts(
-        list(index), tokenizer, max_prompt_len, prompt_truncation=prompt_truncation, add_bos=add_bos
-    )
+    ids, too_long, how = _encode_prompts(list(index), tokenizer, max_prompt_len, prompt_truncation, add_bos)
     rows = [index[p] for p in prompts]
-    return [ids[j] for j in rows], too_long[rows] if rows else np.zeros(0, bool)
+    return (
+        [ids[j] for j in rows],
+        too_long[rows] if rows else np.zeros(0, bool),
+        np.array([how[j] for j in rows], dtype=object),
+    )
+
+
+def _count_truncations(stats: DataStats, how: np.ndarray, keep: np.ndarray, prompt_truncation, max_prompt_len):
+    """Adds the kept rows' prompt truncations, per kind, to stats."""
+    stats.prompt_truncation, stats.max_prompt_len = prompt_truncation, max_prompt_len
+    for kind in TRUNCATION_KINDS:
+        count = int(((how == kind) & keep).sum()) if len(how) else 0
+        if count:
+            stats.prompts_truncated_by[kind] = stats.prompts_truncated_by.get(kind, 0) + count
+            stats.prompts_truncated += count
 
 
 def _empty(keys, p, r):
@@ -353,9 +422,10 @@ def _empty(keys, p, r):
     return out
 
 
-def _kept_rows(stats: DataStats, long, cuts, skip_long_prompts: bool, drop_truncated_responses: bool):
-    """Indices of the rows to keep, given which prompts (`long`) and responses (`cuts`, one mask per
-    response column) were truncated; records skips and truncations in `stats` and logs them."""
+def _kept_rows(stats: DataStats, long, how, cuts, skip_long_prompts, drop_truncated_responses, truncation, p):
+    """Indices of the rows to keep, given which prompts (`long`, and `how` each was cut) and
+    responses (`cuts`, one mask per response column) were truncated; records skips and truncations
+    in `stats` and logs them."""
     cut = np.logical_or.reduce(cuts)
     keep = np.ones(len(long), bool)
     if skip_long_prompts:
@@ -364,7 +434,7 @@ def _kept_rows(stats: DataStats, long, cuts, skip_long_prompts: bool, drop_trunc
     if drop_truncated_responses:
         stats.skip("response_too_long", int((cut & keep).sum()))
         keep &= ~cut
-    stats.prompts_truncated += int((long & keep).sum())
+    _count_truncations(stats, how, keep, truncation, p)
     stats.responses_truncated += int(sum((c & keep).sum() for c in cuts))
     idx = np.flatnonzero(keep)
     stats.num_examples = len(idx)
@@ -389,11 +459,13 @@ def tokenize_sft(
     """SFT examples -> (SFT arrays, stats). Logs one warning per skip reason / truncation kind."""
     pad_id, eos_id = special_ids(tokenizer, pad_id, eos_id)
     stats = stats if stats is not None else DataStats(num_rows=len(examples))
-    prompts, long = _unique_encode_prompts(
+    prompts, long, how = _unique_encode_prompts(
         [e.prompt for e in examples], tokenizer, max_prompt_len, prompt_truncation, add_bos
     )
     responses, cut = encode_responses([e.response for e in examples], tokenizer, max_response_len, eos_id)
-    idx = _kept_rows(stats, long, [cut], skip_long_prompts, drop_truncated_responses)
+    idx = _kept_rows(
+        stats, long, how, [cut], skip_long_prompts, drop_truncated_responses, prompt_truncation, max_prompt_len
+    )
     if not len(idx):
         return _empty(SFT_KEYS, max_prompt_len, max_response_len), stats
     arrays = collate([prompts[i] for i in idx], [responses[i] for i in idx], max_prompt_len, max_response_len, pad_id)
@@ -417,12 +489,14 @@ def tokenize_preference(
     """Preference examples -> (preference arrays, stats); chosen_/rejected_ share the prompt."""
     pad_id, eos_id = special_ids(tokenizer, pad_id, eos_id)
     stats = stats if stats is not None else DataStats(num_rows=len(examples))
-    prompts, long = _unique_encode_prompts(
+    prompts, long, how = _unique_encode_prompts(
         [e.prompt for e in examples], tokenizer, max_prompt_len, prompt_truncation, add_bos
     )
     chosen, cut_c = encode_responses([e.chosen for e in examples], tokenizer, max_response_len, eos_id)
     rejected, cut_r = encode_responses([e.rejected for e in examples], tokenizer, max_response_len, eos_id)
-    idx = _kept_rows(stats, long, [cut_c, cut_r], skip_long_prompts, drop_truncated_responses)
+    idx = _kept_rows(
+        stats, long, how, [cut_c, cut_r], skip_long_prompts, drop_truncated_responses, prompt_truncation, max_prompt_len
+    )
     if not len(idx):
         return _empty(PREFERENCE_KEYS, max_prompt_len, max_response_len), stats
     p = [prompts[i] for i in idx]
@@ -458,12 +532,12 @@ def tokenize_prompts(
     stats = stats if stats is not None else DataStats(num_rows=len(texts))
     if unique:
         texts = list(dict.fromkeys(texts))
-    ids, long = _unique_encode_prompts(texts, tokenizer, max_prompt_len, prompt_truncation, add_bos)
+    ids, long, how = _unique_encode_prompts(texts, tokenizer, max_prompt_len, prompt_truncation, add_bos)
     keep = np.ones(len(texts), bool)
     if skip_long_prompts:
         stats.skip("prompt_too_long", int(long.sum()))
         keep &= ~long
-    stats.prompts_truncated += int((long & keep).sum())
+    _count_truncations(stats, how, keep, prompt_truncation, max_prompt_len)
     idx = np.flatnonzero(keep)
     stats.num_examples = len(idx)
     stats.log()
