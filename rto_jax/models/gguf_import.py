@@ -21,7 +21,13 @@ turns a GGUF file into exactly what an HF ``safetensors`` checkpoint would give 
   rebuilt from ``tokenizer.ggml.*`` (ids identical to the GGUF vocabulary), with the file's
   ``tokenizer.chat_template``.
 
-Supported architectures: ``llama`` (also used by SmolLM2 / Mistral GGUFs) and ``qwen2``.
+Supported architectures: ``llama`` (also used by SmolLM2 / Mistral GGUFs) and ``qwen2``. Anything
+in the file that changes the forward pass and that our decoders do not implement is a ``ModelError``
+naming the file and the metadata key (or tensor): RoPE scaling other than linear, llama.cpp's
+``rope_freqs`` per-frequency scaling (Llama 3.x), soft-capping, experts, non-causal attention,
+attention/logit/embedding/residual scales, extra tensors (qk-norm, MLP biases, ...). A sliding window
+(``{arch}.attention.sliding_window``) becomes ``sliding_window`` in the config, which
+``rto_jax.models.config.check_supported`` compares with the run's sequence length.
 
 Details worth knowing:
 
@@ -51,14 +57,16 @@ from typing import Any
 
 import numpy as np
 
+from rto_jax.errors import ModelError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "read_gguf",
     "read_gguf_config",
+    "read_gguf_metadata",
     "read_gguf_tensors",
     "read_gguf_tokenizer",
-    "read_gguf_metadata",
     "unpermute_rotary_rows",
 ]
 
@@ -93,8 +101,8 @@ def _open(path: str | os.PathLike):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
         return gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # noqa: BLE001 - re-raise with the file name
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # any reader failure: re-raised with the file name
+        raise ModelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 def _field_value(field) -> Any:
@@ -124,7 +132,7 @@ def read_gguf_metadata(path: str | os.PathLike, reader=None) -> dict[str, Any]:
 def _architecture(path, meta: dict[str, Any]) -> str:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise ModelError(
             f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     return arch
@@ -132,7 +140,7 @@ def _architecture(path, meta: dict[str, Any]) -> str:
 
 def _require(path, meta, key):
     if key not in meta:
-        raise ValueError(f"{path}: GGUF metadata key {key!r} is missing")
+        raise ModelError(f"{path}: GGUF metadata key {key!r} is missing")
     return meta[key]
 
 
@@ -151,19 +159,19 @@ def read_gguf_config(path: str | os.PathLike, reader=None, tensor_names=None, me
     n_kv = meta.get(p + "attention.head_count_kv", n_heads)
     if isinstance(n_kv, list):  # per-layer head counts: not a plain llama/qwen2 model
         if len(set(n_kv)) != 1:
-            raise ValueError(f"{path}: per-layer {p}attention.head_count_kv is not supported")
+            raise ModelError(f"{path}: per-layer {p}attention.head_count_kv is not supported")
         n_kv = n_kv[0]
     n_kv = int(n_kv)
     head_dim = int(meta.get(p + "attention.key_length", hidden // n_heads))
     v_dim = int(meta.get(p + "attention.value_length", head_dim))
     if v_dim != head_dim:
-        raise ValueError(f"{path}: key_length {head_dim} != value_length {v_dim} is not supported")
+        raise ModelError(f"{path}: key_length {head_dim} != value_length {v_dim} is not supported")
 
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab_size = meta.get(p + "vocab_size")
     if vocab_size is None:
         if tokens is None:
-            raise ValueError(f"{path}: cannot determine vocab size (no {p}vocab_size, no tokens)")
+            raise ModelError(f"{path}: cannot determine vocab size (no {p}vocab_size, no tokens)")
         vocab_size = len(tokens)
 
     model_type, hf_arch = _HF_ARCH[arch]
@@ -185,28 +193,31 @@ def read_gguf_config(path: str | os.PathLike, reader=None, tensor_names=None, me
     }
     rot_dim = meta.get(p + "rope.dimension_count")
     if rot_dim is not None and int(rot_dim) != head_dim:
-        raise ValueError(
+        raise ModelError(
             f"{path}: partial rotary ({p}rope.dimension_count={rot_dim}, head_dim={head_dim}) is not supported"
         )
 
-    # RoPE scaling (linear / yarn). llama.cpp stores Llama-3.x scaling as a `rope_freqs` tensor
-    # instead of metadata; we cannot express that through rope_scaling, so we warn.
+    # RoPE scaling: linear is implemented; any other type is refused (by name of the GGUF key) here.
     stype = meta.get(p + "rope.scaling.type")
     if stype is not None and stype != "none":
-        scaling: dict[str, Any] = {"rope_type": str(stype)}
-        if (f := meta.get(p + "rope.scaling.factor")) is not None:
-            scaling["factor"] = float(f)
-        if (n := meta.get(p + "rope.scaling.original_context_length")) is not None:
-            scaling["original_max_position_embeddings"] = int(n)
-        if (a := meta.get(p + "rope.scaling.attn_factor")) is not None:
-            scaling["attention_factor"] = float(a)
-        cfg["rope_scaling"] = scaling
-    if "rope_freqs.weight" in tensor_names:
-        logger.warning(
-            "%s: has a rope_freqs tensor (llama3-style RoPE scaling); it is ignored, which is "
-            "exact only for sequences shorter than the original context length",
-            path,
-        )
+        if stype != "linear":
+            raise ModelError(
+                f"{path}: {p}rope.scaling.type={stype!r} is not implemented (implemented: 'none', 'linear')"
+            )
+        factor = meta.get(p + "rope.scaling.factor")
+        if factor is None:
+            raise ModelError(f"{path}: {p}rope.scaling.type='linear' without {p}rope.scaling.factor")
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    _check_unimplemented_metadata(path, meta, p)
+    _check_rope_freqs(path, reader, tensor_names)
+    _check_tensor_names(path, tensor_names)
+    window = meta.get(p + "attention.sliding_window")
+    if window is not None and int(window) > 0:
+        # llama.cpp windows every layer of such a file; say so in transformers' terms, so that the
+        # sequence-length check (rto_jax.models.config.check_supported) applies.
+        cfg["sliding_window"] = int(window)
+        if arch == "qwen2":
+            cfg["use_sliding_window"], cfg["max_window_layers"] = True, 0
 
     # Biases.
     def has(name):
@@ -214,18 +225,18 @@ def read_gguf_config(path: str | os.PathLike, reader=None, tensor_names=None, me
 
     qkv_bias = all(has(f"attn_{x}.bias") for x in "qkv")
     if any(has(f"attn_{x}.bias") for x in "qkv") and not qkv_bias:
-        raise ValueError(f"{path}: only some of the q/k/v projections have a bias")
+        raise ModelError(f"{path}: only some of the q/k/v projections have a bias")
     o_bias = has("attn_output.bias")
     if arch == "llama":
         if o_bias != qkv_bias:
-            raise ValueError(
+            raise ModelError(
                 f"{path}: llama GGUF with bias on {'o_proj only' if o_bias else 'q/k/v only'} "
                 "cannot be expressed with HF Llama's attention_bias"
             )
         cfg["attention_bias"] = qkv_bias
     else:  # qwen2: q/k/v bias, o_proj none (HF Qwen2Attention hardcodes this)
         if not qkv_bias or o_bias:
-            raise ValueError(f"{path}: qwen2 GGUF must have q/k/v biases and no o_proj bias")
+            raise ModelError(f"{path}: qwen2 GGUF must have q/k/v biases and no o_proj bias")
         cfg["attention_bias"] = False
     cfg["qkv_bias"] = qkv_bias
     cfg["mlp_bias"] = False
@@ -237,8 +248,56 @@ def read_gguf_config(path: str | os.PathLike, reader=None, tensor_names=None, me
     pad = meta.get("tokenizer.ggml.padding_token_id")
     cfg["pad_token_id"] = None if pad is None or pad == cfg["eos_token_id"] else int(pad)
     if arch == "qwen2":
-        cfg["use_sliding_window"] = False
+        cfg.setdefault("use_sliding_window", False)
     return cfg
+
+
+# GGUF metadata keys (llama.cpp's LLM_KV names, after the `{arch}.` prefix) of forward-pass features our
+# decoders do not implement, each with the values that mean "off".
+_UNIMPLEMENTED_KEYS: dict[str, tuple[Any, ...]] = {
+    "attn_logit_softcapping": (0.0,),
+    "final_logit_softcapping": (0.0,),
+    "expert_count": (0, 1),
+    "attention.causal": (True,),
+    "attention.scale": (),  # an attention scale other than 1/sqrt(head_dim)
+    "attention.clamp_kqv": (0.0,),
+    "logit_scale": (1.0,),
+    "embedding_scale": (1.0,),
+    "residual_scale": (1.0,),
+}
+
+
+def _check_unimplemented_metadata(path, meta: dict[str, Any], prefix: str) -> None:
+    for key, off in _UNIMPLEMENTED_KEYS.items():
+        value = meta.get(prefix + key)
+        if value is not None and value not in off:
+            raise ModelError(f"{path}: {prefix}{key}={value!r} is not implemented")
+
+
+def _check_rope_freqs(path, reader, tensor_names) -> None:
+    """llama.cpp writes Llama-3.x RoPE scaling as per-frequency divisors (tensor `rope_freqs.weight`), not as
+    metadata. They change every rotation angle (at every position), and our RoPE cannot take them: refused,
+    unless they are all 1."""
+    if "rope_freqs.weight" not in tensor_names:
+        return
+    tensor = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    values = np.asarray(_dequantize(tensor), np.float64).ravel()
+    if not np.all(values == 1.0):
+        raise ModelError(
+            f"{path}: tensor 'rope_freqs.weight' (llama.cpp's per-frequency RoPE scaling, e.g. Llama 3.1's; values "
+            f"{values.min():g}..{values.max():g}) is not implemented; load the model's HF safetensors instead"
+        )
+
+
+def _check_tensor_names(path, tensor_names) -> None:
+    """Every tensor must be one our decoders use: an extra one (qk-norm, MLP bias, experts, post-norms)
+    is a feature we do not implement."""
+    unknown = sorted(n for n in tensor_names if _hf_name(n) is None and not _IGNORED.match(n))
+    if unknown:
+        raise ModelError(
+            f"{path}: tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''} belong to a feature that is "
+            "not implemented (only plain llama/qwen2 blocks are)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,15 +407,15 @@ def read_gguf_tensors(path: str | os.PathLike, cfg: dict[str, Any] | None = None
         if name is None:
             if _IGNORED.match(t.name):
                 continue
-            raise ValueError(f"{path}: unexpected GGUF tensor {t.name!r} for {cfg['model_type']}")
+            raise ModelError(f"{path}: unexpected GGUF tensor {t.name!r} for {cfg['model_type']}")
         if name not in want:
-            raise ValueError(f"{path}: GGUF tensor {t.name!r} ({name}) does not fit the config")
+            raise ModelError(f"{path}: GGUF tensor {t.name!r} ({name}) does not fit the config")
         try:
             arr = _dequantize(t)
         except NotImplementedError as e:
-            raise ValueError(f"{path}: tensor {t.name!r}: {e}") from e
+            raise ModelError(f"{path}: tensor {t.name!r}: {e}") from e
         if arr.shape != want[name]:
-            raise ValueError(
+            raise ModelError(
                 f"{path}: tensor {t.name!r} -> {name} has shape {arr.shape}, "
                 f"expected {want[name]} (ggml ne={[int(x) for x in t.shape]})"
             )
@@ -366,7 +425,7 @@ def read_gguf_tensors(path: str | os.PathLike, cfg: dict[str, Any] | None = None
         out[name] = arr
     missing = sorted(set(want) - set(out))
     if missing:
-        raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ModelError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return out
 
 
@@ -435,7 +494,7 @@ def read_gguf_tokenizer(path: str | os.PathLike, reader=None, meta=None):
         meta = read_gguf_metadata(path, reader)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE 'gpt2')")
+        raise ModelError(f"{path}: tokenizer.ggml.model={kind!r} is not supported (only byte-level BPE 'gpt2')")
     tokens: list[str] = _require(path, meta, "tokenizer.ggml.tokens")
     types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
     merges_raw = _require(path, meta, "tokenizer.ggml.merges")
@@ -450,7 +509,7 @@ def read_gguf_tokenizer(path: str | os.PathLike, reader=None, meta=None):
     for m in merges_raw:
         parts = m.split(" ")
         if len(parts) != 2:
-            raise ValueError(f"{path}: malformed merge {m!r}")
+            raise ModelError(f"{path}: malformed merge {m!r}")
         merges.append((parts[0], parts[1]))
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))

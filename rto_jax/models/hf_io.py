@@ -6,21 +6,24 @@ abstractly (no random init) and fills every parameter from the file, checking na
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rto_jax.models.config import ModelConfig, from_hf_config, to_hf_config
+from rto_jax.errors import ModelError
+from rto_jax.models.config import ModelConfig, check_supported, from_hf_config, to_hf_config
 from rto_jax.models.transformer import CausalLM, ScalarHeadModel
 
 log = logging.getLogger(__name__)
@@ -128,9 +131,9 @@ def _fill(
         for name in _hf_names(path, cfg):
             tensor = get(name)
             if tensor is None:
-                raise ValueError(f"{source}: tensor {name!r} (for {path}) is missing")
+                raise ModelError(f"{source}: tensor {name!r} (for {path}) is missing")
             if tuple(tensor.shape) != expected:
-                raise ValueError(
+                raise ModelError(
                     f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects {expected}"
                 )
             arrays.append(_to_hf(path, np.asarray(tensor, np.float32)))
@@ -175,7 +178,7 @@ class _SafetensorsFolder:
             if not (folder / name).exists():
                 raise FileNotFoundError(f"{self.source}: shard {folder / name} is missing")
             self.handles[name] = safe_open(str(folder / name), framework="flax")
-        self.weight_map = weight_map or {k: files[0] for k in self.handles[files[0]].keys()}
+        self.weight_map = weight_map or {k: files[0] for k in self.handles[files[0]].keys()}  # noqa: SIM118 (not a dict)
 
     def get(self, name: str):
         shard = self.weight_map.get(name)
@@ -197,6 +200,7 @@ def load_pretrained(
     *,
     kind: str | None = None,
     shardings: Callable[[nnx.State], nnx.State] | None = None,
+    max_sequence_len: int | None = None,
     **config_overrides,
 ):
     """Loads an HF model folder (safetensors) or a `.gguf` file into our NNX model.
@@ -207,24 +211,32 @@ def load_pretrained(
     `functools.partial(rto_jax.train.sharding.tree_shardings, mesh=mesh)`): every tensor is read on
     the host and sent in slices straight to its devices, so no device holds the whole model. In a
     multi-process run every process reads the file and builds only its own devices' slices.
+    max_sequence_len: the longest sequence the caller will run; refused (ModelError) when the checkpoint's
+    sliding window or max_position_embeddings is shorter (see `rto_jax.models.config.check_supported`).
     config_overrides: execution switches such as dtype="bfloat16" or scan_layers=True.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder or .gguf file")
     if path.suffix == ".gguf":
-        from rto_jax.models.gguf_import import read_gguf
+        from rto_jax.models.gguf_import import _open, read_gguf_config, read_gguf_tensors
 
-        hf_config, tensors, _ = read_gguf(path)
-        get, names, source = tensors.get, set(tensors), str(path)
+        reader = _open(path)
+        source = str(path)
+        hf_config = read_gguf_config(path, reader)
+        # Every config check before the (slow) dequantization of the tensors.
+        cfg = check_supported(from_hf_config(hf_config, source=source, **config_overrides), max_sequence_len, source)
+        tensors = read_gguf_tensors(path, hf_config, reader)
+        get, names = tensors.get, set(tensors)
     else:
         config_file = path / "config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{config_file}: missing (an HF model folder needs config.json)")
-        hf_config = json.loads(config_file.read_text())
-        folder = _SafetensorsFolder(path)
+        hf_config = _read_json(config_file)
+        folder = _SafetensorsFolder(path)  # opens the files' headers only
+        cfg = from_hf_config(hf_config, source=str(config_file), **config_overrides)
+        cfg = check_supported(cfg, max_sequence_len, str(config_file))
         get, names, source = folder.get, folder.names(), folder.source
-    cfg = from_hf_config(hf_config, source=source, **config_overrides)
     stored_kind = _kind_from_architectures(hf_config)
     kind = kind or stored_kind
     if kind == "scalar" and stored_kind == "lm":
@@ -238,6 +250,46 @@ def load_pretrained(
     if unused and not (kind == "scalar" and stored_kind == "lm"):
         log.warning("%s: %d tensors not used by the model, e.g. %s", source, len(unused), unused[:3])
     return model
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file}: cannot be read as JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(value, dict):
+        raise ModelError(f"{file}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def inspect_model_source(path: str | os.PathLike, max_sequence_len: int | None = None) -> ModelConfig:
+    """The ModelConfig of an HF model folder or `.gguf` file, read cheaply before any work.
+
+    Reads only config.json (HF folder; the weight files must exist but are not opened) or the GGUF metadata
+    and tensor list (no tensor data, except llama.cpp's tiny `rope_freqs` vector when present), and runs every
+    check of `from_hf_config` and `check_supported`: a field the decoders do not implement, or a sliding window
+    or max_position_embeddings shorter than `max_sequence_len` (the longest prompt + response the run will
+    feed the model), is a ModelError naming the file and the field. `vocab_size` etc. can be read off the result.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model folder or .gguf file")
+    if path.suffix == ".gguf":
+        from rto_jax.models.gguf_import import read_gguf_config
+
+        return check_supported(read_gguf_config(path), max_sequence_len, str(path))
+    if not path.is_dir():
+        raise ModelError(f"{path}: expected an HF model folder (config.json + safetensors) or a .gguf file")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{config_file}: missing (an HF model folder needs config.json)")
+    cfg = check_supported(_read_json(config_file), max_sequence_len, str(config_file))
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+        raise ModelError(
+            f"{path}: no model.safetensors or model.safetensors.index.json "
+            f"(PyTorch .bin checkpoints must be converted to safetensors first)"
+        )
+    return cfg
 
 
 def hf_state_dict_names(model: nnx.Module) -> list[str]:
@@ -262,19 +314,71 @@ def _architecture_name(model: nnx.Module) -> str:
     return family + ("ForSequenceClassification" if isinstance(model, ScalarHeadModel) else "ForCausalLM")
 
 
+def _check_token_id(name: str, value: int | None, vocab_size: int) -> int | None:
+    if value is None:
+        return None
+    if not 0 <= int(value) < vocab_size:
+        raise ValueError(f"save_pretrained: {name}={value} is outside the vocabulary [0, {vocab_size})")
+    return int(value)
+
+
+def _export_tokenizer(tokenizer, pad_token_id: int | None, eos_token_id: int | None):
+    """A copy of `tokenizer` whose pad and eos tokens are those of the exported ids (the caller's is untouched)."""
+    if not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return tokenizer
+    tok = copy.deepcopy(tokenizer)
+    for attr, token_id in (("pad_token", pad_token_id), ("eos_token", eos_token_id)):
+        if token_id is None:
+            continue
+        if token_id >= len(tok):
+            raise ValueError(f"save_pretrained: {attr} id {token_id} is not in the tokenizer ({len(tok)} tokens)")
+        setattr(tok, attr, tok.convert_ids_to_tokens(token_id))
+        if getattr(tok, attr + "_id") != token_id:
+            raise ValueError(
+                f"save_pretrained: token {getattr(tok, attr)!r} of {attr} id {token_id} maps back to id "
+                f"{getattr(tok, attr + '_id')}"
+            )
+    return tok
+
+
 def save_pretrained(
-    model: nnx.Module, folder: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 5 * 2**30
+    model: nnx.Module,
+    folder: str | os.PathLike,
+    tokenizer=None,
+    max_shard_bytes: int = 5 * 2**30,
+    *,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
 ) -> Path:
-    """Writes HF-format safetensors (sharded past `max_shard_bytes`) and config.json, atomically."""
+    """Writes HF-format safetensors (sharded past `max_shard_bytes`) and config.json, atomically.
+
+    pad_token_id / eos_token_id (default: the model config's) go into config.json and, for a causal LM,
+    generation_config.json (with bos); transformers needs the pad id to score a padded batch with a
+    `*ForSequenceClassification` model. `tokenizer` (optional) is saved as a copy whose pad and eos tokens
+    are the tokens of those ids, so `AutoTokenizer.from_pretrained(folder).pad_token_id` equals config.json's.
+    Pick pad != eos: transformers' sequence classifiers read the score at the last token that is not pad.
+    """
     from safetensors.numpy import save_file
 
+    cfg = model.config
+    pad = _check_token_id("pad_token_id", cfg.pad_token_id if pad_token_id is None else pad_token_id, cfg.vocab_size)
+    eos = _check_token_id("eos_token_id", cfg.eos_token_id if eos_token_id is None else eos_token_id, cfg.vocab_size)
+    if pad is None:
+        log.warning("save_pretrained(%s): no pad_token_id; transformers cannot score padded batches", folder)
+    elif pad == eos:
+        log.warning("save_pretrained(%s): pad_token_id == eos_token_id == %d", folder, pad)
+    cfg = cfg.replace(pad_token_id=pad, eos_token_id=eos)
+    tokenizer = None if tokenizer is None else _export_tokenizer(tokenizer, pad, eos)
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        hf_config = to_hf_config(model.config, _architecture_name(model))
+        hf_config = to_hf_config(cfg, _architecture_name(model))
         if isinstance(model, ScalarHeadModel):
             hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        else:
+            generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         tensors = hf_state_dict(model)
         shards, current, size = [], {}, 0
