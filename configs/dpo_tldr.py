@@ -1,6 +1,6 @@
 """DPO baseline on TL;DR: SFT, then DPO from it; a reward model is trained too, as the evaluation judge.
 
-Presets as in rto_tldr.py: 1b (default), 2.8b, 6.9b, tiny.
+Presets as in rto_tldr.py: 1b (default), 2.8b, 6.9b, tiny, smollm2.
 """
 
 from pathlib import Path

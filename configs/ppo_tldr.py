@@ -1,6 +1,6 @@
 """PPO baseline on TL;DR: recipe experiments/ppo.py (PPO's sparse reward; no DPO stage) with the N+ KL of 0.05.
 
-Presets as in rto_tldr.py: 1b (default), 2.8b, 6.9b, tiny.
+Presets as in rto_tldr.py: 1b (default), 2.8b, 6.9b, tiny, smollm2.
 """
 
 from pathlib import Path

@@ -3,39 +3,66 @@
 Any config field can be overridden: `--config.ppo.lr=1e-6`, `--config.stages=ppo,evaluate`.
 Restarting the same command resumes: finished stages are skipped, an interrupted stage continues
 from its last checkpoint.
+
+A mistake of the user's (an unknown override key, a bad value, a data file that cannot be read, a
+model that cannot be had) is one line on stderr and exit status 2, and a workdir this command
+created is removed again; anything else is a bug and keeps its traceback.
 """
 
 import logging
+import os
+import shutil
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from rto_jax.distributed import init_distributed
-from rto_jax.pipeline import ConfigError, run, validate
+from rto_jax.distributed import init_distributed, is_main_process
+from rto_jax.errors import UserError
+from rto_jax.pipeline import run
+from rto_jax.pipeline.overrides import check_overrides
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:preset]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics, models, results)", required=True)
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with bad config files, presets and override keys as one-line errors."""
+    try:
+        check_overrides(argv)  # unknown keys: named, with the nearest valid ones
+        return flags.FLAGS(argv)
+    except UserError as e:
+        _fail(str(e))
+    except flags.Error as e:
+        _fail(" ".join(str(e).split()))
 
 
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     logging.getLogger("rto_jax").setLevel(logging.INFO)
-    config = _CONFIG.value
-    if "://" in _WORKDIR.value:  # every file the pipeline writes goes through the local filesystem
-        raise app.UsageError(
-            f"--workdir={_WORKDIR.value}: URLs are not supported; mount the bucket (e.g. gcsfuse) at the same "
-            "path on every host and pass that path"
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if "://" in workdir:  # every file the pipeline writes goes through the local filesystem
+        _fail(
+            f"--workdir={workdir}: URLs are not supported; mount the bucket (e.g. gcsfuse) at the same path on "
+            "every host and pass that path"
         )
     init_distributed(config)  # multi-process runs: before anything touches a device
+    created = not os.path.exists(workdir)
     try:
-        validate(config, _WORKDIR.value)  # before any work: a bad value fails here, naming its key
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from None
-    run(config, _WORKDIR.value)
+        run(config, workdir)  # validates and checks every source before it writes anything
+    except UserError as e:
+        if created and is_main_process():
+            shutil.rmtree(workdir, ignore_errors=True)  # nothing half-written is left behind
+        _fail(str(e))
 
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -129,6 +129,7 @@ def test_a_stage_needing_a_model_nobody_makes_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"config.sft.init_from: stage 'ppo' needs the sft model"):
         validate(config, tmp_path)
     config.sft.init_from = config.reward_model.init_from = str(tmp_path)
+    config.tokenizer.bpe_vocab_size = 0  # given models bring their tokenizer
     with pytest.raises(ConfigError, match=r"config.dpo.init_from: stage 'ppo' needs the dpo model .*'rto'"):
         validate(config, tmp_path)
     set_recipe(config, "experiments/ppo.py")  # PPO's reward reads no DPO policy

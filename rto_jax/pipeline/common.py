@@ -83,7 +83,8 @@ def random_base_model(config, task) -> CausalLM:
 
 
 def export(model, folder: Path, task) -> str:
-    """HF-format export (safetensors + config.json, + the tokenizer when there is one), atomic.
+    """HF-format export (safetensors + config.json with the run's pad / EOS ids, + the tokenizer when
+    there is one), atomic.
 
     Every process calls it (parameters split across processes are gathered); process 0 writes, and
     the others wait until the folder is complete, since the next stage loads it on every process.
@@ -92,7 +93,9 @@ def export(model, folder: Path, task) -> str:
     model = nnx.merge(graphdef, to_host(params))
     if is_main_process():
         tokenizer = task.tokenizer if hasattr(task.tokenizer, "save_pretrained") else None
-        save_pretrained(model, folder, tokenizer=tokenizer)
+        # The run's pad and EOS (pad chosen != EOS by the task) go into config.json and the saved
+        # tokenizer, so transformers can batch (left-pad) the exported model.
+        save_pretrained(model, folder, tokenizer=tokenizer, pad_token_id=task.pad_id, eos_token_id=task.eos_id)
     sync(f"export {folder}")
     return str(folder)
 

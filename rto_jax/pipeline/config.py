@@ -195,7 +195,8 @@ def base_config() -> config_dict.ConfigDict:
 
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every_steps = 100  # orbax checkpoint every this many steps (and at the end of a stage)
-    c.checkpoint.keep = 2  # keep the last k checkpoints per stage
+    c.checkpoint.keep = 1  # keep the last k checkpoints per stage (saves are atomic: one is enough to resume)
+    c.checkpoint.keep_after_stage = False  # keep a finished stage's checkpoints (its exported model remains)
 
     c.mesh = config_dict.ConfigDict()
     c.mesh.data = -1  # data-parallel mesh axis size; -1 = the devices left after fsdp x tensor
@@ -271,6 +272,11 @@ def stage_available(config, workdir, stage: str) -> bool:
 # Validation.
 
 
+def _get(config, key: str):
+    section, _, name = key.rpartition(".")
+    return config[section][name] if section else config[name]
+
+
 def _positive(config, *keys):
     for key in keys:
         section, _, name = key.rpartition(".")
@@ -289,6 +295,10 @@ def _non_negative(config, *keys):
 
 def _check_model_path(key: str, path: str):
     if path and looks_local(path) and not os.path.exists(os.path.expanduser(path.split("@")[0])):
+        from rto_jax.models.smollm2 import GGUF_NAME
+
+        if path.endswith(GGUF_NAME):
+            raise ConfigError(key, f"{path!r} does not exist: run `make smollm2` first (it caches SmolLM2 there)")
         raise ConfigError(
             key, f"{path!r} does not exist (a local model folder or .gguf file; hub ids are 'owner/name')"
         )
@@ -337,6 +347,22 @@ def _check_text_data(config, stages, base) -> None:
             "tokenizer.bpe_vocab_size", f"{config.tokenizer.bpe_vocab_size} < 300 (256 bytes + specials + merges)"
         )
     _check_model_path("tokenizer.path", config.tokenizer.path)
+    if config.tokenizer.bpe_vocab_size > 0:
+        # A BPE trained on the data numbers its tokens its own way: fed to a pretrained model, its ids
+        # select unrelated embeddings (no error anywhere, just a model that learns nothing).
+        pretrained = [k for k in ["model.init_from"] + [f"{s}.init_from" for s in TRAINED_STAGES] if _get(config, k)]
+        if config.evaluate.judge:
+            pretrained.append("evaluate.judge")
+        if pretrained:
+            raise ConfigError(
+                "tokenizer.bpe_vocab_size",
+                f"{config.tokenizer.bpe_vocab_size} trains a new BPE, but config.{pretrained[0]} is a pretrained "
+                "model with its own vocabulary: set tokenizer.bpe_vocab_size=0 to use the model's tokenizer",
+            )
+        if config.tokenizer.path:
+            raise ConfigError(
+                "tokenizer.bpe_vocab_size", "set either tokenizer.path (a given tokenizer) or bpe_vocab_size > 0"
+            )
 
     # Data.
     for name in ("sft", "preference"):
@@ -560,15 +586,16 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
 # Preset helpers shared by the files in configs/.
 
 
-def config_from_file(path: str | os.PathLike, preset: str):
-    """`get_config(preset)` of a config file, loaded by path as config_flags does (configs/ is no package);"""
+def config_from_file(path: str | os.PathLike, preset: str | None = None):
+    """`get_config(preset)` (or the file's default preset) of a config file, loaded by path as
+    config_flags does (configs/ is no package)."""
     import importlib.util
 
     path = Path(path)
     spec = importlib.util.spec_from_file_location(f"rto_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return module.get_config() if preset is None else module.get_config(preset)
 
 
 def shared_data_dir() -> Path:

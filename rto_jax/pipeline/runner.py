@@ -5,7 +5,7 @@ Workdir layout:
   metrics.jsonl                one JSON record per step / evaluation (rto_jax.pipeline.logging)
   tensorboard/                 TensorBoard events
   tokenizer/                   the trained BPE (tokenizer.bpe_vocab_size > 0)
-  <stage>/checkpoints/<step>/  orbax checkpoints (last config.checkpoint.keep)
+  <stage>/checkpoints/<step>/  orbax checkpoints (last config.checkpoint.keep), removed when the stage is done
   <stage>/model/               the stage's final model in HF format (ppo/critic/ too)
   <stage>/done.json            written last: the stage is finished and is skipped on restart
   evaluate/<policy>.json, evaluate/samples_<policy>.jsonl
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from rto_jax.distributed import is_main_process, sync
@@ -23,6 +24,7 @@ from rto_jax.pipeline.common import write_json
 from rto_jax.pipeline.config import TRAINED_STAGES, parse_seeds, stage_done_file, stage_list, validate
 from rto_jax.pipeline.logging import RunLog, summary, write_json_atomic
 from rto_jax.pipeline.recipes import load_recipe
+from rto_jax.pipeline.sources import check_sources
 from rto_jax.pipeline.tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ class Pipeline:
             return None
         result = fn(self.config, self.workdir, self.task, self.run_log, **inputs)
         write_json(stage_done_file(self.workdir, name), result)
+        if not self.config.checkpoint.keep_after_stage and is_main_process():
+            # A finished stage is skipped on restart and its model is exported: its checkpoints
+            # (the model with its optimizer moments, ~3x its size) would only fill the disk.
+            shutil.rmtree(self.workdir / name / "checkpoints", ignore_errors=True)
         self.done[name] = result
         if is_main_process():
             print(summary(f"{name} done", {k: v for k, v in result.items() if not isinstance(v, dict)}))
@@ -93,6 +99,8 @@ class Pipeline:
     def results(self, evaluation: dict | None = None, **extra) -> dict:
         """results.json: every stage's summary, the evaluation's numbers at the top level, and `extra`."""
         results = {"name": self.config.name, "recipe": self.config.recipe, "seed": self.config.seed}
+        if self.task.special_tokens:
+            results["special_tokens"] = self.task.special_tokens  # pad / EOS as chosen for this run
         results["stages"] = {k: v for k, v in self.done.items() if v is not evaluation}
         results.update(evaluation or {})
         results.update(extra)
@@ -121,13 +129,17 @@ def run(config, workdir, task=None) -> dict:
     task: a prebuilt `tasks.Task` (single seed only); default: built from config.data.
     """
     validate(config, workdir)
+    # Every model source is fetched and checked before anything is written (rto_jax.pipeline.sources).
+    tokenizer = check_sources(config) if task is None else None
     seeds = parse_seeds(config.seeds)
     recipe = load_recipe(config.recipe)
     if len(seeds) == 1:
-        return _run_one(with_seed(config, seeds[0]), Path(workdir), recipe, task)
+        return _run_one(with_seed(config, seeds[0]), Path(workdir), recipe, task, tokenizer)
     if task is not None:
         raise ValueError("run(task=...) takes one seed; config.seeds has several")
-    per_seed = [_run_one(with_seed(config, seed), Path(workdir) / f"seed_{seed}", recipe, None) for seed in seeds]
+    per_seed = [
+        _run_one(with_seed(config, seed), Path(workdir) / f"seed_{seed}", recipe, None, tokenizer) for seed in seeds
+    ]
     if hasattr(recipe, "aggregate"):
         return recipe.aggregate(per_seed, Path(workdir))
     results = {"seeds": seeds, "per_seed": per_seed}
@@ -135,13 +147,14 @@ def run(config, workdir, task=None) -> dict:
     return results
 
 
-def _run_one(config, workdir: Path, recipe, task) -> dict:
+def _run_one(config, workdir: Path, recipe, task, tokenizer=None) -> dict:
+    # The data are read (and a bad file reported) before the config and metrics files are written.
+    task = task if task is not None else build_task(config, workdir, tokenizer)
+    log.info("task %s (seed %d): %s", task.name, config.seed, task.describe())
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
     run_log = RunLog(workdir)
     try:
-        task = task if task is not None else build_task(config, workdir)
-        log.info("task %s (seed %d): %s", task.name, config.seed, task.describe())
         return recipe.run(Pipeline(config, workdir, task, run_log))
     finally:
         run_log.close()

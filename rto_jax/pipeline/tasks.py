@@ -71,6 +71,7 @@ class Task:
     gold_reward: GoldReward | None = None  # known true reward (synthetic tasks)
     label_pairs: PairLabeler | None = None  # labels sampled pairs (synthetic tasks; see `preference_prompts`)
     preference_prompts: dict[str, np.ndarray] | None = None  # prompts whose pi_sft sample pairs get labelled
+    special_tokens: dict | None = None  # how pad and EOS were chosen (choose_special_tokens; results.json)
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -182,6 +183,55 @@ def load_run_tokenizer(config, workdir):
     raise ValueError("config.tokenizer.path: no tokenizer source")
 
 
+# Pad candidates when the tokenizer has no pad token distinct from EOS (pad is never attended to or
+# trained, so any id the model has works; a token the data never produces is the clearest choice).
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|endoftext|>", "<unk>", "<|padding|>")
+
+
+def choose_special_tokens(tokenizer, pad_id: int | None = None, eos_id: int | None = None) -> dict:
+    """Pad and EOS of a run: config.data.pad_id / eos_id when set, else the tokenizer's EOS and a pad
+    that differs from it: the tokenizer's pad token, its unknown token, or a reserved token
+    (PAD_CANDIDATES), in that order. Returns {pad_id, pad_token, eos_id, eos_token, pad_from} (logged
+    and recorded in results.json)."""
+    from rto_jax.errors import ConfigError
+
+    eos_from = "config.data.eos_id" if eos_id is not None else "the tokenizer's EOS token"
+    eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+    if eos_id is None:
+        raise ConfigError(
+            "data.eos_id", "the tokenizer has no EOS token: set data.eos_id to the id that ends a response"
+        )
+    candidates = []
+    if pad_id is not None:
+        candidates.append((pad_id, "config.data.pad_id"))
+    else:
+        candidates.append((getattr(tokenizer, "pad_token_id", None), "the tokenizer's pad token"))
+        candidates.append((getattr(tokenizer, "unk_token_id", None), "the tokenizer's unknown token"))
+        vocab = tokenizer.get_vocab()
+        candidates += [(vocab.get(t), f"the reserved token {t!r}") for t in PAD_CANDIDATES]
+    for pad, pad_from in candidates:
+        if pad is not None and int(pad) != int(eos_id):
+            break
+    else:
+        raise ConfigError(
+            "data.pad_id",
+            f"the tokenizer has no pad token distinct from EOS ({eos_id}) and none of {PAD_CANDIDATES}: "
+            "set data.pad_id to an id the data never uses",
+        )
+    chosen = {
+        "pad_id": int(pad),
+        "pad_token": tokenizer.convert_ids_to_tokens(int(pad)),
+        "eos_id": int(eos_id),
+        "eos_token": tokenizer.convert_ids_to_tokens(int(eos_id)),
+        "pad_from": pad_from,
+    }
+    log.info(
+        "special tokens: EOS %r (id %d, %s), pad %r (id %d, %s)",
+        chosen["eos_token"], chosen["eos_id"], eos_from, chosen["pad_token"], chosen["pad_id"], pad_from,
+    )  # fmt: skip
+    return chosen
+
+
 # ----------------------------------------------------------------------------------------------
 # Text tasks.
 
@@ -211,6 +261,11 @@ def _examples(src, config, tokenizer, seed: int):
     return train_eval_split(train, size if size < 1 else int(size), seed)
 
 
+def _stats(path: str, part: str, rows) -> tok.DataStats:
+    """Tokenization counts named after the file and the part of it (its log lines say which)."""
+    return tok.DataStats(source=f"{path} ({part})", num_rows=len(rows))
+
+
 def _first_per_prompt(examples):
     seen: dict[str, Any] = {}
     for e in examples:
@@ -223,7 +278,8 @@ def build_text_task(config, workdir, tokenizer=None) -> Task:
     pairs, PPO prompts = distinct SFT training prompts, evaluation = distinct held-out SFT prompts with
     their reference responses (at most config.evaluate.num_prompts)."""
     tokenizer = tokenizer if tokenizer is not None else load_run_tokenizer(config, workdir)
-    pad_id, eos_id = tok.special_ids(tokenizer, config.data.pad_id, config.data.eos_id)
+    special_tokens = choose_special_tokens(tokenizer, config.data.pad_id, config.data.eos_id)
+    pad_id, eos_id = special_tokens["pad_id"], special_tokens["eos_id"]
     p, r = config.data.max_prompt_len, config.data.max_response_len
     common = dict(
         pad_id=pad_id,
@@ -238,21 +294,33 @@ def build_text_task(config, workdir, tokenizer=None) -> Task:
     pref_examples = None
     if config.data.preference.path:
         pref_examples = _examples(config.data.preference, config, tokenizer, config.seed)
-        preference_train, _ = tok.tokenize_preference(pref_examples[0], tokenizer, p, r, **pairs)
-        preference_eval, _ = tok.tokenize_preference(pref_examples[1], tokenizer, p, r, **pairs)
+        pref = config.data.preference.path
+        preference_train, _ = tok.tokenize_preference(
+            pref_examples[0], tokenizer, p, r, stats=_stats(pref, "training pairs", pref_examples[0]), **pairs
+        )
+        preference_eval, _ = tok.tokenize_preference(
+            pref_examples[1], tokenizer, p, r, stats=_stats(pref, "held-out pairs", pref_examples[1]), **pairs
+        )
     if config.data.sft.path:
         sft_train_ex, sft_eval_ex = _examples(config.data.sft, config, tokenizer, config.seed)
     else:  # SFT on the preferred responses (HH-RLHF / UltraFeedback practice), same prompt split
         sft_train_ex, sft_eval_ex = [
             [formats_lib.SFTExample(e.prompt, e.chosen) for e in part] for part in pref_examples
         ]
-    sft_train, _ = tok.tokenize_sft(sft_train_ex, tokenizer, p, r, **pairs)
-    sft_eval, _ = tok.tokenize_sft(sft_eval_ex, tokenizer, p, r, **pairs)
-    prompts_train, _ = tok.tokenize_prompts(sft_train_ex, tokenizer, p, unique=True, **common)
+    sft = config.data.sft.path or f"{config.data.preference.path} (chosen)"
+    sft_train, _ = tok.tokenize_sft(sft_train_ex, tokenizer, p, r, stats=_stats(sft, "SFT rows", sft_train_ex), **pairs)
+    sft_eval, _ = tok.tokenize_sft(
+        sft_eval_ex, tokenizer, p, r, stats=_stats(sft, "held-out SFT rows", sft_eval_ex), **pairs
+    )
+    prompts_train, _ = tok.tokenize_prompts(
+        sft_train_ex, tokenizer, p, unique=True, stats=_stats(sft, "PPO prompts", sft_train_ex), **common
+    )
     eval_ex = _first_per_prompt(sft_eval_ex)
     if config.evaluate.num_prompts:
         eval_ex = eval_ex[: config.evaluate.num_prompts]
-    eval_references, _ = tok.tokenize_sft(eval_ex, tokenizer, p, r, **common)
+    eval_references, _ = tok.tokenize_sft(
+        eval_ex, tokenizer, p, r, stats=_stats(sft, "evaluation prompts", eval_ex), **common
+    )
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.vocab_size
     return Task(
         name=config.name,
@@ -269,6 +337,7 @@ def build_text_task(config, workdir, tokenizer=None) -> Task:
         preference_eval=preference_eval,
         eval_references=eval_references,
         tokenizer=tokenizer,
+        special_tokens=special_tokens,
     )
 
 
@@ -321,8 +390,8 @@ def with_preferences(task: Task, path, eval_size: float, seed: int) -> Task:
     return dataclasses.replace(task, preference_train=take(order[held_out:]), preference_eval=take(order[:held_out]))
 
 
-def build_task(config, workdir) -> Task:
+def build_task(config, workdir, tokenizer=None) -> Task:
     """The task of a config: `config.data.source` 'text' (datasets + tokenizer) or 'synthetic'."""
     if config.data.source == "synthetic":
         return build_synthetic_task(config)
-    return build_text_task(config, workdir)
+    return build_text_task(config, workdir, tokenizer)
