@@ -28,5 +28,9 @@ def run(pipeline: Pipeline, token_reward=TOKEN_REWARD) -> dict:
         policies={name: model_path(r) for name, r in policies.items() if r is not None},
         reward_path=model_path(reward_model),
         ref_path=model_path(sft),
+        # What PPO was given: the token pages (evaluate/tokens_<policy>.html) show its reward per token.
+        token_reward=token_reward,
+        models=models,
+        reward=reward_model,
     )
     return pipeline.results(evaluation)

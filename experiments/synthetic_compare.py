@@ -13,7 +13,7 @@ from pathlib import Path
 from rto_jax.distributed import is_main_process
 from rto_jax.eval import plots, report
 from rto_jax.eval.policy_eval import run_best_of_n
-from rto_jax.objectives.token_rewards import ppo, reward_args, rto, rto_no_rm, rto_sequence_end
+from rto_jax.objectives.token_rewards import bind, ppo, reward_args, rto, rto_no_rm, rto_sequence_end
 from rto_jax.pipeline import Pipeline, model_path, stages
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
@@ -31,20 +31,23 @@ def run(pipeline: Pipeline) -> dict:
     dpo = pipeline.stage("dpo", stages.run_dpo, sft_path=model_path(sft))
 
     shared = config.ppo.reward_args.to_dict()
-    policies, stage_of = {"sft": model_path(sft), "dpo": model_path(dpo)}, {}
+    models = {"ref": model_path(sft), "dpo": model_path(dpo)}
+    policies, stage_of, rewards = {"sft": model_path(sft), "dpo": model_path(dpo)}, {}, {}
     for fn in METHODS:
         name = stage_of[fn.__name__] = f"ppo_{fn.__name__}"
+        args = {k: v for k, v in shared.items() if k in reward_args(fn)}
         result = pipeline.stage(
             name,
             stages.run_ppo,
             section="ppo",
             stage=name,
             token_reward=fn,
-            models={"ref": model_path(sft), "dpo": model_path(dpo)},
+            models=models,
             reward=reward_model,
-            reward_args={k: v for k, v in shared.items() if k in reward_args(fn)},
+            reward_args=args,
         )
         policies[fn.__name__] = model_path(result)
+        rewards[fn.__name__] = bind(fn, **args)
 
     evaluation = pipeline.stage(
         "evaluate",
@@ -52,6 +55,12 @@ def run(pipeline: Pipeline) -> dict:
         policies=policies,
         reward_path=model_path(reward_model),
         ref_path=model_path(sft),
+        # The token pages (evaluate/tokens_<policy>.html): each method's policy with the reward it was
+        # trained with, SFT and DPO with RTO's.
+        token_reward=TOKEN_REWARD,
+        policy_rewards=rewards,
+        models=models,
+        reward=reward_model,
     )
     if evaluation is None:  # evaluation not among config.stages
         return pipeline.results()

@@ -1,10 +1,15 @@
 """The evaluation stage and the scoring it shares with the reward-model stage.
 
-    run_evaluate(config, workdir, task, log, policies=..., reward_path=..., ref_path=...) -> summary
+    run_evaluate(config, workdir, task, log, policies=..., reward_path=..., ref_path=...,
+                 token_reward=..., models=..., reward=...) -> summary
         every policy on the task's held-out prompts, with the same sampling keys (common random
         numbers): reward-model score, KL to pi_ref, length, EOS rate; win rate against the data's
         reference responses (judge: a reward model); the gold reward, its standard error and the
-        gold win rate against SFT when the task has a gold reward (synthetic tasks)
+        gold win rate against SFT when the task has a gold reward (synthetic tasks). Per policy it
+        also writes `samples_<policy>.jsonl` (the first `evaluate.num_samples_logged` prompts:
+        prompt, response, reference, judge scores, win, score, KL, length, EOS) and
+        `tokens_<policy>.html` (those responses with every token coloured by its token reward,
+        computed as PPO computes it; rto_jax/eval/token_page.py)
     score_arrays(model, arrays, batch_size) -> [N]   a scalar-head model's scores of SFT-layout rows
     reward_accuracy(model, preference, batch_size)    a reward model's held-out preference accuracy
     sample_responses(...)                             one sample per prompt, SFT-layout arrays
@@ -16,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -26,7 +32,16 @@ from flax import nnx
 
 from rto_jax.data import pad_batch
 from rto_jax.distributed import is_main_process, to_host
-from rto_jax.eval.rollout_eval import evaluate_policy, mean_and_se, win_rate
+from rto_jax.eval import token_page
+from rto_jax.eval.rollout_eval import evaluate_policy, mean_and_se, token_reward_parts, win_rate
+from rto_jax.objectives.token_rewards import (
+    BoundReward,
+    bind,
+    frozen_models,
+    needs_reward_model,
+    ppo,
+    reward_args,
+)
 from rto_jax.pipeline import common
 from rto_jax.pipeline.config import parse_policies
 from rto_jax.pipeline.logging import RunLog, table
@@ -34,6 +49,8 @@ from rto_jax.sampling import SamplingConfig, generate_jit, response_inputs
 from rto_jax.scoring import sequence_scores
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "positions", "response_mask")
+
+log = logging.getLogger(__name__)
 
 
 def fixed_size_batches(arrays: dict, batch_size: int):
@@ -83,9 +100,12 @@ def sample_responses(graphdef, params, prompts: dict, batch_size: int, sampling:
         ids, mask = jnp.asarray(batch["prompt_ids"]), jnp.asarray(batch["prompt_mask"])
         samples = generate_jit(graphdef, params, ids, mask, jax.random.fold_in(rng, i), sampling)
         input_ids, attention_mask, positions = response_inputs(ids, mask, samples)
-        rows = dict(
-            input_ids=input_ids, attention_mask=attention_mask, positions=positions, response_mask=samples.response_mask
-        )
+        rows = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "positions": positions,
+            "response_mask": samples.response_mask,
+        }
         parts.append({k: v[:n] for k, v in to_host(rows).items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -112,12 +132,15 @@ def make_judge(path: str, config) -> Callable[[dict], np.ndarray]:
     return lambda arrays: score_arrays(model, arrays, config.evaluate.batch_size)
 
 
-def held_out_rows(config, task, graphdef, params, ref_params=None, reward_model=None) -> dict[str, np.ndarray]:
+def held_out_rows(
+    config, task, graphdef, params, ref_params=None, reward_model=None, desc: str | None = None
+) -> dict[str, np.ndarray]:
     """One sample per held-out prompt and its numbers `[N]`: KL to pi_ref, length, EOS, and the
     reward-model score / gold reward when there are a reward model / gold reward.
 
     Every caller (the evaluation stage, PPO's gold curve) samples with the same keys: common random
     numbers make policies comparable, and a curve's last point equals the final evaluation.
+    desc: a progress bar over the prompt batches with this label.
     """
     cfg = config.evaluate
     reward_graphdef, reward_params = nnx.split(reward_model) if reward_model is not None else (None, None)
@@ -135,14 +158,35 @@ def held_out_rows(config, task, graphdef, params, ref_params=None, reward_model=
         reward_params=reward_params,
         gold_fn=task.gold_reward,
         batch_size=cfg.batch_size,
+        desc=desc,
     )
 
 
 def run_evaluate(
-    config, workdir, task, run_log: RunLog, *, policies: dict[str, str], reward_path: str | None, ref_path: str | None
+    config,
+    workdir,
+    task,
+    run_log: RunLog,
+    *,
+    policies: dict[str, str],
+    reward_path: str | None,
+    ref_path: str | None,
+    token_reward=None,
+    models: Mapping[str, str | None] | None = None,
+    reward: Mapping | None = None,
+    policy_rewards: Mapping | None = None,
 ) -> dict:
     """Every policy on the held-out prompts (see the module docstring); `policies` {name: model path},
     plus those of `config.evaluate.policies`. The gold win rate is against the policy named `sft`.
+
+    For the token pages (`tokens_<policy>.html`), what the recipe gives `run_ppo`:
+    token_reward: the recipe's token reward (a function of rto_jax.objectives.token_rewards' signature,
+        bound to `config.ppo.reward_args`, or a BoundReward), shown for every policy;
+    models: {name: path} of the frozen language models it may read ('ref', 'dpo'; default {'ref': ref_path});
+    reward: the reward-model stage's summary (reward_mean, reward_std normalize the score as in PPO);
+    policy_rewards: {policy name: token reward} for policies trained with another reward than
+        `token_reward` (e.g. the synthetic comparison's methods).
+    Without them a page still shows what it can (PPO's reward: the KL penalty and the score).
 
     Per-policy results are cached in `<workdir>/evaluate/<policy>.json` and per-row numbers in
     `<policy>.rows.npz` (a restart skips evaluated policies).
@@ -174,13 +218,14 @@ def run_evaluate(
             "eos_rate": float(np.mean(np.any((tokens == task.eos_id) & (mask > 0), axis=1))),
             "win_rate": 0.5,
         }
+    pages = _TokenPages(config, task, token_reward, models, reward, policy_rewards, ref_path, ref_params, reward_model)
     gold_baseline = None
     for name, path in policies.items():
         if name in cached:
             results[name], rows = cached[name]
         else:
             graphdef, params = nnx.split(common.load_model(path, "lm", config, mesh))
-            rows = held_out_rows(config, task, graphdef, params, ref_params, reward_model)
+            rows = held_out_rows(config, task, graphdef, params, ref_params, reward_model, desc=f"evaluate {name}")
             arrays = sequences(task.eval_prompts, rows["tokens"], rows["response_mask"])
             metrics = {
                 "rm_score": float(np.mean(rows["score"])),
@@ -189,8 +234,12 @@ def run_evaluate(
             }
             if ref_params is not None:  # KL(pi || pi_ref) on the samples, both at the sampling temperature
                 metrics["kl_to_ref"] = float(np.mean(rows["kl"]))
+            count = min(cfg.num_samples_logged, len(rows["tokens"]))
             if references is not None:
-                metrics["win_rate"] = win_rate(judge(arrays), references)
+                judge_scores = judge(arrays)
+                metrics["win_rate"] = win_rate(judge_scores, references)
+            else:  # only the logged rows need a judge score
+                judge_scores = judge({k: v[:count] for k, v in arrays.items()}) if count else np.zeros(0)
             if "gold" in rows:
                 metrics["gold_reward"], metrics["gold_reward_se"] = mean_and_se(rows["gold"])
                 if gold_baseline is not None:
@@ -198,9 +247,13 @@ def run_evaluate(
             metrics["model_path"] = path
             results[name] = metrics
             run_log.log("evaluate", 0, {k: v for k, v in metrics.items() if isinstance(v, float)}, split=name)
+            samples = sample_rows(task, arrays, rows, judge_scores, references, count, kl=ref_params is not None)
+            page = pages.render(name, path, graphdef, params, arrays, samples)  # every process: jitted
             if is_main_process():
                 np.savez(folder / f"{name}.rows.npz", **{k: v for k, v in rows.items() if k != "tokens"})
-                _write_samples(folder / f"samples_{name}.jsonl", task, arrays, cfg.num_samples_logged)
+                write_jsonl(folder / f"samples_{name}.jsonl", samples)
+                if page is not None:
+                    (folder / f"tokens_{name}.html").write_text(page, encoding="utf-8")
             common.write_json(folder / f"{name}.json", metrics)
         if name == "sft" and "gold" in rows:
             gold_baseline = rows["gold"]
@@ -215,14 +268,194 @@ def run_evaluate(
     return {"policies": results, "judge": judge_path, "num_prompts": len(task.eval_prompts["prompt_ids"])}
 
 
-def _write_samples(path: Path, task, rows: dict, count: int) -> None:
+def _valid(ids, mask) -> np.ndarray:
+    return np.asarray(ids)[np.asarray(mask) > 0]
+
+
+def sample_rows(task, arrays: dict, rows: dict, judge_scores, references, count: int, kl: bool = True) -> list[dict]:
+    """The first `count` evaluated rows as dicts: prompt, response (special tokens kept: EOS shows),
+    reference (the data's reference response, None without one), judge_score, reference_judge_score,
+    win (1, 0.5 or 0, as `win_rate` counts it), rm_score, kl (the sampled sequence's log-ratio
+    log pi/pi_ref; None without a reference policy), length, eos, and gold_reward on gold tasks."""
     p = task.prompt_length
-    lines = []
-    for i in range(min(count, len(rows["input_ids"]))):
-        prompt = rows["input_ids"][i, :p][rows["attention_mask"][i, :p] > 0]
-        response = rows["input_ids"][i, p:][rows["response_mask"][i] > 0]
-        lines.append(json.dumps({"prompt": task.decode(prompt), "response": task.decode(response)}))
-    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    out = []
+    for i in range(count):
+        row = {
+            "prompt": task.decode(_valid(arrays["input_ids"][i, :p], arrays["attention_mask"][i, :p])),
+            "response": task.decode(_valid(arrays["input_ids"][i, p:], arrays["response_mask"][i])),
+            "reference": None,
+            "judge_score": float(judge_scores[i]),
+            "reference_judge_score": None,
+            "win": None,
+            "rm_score": float(rows["score"][i]) if "score" in rows else None,
+            "kl": float(rows["kl"][i]) if kl else None,
+            "length": int(rows["length"][i]),
+            "eos": bool(rows["eos"][i]),
+        }
+        if references is not None:
+            ref = task.eval_references
+            row["reference"] = task.decode(_valid(ref["input_ids"][i, p:], ref["response_mask"][i]))
+            row["reference_judge_score"] = float(references[i])
+            row["win"] = win_rate(judge_scores[i : i + 1], references[i : i + 1])
+        if "gold" in rows:
+            row["gold_reward"] = float(rows["gold"][i])
+        out.append(row)
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _bound(fn, config) -> BoundReward | None:
+    """`fn` bound to the coefficients of `config.ppo.reward_args` it takes (a BoundReward as it is)."""
+    if fn is None or isinstance(fn, BoundReward):
+        return fn
+    args = config.ppo.reward_args.to_dict()
+    return bind(fn, **{k: v for k, v in args.items() if k in reward_args(fn)})
+
+
+class _TokenPages:
+    """The token pages of one evaluation: which reward each policy gets, and the frozen models it
+    reads (loaded once, when first needed)."""
+
+    def __init__(self, config, task, token_reward, models, reward, policy_rewards, ref_path, ref_params, reward_model):
+        self.config, self.task = config, task
+        self.token_reward = _bound(token_reward, config)
+        self.policy_rewards = {k: _bound(v, config) for k, v in (policy_rewards or {}).items()}
+        self.paths = {k: v for k, v in {"ref": ref_path, **(models or {})}.items() if v}
+        self.params = {}
+        if ref_path and ref_params is not None:
+            self.params[ref_path] = ref_params
+        self.reward = reward
+        self.reward_model = reward_model
+
+    def _frozen(self, name: str):
+        path = self.paths[name]
+        if path not in self.params:
+            model = common.load_model(path, "lm", self.config, common.device_mesh(self.config))
+            self.params[path] = nnx.split(model)[1]
+        return self.params[path]
+
+    def _reward_for(self, policy: str) -> tuple[BoundReward | None, list[str]]:
+        """The token reward shown for `policy` and notes on what stands in for what is missing."""
+        notes = []
+        fn = self.policy_rewards.get(policy) or self.token_reward
+        if fn is None:
+            notes.append("No token reward was given to the evaluation: PPO's reward (KL penalty, score) is shown.")
+        else:
+            missing = [m for m in frozen_models(fn) if m not in self.paths]
+            if missing:
+                notes.append(
+                    f"The token reward {fn.name!r} reads the models {missing}, which were not given to the "
+                    "evaluation: PPO's reward (KL penalty, score) is shown instead."
+                )
+                fn = None
+        if fn is None:
+            fn = _bound(ppo, self.config)
+        if "ref" not in self.paths:
+            return None, notes
+        return fn, notes
+
+    def render(self, policy: str, path: str, graphdef, params, arrays: dict, samples: list[dict]) -> str | None:
+        """The page of `policy`'s first len(samples) rows of `arrays`, or None (logged) without a
+        reference policy to compute the token reward against."""
+        count = len(samples)
+        fn, notes = self._reward_for(policy)
+        if fn is None:
+            log.info("evaluate: no tokens_%s.html (it needs a reference policy: ref_path or models['ref'])", policy)
+            return None
+        if count == 0:
+            return None
+        cfg, ppo_cfg = self.config.evaluate, self.config.ppo
+        names = sorted(set(frozen_models(fn)) | {"ref"})
+        stats = self.reward or {}
+        if "reward_mean" not in stats:
+            notes.append("No reward-model statistics were given: the score is not normalized (mean 0, std 1).")
+        reward_mean, reward_std = float(stats.get("reward_mean", 0.0)), float(stats.get("reward_std", 1.0))
+        score_clip = float(ppo_cfg.get("score_clip", 10.0))
+        eos_penalty = float(ppo_cfg.get("missing_eos_penalty", 1.0))
+        reward_graphdef, reward_params = nnx.split(self.reward_model)
+        batch = {k: jnp.asarray(arrays[k][:count]) for k in SEQUENCE_KEYS}
+        out = to_host(
+            token_reward_parts(
+                graphdef,
+                params,
+                {name: self._frozen(name) for name in names},
+                reward_graphdef,
+                reward_params,
+                *(batch[k] for k in SEQUENCE_KEYS),
+                token_reward=fn,
+                temperature=float(cfg.temperature),
+                eos_id=int(self.task.eos_id),
+                reward_mean=reward_mean,
+                reward_std=reward_std,
+                score_clip=score_clip,
+                missing_eos_penalty=eos_penalty,
+            )
+        )
+        p = self.task.prompt_length
+        views = []
+        for i, row in enumerate(samples):
+            valid = np.asarray(arrays["response_mask"][i]) > 0
+            ids = np.asarray(arrays["input_ids"][i, p:])[valid]
+            logps = {k: np.asarray(v[i], np.float64)[valid] for k, v in out["logps"].items()}
+            ratios = {k: (v - logps["ref"]).tolist() for k, v in logps.items() if k != "ref"}
+            info = {"judge": row["judge_score"]}
+            if row["win"] is not None:
+                info.update(reference_judge=row["reference_judge_score"], win=row["win"])
+            if "gold_reward" in row:
+                info["gold"] = row["gold_reward"]
+            views.append(
+                token_page.SampleView(
+                    prompt=row["prompt"],
+                    tokens=token_page.token_strings(ids, self.task.decode),
+                    token_ids=ids.tolist(),
+                    parts={k: np.asarray(v[i], np.float64)[valid].tolist() for k, v in out["parts"].items()},
+                    log_ratios={k: ratios[k] for k in sorted(ratios, key=lambda k: k == "policy")},
+                    raw_score=float(out["raw_score"][i]),
+                    score=float(out["score"][i]),
+                    eos=bool(row["eos"]),
+                    info=info,
+                )
+            )
+        parts = list(out["parts"])
+        args = dict(fn.args)
+        if "dpo" in parts:
+            color_by = ["dpo"]
+            scale = token_page.default_scale(views, color_by)
+            if float(args.get("dpo_clip", 0.0)) > 0:  # saturate at the clip when the values reach it
+                scale = min(scale, float(args["dpo_clip"]))
+        else:
+            color_by = [k for k in parts if k != "score"]
+            scale = None
+            notes.insert(
+                0,
+                f"This run's token reward ({fn.name}) has no DPO part (no DPO model): tokens are coloured by the "
+                f"sum of its non-score parts ({' + '.join(color_by) or 'none'}); the reward model's score is "
+                "shown at the end of each response.",
+            )
+        meta = {
+            "policy": f"{policy}  ({path})",
+            "token reward": f"{fn.name}({', '.join(f'{k}={v}' for k, v in sorted(args.items()))})",
+            "frozen models": ", ".join(f"{k}: {self.paths[k]}" for k in names),
+            "log-probs": f"of the sampled tokens at temperature {cfg.temperature:g} (evaluate.temperature), "
+            "as PPO computes them",
+            "score": f"reward model {stats.get('model_path', '(the evaluation reward model)')}; for PPO "
+            f"(raw - {reward_mean:.4g}) / {reward_std:.4g}, clipped to +-{score_clip:g}, "
+            f"minus {eos_penalty:g} without EOS" + ("" if needs_reward_model(fn) else f"; {fn.name} does not read it"),
+            "samples": f"the first {count} held-out prompts (evaluate.num_samples_logged)",
+        }
+        return token_page.render(
+            views,
+            title=f"Token rewards of {policy}'s samples ({fn.name})",
+            color_by=color_by,
+            scale=scale,
+            meta=meta,
+            notes=notes,
+            eos_id=int(self.task.eos_id),
+            score_unused=not needs_reward_model(fn),
+        )
 
 
 def run_best_of_n(config, workdir, task, run_log: RunLog, *, sft_path: str) -> dict:

@@ -3,18 +3,22 @@
 Per response: reward-model score, gold reward (when the task has one), KL to the reference policy
 (the sampled sequence's log-ratio, an unbiased estimate of KL(pi || pi_ref)), length, EOS.
 Host-side `summarize` turns the per-row arrays into means, standard errors and win rates.
+`token_reward_parts` recomputes, for given responses, the token reward exactly as PPO's experience
+maker does (the log-probs of the named models, the normalized and clipped score), for display.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import itertools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rto_jax.objectives.token_rewards import needs_reward_model
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.scoring import response_logprobs, sequence_scores
 
@@ -69,8 +73,10 @@ def evaluate_policy(
     reward_params=None,
     gold_fn=None,
     batch_size: int = 256,
+    desc: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """`score_rollouts` over all `prompts` (`prompt_ids`, `prompt_mask` `[N, P]`): numpy arrays `[N]` per metric."""
+    """`score_rollouts` over all `prompts` (`prompt_ids`, `prompt_mask` `[N, P]`): numpy arrays `[N]` per
+    metric. desc: show a progress bar over the prompt batches with this label."""
     return over_prompt_batches(
         lambda prompt_ids, prompt_mask, batch_rng: score_rollouts(
             policy_graphdef,
@@ -87,19 +93,26 @@ def evaluate_policy(
         prompts,
         rng,
         batch_size,
+        desc=desc,
     )
 
 
-def over_prompt_batches(fn, prompts: dict, rng, batch_size: int) -> dict[str, np.ndarray]:
+def over_prompt_batches(fn, prompts: dict, rng, batch_size: int, desc: str | None = None) -> dict[str, np.ndarray]:
     """Calls `fn(prompt_ids, prompt_mask, rng) -> {name: [b, ...]}` on fixed-size batches of `prompts` `[N, P]`.
 
     The last batch is padded by repeating prompts so every call has the same shape (one compile); the
     padding rows are dropped. Batch i gets `fold_in(rng, i)`. Returns numpy arrays `[N, ...]`.
+    desc: a progress bar over the batches with this label (rto_jax.pipeline.logging.progress: process 0
+    only, off with RTO_JAX_NO_TQDM=1).
     """
+    from rto_jax.pipeline.logging import progress  # here: rto_jax.pipeline imports this module
+
     total = prompts["prompt_ids"].shape[0]
     batch_size = min(batch_size, total)
     rows: dict[str, list] = {}
-    for index, start in enumerate(range(0, total, batch_size)):
+    starts = range(0, total, batch_size)
+    bar = progress(desc, len(starts)) if desc else None
+    for index, start in enumerate(starts):
         take = np.arange(start, start + batch_size) % total
         out = fn(
             jnp.asarray(prompts["prompt_ids"][take]),
@@ -109,7 +122,64 @@ def over_prompt_batches(fn, prompts: dict, rng, batch_size: int) -> dict[str, np
         valid = min(batch_size, total - start)
         for key, value in out.items():
             rows.setdefault(key, []).append(np.asarray(value)[:valid])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return {key: np.concatenate(parts) for key, parts in rows.items()}
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "reward_graphdef", "token_reward", "temperature", "eos_id", "score_clip"),
+)
+def token_reward_parts(
+    graphdef: nnx.GraphDef,
+    params,
+    frozen: dict,
+    reward_graphdef: nnx.GraphDef | None,
+    reward_params,
+    input_ids,
+    attention_mask,
+    positions,
+    response_mask,
+    *,
+    token_reward,
+    temperature: float,
+    eos_id: int,
+    reward_mean=0.0,
+    reward_std=1.0,
+    score_clip: float = 10.0,
+    missing_eos_penalty=1.0,
+) -> dict:
+    """The token reward of given responses (SFT-layout arrays `[B, P+R]`, `response_mask` `[B, R]`),
+    computed as PPO's experience maker computes it for its rollouts (rto_jax/train/ppo.py):
+
+        logps  {"policy": the policy `params`, name: each of `frozen` {name: params}} at `temperature`,
+               every model on `graphdef` (the policy's architecture, as in PPO)
+        score  (raw - reward_mean) / reward_std, clipped to +-score_clip, minus missing_eos_penalty
+               for a response without EOS; passed to the reward only when it reads the reward model
+        token_reward(logps, score, mask) -> (rewards, parts)   a BoundReward (static: hashable)
+
+    Returns {"logps": {model: [B, R]}, "rewards": [B, R], "parts": {name: [B, R]}} and, with a reward
+    model, "raw_score" and "score" `[B]` (the score as PPO would use it, whether or not the reward reads it).
+    """
+    mask = response_mask
+    inputs = (input_ids, attention_mask, positions)
+    logps = {"policy": response_logprobs(nnx.merge(graphdef, params), *inputs, mask, temperature)[0]}
+    for name, frozen_params in frozen.items():
+        logps[name] = response_logprobs(nnx.merge(graphdef, frozen_params), *inputs, mask, temperature)[0]
+    out = {"logps": logps}
+    score = None
+    if reward_graphdef is not None:
+        tokens = input_ids[:, -mask.shape[1] :]
+        has_eos = jnp.any((tokens == eos_id) & (mask > 0), axis=1)
+        raw = sequence_scores(nnx.merge(reward_graphdef, reward_params), *inputs, mask)
+        score = jnp.clip((raw - reward_mean) / reward_std, -score_clip, score_clip)
+        score = score - missing_eos_penalty * (1.0 - has_eos.astype(jnp.float32))
+        out.update(raw_score=raw, score=score)
+    out["rewards"], out["parts"] = token_reward(logps, score if needs_reward_model(token_reward) else None, mask)
+    return out
 
 
 def mean_and_se(x) -> tuple[float, float]:
@@ -138,7 +208,7 @@ def summarize(rows: dict[str, np.ndarray], baseline: dict[str, np.ndarray] | Non
 def episodes_to_reach(curve: list, target: float) -> float | None:
     """First episode count at which `curve` [(episodes, value), ...] reaches `target`, linearly
     interpolated between evaluation points; None if it never does."""
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
         if y0 >= target:
             return float(x0)
         if y1 >= target:
