@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import needs_reward_model
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.scoring import response_logprobs, sequence_scores
@@ -175,8 +176,9 @@ def token_reward_parts(
         tokens = input_ids[:, -mask.shape[1] :]
         has_eos = jnp.any((tokens == eos_id) & (mask > 0), axis=1)
         raw = sequence_scores(nnx.merge(reward_graphdef, reward_params), *inputs, mask)
-        score = jnp.clip((raw - reward_mean) / reward_std, -score_clip, score_clip)
-        score = score - missing_eos_penalty * (1.0 - has_eos.astype(jnp.float32))
+        score = normalized_score(
+            raw, has_eos, mean=reward_mean, std=reward_std, clip=score_clip, missing_eos_penalty=missing_eos_penalty
+        )
         out.update(raw_score=raw, score=score)
     out["rewards"], out["parts"] = token_reward(logps, score if needs_reward_model(token_reward) else None, mask)
     return out

@@ -102,3 +102,10 @@ def value_loss(values, old_values, returns, mask, clip_eps):
 def masked_entropy(logits, mask):
     """Mean policy entropy over valid tokens: ``logits [B, T, V], mask [B, T] -> scalar``."""
     return masked_mean(entropy_from_logits(logits), mask)
+
+
+def normalized_score(raw_score, has_eos, *, mean, std, clip, missing_eos_penalty):
+    """The reward model's score as PPO's reward reads it: ``clip((raw - mean) / std, -clip, clip)``,
+    minus ``missing_eos_penalty`` for a response that never emitted EOS (N+). ``[B] -> [B]`` float32."""
+    score = jnp.clip((jnp.asarray(raw_score, jnp.float32) - mean) / std, -clip, clip)
+    return score - missing_eos_penalty * (1.0 - jnp.asarray(has_eos, jnp.float32))

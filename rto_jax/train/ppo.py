@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from rto_jax.objectives import gae, masked_mean, masked_whiten, policy_loss, value_loss
+from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.sft import entropy_from_logits
 from rto_jax.objectives.token_rewards import BoundReward, frozen_models, needs_reward_model, rto
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
@@ -104,9 +105,14 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
     score = None
     if needs_reward_model(reward_fn):
         raw_score = sequence_scores(nnx.merge(state.reward_graphdef, state.frozen["reward"]), *inputs, mask)
-        normalized = (raw_score - state.frozen["reward_mean"]) / state.frozen["reward_std"]
-        score = jnp.clip(normalized, -config.score_clip, config.score_clip)
-        score = score - config.missing_eos_penalty * (1.0 - has_eos.astype(jnp.float32))
+        score = normalized_score(
+            raw_score,
+            has_eos,
+            mean=state.frozen["reward_mean"],
+            std=state.frozen["reward_std"],
+            clip=config.score_clip,
+            missing_eos_penalty=config.missing_eos_penalty,
+        )
         metrics.update(score=jnp.mean(raw_score), score_normalized=jnp.mean(score))
     rewards, parts = reward_fn(logps, score, mask)
     advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
