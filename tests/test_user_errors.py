@@ -229,3 +229,29 @@ def test_no_pad_candidate_is_a_config_error_naming_pad_id(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>")
     with pytest.raises(ConfigError, match=r"config\.data\.pad_id: .*no pad token"):
         choose_special_tokens(tok)
+
+
+def test_random_init_learning_rates_on_a_pretrained_model_are_warned_about(tmp_path, caplog):
+    """:tiny's lr 1e-3 kept for a pretrained model went by without a word; now each stage is named."""
+    from rto_jax.pipeline.sources import check_sources
+
+    model = _tiny_model_folder(tmp_path / "model", vocab_size=300)
+    train_bpe(["a few words of text"] * 10, 300, tmp_path / "tok")
+    config = config_from_file(ROOT / "configs" / "rto_tldr.py", "tiny")
+    with config.unlocked():
+        config.model.init_from, config.tokenizer.path, config.tokenizer.bpe_vocab_size = (
+            str(model),
+            str(tmp_path / "tok"),
+            0,
+        )
+    with caplog.at_level("WARNING", logger="rto_jax.pipeline.sources"):
+        check_sources(config)
+    warned = {r.getMessage().split("=")[0] for r in caplog.records}
+    assert warned == {"config.sft.lr", "config.reward_model.lr", "config.dpo.lr", "config.ppo.lr"}, warned
+    caplog.clear()
+    with config.unlocked():
+        for stage in ("sft", "reward_model", "dpo", "ppo"):
+            config[stage].lr = 1e-5
+    with caplog.at_level("WARNING", logger="rto_jax.pipeline.sources"):
+        check_sources(config)
+    assert not caplog.records
