@@ -182,7 +182,7 @@ def base_config() -> config_dict.ConfigDict:
     c.evaluate.greedy = False  # argmax decoding instead of sampling
     c.evaluate.judge = ""  # win-rate judge: reward-model folder/hub id; '' = this run's reward model
     c.evaluate.policies = ""  # extra policies 'name=path,...' to evaluate next to this run's
-    c.evaluate.num_samples_logged = 8  # decoded samples per policy written to evaluate/samples_<policy>.jsonl
+    c.evaluate.num_samples_logged = 8  # samples per policy in evaluate/samples_<policy>.jsonl and tokens_<policy>.html
 
     # The synthetic task (data.source = 'synthetic'; rto_jax/data/synthetic.py), drawn from the seed.
     c.synthetic = config_dict.ConfigDict()

@@ -8,7 +8,7 @@ Workdir layout:
   <stage>/checkpoints/<step>/  orbax checkpoints (last config.checkpoint.keep), removed when the stage is done
   <stage>/model/               the stage's final model in HF format (ppo/critic/ too)
   <stage>/done.json            written last: the stage is finished and is skipped on restart
-  evaluate/<policy>.json, evaluate/samples_<policy>.jsonl
+  evaluate/<policy>.json, evaluate/samples_<policy>.jsonl, evaluate/tokens_<policy>.html (token rewards)
   results.json                 per-policy evaluation numbers and every stage's summary
 """
 
