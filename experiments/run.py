@@ -6,7 +6,9 @@ from its last checkpoint.
 
 A mistake of the user's (an unknown override key, a bad value, a data file that cannot be read, a
 model that cannot be had) is one line on stderr and exit status 2, and a workdir this command
-created is removed again; anything else is a bug and keeps its traceback.
+created is removed again; anything else is a bug and keeps its traceback. SIGTERM (a preemptible
+VM's notice) or Ctrl-C during a training stage finishes the step in flight, writes a checkpoint,
+says where, and exits with status 75; the same command resumes.
 """
 
 import logging
@@ -21,6 +23,7 @@ from ml_collections import config_flags
 from rto_jax.distributed import init_distributed, is_main_process
 from rto_jax.errors import UserError
 from rto_jax.pipeline import run
+from rto_jax.pipeline.loop import PREEMPTED_EXIT_STATUS, Preempted
 from rto_jax.pipeline.overrides import check_overrides
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:preset]", lock_config=True)
@@ -61,6 +64,9 @@ def main(argv):
         if created and is_main_process():
             shutil.rmtree(workdir, ignore_errors=True)  # nothing half-written is left behind
         _fail(str(e))
+    except Preempted as e:  # SIGTERM / SIGINT: the step in flight finished and was checkpointed
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

@@ -212,3 +212,46 @@ def test_tiny_preset_same_on_one_device_eight_devices_and_two_processes(tmp_path
     _assert_same_run(tmp_path / "one_device", two)
     # Only process 0 wrote: one metrics file, one events file per run of the workdir.
     assert len(list((two / "tensorboard").iterdir())) == 2
+
+    # SIGTERM (a preemptible VM's notice) in the middle of DPO: the step in flight finishes, a
+    # checkpoint is written although the cadence would write none (every_steps=100), exit status 75;
+    # the same command resumes, and the run equals the uninterrupted one.
+    _preempt_then_resume(tmp_path / "sigterm", tmp_path / "one_device")
+
+
+def _preempt_then_resume(workdir: Path, reference: Path) -> None:
+    import signal
+    import time
+
+    from rto_jax.pipeline.loop import PREEMPTED_EXIT_STATUS
+
+    extra = ("--config.checkpoint.every_steps=100",)
+    with open(workdir.parent / "sigterm.log", "w") as log:
+        proc = subprocess.Popen(_command(workdir, *extra), env=_env(1), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + TIMEOUT
+            metrics = workdir / "metrics.jsonl"
+            while time.time() < deadline and proc.poll() is None:
+                if metrics.exists() and any(r["stage"] == "dpo" for r in read_metrics(metrics)):
+                    proc.send_signal(signal.SIGTERM)  # our own child, by handle
+                    break
+                time.sleep(0.05)
+            proc.wait(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    output = (workdir.parent / "sigterm.log").read_text()
+    assert proc.returncode == PREEMPTED_EXIT_STATUS, output[-6000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("stopped: ") and "stopped by SIGTERM after step " in last, last
+    stage = last.split(": ")[1]
+    stopped_at = int(last.split("after step ")[1].split(";")[0])
+    if stage == "dpo":  # the usual case: stopped after DPO step 1 or 2, with a checkpoint of it
+        assert stopped_at in (1, 2), last
+        assert f"checkpoint written to {workdir / 'dpo' / 'checkpoints' / str(stopped_at)}" in last, last
+    else:  # the signal came during DPO's last step: DPO finished, PPO stopped before its first
+        assert (stage, stopped_at) == ("ppo", 0) and "nothing of this stage to save" in last, last
+    assert not (workdir / stage / "done.json").exists()
+    _run_one(workdir, 1, *extra)
+    assert json.loads((workdir / stage / "done.json").read_text())["resumed_from"] == stopped_at
+    _assert_same_run(reference, workdir)

@@ -11,12 +11,16 @@ non-finite step is never saved: the guard runs before the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from rto_jax.data import BatchIterator
 from rto_jax.distributed import host_local_batch_to_global
@@ -38,6 +42,55 @@ class Checkpointed:
     tree: Callable[[Any], Any] = lambda state: state  # the part of the state saved
     restore: Callable[[Any, Any], Any] = lambda state, tree: tree  # state with the saved part put back
     trained: Callable[[Any], Any] = lambda state: state.params  # the arrays checked for NaN/inf
+
+
+PREEMPTED_EXIT_STATUS = 75  # EX_TEMPFAIL: stopped on a signal with a checkpoint; rerun to resume
+
+
+class Preempted(Exception):
+    """SIGTERM / SIGINT arrived during a stage: the step in flight finished, a checkpoint was written."""
+
+    def __init__(self, stage: str, step: int, signal_name: str, where: str):
+        super().__init__(
+            f"{stage}: stopped by {signal_name} after step {step}; {where}. Run the same command again to resume."
+        )
+        self.stage, self.step, self.signal_name, self.where = stage, step, signal_name, where
+
+
+_REQUEST: dict = {"signal": None}
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turns SIGTERM (what preemptible VMs send ~30 s before shutdown) and SIGINT into a request the
+    loop honours after the step in flight; a second SIGINT interrupts at once (KeyboardInterrupt).
+    Yields a dict whose "signal" is the name of the first signal received, or None."""
+    request = _REQUEST  # one per process: a signal during a stage's last step stops the next stage
+    if threading.current_thread() is not threading.main_thread():  # handlers only install there
+        yield request
+        return
+
+    def handle(signum, frame):
+        if request["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        request["signal"] = request["signal"] or signal.Signals(signum).name
+        log.warning("%s received: stopping after the current step (a checkpoint will be written)", request["signal"])
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _agreed(stop: bool) -> bool:
+    """Whether any process was asked to stop (every process must save the same step together)."""
+    if jax.process_count() == 1:
+        return stop
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
 
 
 @dataclasses.dataclass
@@ -92,26 +145,37 @@ def run_loop(
         state, rng = checkpointed.restore(state, tree), jax.random.wrap_key_data(rng_data)
         batches.restore(meta["data"])
         last_eval = meta.get("eval", {})
-        dropped = run_log.truncate(stage, start)
-        log.info("%s: resumed from step %d (%d metric records after it dropped)", stage, start, dropped)
+        log.info("%s: resumed from step %d", stage, start)
+    # Records of steps after the checkpoint (or of any step, without one) are logged again identically.
+    dropped = run_log.truncate(stage, start)
+    if dropped:
+        log.info("%s: %d metric records after step %d dropped (they are logged again)", stage, dropped, start)
     bar = progress(stage, total, start)
     values: dict = {}
-    for step in range(start + 1, total + 1):
-        batch = next(batches)
-        batch = prepare(batch if shardings is None else host_local_batch_to_global(batch, shardings.batch))
-        rng, step_rng = jax.random.split(rng)
-        state, metrics = step_fn(state, batch, step_rng)
-        values = scalars(metrics)
-        run_log.log(stage, step, values)
-        common.check_finite(stage, step, values, checkpointed.trained(state), manager)
-        last = step == total
-        if evaluate is not None and (last or (eval_every and step % eval_every == 0)):
-            last_eval = evaluate(state)
-            run_log.log(stage, step, last_eval, split="eval")
-        if last or step % config.checkpoint.every_steps == 0:
-            meta = {"step": step, "data": batches.state(), "eval": last_eval if last else {}}
-            checkpoint.save(manager, step, (checkpointed.tree(state), jax.random.key_data(rng)), meta)
-        bar.update(1)
-        bar.set_postfix(postfix(values))
+    with stop_requests() as request:
+        if start < total and _agreed(request["signal"] is not None):
+            raise Preempted(stage, start, request["signal"] or "a signal", "nothing of this stage to save yet")
+        for step in range(start + 1, total + 1):
+            batch = next(batches)
+            batch = prepare(batch if shardings is None else host_local_batch_to_global(batch, shardings.batch))
+            rng, step_rng = jax.random.split(rng)
+            state, metrics = step_fn(state, batch, step_rng)
+            values = scalars(metrics)
+            run_log.log(stage, step, values)
+            common.check_finite(stage, step, values, checkpointed.trained(state), manager)
+            last = step == total
+            if evaluate is not None and (last or (eval_every and step % eval_every == 0)):
+                last_eval = evaluate(state)
+                run_log.log(stage, step, last_eval, split="eval")
+            stop = not last and _agreed(request["signal"] is not None)
+            if last or stop or step % config.checkpoint.every_steps == 0:
+                meta = {"step": step, "data": batches.state(), "eval": last_eval if last else {}}
+                checkpoint.save(manager, step, (checkpointed.tree(state), jax.random.key_data(rng)), meta)
+            bar.update(1)
+            bar.set_postfix(postfix(values))
+            if stop:
+                bar.close()
+                where = f"checkpoint written to {manager.directory / str(step)}"
+                raise Preempted(stage, step, request["signal"] or "a signal", where)
     bar.close()
     return state, Progress(steps=total, resumed_from=start, last_metrics=values, last_eval=last_eval)

@@ -23,6 +23,7 @@ from rto_jax.distributed import is_main_process, sync
 from rto_jax.pipeline.common import write_json
 from rto_jax.pipeline.config import TRAINED_STAGES, parse_seeds, stage_done_file, stage_list, validate
 from rto_jax.pipeline.logging import RunLog, summary, write_json_atomic
+from rto_jax.pipeline.loop import stop_requests
 from rto_jax.pipeline.recipes import load_recipe
 from rto_jax.pipeline.sources import check_sources
 from rto_jax.pipeline.tasks import build_task
@@ -129,6 +130,13 @@ def run(config, workdir, task=None) -> dict:
     task: a prebuilt `tasks.Task` (single seed only); default: built from config.data.
     """
     validate(config, workdir)
+    # SIGTERM / SIGINT at any point of the run are noted; a training loop stops at its next step
+    # boundary with a checkpoint (loop.Preempted), instead of the process dying mid-write.
+    with stop_requests():
+        return _run(config, workdir, task)
+
+
+def _run(config, workdir, task) -> dict:
     # Every model source is fetched and checked before anything is written (rto_jax.pipeline.sources).
     tokenizer = check_sources(config) if task is None else None
     seeds = parse_seeds(config.seeds)
