@@ -2,7 +2,8 @@
 found before any work (`inspect_model_source` reads config.json or the GGUF metadata only).
 
 Configs are written by transformers' own config classes (`XConfig(...).to_dict()`), then changed one
-field at a time. No weights are needed: `inspect_model_source` only checks that the weight file exists.
+field at a time. No weights are needed: `inspect_model_source` only checks that the weight file is a
+whole safetensors file (its header and size), so each folder holds one small tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
+from safetensors.numpy import save_file
 
 from rto_jax.errors import ModelError
 from rto_jax.models import ModelConfig, check_supported, from_hf_config, inspect_model_source, to_hf_config
@@ -47,7 +49,7 @@ def _folder(tmp_path: Path, hf: dict, name: str = "model") -> Path:
     folder = tmp_path / name
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(hf))
-    (folder / "model.safetensors").write_bytes(b"")  # must exist; inspect_model_source never opens it
+    save_file({"placeholder": np.zeros(3, np.float32)}, folder / "model.safetensors")  # header and size are checked
     return folder
 
 
@@ -144,6 +146,26 @@ def test_unsupported_model_type_and_missing_field(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(ModelError, match=r"no_weights: no model\.safetensors"):
         inspect_model_source(folder)
+
+
+def test_damaged_weight_files_are_refused_naming_the_file(tmp_path):
+    """A truncated download, a file that is not safetensors, and a shard the index lists but that is
+    missing: each a ModelError naming the file, before any weights are read."""
+    folder = _folder(tmp_path, _hf("llama"), "truncated")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(ModelError, match=rf"{weights}: \d+ bytes, but its header describes \d+.*truncated"):
+        inspect_model_source(folder)
+    weights.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ModelError, match=rf"{weights}: not a safetensors file"):
+        inspect_model_source(folder)
+
+    sharded = _folder(tmp_path, _hf("llama"), "sharded")
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00002.safetensors")
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelError, match=r"model-00002-of-00002\.safetensors: missing \(listed in .*index\.json\)"):
+        inspect_model_source(sharded)
 
 
 # ------------------------------------------------------------------------------------------

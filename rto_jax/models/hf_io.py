@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.errors import ModelError
+from rto_jax.files import temp_dir_for
 from rto_jax.models.config import ModelConfig, check_supported, from_hf_config, to_hf_config
 from rto_jax.models.transformer import CausalLM, ScalarHeadModel
 
@@ -177,7 +177,10 @@ class _SafetensorsFolder:
         for name in files:
             if not (folder / name).exists():
                 raise FileNotFoundError(f"{self.source}: shard {folder / name} is missing")
-            self.handles[name] = safe_open(str(folder / name), framework="flax")
+            try:
+                self.handles[name] = safe_open(str(folder / name), framework="flax")
+            except Exception as e:  # noqa: BLE001 (safetensors' errors name no file)
+                raise ModelError(f"{folder / name}: cannot be read as safetensors ({e})") from None
         self.weight_map = weight_map or {k: files[0] for k in self.handles[files[0]].keys()}  # noqa: SIM118 (not a dict)
 
     def get(self, name: str):
@@ -289,7 +292,46 @@ def inspect_model_source(path: str | os.PathLike, max_sequence_len: int | None =
             f"{path}: no model.safetensors or model.safetensors.index.json "
             f"(PyTorch .bin checkpoints must be converted to safetensors first)"
         )
+    for file in _weight_files(path):
+        check_safetensors(file)
     return cfg
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return [folder / "model.safetensors"]
+    try:
+        weight_map = _read_json(index)["weight_map"]
+    except KeyError:
+        raise ModelError(f"{index}: no 'weight_map'") from None
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    for file in files:
+        if not file.is_file():
+            raise ModelError(f"{file}: missing (listed in {index})")
+    return files
+
+
+def check_safetensors(file: Path) -> None:
+    """A ModelError naming `file` unless its header parses and its tensors' data ends where the file
+    does (a truncated or damaged download); reads the header only."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= size - 8:
+            raise ModelError(f"{file}: not a safetensors file (its {size} bytes hold no valid header)")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as e:
+            raise ModelError(f"{file}: damaged safetensors header ({e})") from None
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        raise ModelError(
+            f"{file}: {size} bytes, but its header describes {expected}: the file is truncated or damaged "
+            "(download or export it again)"
+        )
 
 
 def hf_state_dict_names(model: nnx.Module) -> list[str]:
@@ -371,7 +413,7 @@ def save_pretrained(
     tokenizer = None if tokenizer is None else _export_tokenizer(tokenizer, pad, eos)
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_dir_for(folder)
     try:
         hf_config = to_hf_config(cfg, _architecture_name(model))
         if isinstance(model, ScalarHeadModel):

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rto_jax.files import temp_file_for
 
 TIME_KEYS = ("time",)
 
@@ -25,7 +26,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Writes JSON to a temporary file in the same folder, fsyncs it and renames it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = temp_file_for(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
@@ -98,7 +99,7 @@ class RunLog:
                 self._rewrite(text[: text.rfind("\n") + 1].splitlines(keepends=True))
 
     def _rewrite(self, lines: Iterable[str]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=self.workdir)
+        fd, tmp = temp_file_for(self.path)
         with os.fdopen(fd, "w") as f:
             f.writelines(lines)
             f.flush()

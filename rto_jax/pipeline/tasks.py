@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import numpy as np
 from rto_jax.data import formats as formats_lib
 from rto_jax.data import load_examples, load_table, train_eval_split
 from rto_jax.data import tokenize as tok
+from rto_jax.files import temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def train_bpe(texts, vocab_size: int, folder: str | os.PathLike):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN)
     tokenizer.chat_template = CHAT_TEMPLATE
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temp_dir_for(folder)
     tokenizer.save_pretrained(str(tmp))
     if folder.exists():
         shutil.rmtree(folder)
