@@ -163,3 +163,13 @@ def sync(name: str = "rto_jax") -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true on any process (every process calls it together; no-op with one), e.g. a
+    stop request that only one host received: all processes must stop at the same step."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))

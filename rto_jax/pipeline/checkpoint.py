@@ -13,12 +13,22 @@ restores straight onto another device layout (mesh) than the one that saved.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+from rto_jax.distributed import is_main_process, sync
+from rto_jax.errors import ConfigError, StorageError, UserError, disk_failure
+
+log = logging.getLogger(__name__)
 
 
 def manager(directory: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
@@ -69,10 +79,51 @@ def _abstract(leaf):
 
 
 def save(mngr: ocp.CheckpointManager, step: int, tree, meta: dict) -> None:
-    """Writes checkpoint `step` (overwriting nothing: orbax refuses an existing step) and waits for it."""
+    """Writes checkpoint `step` (overwriting nothing: orbax refuses an existing step) and waits for it.
+
+    A disk failure (full, quota, file-size limit, read-only) raises one StorageError naming the
+    checkpoint, the file and the previous checkpoint, which is intact; the partial folder is removed.
+    """
     args = ocp.args.Composite(state=ocp.args.StandardSave(to_nested(tree)), meta=ocp.args.JsonSave(dict(meta)))
-    mngr.save(int(step), args=args, force=True)
-    mngr.wait_until_finished()
+    previous = mngr.latest_step()
+    try:
+        with _quiet_on_failure():
+            mngr.save(int(step), args=args, force=True)
+            mngr.wait_until_finished()
+    except Exception as e:
+        failure = disk_failure(e)
+        if failure is None:
+            raise
+        reason, path = failure
+        directory = Path(mngr.directory)
+        if is_main_process():
+            for partial in directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        intact = f"{directory / str(previous)} is intact" if previous is not None else "there is none"
+        raise StorageError(
+            f"writing checkpoint {directory / str(step)} failed: {reason} ({path}); the previous checkpoint "
+            f"{intact}. Free space and run the same command again"
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_on_failure():
+    """orbax reports a failed write from each of its worker threads and event loops too (ERROR logs,
+    'Event loop is closed', coroutines never awaited): hundreds of lines around the one exception
+    `save` raises. Inside the block they are silenced; after a failure they stay silenced, since the
+    write's leftover coroutines report again when the process exits."""
+    absl_logger, unraisable = logging.getLogger("absl"), sys.unraisablehook
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda _: None
+    failed = True
+    try:
+        yield
+        failed = False
+    finally:
+        absl_logger.setLevel(level)
+        if not failed:
+            sys.unraisablehook = unraisable
 
 
 def restore(mngr: ocp.CheckpointManager, target, step: int | None = None) -> tuple[Any, dict, int]:
@@ -95,3 +146,106 @@ def restore(mngr: ocp.CheckpointManager, target, step: int | None = None) -> tup
 
 def latest_step(mngr: ocp.CheckpointManager) -> int | None:
     return mngr.latest_step()
+
+
+class CheckpointMismatch(ConfigError):
+    """A checkpoint's arrays do not fit the model the config builds (a model key changed)."""
+
+
+class NoIntactCheckpoint(UserError):
+    """Every checkpoint of a stage is damaged."""
+
+
+def _stored_shapes(folder: Path) -> dict[tuple[str, ...], tuple]:
+    """{key path: (shape, dtype)} of the arrays a checkpoint's `state` item holds (its metadata only)."""
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns of a step-level file it does not need here
+    try:
+        with ocp.PyTreeCheckpointer() as reader:
+            tree = reader.metadata(folder / "state").item_metadata.tree
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    paths, leaves, _ = _paths(tree)
+    return {path: (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in zip(paths, leaves)}
+
+
+def _check_fits(folder: Path, target) -> None:
+    """Raises CheckpointMismatch naming the first arrays whose shape differs from `target`'s."""
+    stored = _stored_shapes(folder)
+    paths, leaves, _ = _paths(to_nested(jax.tree.map(_abstract, target)))
+    wanted = {path: (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in zip(paths, leaves)}
+    differ = [p for p in wanted if p in stored and stored[p][0] != wanted[p][0]]
+    missing = sorted(set(wanted) ^ set(stored))
+    if not differ and not missing:
+        return
+    named = [f"{'/'.join(p)} is {list(stored[p][0])} there, {list(wanted[p][0])} now" for p in differ[:3]]
+    named += [f"{'/'.join(p)} is {'only there' if p in stored else 'not there'}" for p in missing[:3]]
+    raise CheckpointMismatch(
+        "model",
+        f"checkpoint {folder} does not fit the model this config builds ({'; '.join(named)}): a model key "
+        "changed since it was written. Restore the old value, or use another --workdir",
+    )
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an error, short (tensorstore's messages carry kilobytes of spec)."""
+    text = " ".join(str(error).split("See full TensorStore details")[0].split())
+    return f"{type(error).__name__}: {text[:240]}" if text else type(error).__name__
+
+
+def restore_intact(mngr: ocp.CheckpointManager, target, stage: str):
+    """(tree, meta, step, mngr) of the newest checkpoint that restores; None when there is none.
+
+    Each checkpoint, newest first, is verified by restoring it (its metadata, then every array and the
+    JSON meta, which must hold `data`). A damaged one is moved aside to `<checkpoints>_damaged/<step>`
+    (not deleted) with a warning naming it and why, once an older intact one is found. When none is
+    intact, NoIntactCheckpoint names them all and nothing is moved. A checkpoint whose arrays have
+    other shapes than `target`'s is not damage: CheckpointMismatch names the arrays.
+    Returns a fresh manager (the old one still lists the moved steps).
+    """
+    directory = Path(mngr.directory)
+    damaged: list[tuple[int, str]] = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        folder = directory / str(step)
+        try:
+            _check_fits(folder, target)
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 (any failure to read the metadata: damaged)
+            damaged.append((step, _reason(e)))
+            continue
+        try:
+            tree, meta, _ = restore(mngr, target, step)
+            if "data" not in meta:
+                raise KeyError("its meta has no data position")
+        except Exception as e:  # noqa: BLE001 (any failure to restore it: damaged)
+            damaged.append((step, _reason(e)))
+            continue
+        if damaged:
+            mngr = _move_aside(mngr, damaged)
+        return tree, meta, step, mngr
+    if damaged:
+        listed = "; ".join(f"{directory / str(step)}: {why}" for step, why in damaged)
+        raise NoIntactCheckpoint(
+            f"{stage}: no intact checkpoint to resume from ({listed}). Move {directory} away to run the stage "
+            "from its start, or restore the files"
+        )
+    return None
+
+
+def _move_aside(mngr: ocp.CheckpointManager, damaged: list[tuple[int, str]]) -> ocp.CheckpointManager:
+    directory = Path(mngr.directory)
+    aside = directory.with_name(directory.name + "_damaged")
+    if is_main_process():
+        aside.mkdir(exist_ok=True)
+        for step, why in damaged:
+            to = aside / str(step)
+            n = 1
+            while to.exists():
+                to, n = aside / f"{step}.{n}", n + 1
+            (directory / str(step)).rename(to)
+            log.warning("checkpoint %s is damaged (%s): moved aside to %s", directory / str(step), why, to)
+    sync("damaged checkpoints moved")
+    keep = mngr._options.max_to_keep  # pylint: disable=protected-access
+    mngr.close()
+    return manager(directory, keep=keep)

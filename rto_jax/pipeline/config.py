@@ -193,6 +193,9 @@ def base_config() -> config_dict.ConfigDict:
     c.synthetic.best_of_n = 64  # largest n of the best-of-n frontier (gold reward vs KL, from pi_sft)
     c.synthetic.best_of_n_prompts = 128  # held-out prompts of the frontier (n samples each)
 
+    c.collapse_steps = 5  # warn when gradients are exactly 0 or the loss is flat this many steps; 0 = off
+    c.resume_with_changes = False  # resume a workdir although the config changed (else refused; see README)
+
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every_steps = 100  # orbax checkpoint every this many steps (and at the end of a stage)
     c.checkpoint.keep = 1  # keep the last k checkpoints per stage (saves are atomic: one is enough to resume)

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from rto_jax.data import BatchIterator
-from rto_jax.distributed import host_local_batch_to_global
+from rto_jax.distributed import any_process, host_local_batch_to_global
+from rto_jax.errors import disk_errors
 from rto_jax.pipeline import checkpoint, common
 from rto_jax.pipeline.logging import RunLog, progress, scalars
 from rto_jax.train.sharding import put
@@ -84,13 +84,43 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
-def _agreed(stop: bool) -> bool:
-    """Whether any process was asked to stop (every process must save the same step together)."""
-    if jax.process_count() == 1:
-        return stop
-    from jax.experimental import multihost_utils
+@dataclasses.dataclass
+class CollapseWatch:
+    """Consecutive steps whose gradients are exactly zero, or whose loss equals the previous step's
+    (relative 1e-6, on other batches): a collapsed model (e.g. a learning rate far too high saturates
+    the softmax and the loss sits at ln V with zero gradients: no NaN, nothing else stops it).
 
-    return bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
+    `update` adds `collapse_steps` (the current run of such steps) to the step's metrics and warns once
+    when it reaches `steps`. Its counters are checkpointed (a resumed run logs the same numbers).
+    """
+
+    steps: int
+    run: int = 0
+    last_loss: float | None = None
+    warned: bool = False
+
+    def update(self, stage: str, step: int, values: dict) -> dict:
+        grads = [v for k, v in values.items() if k.endswith("grad_norm")]
+        loss = values.get("loss")
+        flat = loss is not None and self.last_loss is not None and abs(loss - self.last_loss) <= 1e-6 * abs(loss)
+        self.run = self.run + 1 if (grads and all(g == 0.0 for g in grads)) or flat else 0
+        self.last_loss = loss
+        if self.steps and self.run >= self.steps and not self.warned:
+            self.warned = True
+            what = "gradients exactly zero" if grads and all(g == 0.0 for g in grads) else "the loss unchanged"
+            log.warning(
+                "%s: %s for %d steps (to step %d; loss %.6g): training has collapsed, e.g. a learning rate far "
+                "too high. The run goes on; see collapse_steps in metrics.jsonl",
+                stage,
+                what,
+                self.run,
+                step,
+                loss if loss is not None else float("nan"),
+            )
+        return {**values, "collapse_steps": float(self.run)}
+
+    def state(self) -> dict:
+        return {"run": self.run, "last_loss": self.last_loss, "warned": self.warned}
 
 
 @dataclasses.dataclass
@@ -138,13 +168,15 @@ def run_loop(
     manager = checkpoint.manager(common.stage_dir(workdir, stage) / "checkpoints", keep=config.checkpoint.keep)
     rng = stage_rng(config, rng_name or stage, shardings)
     start, last_eval = 0, {}
-    if manager.latest_step() is not None:
-        (tree, rng_data), meta, start = checkpoint.restore(
-            manager, (checkpointed.tree(state), jax.random.key_data(rng))
-        )
+    watch = CollapseWatch(config.collapse_steps)
+    # The newest intact checkpoint (damaged newer ones are moved aside, with a warning).
+    restored = checkpoint.restore_intact(manager, (checkpointed.tree(state), jax.random.key_data(rng)), stage)
+    if restored is not None:
+        (tree, rng_data), meta, start, manager = restored
         state, rng = checkpointed.restore(state, tree), jax.random.wrap_key_data(rng_data)
         batches.restore(meta["data"])
         last_eval = meta.get("eval", {})
+        watch = CollapseWatch(config.collapse_steps, **meta.get("collapse", {}))
         log.info("%s: resumed from step %d", stage, start)
     # Records of steps after the checkpoint (or of any step, without one) are logged again identically.
     dropped = run_log.truncate(stage, start)
@@ -153,24 +185,28 @@ def run_loop(
     bar = progress(stage, total, start)
     values: dict = {}
     with stop_requests() as request:
-        if start < total and _agreed(request["signal"] is not None):
+        if start < total and any_process(request["signal"] is not None):
             raise Preempted(stage, start, request["signal"] or "a signal", "nothing of this stage to save yet")
         for step in range(start + 1, total + 1):
             batch = next(batches)
             batch = prepare(batch if shardings is None else host_local_batch_to_global(batch, shardings.batch))
             rng, step_rng = jax.random.split(rng)
             state, metrics = step_fn(state, batch, step_rng)
-            values = scalars(metrics)
-            run_log.log(stage, step, values)
+            values = watch.update(stage, step, scalars(metrics))
+            with disk_errors(f"{stage} step {step}"):  # a full disk: one message naming the file
+                run_log.log(stage, step, values)
             common.check_finite(stage, step, values, checkpointed.trained(state), manager)
             last = step == total
             if evaluate is not None and (last or (eval_every and step % eval_every == 0)):
                 last_eval = evaluate(state)
-                run_log.log(stage, step, last_eval, split="eval")
-            stop = not last and _agreed(request["signal"] is not None)
+                with disk_errors(f"{stage} step {step}"):
+                    run_log.log(stage, step, last_eval, split="eval")
+            stop = not last and any_process(request["signal"] is not None)
             if last or stop or step % config.checkpoint.every_steps == 0:
                 meta = {"step": step, "data": batches.state(), "eval": last_eval if last else {}}
-                checkpoint.save(manager, step, (checkpointed.tree(state), jax.random.key_data(rng)), meta)
+                meta["collapse"] = watch.state()
+                with disk_errors(f"{stage} step {step}"):
+                    checkpoint.save(manager, step, (checkpointed.tree(state), jax.random.key_data(rng)), meta)
             bar.update(1)
             bar.set_postfix(postfix(values))
             if stop:

@@ -1,55 +1,39 @@
 """Runs a config's recipe in one workdir (`experiments/run.py` calls `run`); `Pipeline` is what a recipe sees.
 
 Workdir layout:
-  config.json                  the config of the latest run (a changed config is reported on restart)
+  .lock                        held by the running run (workdir.WorkdirLock): a second run is refused
+  config.json                  the config, and `resume_history`: changes a resume made (workdir.check_config)
   metrics.jsonl                one JSON record per step / evaluation (rto_jax.pipeline.logging)
   tensorboard/                 TensorBoard events
   tokenizer/                   the trained BPE (tokenizer.bpe_vocab_size > 0)
   <stage>/checkpoints/<step>/  orbax checkpoints (last config.checkpoint.keep), removed when the stage is done
   <stage>/model/               the stage's final model in HF format (ppo/critic/ too)
-  <stage>/done.json            written last: the stage is finished and is skipped on restart
+  <stage>/done.json            written last: the stage is finished and is skipped on restart (paths in
+                               it and in results.json are relative to the workdir)
   evaluate/<policy>.json, evaluate/samples_<policy>.jsonl, evaluate/tokens_<policy>.html (token rewards)
   results.json                 per-policy evaluation numbers and every stage's summary
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
-from rto_jax.distributed import is_main_process, sync
+from rto_jax.distributed import any_process, is_main_process, sync
+from rto_jax.errors import disk_errors
 from rto_jax.pipeline.common import write_json
 from rto_jax.pipeline.config import TRAINED_STAGES, parse_seeds, stage_done_file, stage_list, validate
-from rto_jax.pipeline.logging import RunLog, summary, write_json_atomic
+from rto_jax.pipeline.logging import RunLog, summary
 from rto_jax.pipeline.loop import stop_requests
 from rto_jax.pipeline.recipes import load_recipe
 from rto_jax.pipeline.sources import check_sources
 from rto_jax.pipeline.tasks import build_task
+from rto_jax.pipeline.workdir import WorkdirInUse, WorkdirLock, check_config, relative_to, resolve_in
 
 log = logging.getLogger(__name__)
-
-
-def _write_config(config, workdir: Path) -> None:
-    if not is_main_process():
-        return
-    path = workdir / "config.json"
-    new = json.loads(config.to_json_best_effort(sort_keys=True))
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = sorted(_diff(old, new))
-        if changed:
-            log.warning("config changed since the last run of %s: %s", workdir, ", ".join(changed))
-    write_json_atomic(path, new)
-
-
-def _diff(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in set(a) | set(b):
-            yield from _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-    elif a != b:
-        yield prefix.rstrip(".")
 
 
 class Pipeline:
@@ -65,8 +49,10 @@ class Pipeline:
         self.wanted = stage_list(config)
         # Read before any stage runs: in a multi-process run process 0 writes the markers, and a
         # process that lags behind must not see a marker of a stage it has yet to run.
+        # Paths in them are relative to the workdir (a moved or copied workdir loads its own models).
         self.finished = {
-            path.parent.name: json.loads(path.read_text()) for path in sorted(self.workdir.glob("*/done.json"))
+            path.parent.name: resolve_in(json.loads(path.read_text()), self.workdir)
+            for path in sorted(self.workdir.glob("*/done.json"))
         }
         sync("done markers read")
         self.done: dict[str, dict] = {}
@@ -86,8 +72,9 @@ class Pipeline:
         given = section in TRAINED_STAGES and bool(self.config[section].init_from)
         if section not in self.wanted and not given:
             return None
-        result = fn(self.config, self.workdir, self.task, self.run_log, **inputs)
-        write_json(stage_done_file(self.workdir, name), result)
+        with disk_errors(name):  # a full disk while exporting or marking the stage done: one message
+            result = fn(self.config, self.workdir, self.task, self.run_log, **inputs)
+            write_json(stage_done_file(self.workdir, name), relative_to(result, self.workdir))
         if not self.config.checkpoint.keep_after_stage and is_main_process():
             # A finished stage is skipped on restart and its model is exported: its checkpoints
             # (the model with its optimizer moments, ~3x its size) would only fill the disk.
@@ -105,7 +92,7 @@ class Pipeline:
         results["stages"] = {k: v for k, v in self.done.items() if v is not evaluation}
         results.update(evaluation or {})
         results.update(extra)
-        write_json(self.workdir / "results.json", results)
+        write_json(self.workdir / "results.json", relative_to(results, self.workdir))
         return results
 
 
@@ -130,23 +117,43 @@ def run(config, workdir, task=None) -> dict:
     task: a prebuilt `tasks.Task` (single seed only); default: built from config.data.
     """
     validate(config, workdir)
-    # SIGTERM / SIGINT at any point of the run are noted; a training loop stops at its next step
-    # boundary with a checkpoint (loop.Preempted), instead of the process dying mid-write.
-    with stop_requests():
-        return _run(config, workdir, task)
+    # One run per workdir (workdir.WorkdirLock); SIGTERM / SIGINT at any point of the run are noted,
+    # and a training loop stops at its next step boundary with a checkpoint (loop.Preempted).
+    with _locked(workdir), stop_requests():
+        return _run(config, Path(workdir), task)
 
 
-def _run(config, workdir, task) -> dict:
+@contextlib.contextmanager
+def _locked(workdir):
+    """The workdir's lock, taken by process 0 for all processes (they share the workdir)."""
+    lock, refused = WorkdirLock(workdir), None
+    if is_main_process():
+        try:
+            lock.__enter__()
+        except WorkdirInUse as e:
+            refused = e
+    if any_process(refused is not None):
+        raise refused or WorkdirInUse(f"{workdir} is in use by another run (process 0 could not lock it)")
+    try:
+        yield
+    finally:
+        lock.__exit__()
+
+
+def _run(config, workdir: Path, task) -> dict:
+    seeds = parse_seeds(config.seeds)
+    runs = [(with_seed(config, s), workdir if len(seeds) == 1 else workdir / f"seed_{s}") for s in seeds]
+    # A config that differs from the one the workdir's work was done with is refused before any work.
+    to_write = [check_config(one, folder) for one, folder in runs]
     # Every model source is fetched and checked before anything is written (rto_jax.pipeline.sources).
     tokenizer = check_sources(config) if task is None else None
-    seeds = parse_seeds(config.seeds)
     recipe = load_recipe(config.recipe)
     if len(seeds) == 1:
-        return _run_one(with_seed(config, seeds[0]), Path(workdir), recipe, task, tokenizer)
+        return _run_one(*runs[0], to_write[0], recipe, task, tokenizer)
     if task is not None:
         raise ValueError("run(task=...) takes one seed; config.seeds has several")
     per_seed = [
-        _run_one(with_seed(config, seed), Path(workdir) / f"seed_{seed}", recipe, None, tokenizer) for seed in seeds
+        _run_one(one, folder, written, recipe, None, tokenizer) for (one, folder), written in zip(runs, to_write)
     ]
     if hasattr(recipe, "aggregate"):
         return recipe.aggregate(per_seed, Path(workdir))
@@ -155,14 +162,15 @@ def _run(config, workdir, task) -> dict:
     return results
 
 
-def _run_one(config, workdir: Path, recipe, task, tokenizer=None) -> dict:
+def _run_one(config, workdir: Path, config_json: dict, recipe, task, tokenizer=None) -> dict:
     # The data are read (and a bad file reported) before the config and metrics files are written.
     task = task if task is not None else build_task(config, workdir, tokenizer)
     log.info("task %s (seed %d): %s", task.name, config.seed, task.describe())
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_config(config, workdir)
-    run_log = RunLog(workdir)
-    try:
-        return recipe.run(Pipeline(config, workdir, task, run_log))
-    finally:
-        run_log.close()
+    with disk_errors(f"the run in {workdir}"):
+        write_json(workdir / "config.json", config_json)  # the config, and the changes a resume made (history)
+        run_log = RunLog(workdir)
+        try:
+            return recipe.run(Pipeline(config, workdir, task, run_log))
+        finally:
+            run_log.close()

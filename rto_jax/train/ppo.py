@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx, struct
 
 from rto_jax.objectives import gae, masked_mean, masked_whiten, policy_loss, value_loss
@@ -173,6 +174,9 @@ def ppo_update(state: PPOState, experience: Experience, rng, config: PPOConfig) 
         (_, metrics), (policy_grads, critic_grads) = grad_fn(
             (policy.params, critic.params), batch, state.replace(policy=policy, critic=critic), config
         )
+        # Gradient norms (before clipping): exactly 0 means training has collapsed (pipeline.loop warns).
+        metrics = {**metrics, "policy_grad_norm": optax.tree.norm(policy_grads)}
+        metrics["critic_grad_norm"] = optax.tree.norm(critic_grads)
         return (policy.apply_gradients(policy_grads), critic.apply_gradients(critic_grads)), metrics
 
     def epoch(carry, epoch_rng):
