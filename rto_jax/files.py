@@ -5,6 +5,7 @@ exported model, tokenizer and results file would be unreadable to colleagues on 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,3 +37,16 @@ def temp_file_for(final: str | os.PathLike) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     os.fchmod(fd, 0o666 & ~umask())
     return fd, tmp
+
+
+def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Moves a folder made by `temp_dir_for` over `final` (replacing it), after giving everything in
+    it the umask's permissions: libraries write some files 0600 themselves (safetensors does)."""
+    tmp, final = Path(tmp), Path(final)
+    mask = umask()
+    for path in tmp.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

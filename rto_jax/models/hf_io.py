@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.errors import ModelError
-from rto_jax.files import temp_dir_for
+from rto_jax.files import publish_folder, temp_dir_for
 from rto_jax.models.config import ModelConfig, check_supported, from_hf_config, to_hf_config
 from rto_jax.models.transformer import CausalLM, ScalarHeadModel
 
@@ -442,9 +442,7 @@ def save_pretrained(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        publish_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -188,9 +188,15 @@ def _check_fits(folder: Path, target) -> None:
 
 
 def _reason(error: BaseException) -> str:
-    """The first line of an error, short (tensorstore's messages carry kilobytes of spec)."""
-    text = " ".join(str(error).split("See full TensorStore details")[0].split())
-    return f"{type(error).__name__}: {text[:240]}" if text else type(error).__name__
+    """Why a checkpoint failed to restore, short: the innermost cause (orbax wraps tensorstore's
+    'OUT_OF_RANGE: Error reading ...' in a bare 'Encountered error while reading array index'),
+    without the kilobytes of spec tensorstore appends."""
+    seen = [error]
+    while (cause := seen[-1].__cause__ or seen[-1].__context__) is not None and cause not in seen:
+        seen.append(cause)
+    root = seen[-1]
+    text = " ".join(str(root).split("See full TensorStore details")[0].split())
+    return f"{type(root).__name__}: {text[:240]}" if text else type(root).__name__
 
 
 def restore_intact(mngr: ocp.CheckpointManager, target, stage: str):
@@ -215,7 +221,8 @@ def restore_intact(mngr: ocp.CheckpointManager, target, stage: str):
             damaged.append((step, _reason(e)))
             continue
         try:
-            tree, meta, _ = restore(mngr, target, step)
+            with _quiet_on_failure():  # a damaged one leaves orbax's reader coroutines reporting it
+                tree, meta, _ = restore(mngr, target, step)
             if "data" not in meta:
                 raise KeyError("its meta has no data position")
         except Exception as e:  # noqa: BLE001 (any failure to restore it: damaged)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 from rto_jax.data import formats as formats_lib
 from rto_jax.data import load_examples, load_table, train_eval_split
 from rto_jax.data import tokenize as tok
-from rto_jax.files import temp_dir_for
+from rto_jax.files import publish_folder, temp_dir_for
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +147,7 @@ def train_bpe(texts, vocab_size: int, folder: str | os.PathLike):
     folder = Path(folder)
     tmp = temp_dir_for(folder)
     tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    publish_folder(tmp, folder)
     return tokenizer
 
 
