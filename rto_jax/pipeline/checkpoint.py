@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,22 +109,25 @@ def save(mngr: ocp.CheckpointManager, step: int, tree, meta: dict) -> None:
 
 @contextlib.contextmanager
 def _quiet_on_failure():
-    """orbax reports a failed write from each of its worker threads and event loops too (ERROR logs,
-    'Event loop is closed', coroutines never awaited): hundreds of lines around the one exception
-    `save` raises. Inside the block they are silenced; after a failure they stay silenced, since the
-    write's leftover coroutines report again when the process exits."""
-    absl_logger, unraisable = logging.getLogger("absl"), sys.unraisablehook
-    level = absl_logger.level
-    absl_logger.setLevel(logging.CRITICAL)
+    """orbax reports a failed write or read from each of its worker tasks too: ERROR logs, asyncio's
+    'Task exception was never retrieved', 'Event loop is closed', coroutines never awaited: hundreds
+    of lines around the one exception the caller turns into a message. Inside the block they are
+    silenced; after a failure they stay silenced for the rest of the process, since the leftover
+    tasks report when they are garbage-collected, often at exit."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels, unraisable = [logger.level for logger in loggers], sys.unraisablehook
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     sys.unraisablehook = lambda _: None
-    failed = True
     try:
         yield
-        failed = False
-    finally:
-        absl_logger.setLevel(level)
-        if not failed:
-            sys.unraisablehook = unraisable
+    except BaseException:
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        raise
+    else:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        sys.unraisablehook = unraisable
 
 
 def restore(mngr: ocp.CheckpointManager, target, step: int | None = None) -> tuple[Any, dict, int]:
