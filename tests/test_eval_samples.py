@@ -88,7 +88,8 @@ def log_softmax(x):
 
 
 def independent(task, paths, prompt_ids, prompt_mask, response, temperature):
-    """log-probs of `response` under each model (numpy log-softmax of its logits) and the RM score."""
+    """log-probs of `response` under each model (numpy log-softmax of its logits) at `temperature`,
+    the same at temperature 1 (as "<name>@1") and the RM score."""
     p = task.prompt_length
     ids = np.concatenate([prompt_ids, response])[None]
     mask = np.concatenate([prompt_mask, np.ones(len(response), np.int32)])[None]
@@ -96,8 +97,9 @@ def independent(task, paths, prompt_ids, prompt_mask, response, temperature):
     logps = {}
     for name in ("sft", "dpo", "rto"):
         logits = np.asarray(load_pretrained(paths[name], kind="lm")(ids, mask, positions), np.float64)[0]
-        rows = log_softmax(logits[p - 1 : p - 1 + len(response)] / temperature)
-        logps[name] = rows[np.arange(len(response)), response]
+        for key, t in ((name, temperature), (f"{name}@1", 1.0)):
+            rows = log_softmax(logits[p - 1 : p - 1 + len(response)] / t)
+            logps[key] = rows[np.arange(len(response)), response]
     raw = float(np.asarray(load_pretrained(paths["rm"], kind="scalar")(ids, mask, positions))[0, -1])
     return logps, raw
 
@@ -120,7 +122,9 @@ def test_token_page_values_equal_a_numpy_recomputation(evaluated):
             response,
             config.evaluate.temperature,
         )
-        lr_dpo, lr_pi = logps["dpo"] - logps["sft"], logps["rto"] - logps["sft"]
+        # DPO's implicit reward at temperature 1 (the models' own distributions); the KL term at the
+        # sampling temperature.
+        lr_dpo, lr_pi = logps["dpo@1"] - logps["sft@1"], logps["rto"] - logps["sft"]
         dpo = np.clip(BETA_DPO * lr_dpo, -DPO_CLIP, DPO_CLIP)
         kl = -BETA_KL * lr_pi
         value = lambda key, tokens=tokens: np.array([float(t[key]) for t in tokens])

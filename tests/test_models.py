@@ -175,6 +175,27 @@ def test_scalar_head_exports_as_sequence_classification(tmp_path):
     np.testing.assert_array_equal(np.asarray(reloaded(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))))
 
 
+def test_affine_output_is_folded_into_the_head_exactly_and_round_trips(tmp_path):
+    """PPO's critic: the reward model rescaled to emit (r - mean) / std. The fold is exact, leaves the
+    original alone, and its bias survives export and reload (as score.bias)."""
+    cfg = ModelConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+    )
+    model = ScalarHeadModel(cfg, nnx.Rngs(3))
+    ids = jnp.asarray(np.random.default_rng(2).integers(1, VOCAB, (3, 9)))
+    raw = np.asarray(model(ids))
+    mean, std = 1.7, 0.35
+    critic = model.with_affine_output(1.0 / std, -mean / std)
+    np.testing.assert_allclose(np.asarray(critic(ids)), (raw - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(model(ids)), raw)  # a copy: the reward model is unchanged
+    twice = critic.with_affine_output(2.0, 0.5)  # an existing bias is scaled and shifted too
+    np.testing.assert_allclose(np.asarray(twice(ids)), 2.0 * (raw - mean) / std + 0.5, rtol=1e-5, atol=1e-5)
+    save_pretrained(critic, tmp_path / "critic")
+    reloaded = load_pretrained(tmp_path / "critic")
+    assert reloaded.head.bias is not None
+    np.testing.assert_array_equal(np.asarray(reloaded(ids)), np.asarray(critic(ids)))
+
+
 def test_bfloat16_compute_stays_close_and_returns_float32(tmp_path):
     _torch_model("llama_mha", tmp_path)
     f32 = load_pretrained(tmp_path)

@@ -237,6 +237,7 @@ def rto_rewards(lo, lr, ld, score, mask, *, beta_dpo, dpo_clip, beta_kl, beta_rm
     from rto_jax.objectives import token_rewards as tr
 
     logps = {"policy": lo, "ref": lr, "dpo": ld}
+    logps.update({tr.untempered(k): v for k, v in list(logps.items())})  # temperature 1: the same log-probs
     if beta_dpo == 0:
         return tr.ppo(logps, score, mask, beta_kl=beta_kl, beta_rm=beta_rm)
     fn = tr.rto if placement == "token" else tr.rto_sequence_end
@@ -280,6 +281,7 @@ def test_rto_no_rm_is_rto_without_the_score(rng):
     lo, lr, ld = logps(rng), logps(rng), logps(rng)
     score, mask = rng.normal(size=B).astype(np.float32) + 3.0, response_mask(rng)
     logps_ = {"policy": lo, "ref": lr, "dpo": ld}
+    logps_.update({tr.untempered(k): v for k, v in list(logps_.items())})
     rewards, parts = tr.rto_no_rm(logps_, None, mask)  # the score is never read: None is fine
     full, full_parts = tr.rto(logps_, score, mask)
     assert set(parts) == {"dpo", "kl"} and "reward" not in tr.rto_no_rm.uses
@@ -392,6 +394,45 @@ def test_value_loss(rng, wrap):
     for i, key in enumerate([None, "vf_clipfrac", "value_mse", "value_mean"]):
         got = loss if key is None else metrics[key]
         np.testing.assert_allclose(got, np_masked_mean([(r[i], r[4]) for r in rows]), **TOL)
+
+
+def np_sequence_mean(values, mask):
+    """Each row's mean over its valid tokens, then the mean over rows with any (the RTO authors')."""
+    rows = [np_masked_mean([(values[b][t], mask[b, t]) for t in range(T)]) for b in range(B) if mask[b].any()]
+    return sum(rows) / len(rows)
+
+
+@JIT
+def test_sequence_averaged_losses_weigh_each_response_equally(rng, wrap):
+    """average="sequence": per response, then over responses; on this ragged batch (lengths differ,
+    one row empty) it differs from the token mean by a sizeable fraction of the loss."""
+    logp_old = logps(rng)
+    logp = logp_old + rng.normal(size=(B, T)).astype(np.float32) * 0.3
+    adv, mask = rng.normal(size=(B, T)).astype(np.float32), response_mask(rng)
+    assert len({int(m.sum()) for m in mask}) > 2 and not mask[2].any()
+    loss, metrics = wrap(lambda *a: obj.policy_loss(*a, 0.2, "sequence"))(logp, logp_old, adv, mask)
+    per_token = np.zeros((B, T))
+    for b, t in cells(mask):
+        ratio = math.exp(float(logp[b, t]) - float(logp_old[b, t]))
+        a = float(adv[b, t])
+        per_token[b, t] = max(-a * ratio, -a * min(max(ratio, 0.8), 1.2))
+    np.testing.assert_allclose(loss, np_sequence_mean(per_token, mask), **TOL)
+    token_loss, token_metrics = obj.policy_loss(logp, logp_old, adv, mask, 0.2, "token")
+    assert abs(float(loss) - float(token_loss)) > 0.05 * abs(float(token_loss))
+    for key, value in token_metrics.items():  # metrics stay token means
+        np.testing.assert_allclose(metrics[key], value, **TOL)
+
+    old, returns = rng.normal(size=(2, B, T)).astype(np.float32)
+    values = old + rng.normal(size=(B, T)).astype(np.float32) * 0.4
+    loss, _ = wrap(lambda *a: obj.value_loss(*a, 0.2, "sequence"))(values, old, returns, mask)
+    per_token = np.zeros((B, T))
+    for b, t in cells(mask):
+        v, o, r = float(values[b, t]), float(old[b, t]), float(returns[b, t])
+        vc = o + min(max(v - o, -0.2), 0.2)
+        per_token[b, t] = max((v - r) ** 2, (vc - r) ** 2)
+    np.testing.assert_allclose(loss, np_sequence_mean(per_token, mask), **TOL)
+    with pytest.raises(ValueError, match="token.*sequence"):
+        obj.value_loss(values, old, returns, mask, 0.2, "row")
 
 
 def test_masked_entropy(rng):

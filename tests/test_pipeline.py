@@ -247,6 +247,23 @@ def test_nan_parameters_with_a_finite_loss_stop_the_stage_before_its_checkpoint(
     assert metrics[-1]["step"] == step and all(math.isfinite(v) for v in metrics[-1].values() if isinstance(v, float))
 
 
+def test_the_critic_starts_on_the_normalized_reward_scale(fixture_data, trained_models, tmp_path):
+    """PPO's critic is the reward model with (r - mean) / std folded into its head: the returns it
+    learns are built from normalized scores. With learning rates of 1e-12 the exported critic is
+    the critic PPO started from."""
+    config = small_config(*fixture_data, "ppo")
+    given_models(config, trained_models)
+    config.ppo.lr, config.ppo.critic_lr, config.ppo.max_steps = 1e-12, 1e-12, 1
+    run(config, tmp_path)
+    stats = json.loads((trained_models / "reward_model" / "done.json").read_text())
+    mean, std = stats["reward_mean"], stats["reward_std"]
+    assert abs(mean) > 0.05 or abs(std - 1.0) > 0.05, (mean, std)  # the fold changes the numbers
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 300, (4, 20)))
+    raw = np.asarray(load_pretrained(trained_models / "reward_model" / "model", kind="scalar")(ids))
+    critic = np.asarray(load_pretrained(tmp_path / "ppo" / "critic", kind="scalar")(ids))
+    np.testing.assert_allclose(critic, (raw - mean) / std, rtol=1e-4, atol=1e-4)
+
+
 def test_a_forked_recipe_trains_with_its_own_token_reward(fixture_data, trained_models, tmp_path):
     """README's "fork an experiment": copy experiments/rto.py outside the package, change its reward,
     point a config at it. The logged reward parts show the new reward was the one used."""

@@ -8,6 +8,7 @@ The models differ on purpose (policy != reference != DPO model, temperature != 1
 temperature, a missing normalization or a sign slip changes a compared number.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -165,12 +166,12 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _token_logps(model, experience, with_entropy=False):
-    """log pi(y_h | x, y_<h) at temperature TAU from the logits at column P-1+h; 0 past the mask.
+def _token_logps(model, experience, with_entropy=False, temperature=TAU):
+    """log pi(y_h | x, y_<h) at `temperature` from the logits at column P-1+h; 0 past the mask.
 
     with_entropy: also the entropy [B, R] of those temperature-scaled distributions.
     """
-    logp = _log_softmax(_forward(model, experience) / TAU)
+    logp = _log_softmax(_forward(model, experience) / temperature)
     tokens, mask = experience.input_ids[:, P:], experience.response_mask
     out, entropy = np.zeros((B, R)), np.zeros((B, R))
     for b in range(B):
@@ -199,6 +200,8 @@ def _rebuild_experience(models, experience, reward):
     has_eos = np.array([tokens[b, last[b]] == EOS for b in range(B)])
 
     logp = {name: _token_logps(models[name], experience) for name in ("ref", "dpo")}
+    # DPO's implicit reward is a property of the models' own distributions: temperature 1.
+    own = {name: _token_logps(models[name], experience, temperature=1.0) for name in ("ref", "dpo")}
     logp["policy"], entropy = _token_logps(models["policy"], experience, with_entropy=True)
     critic = _forward(models["critic"], experience)
     values = np.zeros((B, R))
@@ -220,7 +223,7 @@ def _rebuild_experience(models, experience, reward):
         for h in range(lengths[b]):
             parts["kl"][b, h] = -BETA_KL * (logp["policy"][b, h] - logp["ref"][b, h])
             if "dpo" in parts:
-                parts["dpo"][b, h] = min(max(BETA_DPO * (logp["dpo"][b, h] - logp["ref"][b, h]), -DPO_CLIP), DPO_CLIP)
+                parts["dpo"][b, h] = min(max(BETA_DPO * (own["dpo"][b, h] - own["ref"][b, h]), -DPO_CLIP), DPO_CLIP)
             if "score" in parts and h == last[b]:
                 parts["score"][b, h] = BETA_RM * score[b]
     rewards = sum(parts.values())
@@ -299,9 +302,9 @@ def _rebuild_loss(params, batch, graphdefs, config):
     tokens = batch.input_ids[:, P:]
     mask = batch.response_mask
     logp = jnp.where(mask > 0, jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0], 0.0)
-    pg, _ = policy_loss(logp, batch.logp_old, batch.advantages, mask, config.clip_eps)
+    pg, _ = policy_loss(logp, batch.logp_old, batch.advantages, mask, config.clip_eps, config.loss_average)
     values = critic(batch.input_ids, **inputs)[:, P - 1 : -1]
-    vf, _ = value_loss(values, batch.values, batch.returns, mask, config.value_clip_eps)
+    vf, _ = value_loss(values, batch.values, batch.returns, mask, config.value_clip_eps, config.loss_average)
     token_entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
     entropy = jnp.sum(token_entropy * mask) / jnp.sum(mask)
     return pg + config.vf_coef * vf - config.entropy_coef * entropy
@@ -369,6 +372,22 @@ def test_update_matches_loop_rebuild(models, update_run):
     # The comparison can tell the minibatches apart: reusing one minibatch's rows lands elsewhere.
     (policy_same, critic_same), _, _ = _rebuild_update(_state(models), experience, rng, config, same_rows=True)
     assert _max_diff(final[0], policy_same) > 1e-4 and _max_diff(final[1], critic_same) > 1e-4
+
+
+def test_sequence_averaged_update_matches_loop_rebuild(models, update_run):
+    """loss_average="sequence" reaches both losses: the update equals the rebuild with per-response
+    means, and lands elsewhere than the token-mean update of the same rollout."""
+    config, experience, rng, _, token_final, _ = update_run
+    config = dataclasses.replace(config, loss_average="sequence")
+    assert len({int(m.sum()) for m in experience.response_mask}) > 2  # ragged: the two averages differ
+    _, update_fn, _ = _ppo_fns(config)
+    new_state, _ = update_fn(_state(models), jax.tree.map(jnp.asarray, experience), rng)
+    final = (new_state.policy.params, new_state.critic.params)
+    (policy, critic), _, _ = _rebuild_update(_state(models), experience, rng, config)
+    for got, want in [(final[0], policy), (final[1], critic)]:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert _max_diff(final[0], token_final[0]) > 1e-4 and _max_diff(final[1], token_final[1]) > 1e-4
 
 
 def test_first_minibatch_ratio_is_one(models, update_run):

@@ -38,9 +38,11 @@ from rto_jax.objectives.token_rewards import (
     BoundReward,
     bind,
     frozen_models,
+    is_untempered,
     needs_reward_model,
     ppo,
     reward_args,
+    untempered,
 )
 from rto_jax.pipeline import common
 from rto_jax.pipeline.config import parse_policies
@@ -400,7 +402,12 @@ class _TokenPages:
             valid = np.asarray(arrays["response_mask"][i]) > 0
             ids = np.asarray(arrays["input_ids"][i, p:])[valid]
             logps = {k: np.asarray(v[i], np.float64)[valid] for k, v in out["logps"].items()}
-            ratios = {k: (v - logps["ref"]).tolist() for k, v in logps.items() if k != "ref"}
+            # As the rewards read them: the policy's ratio at the rollout temperature (the KL term),
+            # every other model's at temperature 1 (its own distribution, e.g. DPO's implicit reward).
+            ratios = {"policy": (logps["policy"] - logps["ref"]).tolist()}
+            ref = logps[untempered("ref")]
+            models = [k for k in out["logps"] if k not in ("policy", "ref") and not is_untempered(k)]
+            ratios.update({k: (logps[untempered(k)] - ref).tolist() for k in models})
             info = {"judge": row["judge_score"]}
             if row["win"] is not None:
                 info.update(reference_judge=row["reference_judge_score"], win=row["win"])

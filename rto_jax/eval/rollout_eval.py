@@ -21,7 +21,7 @@ from flax import nnx
 from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import needs_reward_model
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
-from rto_jax.scoring import response_logprobs, sequence_scores
+from rto_jax.scoring import response_logprobs, sequence_scores, token_reward_logprobs
 
 
 @functools.partial(jax.jit, static_argnames=("policy_graphdef", "reward_graphdef", "config", "gold_fn"))
@@ -156,8 +156,9 @@ def token_reward_parts(
     """The token reward of given responses (SFT-layout arrays `[B, P+R]`, `response_mask` `[B, R]`),
     computed as PPO's experience maker computes it for its rollouts (rto_jax/train/ppo.py):
 
-        logps  {"policy": the policy `params`, name: each of `frozen` {name: params}} at `temperature`,
-               every model on `graphdef` (the policy's architecture, as in PPO)
+        logps  {"policy": the policy `params`, name: each of `frozen` {name: params}} at `temperature`
+               and, as untempered(name), at temperature 1; every model on `graphdef` (the policy's
+               architecture, as in PPO)
         score  (raw - reward_mean) / reward_std, clipped to +-score_clip, minus missing_eos_penalty
                for a response without EOS; passed to the reward only when it reads the reward model
         token_reward(logps, score, mask) -> (rewards, parts)   a BoundReward (static: hashable)
@@ -167,9 +168,9 @@ def token_reward_parts(
     """
     mask = response_mask
     inputs = (input_ids, attention_mask, positions)
-    logps = {"policy": response_logprobs(nnx.merge(graphdef, params), *inputs, mask, temperature)[0]}
-    for name, frozen_params in frozen.items():
-        logps[name] = response_logprobs(nnx.merge(graphdef, frozen_params), *inputs, mask, temperature)[0]
+    models = {"policy": nnx.merge(graphdef, params)}
+    models.update({name: nnx.merge(graphdef, frozen_params) for name, frozen_params in frozen.items()})
+    logps, _ = token_reward_logprobs(models, *inputs, mask, temperature)
     out = {"logps": logps}
     score = None
     if reward_graphdef is not None:

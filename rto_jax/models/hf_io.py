@@ -35,6 +35,7 @@ _TOP = {  # our path -> HF name, per architecture
         "decoder.final_norm.scale": "model.norm.weight",
         "lm_head.kernel": "lm_head.weight",
         "head.kernel": "score.weight",
+        "head.bias": "score.bias",  # only a head made with `ScalarHeadModel.with_affine_output` has one
     },
     "gpt_neox": {
         "decoder.embed.embedding": "gpt_neox.embed_in.weight",
@@ -42,6 +43,7 @@ _TOP = {  # our path -> HF name, per architecture
         "decoder.final_norm.bias": "gpt_neox.final_layer_norm.bias",
         "lm_head.kernel": "embed_out.weight",
         "head.kernel": "score.weight",
+        "head.bias": "score.bias",  # only a head made with `ScalarHeadModel.with_affine_output` has one
     },
 }
 _BLOCK = {  # our module inside a block -> HF module inside `layers.{i}`
@@ -97,9 +99,10 @@ def _flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
     return {".".join(str(k) for k in key): var for key, var in nnx.to_flat_state(state)}
 
 
-def _new_model(cfg: ModelConfig, kind: str) -> nnx.Module:
-    cls = {"lm": CausalLM, "scalar": ScalarHeadModel}[kind]
-    return cls(cfg, nnx.Rngs(0))
+def _new_model(cfg: ModelConfig, kind: str, head_bias: bool = False) -> nnx.Module:
+    if kind == "scalar":
+        return ScalarHeadModel(cfg, nnx.Rngs(0), head_bias=head_bias)
+    return CausalLM(cfg, nnx.Rngs(0))
 
 
 def _place(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
@@ -115,10 +118,11 @@ def _fill(
     get: Callable[[str], np.ndarray | None],
     source: str,
     shardings: Callable[[nnx.State], nnx.State] | None = None,
+    head_bias: bool = False,
 ) -> nnx.Module:
     """Builds the model abstractly and fills each parameter with `get(hf_name)` (None if absent),
     one tensor at a time, placed by `shardings(abstract_state)` when given."""
-    abstract = nnx.eval_shape(lambda: _new_model(cfg, kind))
+    abstract = nnx.eval_shape(lambda: _new_model(cfg, kind, head_bias))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     placement = dict(nnx.to_flat_state(shardings(state))) if shardings is not None else {}
@@ -245,7 +249,7 @@ def load_pretrained(
     if kind == "scalar" and stored_kind == "lm":
         model = ScalarHeadModel.from_causal_lm(_fill(cfg, "lm", get, source, shardings), nnx.Rngs(0))
     else:
-        model = _fill(cfg, kind, get, source, shardings)
+        model = _fill(cfg, kind, get, source, shardings, head_bias=kind == "scalar" and "score.bias" in names)
     used = set(hf_state_dict_names(model))
     unused = sorted(
         n for n in names - used if not _IGNORED.match(n) and not (n == "lm_head.weight" and cfg.tie_word_embeddings)

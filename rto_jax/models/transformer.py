@@ -221,16 +221,18 @@ class ScalarHeadModel(nnx.Module):
 
     The head has no bias so that export matches HF's `*ForSequenceClassification` (`score.weight`);
     its init is normal with std 1/sqrt(d+1) (the N+ implementation details of RLHF).
+    `with_affine_output` gives a copy whose head has a bias (exported as `score.bias`, which
+    transformers' classifiers do not have and ignore; our loader reads it).
     """
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, decoder: Decoder | None = None):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, decoder: Decoder | None = None, head_bias: bool = False):
         self.config = cfg
         self.decoder = decoder if decoder is not None else Decoder(cfg, rngs)
         self.head = Dense(
             cfg.hidden_size,
             1,
             ("embed", "score"),
-            use_bias=False,
+            use_bias=head_bias,
             dtype=jnp.float32,
             rngs=rngs,
             std=1.0 / (cfg.hidden_size + 1) ** 0.5,
@@ -239,6 +241,20 @@ class ScalarHeadModel(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None):
         hidden, _ = self.decoder(input_ids, attention_mask, positions)
         return self.head(hidden.astype(jnp.float32))[..., 0]
+
+    def with_affine_output(self, scale, shift) -> "ScalarHeadModel":
+        """A copy whose outputs are exactly `scale * self(x) + shift`, folded into the head (kernel
+        times `scale`, a bias `scale * bias + shift`): e.g. a reward model's head rescaled to emit
+        normalized scores `(r - mean) / std` with scale=1/std, shift=-mean/std."""
+        graph, state = nnx.split(self.decoder)
+        out = ScalarHeadModel(
+            self.config, nnx.Rngs(0), decoder=nnx.merge(graph, jax.tree.map(jnp.copy, state)), head_bias=True
+        )
+        scale, shift = jnp.float32(scale), jnp.float32(shift)
+        out.head.kernel[...] = self.head.kernel[...] * scale
+        bias = self.head.bias[...] if self.head.bias is not None else jnp.zeros_like(out.head.bias[...])
+        out.head.bias[...] = bias * scale + shift
+        return out
 
     @classmethod
     def from_causal_lm(cls, lm: CausalLM, rngs: nnx.Rngs) -> "ScalarHeadModel":

@@ -2,7 +2,14 @@
 
 from rto_jax.objectives.dpo import LOSS_TYPES as DPO_LOSS_TYPES
 from rto_jax.objectives.dpo import dpo_loss, dpo_token_rewards
-from rto_jax.objectives.masked import apply_mask, masked_mean, masked_sum, masked_whiten
+from rto_jax.objectives.masked import (
+    LOSS_AVERAGES,
+    apply_mask,
+    masked_loss_mean,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+)
 from rto_jax.objectives.ppo import gae, masked_entropy, policy_loss, value_loss
 from rto_jax.objectives.reward_model import bradley_terry_loss
 from rto_jax.objectives.sft import entropy_from_logits, sft_loss, token_logprobs
@@ -10,6 +17,7 @@ from rto_jax.objectives.token_rewards import TOKEN_REWARDS, bind, last_token_ind
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "LOSS_AVERAGES",
     "TOKEN_REWARDS",
     "apply_mask",
     "bind",
@@ -20,6 +28,7 @@ __all__ = [
     "gae",
     "last_token_index",
     "masked_entropy",
+    "masked_loss_mean",
     "masked_mean",
     "masked_sum",
     "masked_whiten",

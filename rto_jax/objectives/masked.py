@@ -24,6 +24,26 @@ def masked_mean(x, mask, axis=None):
     return masked_sum(x, mask, axis) / jnp.where(count > 0, count, 1.0)
 
 
+LOSS_AVERAGES = ("token", "sequence")
+
+
+def masked_loss_mean(x, mask, average: str = "token"):
+    """A loss ``x [B, T]`` reduced to a scalar over the valid tokens.
+
+    average="token": one mean over every valid token of the batch (long responses weigh more);
+    "sequence": each row's mean over its valid tokens, then the mean over the rows that have any
+    (every response weighs the same, as in the RTO authors' code). Equal when all rows have the
+    same number of valid tokens.
+    """
+    if average == "token":
+        return masked_mean(x, mask)
+    if average != "sequence":
+        raise ValueError(f"average must be one of {LOSS_AVERAGES}, got {average!r}")
+    per_row = masked_mean(x, mask, axis=-1)
+    has_tokens = jnp.any(mask > 0, axis=-1)
+    return masked_mean(per_row, has_tokens)
+
+
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """Whiten ``x [B, T]`` with the mean and (population) variance of its valid tokens.
 

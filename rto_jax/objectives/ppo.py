@@ -15,13 +15,16 @@ default 0.5):
 
     L_V  = mean_valid max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps, eps) - R_t)^2)
 
-All means are token means over the valid tokens of the whole (mini)batch.
+The losses' ``mean_valid`` is, with ``average="token"`` (default), the mean over the valid tokens
+of the whole (mini)batch; with ``average="sequence"``, each response's mean over its tokens, then
+the mean over responses (the RTO authors' code). On ragged batches the two weigh long and short
+responses differently. Metrics are always token means.
 """
 
 import jax
 import jax.numpy as jnp
 
-from rto_jax.objectives.masked import apply_mask, masked_mean, masked_whiten  # noqa: F401
+from rto_jax.objectives.masked import apply_mask, masked_loss_mean, masked_mean, masked_whiten  # noqa: F401
 from rto_jax.objectives.sft import entropy_from_logits
 
 
@@ -50,12 +53,13 @@ def gae(rewards, values, mask, *, gamma, lam):
     return advantages, apply_mask(advantages + values, mask)
 
 
-def policy_loss(logp, logp_old, advantages, mask, clip_eps):
+def policy_loss(logp, logp_old, advantages, mask, clip_eps, average="token"):
     """PPO clipped surrogate loss.
 
     Args:
       logp: ``[B, T]`` current log-probs; logp_old: ``[B, T]`` rollout log-probs;
-      advantages: ``[B, T]`` (usually whitened); mask: ``[B, T]``; clip_eps: ratio clip.
+      advantages: ``[B, T]`` (usually whitened); mask: ``[B, T]``; clip_eps: ratio clip;
+      average: "token" or "sequence" (see the module docstring).
     Returns:
       ``(loss, metrics)``; metrics ``clipfrac`` (fraction of valid tokens where the clipped
       term is the active one), ``approx_kl`` (masked mean of the k3 estimator
@@ -66,7 +70,7 @@ def policy_loss(logp, logp_old, advantages, mask, clip_eps):
     adv = jnp.asarray(advantages, jnp.float32)
     unclipped = -adv * ratio
     clipped = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    loss = masked_loss_mean(jnp.maximum(unclipped, clipped), mask, average)
     metrics = {
         "clipfrac": masked_mean(clipped > unclipped, mask),
         "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
@@ -75,12 +79,13 @@ def policy_loss(logp, logp_old, advantages, mask, clip_eps):
     return loss, metrics
 
 
-def value_loss(values, old_values, returns, mask, clip_eps):
+def value_loss(values, old_values, returns, mask, clip_eps, average="token"):
     """Clipped value loss, without the 0.5 factor (apply it as ``vf_coef``).
 
     Args:
       values: ``[B, T]`` current predictions; old_values: ``[B, T]`` rollout predictions;
-      returns: ``[B, T]`` GAE returns; mask: ``[B, T]``; clip_eps: clip of ``V - V_old``.
+      returns: ``[B, T]`` GAE returns; mask: ``[B, T]``; clip_eps: clip of ``V - V_old``;
+      average: "token" or "sequence" (see the module docstring).
     Returns:
       ``(loss, metrics)``; metrics ``vf_clipfrac`` (fraction where the clipped error is the
       larger), ``value_mse`` (unclipped squared error), ``value_mean``.
@@ -90,7 +95,7 @@ def value_loss(values, old_values, returns, mask, clip_eps):
     v_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
     err = jnp.square(values - returns)
     err_clipped = jnp.square(v_clipped - returns)
-    loss = masked_mean(jnp.maximum(err, err_clipped), mask)
+    loss = masked_loss_mean(jnp.maximum(err, err_clipped), mask, average)
     metrics = {
         "vf_clipfrac": masked_mean(err_clipped > err, mask),
         "value_mse": masked_mean(err, mask),

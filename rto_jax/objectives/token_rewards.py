@@ -4,13 +4,19 @@
           - beta_kl * log(pi_old(y_h) / pi_ref(y_h))       # KL penalty
           + beta_rm * [h == H] * score                     # the reward model's score at the last token
 
+The DPO term is DPO's implicit reward, a property of the two models' own distributions: it reads
+their log-probs at temperature 1 (`untempered(name)`), whatever the sampling temperature. The KL
+term is between the distributions the rollout sampled from and is penalized against, so it reads
+the log-probs at the rollout temperature tau (as the importance ratio does).
+
 A token reward is a pure function, passed to PPO's experience maker as it is:
 
     reward(logps, score, mask, **coefficients) -> (rewards [B, R] float32, parts {name: [B, R]})
 
     logps  {model: [B, R]}: log-probs of the sampled response tokens at the rollout temperature;
            "policy" is the rollout policy pi_old, every other name is a frozen model the reward
-           lists in `uses` ("ref" = pi_ref = pi_sft, "dpo" = pi_dpo, or any model a recipe loads)
+           lists in `uses` ("ref" = pi_ref = pi_sft, "dpo" = pi_dpo, or any model a recipe loads);
+           `untempered(model)` holds the same model's log-probs at temperature 1
     score  [B]: the reward model's normalized sequence score, or None unless "reward" is in `uses`
     mask   [B, R]: response mask (1 up to and including EOS); H is each row's last valid token
 
@@ -30,6 +36,16 @@ import jax.numpy as jnp
 from rto_jax.objectives.masked import apply_mask, masked_sum
 
 REWARD_MODEL = "reward"  # the name in `uses` that asks for the reward model's score
+_UNTEMPERED = "@T=1"
+
+
+def untempered(model: str) -> str:
+    """The `logps` key of `model`'s log-probs at temperature 1 (its own distribution)."""
+    return model + _UNTEMPERED
+
+
+def is_untempered(key: str) -> bool:
+    return key.endswith(_UNTEMPERED)
 
 
 def token_reward(*uses: str):
@@ -106,9 +122,16 @@ def clip_symmetric(x, c):
 
 
 def log_ratio(logps: Mapping, model: str, base: str, mask):
-    """``log pi_model(y_h) - log pi_base(y_h)`` in float32, 0 outside ``mask``: ``[B, R]``."""
+    """``log pi_model(y_h) - log pi_base(y_h)`` in float32, 0 outside ``mask``: ``[B, R]``
+    (`model` and `base` are `logps` keys: a model's name, or `untempered(name)`)."""
     f32 = lambda name: jnp.asarray(logps[name], jnp.float32)
     return apply_mask(f32(model) - f32(base), mask)
+
+
+def dpo_log_ratio(logps: Mapping, mask):
+    """``log pi_dpo(y_h) - log pi_ref(y_h)`` at temperature 1: ``[B, R]``; times beta_dpo, DPO's
+    implicit token reward."""
+    return log_ratio(logps, untempered("dpo"), untempered("ref"), mask)
 
 
 def _sum_parts(parts: dict, mask):
@@ -133,7 +156,7 @@ def rto(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_
     """RTO: the clipped DPO token reward on every token, the KL penalty, the score at the last token."""
     return _sum_parts(
         {
-            "dpo": clip_symmetric(beta_dpo * log_ratio(logps, "dpo", "ref", mask), dpo_clip),
+            "dpo": clip_symmetric(beta_dpo * dpo_log_ratio(logps, mask), dpo_clip),
             "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
             "score": beta_rm * at_last_token(score, mask),
         },
@@ -144,7 +167,7 @@ def rto(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_
 @token_reward("ref", "dpo", REWARD_MODEL)
 def rto_sequence_end(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0):
     """Ablation: DPO's sequence reward (the sum of the unclipped token terms, then clipped) at the last token."""
-    dpo_sequence = masked_sum(beta_dpo * log_ratio(logps, "dpo", "ref", mask), mask, axis=-1)
+    dpo_sequence = masked_sum(beta_dpo * dpo_log_ratio(logps, mask), mask, axis=-1)
     return _sum_parts(
         {
             "dpo": at_last_token(clip_symmetric(dpo_sequence, dpo_clip), mask),
@@ -161,7 +184,7 @@ def rto_no_rm(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01)
     del score
     return _sum_parts(
         {
-            "dpo": clip_symmetric(beta_dpo * log_ratio(logps, "dpo", "ref", mask), dpo_clip),
+            "dpo": clip_symmetric(beta_dpo * dpo_log_ratio(logps, mask), dpo_clip),
             "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
         },
         mask,

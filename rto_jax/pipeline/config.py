@@ -17,6 +17,7 @@ from ml_collections import config_dict
 
 from rto_jax.data.synthetic import SyntheticTaskConfig
 from rto_jax.errors import ConfigError
+from rto_jax.objectives.masked import LOSS_AVERAGES
 from rto_jax.objectives.token_rewards import bind, frozen_models, reward_args, rto
 from rto_jax.train.ppo import PPOConfig
 from rto_jax.train.state import OptimizerConfig
@@ -171,6 +172,7 @@ def base_config() -> config_dict.ConfigDict:
     c.ppo.score_clip = ppo["score_clip"]  # the normalized reward-model score is clipped to [-score_clip, score_clip]
     c.ppo.missing_eos_penalty = ppo["missing_eos_penalty"]  # subtracted from the score of responses without EOS
     c.ppo.whiten_advantages = ppo["whiten_advantages"]  # whiten advantages over the rollout batch
+    c.ppo.loss_average = ppo["loss_average"]  # "token" (all valid tokens) or "sequence" (per response, then batch)
     c.ppo.eval_every = 0  # > 0: gold reward on the held-out prompts every this many iterations (gold tasks)
     c.ppo.critic_lr = config_dict.placeholder(float)  # critic learning rate; None = ppo.lr
     _optimizer(c.ppo, 3e-6)
@@ -562,6 +564,10 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
         raise ConfigError("ppo.temperature", f"must be > 0, got {config.ppo.temperature}")
     if not 0 < config.ppo.top_p <= 1:
         raise ConfigError("ppo.top_p", f"must be in (0, 1], got {config.ppo.top_p}")
+    if config.ppo.loss_average not in LOSS_AVERAGES:
+        raise ConfigError(
+            "ppo.loss_average", f"must be one of {', '.join(LOSS_AVERAGES)}, got {config.ppo.loss_average!r}"
+        )
     _non_negative(
         config, "ppo.max_steps", "ppo.top_k", "ppo.entropy_coef", "ppo.missing_eos_penalty", "ppo.warmup_steps"
     )

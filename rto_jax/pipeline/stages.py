@@ -298,7 +298,11 @@ def run_ppo(
         raise ValueError(f"token reward {name!r} reads the models {missing}, which the recipe does not give")
     policy = common.load_model(models["ref"], "lm", config, mesh)
     frozen = {m: nnx.split(common.load_model(models[m], "lm", config, mesh))[1] for m in frozen_models(token_reward)}
-    critic = common.load_model(reward["model_path"], "scalar", config, mesh)
+    # The critic starts as the reward model with its head rescaled to the normalized score
+    # (r - mean) / std, the scale of the rewards it learns to predict (not the raw score's).
+    raw_critic = common.load_model(reward["model_path"], "scalar", config, mesh)
+    critic = raw_critic.with_affine_output(1.0 / reward["reward_std"], -reward["reward_mean"] / reward["reward_std"])
+    del raw_critic
     reward_model = None
     if needs_reward_model(token_reward):
         reward_model = common.load_model(reward["model_path"], "scalar", config, mesh)

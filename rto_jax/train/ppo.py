@@ -28,7 +28,7 @@ from rto_jax.objectives.token_rewards import BoundReward, frozen_models, needs_r
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.train.sharding import StepShardings, jit_step
 from rto_jax.train.state import TrainState
-from rto_jax.scoring import response_logprobs, response_scalars, sequence_scores
+from rto_jax.scoring import response_logprobs, response_scalars, sequence_scores, token_reward_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,10 @@ class PPOConfig:
     score_clip: float = 10.0  # the normalized reward-model score is clipped to [-score_clip, score_clip]
     missing_eos_penalty: float = 1.0  # subtracted from the score of responses that never emit EOS (N+: -1)
     whiten_advantages: bool = True
+    # How the policy and value losses average over a ragged batch: "token" (every valid token of the
+    # minibatch weighs the same) or "sequence" (each response's token mean, then the mean over
+    # responses, as the RTO authors' code does).
+    loss_average: str = "token"
 
 
 class PPOState(struct.PyTreeNode):
@@ -80,8 +84,9 @@ def _has_eos(tokens, mask, eos_id):
 def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> tuple[Experience, dict]:
     """Rollout with the jitted sampler, then every model's view of it, the token rewards and GAE.
 
-    prompts: `prompt_ids`, `prompt_mask` `[B, P]` (left-padded). Every log-prob is taken at the
-    rollout temperature. Metrics include each part of the token reward as `reward/<part>` (per-sequence sums).
+    prompts: `prompt_ids`, `prompt_mask` `[B, P]` (left-padded). The token reward reads every model's
+    log-probs at the rollout temperature and at temperature 1 (`token_reward_logprobs`); the
+    importance ratio uses the rollout temperature's. Metrics include each part of the token reward as `reward/<part>` (per-sequence sums).
     """
     tau = config.sampling.temperature
     reward_fn = config.token_reward
@@ -95,10 +100,10 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
     input_ids, attention_mask, positions = response_inputs(prompts["prompt_ids"], prompts["prompt_mask"], samples)
     mask = samples.response_mask
     inputs = (input_ids, attention_mask, positions)
-    logp_old, logits = response_logprobs(state.policy.model(), *inputs, mask, tau)
-    logps = {"policy": logp_old}
-    for name, params in state.frozen["models"].items():
-        logps[name] = response_logprobs(nnx.merge(state.policy.graphdef, params), *inputs, mask, tau)[0]
+    models = {"policy": state.policy.model()}
+    models.update({name: nnx.merge(state.policy.graphdef, p) for name, p in state.frozen["models"].items()})
+    logps, logits = token_reward_logprobs(models, *inputs, mask, tau)
+    logp_old = logps["policy"]
     critic = state.critic.model()
     values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
     has_eos = _has_eos(samples.tokens, mask, config.sampling.eos_id)
@@ -140,10 +145,14 @@ def _minibatch_loss(params, batch: Experience, state: PPOState, config: PPOConfi
     inputs = (batch.input_ids, batch.attention_mask, batch.positions)
     policy = nnx.merge(state.policy.graphdef, policy_params)
     logp, logits = response_logprobs(policy, *inputs, batch.response_mask, config.sampling.temperature)
-    pg_loss, pg_metrics = policy_loss(logp, batch.logp_old, batch.advantages, batch.response_mask, config.clip_eps)
+    pg_loss, pg_metrics = policy_loss(
+        logp, batch.logp_old, batch.advantages, batch.response_mask, config.clip_eps, config.loss_average
+    )
     critic = nnx.merge(state.critic.graphdef, critic_params)
     values = response_scalars(critic, *inputs, batch.response_mask.shape[1])
-    vf_loss, vf_metrics = value_loss(values, batch.values, batch.returns, batch.response_mask, config.value_clip_eps)
+    vf_loss, vf_metrics = value_loss(
+        values, batch.values, batch.returns, batch.response_mask, config.value_clip_eps, config.loss_average
+    )
     entropy = masked_mean(entropy_from_logits(logits), batch.response_mask)
     loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
     return loss, {
