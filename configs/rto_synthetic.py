@@ -6,6 +6,9 @@ Presets (`--config=configs/rto_synthetic.py:PRESET`):
   full            the same hyperparameters on seeds 0, 1, 2 with twice the PPO episodes; mean ± s.e. over seeds
   smoke           seconds: tiny budgets, checks that every output file is produced
   tune            seed 1000, reserved for choosing the shared hyperparameters (never reported)
+  tune_methods    seed 1000: the same number of PPO-stage runs for PPO and for RTO over each one's own
+                  knobs (experiments/synthetic_tune.py); prints the per_method values to freeze
+  tuned           the frozen per-method values of tune_methods on seeds 1, 2, 3 (never used for tuning)
 Seeds: `--config.seeds=3,4,5`.
 
 Every value below is a deviation from rto_jax/pipeline/config.py:base_config (the N+ TL;DR recipe)
@@ -13,8 +16,14 @@ and says why. The shared PPO hyperparameters were chosen on the tuning seed (100
 baseline, then frozen for every method and seed; see README "Synthetic benchmark".
 """
 
+from ml_collections import config_dict
+
 from rto_jax.pipeline.config import base_config
 from rto_jax.pipeline.recipes import set_recipe
+
+
+# Each method's best point of `tune_methods` (seed 1000), frozen for the `tuned` preset.
+TUNED = ""
 
 
 def get_config(preset: str = "demo"):
@@ -60,6 +69,18 @@ def get_config(preset: str = "demo"):
         c.ppo.total_episodes = 12_800  # twice the demo's budget
     elif preset == "tune":
         c.seeds = "1000"  # the tuning seed, never reported
+    elif preset == "tune_methods":
+        c.seeds = "1000"  # the tuning seed, never reported as a result
+        set_recipe(c, "experiments/synthetic_tune.py")
+        c.ppo.reward_args.beta_kl = 0.2  # the shared value stays where the grid does not set it
+        c.tune = config_dict.ConfigDict()
+        # 8 runs each: PPO over its KL coefficient and learning rate; RTO over its three coefficients.
+        c.tune.grid = (
+            "ppo: beta_kl=0.02|0.05|0.1|0.2, lr=1e-4|3e-4; rto: beta_dpo=0.05|0.2, dpo_clip=0.05|0.2, beta_kl=0.05|0.2"
+        )
+    elif preset == "tuned":
+        c.seeds = "1,2,3"  # never used for tuning
+        c.ppo.per_method = TUNED  # frozen from tune_methods (README "Fair tuning")
     elif preset == "smoke":  # seconds of work (mostly compilation): every file is produced
         c.synthetic.sft_examples, c.synthetic.sft_eval_examples, c.synthetic.preference_pairs = 512, 32, 64
         c.sft.batch_size, c.sft.max_steps = 16, 5
@@ -73,6 +94,8 @@ def get_config(preset: str = "demo"):
         c.model.hidden_size, c.model.intermediate_size, c.model.num_heads, c.model.num_kv_heads = 32, 64, 2, 2
         c.checkpoint.every_steps = 2
     else:
-        raise ValueError(f"rto_synthetic.py: unknown preset {preset!r}; presets: demo, full, smoke, tune")
+        raise ValueError(
+            f"rto_synthetic.py: unknown preset {preset!r}; presets: demo, full, smoke, tune, tune_methods, tuned"
+        )
     c.lock()
     return c

@@ -3,7 +3,8 @@ SFT policy, reward model and DPO policy, judged by the synthetic task's hidden g
 
 Every PPO-family method is the same PPO stage given another token reward, with the same prompts,
 episodes and shared hyperparameters; `config.ppo.reward_args` are shared and each reward takes the
-coefficients it has. Writes results.json (`methods`, `curves`, `best_of_n`,
+coefficients it has; `config.ppo.per_method` gives a method its own lr and coefficients (the values
+each method's tuning chose, experiments/synthetic_tune.py). Writes results.json (`methods`, `curves`, `best_of_n`,
 `episodes_to_ppo_final`, ...), results.md, gold_vs_episodes.png and gold_vs_kl.png; with several
 seeds (`--config.seeds=0,1,2`) `aggregate` writes the same across seeds (mean ± standard error).
 """
@@ -13,8 +14,9 @@ from pathlib import Path
 from rto_jax.distributed import is_main_process
 from rto_jax.eval import plots, report
 from rto_jax.eval.policy_eval import run_best_of_n
-from rto_jax.objectives.token_rewards import bind, ppo, reward_args, rto, rto_no_rm, rto_sequence_end
+from rto_jax.objectives.token_rewards import bind, ppo, rto, rto_no_rm, rto_sequence_end
 from rto_jax.pipeline import Pipeline, model_path, stages
+from rto_jax.pipeline.config import method_settings, parse_per_method
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
 
@@ -30,12 +32,12 @@ def run(pipeline: Pipeline) -> dict:
     reward_model = pipeline.stage("reward_model", stages.run_reward_model, sft_path=model_path(sft))
     dpo = pipeline.stage("dpo", stages.run_dpo, sft_path=model_path(sft))
 
-    shared = config.ppo.reward_args.to_dict()
+    per_method = parse_per_method(config.ppo.per_method)
     models = {"ref": model_path(sft), "dpo": model_path(dpo)}
     policies, stage_of, rewards = {"sft": model_path(sft), "dpo": model_path(dpo)}, {}, {}
     for fn in METHODS:
         name = stage_of[fn.__name__] = f"ppo_{fn.__name__}"
-        args = {k: v for k, v in shared.items() if k in reward_args(fn)}
+        overrides, args = method_settings(config, fn, per_method.get(fn.__name__, {}))
         result = pipeline.stage(
             name,
             stages.run_ppo,
@@ -45,6 +47,7 @@ def run(pipeline: Pipeline) -> dict:
             models=models,
             reward=reward_model,
             reward_args=args,
+            ppo_overrides=overrides,
         )
         policies[fn.__name__] = model_path(result)
         rewards[fn.__name__] = bind(fn, **args)

@@ -21,7 +21,7 @@ PRESETS = {
     "ppo_tldr": ["1b", "tiny"],
     "dpo_tldr": ["1b", "tiny"],
     "rto_ultrafeedback": ["llama3_8b", "smollm2", "tiny"],
-    "rto_synthetic": ["demo", "full", "smoke", "tune"],
+    "rto_synthetic": ["demo", "full", "smoke", "tune", "tune_methods", "tuned"],
 }
 HAS_SHARED = (shared_data_dir() / "tldr_comparisons_10k.parquet").exists()
 
@@ -91,6 +91,9 @@ def _tiny():
         ("dpo.loss_type", "kto", "config.dpo.loss_type: expected"),
         ("ppo.total_episodes", 8, "config.ppo.total_episodes: 8 < one rollout batch"),
         ("tokenizer.bpe_vocab_size", 100, "config.tokenizer.bpe_vocab_size: 100 < 300"),
+        ("ppo.loss_average", "row", "config.ppo.loss_average: must be one of token, sequence"),
+        ("ppo.per_method", "rto:lr=1e-4", "config.ppo.per_method: experiments/rto.py trains one token reward"),
+        ("ppo.per_method", "rto lr=1e-4", "config.ppo.per_method: expected 'method:key=value,...'"),
     ],
 )
 def test_bad_values_name_their_key(key, value, message):

@@ -30,6 +30,8 @@ def smoke(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("smoke")
     config = _config("smoke")
     config.seeds = "7"  # what `--config.seeds=7` sets: the run must be seed 7's, not the default's
+    # Two methods with their own coefficients (unclipped, so the DPO parts compare exactly).
+    config.ppo.per_method = "rto:dpo_clip=0;rto_no_rm:dpo_clip=0,beta_dpo=0.1"
     return config, workdir, run(config, workdir)
 
 
@@ -73,6 +75,8 @@ def test_each_method_trains_with_its_own_token_reward(smoke):
     # The same prompts and rollout keys for every method: their first rollouts are identical.
     first = {m: parts[f"ppo_{m}"][0] for m in METHODS}
     assert len({round(r["response_length"], 6) for r in first.values()}) == 1
+    # ppo.per_method: rto_no_rm's beta_dpo 0.1 against rto's shared 0.05, both unclipped.
+    assert first["rto_no_rm"]["reward/dpo"] == pytest.approx(2 * first["rto"]["reward/dpo"], rel=1e-4)
 
 
 def test_a_restart_reuses_every_stage_and_reproduces_the_results(smoke):
@@ -106,3 +110,70 @@ def test_aggregate_reports_standard_errors_across_seeds():
     assert agg["methods"]["ppo"]["gold_reward"] == 0.2
     assert abs(agg["methods"]["ppo"]["gold_reward_se"] - 0.1) < 1e-12
     assert agg["curves"]["ppo"][1][:2] == (10.0, 0.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fair tuning (experiments/synthetic_tune.py) at smoke budgets.
+
+
+@pytest.fixture(scope="module")
+def tuning(tmp_path_factory):
+    from ml_collections import config_dict
+
+    from rto_jax.pipeline.recipes import set_recipe
+
+    workdir = tmp_path_factory.mktemp("tune")
+    config = _config("smoke")
+    with config.unlocked():
+        set_recipe(config, "experiments/synthetic_tune.py")
+        config.ppo.reward_args.dpo_clip = 0.0  # unclipped: the DPO parts scale with beta_dpo exactly
+        config.tune = config_dict.ConfigDict({"grid": "ppo: lr=1e-4|3e-2; rto: beta_dpo=0.05|0.2"})
+    return config, workdir, run(config, workdir)
+
+
+def test_tuning_runs_every_point_and_freezes_each_methods_best(tuning):
+    from rto_jax.pipeline.config import parse_per_method
+
+    _, workdir, results = tuning
+    rows = results["rows"]
+    assert [(r["method"], r["values"]) for r in rows] == [
+        ("ppo", {"lr": 1e-4}), ("ppo", {"lr": 3e-2}), ("rto", {"beta_dpo": 0.05}), ("rto", {"beta_dpo": 0.2})
+    ]  # fmt: skip
+    for method in ("ppo", "rto"):
+        mine = [r for r in rows if r["method"] == method]
+        assert results["best"][method]["gold_reward"] == max(r["gold_reward"] for r in mine)
+        assert parse_per_method(results["per_method"])[method] == results["best"][method]["values"]
+    assert "per_method: " in (workdir / "results.md").read_text()
+    train = {}
+    for record in read_metrics(workdir / "metrics.jsonl"):
+        if record["split"] == "train" and record["stage"].startswith("tune_"):
+            train.setdefault(record["stage"], []).append(record)
+    # Each point's values reached its run: the same first rollout, the DPO part scaled by beta_dpo...
+    assert train["tune_rto_1"][0]["reward/dpo"] == pytest.approx(4 * train["tune_rto_0"][0]["reward/dpo"], rel=1e-4)
+    # ... and a learning rate 300x larger moved the policy further (its second rollout's KL).
+    assert train["tune_ppo_1"][0]["response_length"] == train["tune_ppo_0"][0]["response_length"]
+    assert train["tune_ppo_1"][1]["kl_to_ref"] > train["tune_ppo_0"][1]["kl_to_ref"]
+
+
+@pytest.mark.parametrize(
+    "grid,message",
+    [
+        ("ppo: lr=1e-4|3e-4; rto: beta_dpo=0.05", "every method needs the same number of runs"),
+        ("ppo: beta_dpo=0.1", "ppo: 'beta_dpo' is not one of lr, critic_lr, beta_kl, beta_rm"),
+        ("sft: lr=1e-4", "no method 'sft'"),
+        ("ppo: lr=fast", "expected 'key=number|number...'"),
+    ],
+)
+def test_a_bad_grid_is_refused_before_any_work(grid, message):
+    from ml_collections import config_dict
+
+    from rto_jax.errors import ConfigError
+    from rto_jax.pipeline.config import validate
+    from rto_jax.pipeline.recipes import set_recipe
+
+    config = _config("smoke")
+    with config.unlocked():
+        set_recipe(config, "experiments/synthetic_tune.py")
+        config.tune = config_dict.ConfigDict({"grid": grid})
+    with pytest.raises(ConfigError, match=f"config.tune.grid: .*{message}"):
+        validate(config)

@@ -175,6 +175,10 @@ def base_config() -> config_dict.ConfigDict:
     c.ppo.loss_average = ppo["loss_average"]  # "token" (all valid tokens) or "sequence" (per response, then batch)
     c.ppo.eval_every = 0  # > 0: gold reward on the held-out prompts every this many iterations (gold tasks)
     c.ppo.critic_lr = config_dict.placeholder(float)  # critic learning rate; None = ppo.lr
+    # Recipes that train several token rewards (experiments/synthetic_compare.py): each method's own
+    # deviations from the values above, 'method:key=value,...;method:...' (key: lr, critic_lr or a
+    # coefficient of the method's reward), e.g. 'ppo:lr=1e-4,beta_kl=0.05;rto:beta_dpo=0.1'.
+    c.ppo.per_method = ""  # '' = every method takes the shared values
     _optimizer(c.ppo, 3e-6)
 
     c.evaluate = config_dict.ConfigDict()
@@ -255,6 +259,52 @@ def parse_policies(value: str) -> dict[str, str]:
     return out
 
 
+PER_METHOD_PPO_KEYS = ("lr", "critic_lr")  # config.ppo keys a method may set for itself
+
+
+def parse_per_method(value: str) -> dict[str, dict[str, float]]:
+    """'ppo:lr=1e-4,beta_kl=0.05;rto:beta_dpo=0.1' -> {'ppo': {'lr': 1e-4, 'beta_kl': 0.05}, 'rto': {...}}."""
+    out: dict[str, dict[str, float]] = {}
+    for block in filter(None, (b.strip() for b in value.split(";"))):
+        method, sep, items = block.partition(":")
+        if not sep or not method.strip():
+            raise ValueError(f"expected 'method:key=value,...', got {block!r}")
+        values = out.setdefault(method.strip(), {})
+        for item in filter(None, (i.strip() for i in items.split(","))):
+            key, sep, number = item.partition("=")
+            try:
+                values[key.strip()] = float(number)
+            except ValueError:
+                raise ValueError(f"{method.strip()}: expected 'key=number', got {item!r}") from None
+            if not sep or not key.strip():
+                raise ValueError(f"{method.strip()}: expected 'key=number', got {item!r}")
+    return out
+
+
+def check_method_args(key: str, methods: dict, values: dict[str, dict[str, float]]) -> None:
+    """ConfigError naming `key` unless every method of `values` is in `methods` {name: token reward}
+    and each of its keys is a per-method PPO key or a coefficient of its reward, with a value >= 0."""
+    for method, args in values.items():
+        if method not in methods:
+            raise ConfigError(key, f"no method {method!r}; methods: {', '.join(methods)}")
+        allowed = (*PER_METHOD_PPO_KEYS, *reward_args(methods[method]))
+        for name, value in args.items():
+            if name not in allowed:
+                raise ConfigError(key, f"{method}: {name!r} is not one of {', '.join(allowed)}")
+            if value < 0 or (name in PER_METHOD_PPO_KEYS and value == 0):
+                raise ConfigError(
+                    key, f"{method}: {name}={value:g} must be {'> 0' if name in PER_METHOD_PPO_KEYS else '>= 0'}"
+                )
+
+
+def method_settings(config, fn, args: dict[str, float]) -> tuple[dict, dict]:
+    """(config.ppo overrides, reward coefficients) of token reward `fn` in a run of several methods:
+    the shared `ppo.reward_args` it takes, then its own `args` (from `parse_per_method`)."""
+    coefficients = {k: v for k, v in config.ppo.reward_args.to_dict().items() if k in reward_args(fn)}
+    coefficients.update({k: v for k, v in args.items() if k not in PER_METHOD_PPO_KEYS})
+    return {k: v for k, v in args.items() if k in PER_METHOD_PPO_KEYS}, coefficients
+
+
 def looks_local(path: str) -> bool:
     """A model path that must exist on disk (never sent to the hub)."""
     return path.startswith(("/", ".", "~")) or path.endswith(".gguf") or path.count("/") != 1 or os.path.exists(path)
@@ -321,9 +371,10 @@ def _check_recipe(config):
     from rto_jax.pipeline.recipes import RecipeError, load_recipe
 
     try:
-        fn = load_recipe(config.recipe).TOKEN_REWARD
+        recipe = load_recipe(config.recipe)
     except RecipeError as e:
         raise ConfigError("recipe", str(e)) from None
+    fn = recipe.TOKEN_REWARD
     known = reward_args(fn)
     for key, value in config.ppo.reward_args.items():
         if key not in known:
@@ -334,6 +385,15 @@ def _check_recipe(config):
             )
         if key.startswith("beta") and value < 0:
             raise ConfigError(f"ppo.reward_args.{key}", f"must be >= 0, got {value}")
+    try:
+        per_method = parse_per_method(config.ppo.per_method)
+    except ValueError as e:
+        raise ConfigError("ppo.per_method", str(e)) from None
+    if per_method and not hasattr(recipe, "METHODS"):
+        raise ConfigError("ppo.per_method", f"{config.recipe} trains one token reward: set its values in ppo.*")
+    check_method_args("ppo.per_method", {m.__name__: m for m in getattr(recipe, "METHODS", ())}, per_method)
+    if hasattr(recipe, "validate"):  # the recipe's own keys
+        recipe.validate(config)
     return fn
 
 

@@ -6,7 +6,12 @@ A recipe is a Python file with
     def run(pipeline) -> dict: ...        # calls pipeline.stage(...) for each stage, returns the results
 
 and a config names it (`config.recipe = "experiments/rto.py"`). Its coefficients are the config's
-`ppo.reward_args`, which start from the reward's own defaults (`set_recipe`).
+`ppo.reward_args`, which start from the reward's own defaults (`set_recipe`). Optionally:
+
+    METHODS = (ppo, rto, ...)             # a recipe training several token rewards: config.ppo.per_method
+                                          # may give each its own lr and coefficients
+    def validate(config): ...             # checks of the recipe's own config keys (ConfigError), run by
+                                          # config.validate before any work
 """
 
 from __future__ import annotations

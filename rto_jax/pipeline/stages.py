@@ -273,6 +273,7 @@ def run_ppo(
     reward: dict,
     reward_args: dict | None = None,
     stage: str = "ppo",
+    ppo_overrides: dict | None = None,
 ) -> dict:
     """PPO with a token reward: the policy starts from `models['ref']` (pi_sft), the critic from the
     reward model; the frozen models loaded are exactly those the token reward reads.
@@ -282,9 +283,14 @@ def run_ppo(
     reward: the reward-model stage's summary (model_path, reward_mean, reward_std).
     reward_args: the reward's coefficients (default `config.ppo.reward_args`).
     stage: the stage's name (its folder, metrics and checkpoints).
+    ppo_overrides: config.ppo values of this run only (a method's own lr in a comparison).
     With a gold reward (synthetic tasks) and `ppo.eval_every > 0`, the policy's mean gold reward on the
     held-out prompts is logged every `eval_every` iterations and at the end (split 'eval').
     """
+    if ppo_overrides:
+        config = config.copy_and_resolve_references()
+        with config.unlocked():
+            config.ppo.update(ppo_overrides)
     cfg = config.ppo
     name = token_reward.__name__
     if cfg.init_from:
@@ -348,6 +354,8 @@ def run_ppo(
         "steps": total,
         "resumed_from": done.resumed_from,
         **{k: values[k] for k in keys if k in values},
+        # The final policy on the held-out prompts (gold tasks with ppo.eval_every > 0).
+        **({"held_out": dict(done.last_eval)} if done.last_eval else {}),
     }
 
 

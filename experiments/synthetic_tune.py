@@ -1,0 +1,132 @@
+"""Fair tuning on the synthetic task's tuning seed: every method gets the same number of PPO-stage
+runs over its own knobs, from one SFT policy, reward model and DPO policy, and is scored by the
+gold reward of its final policy on the tuning seed's held-out prompts.
+
+    config.tune.grid = "ppo: beta_kl=0.05|0.2, lr=1e-4|3e-4; rto: beta_dpo=0.05|0.2, beta_kl=0.05|0.2"
+
+is the product of each method's values (keys: lr, critic_lr or a coefficient of its reward; the
+rest stay as in config.ppo); the methods must have equally many points. Writes results.json
+(`rows`: every run's values, gold reward and KL to pi_sft; `best`: each method's best point) and
+results.md, and prints `per_method`, the `--config.ppo.per_method` that freezes the choice for
+experiments/synthetic_compare.py on seeds never used here.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from rto_jax.distributed import is_main_process
+from rto_jax.errors import ConfigError
+from rto_jax.objectives.token_rewards import ppo, rto, rto_no_rm, rto_sequence_end
+from rto_jax.pipeline import Pipeline, model_path, stages
+from rto_jax.pipeline.config import check_method_args, method_settings
+from rto_jax.pipeline.tasks import with_preferences
+
+METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
+TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
+
+
+def grid(text: str) -> dict[str, list[dict[str, float]]]:
+    """'m: k=a|b, j=c; ...' -> {m: [{k: a, j: c}, {k: b, j: c}]} (the product of each method's values)."""
+    out = {}
+    for block in filter(None, (b.strip() for b in text.split(";"))):
+        method, sep, items = block.partition(":")
+        if not sep or not method.strip():
+            raise ValueError(f"expected 'method: key=v1|v2, ...', got {block!r}")
+        axes = {}
+        for item in filter(None, (i.strip() for i in items.split(","))):
+            key, sep, values = item.partition("=")
+            try:
+                axes[key.strip()] = [float(v) for v in values.split("|")]
+            except ValueError:
+                raise ValueError(f"{method.strip()}: expected 'key=number|number...', got {item!r}") from None
+            if not sep or not key.strip():
+                raise ValueError(f"{method.strip()}: expected 'key=number|number...', got {item!r}")
+        out[method.strip()] = [dict(zip(axes, point)) for point in itertools.product(*axes.values())]
+    return out
+
+
+def validate(config) -> None:
+    try:
+        points = grid(config.tune.grid)
+    except ValueError as e:
+        raise ConfigError("tune.grid", str(e)) from None
+    if not points:
+        raise ConfigError("tune.grid", "empty: give each method's values, e.g. 'ppo: beta_kl=0.05|0.2; rto: ...'")
+    methods = {fn.__name__: fn for fn in METHODS}
+    for method, runs in points.items():
+        for point in runs:
+            check_method_args("tune.grid", methods, {method: point})
+    counts = {method: len(runs) for method, runs in points.items()}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(
+            "tune.grid", f"every method needs the same number of runs (a fair budget), got {counts}"
+        )  # fmt: skip
+    if config.ppo.eval_every <= 0:
+        raise ConfigError("ppo.eval_every", "the tuning scores each run's final policy on held-out prompts: set > 0")
+
+
+def run(pipeline: Pipeline) -> dict:
+    config = pipeline.config
+    sft = pipeline.stage("sft", stages.run_sft)
+    pairs = pipeline.stage("preferences", stages.run_preferences, sft_path=model_path(sft))
+    pipeline.task = with_preferences(pipeline.task, pairs["path"], config.data.eval_size, config.seed)
+    reward_model = pipeline.stage("reward_model", stages.run_reward_model, sft_path=model_path(sft))
+    dpo = pipeline.stage("dpo", stages.run_dpo, sft_path=model_path(sft))
+    models = {"ref": model_path(sft), "dpo": model_path(dpo)}
+    fns = {fn.__name__: fn for fn in METHODS}
+
+    rows = []
+    for method, points in grid(config.tune.grid).items():
+        for i, point in enumerate(points):
+            name = f"tune_{method}_{i}"
+            overrides, args = method_settings(config, fns[method], point)
+            result = pipeline.stage(
+                name,
+                stages.run_ppo,
+                section="ppo",
+                stage=name,
+                token_reward=fns[method],
+                models=models,
+                reward=reward_model,
+                reward_args=args,
+                ppo_overrides=overrides,
+            )
+            held_out = result["held_out"]
+            rows.append(
+                {
+                    "method": method,
+                    "run": name,
+                    "values": point,
+                    "gold_reward": held_out["gold_reward"],
+                    "kl_to_ref": held_out["kl_to_ref"],
+                }  # fmt: skip
+            )
+    best = {}
+    for row in rows:
+        if row["method"] not in best or row["gold_reward"] > best[row["method"]]["gold_reward"]:
+            best[row["method"]] = row
+    per_method = ";".join(f"{m}:" + ",".join(f"{k}={v:g}" for k, v in r["values"].items()) for m, r in best.items())
+    results = pipeline.results(rows=rows, best=best, per_method=per_method)
+    if is_main_process():
+        table = tuning_table(rows, best)
+        (pipeline.workdir / "results.md").write_text(table + f"\n\nper_method: {per_method}\n")
+        print(f"\nTuning on seed {config.seed}\n{table}\n\n--config.ppo.per_method='{per_method}'")
+    return results
+
+
+def tuning_table(rows: list[dict], best: dict) -> str:
+    keys = sorted({k for row in rows for k in row["values"]})
+    lines = [
+        "| method | " + " | ".join(keys) + " | gold reward | KL to SFT |",
+        "| --- | " + " | ".join("---" for _ in keys) + " | --- | --- |",
+    ]
+    for row in rows:
+        mark = "**" if best[row["method"]] is row else ""
+        cells = [f"{row['values'][k]:g}" if k in row["values"] else "-" for k in keys]
+        lines.append(
+            f"| {row['method']} | "
+            + " | ".join(cells)
+            + f" | {mark}{row['gold_reward']:.3f}{mark} | {row['kl_to_ref']:.2f} |"
+        )
+    return "\n".join(lines)
