@@ -23,7 +23,7 @@ from rto_jax.pipeline.recipes import set_recipe
 
 
 # Each method's best point of `tune_methods` (seed 1000), frozen for the `tuned` preset.
-TUNED = ""
+TUNED = "ppo:beta_kl=0.05,lr=0.0003;rto:beta_dpo=0.05,dpo_clip=0.2,beta_kl=0.05"
 
 
 def get_config(preset: str = "demo"):

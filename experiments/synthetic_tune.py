@@ -100,7 +100,7 @@ def run(pipeline: Pipeline) -> dict:
                     "values": point,
                     "gold_reward": held_out["gold_reward"],
                     "kl_to_ref": held_out["kl_to_ref"],
-                }  # fmt: skip
+                }
             )
     best = {}
     for row in rows:
