@@ -24,13 +24,21 @@ METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold (RTO takes all of them)
 
 
-def run(pipeline: Pipeline) -> dict:
+def shared_models(pipeline: Pipeline) -> tuple[dict, dict, dict, dict]:
+    """The stages every PPO-family method starts from: SFT, its labelled pairs, the reward model and
+    DPO (summaries, in that order); the pairs are attached to `pipeline.task`."""
     config = pipeline.config
     sft = pipeline.stage("sft", stages.run_sft)
     pairs = pipeline.stage("preferences", stages.run_preferences, sft_path=model_path(sft))
     pipeline.task = with_preferences(pipeline.task, pairs["path"], config.data.eval_size, config.seed)
     reward_model = pipeline.stage("reward_model", stages.run_reward_model, sft_path=model_path(sft))
     dpo = pipeline.stage("dpo", stages.run_dpo, sft_path=model_path(sft))
+    return sft, pairs, reward_model, dpo
+
+
+def run(pipeline: Pipeline) -> dict:
+    config = pipeline.config
+    sft, pairs, reward_model, dpo = shared_models(pipeline)
 
     per_method = parse_per_method(config.ppo.per_method)
     models = {"ref": model_path(sft), "dpo": model_path(dpo)}

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import itertools
 
+from synthetic_compare import shared_models  # the sibling recipe (recipes import by name)
+
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
 from rto_jax.objectives.token_rewards import ppo, rto, rto_no_rm, rto_sequence_end
 from rto_jax.pipeline import Pipeline, model_path, stages
 from rto_jax.pipeline.config import check_method_args, method_settings
-from rto_jax.pipeline.tasks import with_preferences
 
 METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
@@ -68,11 +69,7 @@ def validate(config) -> None:
 
 def run(pipeline: Pipeline) -> dict:
     config = pipeline.config
-    sft = pipeline.stage("sft", stages.run_sft)
-    pairs = pipeline.stage("preferences", stages.run_preferences, sft_path=model_path(sft))
-    pipeline.task = with_preferences(pipeline.task, pairs["path"], config.data.eval_size, config.seed)
-    reward_model = pipeline.stage("reward_model", stages.run_reward_model, sft_path=model_path(sft))
-    dpo = pipeline.stage("dpo", stages.run_dpo, sft_path=model_path(sft))
+    sft, _, reward_model, dpo = shared_models(pipeline)  # the same stages as the comparison's
     models = {"ref": model_path(sft), "dpo": model_path(dpo)}
     fns = {fn.__name__: fn for fn in METHODS}
 
