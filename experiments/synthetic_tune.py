@@ -21,7 +21,7 @@ from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
 from rto_jax.objectives.token_rewards import ppo, rto, rto_no_rm, rto_sequence_end
 from rto_jax.pipeline import Pipeline, model_path, stages
-from rto_jax.pipeline.config import check_method_args, method_settings
+from rto_jax.pipeline.config import check_method_args, method_settings, parse_method_values
 
 METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
@@ -29,22 +29,8 @@ TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
 
 def grid(text: str) -> dict[str, list[dict[str, float]]]:
     """'m: k=a|b, j=c; ...' -> {m: [{k: a, j: c}, {k: b, j: c}]} (the product of each method's values)."""
-    out = {}
-    for block in filter(None, (b.strip() for b in text.split(";"))):
-        method, sep, items = block.partition(":")
-        if not sep or not method.strip():
-            raise ValueError(f"expected 'method: key=v1|v2, ...', got {block!r}")
-        axes = {}
-        for item in filter(None, (i.strip() for i in items.split(","))):
-            key, sep, values = item.partition("=")
-            try:
-                axes[key.strip()] = [float(v) for v in values.split("|")]
-            except ValueError:
-                raise ValueError(f"{method.strip()}: expected 'key=number|number...', got {item!r}") from None
-            if not sep or not key.strip():
-                raise ValueError(f"{method.strip()}: expected 'key=number|number...', got {item!r}")
-        out[method.strip()] = [dict(zip(axes, point)) for point in itertools.product(*axes.values())]
-    return out
+    axes = parse_method_values(text, several=True)
+    return {m: [dict(zip(a, point)) for point in itertools.product(*a.values())] for m, a in axes.items()}
 
 
 def validate(config) -> None:

@@ -166,26 +166,21 @@ class _SafetensorsFolder:
 
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            self.source = str(index)
-        elif single.exists():
-            files, weight_map, self.source = [single.name], None, str(single)
-        else:
+        if not (index.exists() or single.exists()):
             raise FileNotFoundError(
                 f"{folder}: no model.safetensors or model.safetensors.index.json "
                 f"(PyTorch .bin checkpoints must be converted to safetensors first)"
             )
+        self.source = str(index if index.exists() else single)
+        files, weight_map = _weight_files(folder)
         self.handles = {}
-        for name in files:
-            if not (folder / name).exists():
-                raise FileNotFoundError(f"{self.source}: shard {folder / name} is missing")
+        for file in files:
             try:
-                self.handles[name] = safe_open(str(folder / name), framework="flax")
+                self.handles[file.name] = safe_open(str(file), framework="flax")
             except Exception as e:  # noqa: BLE001 (safetensors' errors name no file)
-                raise ModelError(f"{folder / name}: cannot be read as safetensors ({e})") from None
-        self.weight_map = weight_map or {k: files[0] for k in self.handles[files[0]].keys()}  # noqa: SIM118 (not a dict)
+                raise ModelError(f"{file}: cannot be read as safetensors ({e})") from None
+        first = files[0].name
+        self.weight_map = weight_map or {k: first for k in self.handles[first].keys()}  # noqa: SIM118 (not a dict)
 
     def get(self, name: str):
         shard = self.weight_map.get(name)
@@ -296,15 +291,17 @@ def inspect_model_source(path: str | os.PathLike, max_sequence_len: int | None =
             f"{path}: no model.safetensors or model.safetensors.index.json "
             f"(PyTorch .bin checkpoints must be converted to safetensors first)"
         )
-    for file in _weight_files(path):
+    for file in _weight_files(path)[0]:
         check_safetensors(file)
     return cfg
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """(the safetensors files of an HF folder, the index's {tensor: file} or None for a single file);
+    a ModelError names a shard the index lists but the folder lacks."""
     index = folder / "model.safetensors.index.json"
     if not index.is_file():
-        return [folder / "model.safetensors"]
+        return [folder / "model.safetensors"], None
     try:
         weight_map = _read_json(index)["weight_map"]
     except KeyError:
@@ -313,7 +310,7 @@ def _weight_files(folder: Path) -> list[Path]:
     for file in files:
         if not file.is_file():
             raise ModelError(f"{file}: missing (listed in {index})")
-    return files
+    return files, weight_map
 
 
 def check_safetensors(file: Path) -> None:

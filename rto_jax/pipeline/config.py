@@ -262,23 +262,32 @@ def parse_policies(value: str) -> dict[str, str]:
 PER_METHOD_PPO_KEYS = ("lr", "critic_lr")  # config.ppo keys a method may set for itself
 
 
-def parse_per_method(value: str) -> dict[str, dict[str, float]]:
-    """'ppo:lr=1e-4,beta_kl=0.05;rto:beta_dpo=0.1' -> {'ppo': {'lr': 1e-4, 'beta_kl': 0.05}, 'rto': {...}}."""
-    out: dict[str, dict[str, float]] = {}
+def parse_method_values(value: str, *, several: bool = False) -> dict[str, dict]:
+    """'ppo:lr=1e-4,beta_kl=0.05;rto:beta_dpo=0.1' -> {'ppo': {'lr': 1e-4, 'beta_kl': 0.05}, 'rto': {...}};
+    with several=True each value is 'a|b|...' -> [a, b, ...] (the axes of a grid)."""
+    block_form = "method: key=v1|v2, ..." if several else "method:key=value,..."
+    item_form = "key=number|number..." if several else "key=number"
+    out: dict[str, dict] = {}
     for block in filter(None, (b.strip() for b in value.split(";"))):
         method, sep, items = block.partition(":")
-        if not sep or not method.strip():
-            raise ValueError(f"expected 'method:key=value,...', got {block!r}")
-        values = out.setdefault(method.strip(), {})
+        method = method.strip()
+        if not sep or not method:
+            raise ValueError(f"expected '{block_form}', got {block!r}")
+        values = out.setdefault(method, {})
         for item in filter(None, (i.strip() for i in items.split(","))):
-            key, sep, number = item.partition("=")
+            key, sep, numbers = item.partition("=")
             try:
-                values[key.strip()] = float(number)
+                if not sep or not key.strip():
+                    raise ValueError
+                values[key.strip()] = [float(n) for n in numbers.split("|")] if several else float(numbers)
             except ValueError:
-                raise ValueError(f"{method.strip()}: expected 'key=number', got {item!r}") from None
-            if not sep or not key.strip():
-                raise ValueError(f"{method.strip()}: expected 'key=number', got {item!r}")
+                raise ValueError(f"{method}: expected '{item_form}', got {item!r}") from None
     return out
+
+
+def parse_per_method(value: str) -> dict[str, dict[str, float]]:
+    """config.ppo.per_method -> {method: {key: value}} (`parse_method_values`)."""
+    return parse_method_values(value)
 
 
 def check_method_args(key: str, methods: dict, values: dict[str, dict[str, float]]) -> None:

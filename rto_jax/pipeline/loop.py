@@ -101,13 +101,14 @@ class CollapseWatch:
 
     def update(self, stage: str, step: int, values: dict) -> dict:
         grads = [v for k, v in values.items() if k.endswith("grad_norm")]
+        zero_grads = bool(grads) and all(g == 0.0 for g in grads)
         loss = values.get("loss")
         flat = loss is not None and self.last_loss is not None and abs(loss - self.last_loss) <= 1e-6 * abs(loss)
-        self.run = self.run + 1 if (grads and all(g == 0.0 for g in grads)) or flat else 0
+        self.run = self.run + 1 if zero_grads or flat else 0
         self.last_loss = loss
         if self.steps and self.run >= self.steps and not self.warned:
             self.warned = True
-            what = "gradients exactly zero" if grads and all(g == 0.0 for g in grads) else "the loss unchanged"
+            what = "gradients exactly zero" if zero_grads else "the loss unchanged"
             log.warning(
                 "%s: %s for %d steps (to step %d; loss %.6g): training has collapsed, e.g. a learning rate far "
                 "too high. The run goes on; see collapse_steps in metrics.jsonl",
