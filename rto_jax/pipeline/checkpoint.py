@@ -98,6 +98,10 @@ def save(mngr: ocp.CheckpointManager, step: int, tree, meta: dict) -> None:
         reason, path = failure
         directory = Path(mngr.directory)
         if is_main_process():
+            # The other writer threads of this save may still be running (and creating files in the
+            # partial folder) when the first failure surfaces: let them end before removing it.
+            with contextlib.suppress(Exception), _quiet_on_failure():
+                mngr.wait_until_finished()
             for partial in directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
         intact = f"{directory / str(previous)} is intact" if previous is not None else "there is none"
