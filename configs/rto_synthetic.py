@@ -9,6 +9,10 @@ Presets (`--config=configs/rto_synthetic.py:PRESET`):
   tune_methods    seed 1000: the same number of PPO-stage runs for PPO and for RTO over each one's own
                   knobs (experiments/synthetic_tune.py); prints the per_method values to freeze
   tuned           the frozen per-method values of tune_methods on seeds 1, 2, 3 (never used for tuning)
+  study           when does RTO help: PPO and RTO with the tuned values over horizons 8 / 32, DPO
+                  trained on 1024 / 4096 / 16384 pairs and three KL coefficients, seeds 1-5
+                  (experiments/synthetic_study.py; README "When does the dense reward help?")
+  study_smoke     the study's every cell and output in about a minute (tiny budgets, 2 seeds)
 Seeds: `--config.seeds=3,4,5`.
 
 Every value below is a deviation from rto_jax/pipeline/config.py:base_config (the N+ TL;DR recipe)
@@ -24,6 +28,21 @@ from rto_jax.pipeline.recipes import set_recipe
 
 # Each method's best point of `tune_methods` (seed 1000), frozen for the `tuned` preset.
 TUNED = "ppo:beta_kl=0.05,lr=0.0003;rto:beta_dpo=0.05,dpo_clip=0.2,beta_kl=0.05"
+
+
+def _toy_sizes(c) -> None:
+    """Seconds of work (mostly compilation) for the smoke presets: tiny data, model and budgets."""
+    c.synthetic.sft_examples, c.synthetic.sft_eval_examples = 512, 32  # a few SFT batches
+    c.sft.batch_size, c.sft.max_steps = 16, 5  # 5 steps
+    c.data.eval_size = 16  # held-out preference pairs
+    for stage in ("reward_model", "dpo"):
+        c[stage].batch_size, c[stage].max_steps = 16, 3  # 3 steps
+    c.dpo.lr, c.dpo.warmup_steps = 3e-3, 0  # a few steps must move pi_dpo off pi_sft (a visible DPO reward)
+    c.ppo.rollout_batch_size, c.ppo.eval_every = 16, 1  # a gold-reward point every iteration
+    c.evaluate.num_prompts, c.evaluate.batch_size = 32, 32  # one batch
+    c.synthetic.best_of_n, c.synthetic.best_of_n_prompts = 4, 8  # a short frontier
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_heads, c.model.num_kv_heads = 32, 64, 2, 2  # d = 32
+    c.checkpoint.every_steps = 2  # checkpoints written (and restored on restart)
 
 
 def get_config(preset: str = "demo"):
@@ -81,21 +100,38 @@ def get_config(preset: str = "demo"):
     elif preset == "tuned":
         c.seeds = "1,2,3"  # never used for tuning
         c.ppo.per_method = TUNED  # frozen from tune_methods (README "Fair tuning")
+    elif preset in ("study", "study_smoke"):
+        set_recipe(c, "experiments/synthetic_study.py")
+        c.seeds = "1,2,3,4,5"  # >= 5 evaluation seeds per cell; never the tuning seed
+        c.ppo.per_method = TUNED  # each method's values from tune_methods, frozen before the study
+        c.study = config_dict.ConfigDict()
+        c.study.tuning_seed = 1000  # refused among the seeds
+        # 8 = the center task's target_length; R = 3 H. 96 is one flag away (--config.study.horizons=8,32,96)
+        # but ~40 min per seed on 2 cores (README "When does the dense reward help?"): not in the 2-hour preset.
+        c.study.horizons = "8,32"
+        c.study.reward_pairs = 4096  # the reward model's pairs (and the center DPO's): as in every preset
+        c.study.dpo_pairs = "1024,4096,16384"  # a quarter and four times the reward model's
+        c.study.beta_kl = "0.01,0.2"  # both methods; the tuned value (0.05) is the center's
+        c.synthetic.preference_pairs = 16384 + 256  # the most DPO pairs + the held-out pairs
+        c.dpo.max_steps = 0  # 5 epochs whatever the pairs: more pairs are more data, not fewer epochs
+        c.ppo.eval_every = 10  # 10 points per gold-reward curve (episodes to reach PPO's final)
     elif preset == "smoke":  # seconds of work (mostly compilation): every file is produced
-        c.synthetic.sft_examples, c.synthetic.sft_eval_examples, c.synthetic.preference_pairs = 512, 32, 64
-        c.sft.batch_size, c.sft.max_steps = 16, 5
-        c.data.eval_size = 16
-        for stage in ("reward_model", "dpo"):
-            c[stage].batch_size, c[stage].max_steps = 16, 3
-        c.dpo.lr, c.dpo.warmup_steps = 3e-3, 0  # 3 steps must move pi_dpo off pi_sft (a visible DPO reward)
-        c.ppo.total_episodes, c.ppo.rollout_batch_size, c.ppo.eval_every = 32, 16, 1
-        c.evaluate.num_prompts, c.evaluate.batch_size = 32, 32
-        c.synthetic.best_of_n, c.synthetic.best_of_n_prompts = 4, 8
-        c.model.hidden_size, c.model.intermediate_size, c.model.num_heads, c.model.num_kv_heads = 32, 64, 2, 2
-        c.checkpoint.every_steps = 2
-    else:
+        _toy_sizes(c)
+        c.synthetic.preference_pairs = 64  # 48 training + 16 held-out pairs
+        c.dpo.max_steps = 3  # as the reward model's
+        c.ppo.total_episodes = 32  # 2 iterations
+    elif preset not in ("study", "study_smoke"):
         raise ValueError(
-            f"rto_synthetic.py: unknown preset {preset!r}; presets: demo, full, smoke, tune, tune_methods, tuned"
+            f"rto_synthetic.py: unknown preset {preset!r}; presets: demo, full, smoke, tune, tune_methods, tuned, "
+            "study, study_smoke"
         )
+    if preset == "study_smoke":  # the whole design at toy sizes: every cell, stage and output file
+        _toy_sizes(c)
+        c.seeds = "1,2"  # two seeds: an interval and a paired difference
+        c.study.horizons, c.study.reward_pairs, c.study.dpo_pairs = "8,12", 48, "24,48,96"  # every kind of cell
+        c.study.beta_kl = "0.2"  # one KL cell
+        c.synthetic.preference_pairs = 96 + 16  # the most DPO pairs + the held-out pairs
+        c.dpo.num_epochs, c.dpo.max_steps = 1, 0  # one epoch: 24, 48 and 96 pairs are 1, 3 and 6 steps
+        c.ppo.total_episodes = 48  # 3 iterations
     c.lock()
     return c

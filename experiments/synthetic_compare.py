@@ -16,7 +16,7 @@ from rto_jax.eval import plots, report
 from rto_jax.eval.policy_eval import run_best_of_n
 from rto_jax.objectives.token_rewards import bind, ppo, rto, rto_no_rm, rto_sequence_end
 from rto_jax.pipeline import Pipeline, model_path, stages
-from rto_jax.pipeline.config import method_settings, parse_per_method
+from rto_jax.pipeline.config import parse_per_method
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
 
@@ -45,17 +45,8 @@ def run(pipeline: Pipeline) -> dict:
     policies, stage_of, rewards = {"sft": model_path(sft), "dpo": model_path(dpo)}, {}, {}
     for fn in METHODS:
         name = stage_of[fn.__name__] = f"ppo_{fn.__name__}"
-        overrides, args = method_settings(config, fn, per_method.get(fn.__name__, {}))
-        result = pipeline.stage(
-            name,
-            stages.run_ppo,
-            section="ppo",
-            stage=name,
-            token_reward=fn,
-            models=models,
-            reward=reward_model,
-            reward_args=args,
-            ppo_overrides=overrides,
+        result, args = pipeline.ppo(
+            name, fn, models=models, reward=reward_model, values=per_method.get(fn.__name__, {})
         )
         policies[fn.__name__] = model_path(result)
         rewards[fn.__name__] = bind(fn, **args)

@@ -20,8 +20,8 @@ from synthetic_compare import shared_models  # the sibling recipe (recipes impor
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
 from rto_jax.objectives.token_rewards import ppo, rto, rto_no_rm, rto_sequence_end
-from rto_jax.pipeline import Pipeline, model_path, stages
-from rto_jax.pipeline.config import check_method_args, method_settings, parse_method_values
+from rto_jax.pipeline import Pipeline, model_path
+from rto_jax.pipeline.config import check_method_args, parse_method_values
 
 METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
@@ -63,18 +63,7 @@ def run(pipeline: Pipeline) -> dict:
     for method, points in grid(config.tune.grid).items():
         for i, point in enumerate(points):
             name = f"tune_{method}_{i}"
-            overrides, args = method_settings(config, fns[method], point)
-            result = pipeline.stage(
-                name,
-                stages.run_ppo,
-                section="ppo",
-                stage=name,
-                token_reward=fns[method],
-                models=models,
-                reward=reward_model,
-                reward_args=args,
-                ppo_overrides=overrides,
-            )
+            result, _ = pipeline.ppo(name, fns[method], models=models, reward=reward_model, values=point)
             held_out = result["held_out"]
             rows.append(
                 {

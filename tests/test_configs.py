@@ -21,7 +21,7 @@ PRESETS = {
     "ppo_tldr": ["1b", "tiny"],
     "dpo_tldr": ["1b", "tiny"],
     "rto_ultrafeedback": ["llama3_8b", "smollm2", "tiny"],
-    "rto_synthetic": ["demo", "full", "smoke", "tune", "tune_methods", "tuned"],
+    "rto_synthetic": ["demo", "full", "smoke", "tune", "tune_methods", "tuned", "study", "study_smoke"],
 }
 HAS_SHARED = (shared_data_dir() / "tldr_comparisons_10k.parquet").exists()
 

@@ -74,3 +74,95 @@ def plot_gold_vs_kl(methods: dict[str, dict], best_of_n: list[dict], path: str |
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _panels(count: int):
+    cols = min(count, 4)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
+def _label_panel(ax, title: str, xlabel: str) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("gold reward", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save_panels(fig, path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_study_curves(cells: dict[str, dict], path: str | Path) -> Path:
+    """One panel per study cell: PPO's and RTO's mean held-out gold reward vs episodes over the seeds,
+    with the 95% interval as a band (experiments/synthetic_study.py:aggregate's `cells`)."""
+    fig, axes = _panels(len(cells))
+    for ax, (name, cell) in zip(axes, cells.items()):
+        for index, (method, m) in enumerate(cell["methods"].items()):
+            xs = [p["episodes"] for p in m["curve"]]
+            color = _color(method, index)
+            ax.plot(xs, [p["gold"]["mean"] for p in m["curve"]], marker="o", markersize=2, label=method, color=color)
+            ax.fill_between(
+                xs, [p["gold"]["low"] for p in m["curve"]], [p["gold"]["high"] for p in m["curve"]], alpha=0.2, color=color
+            )  # fmt: skip
+        _label_panel(ax, name, "episodes")
+    return _save_panels(fig, path)
+
+
+def plot_study_differences(cells: dict[str, dict], path: str | Path) -> Path:
+    """One panel per study cell: RTO's gold reward minus PPO's, seed by seed, along training (mean
+    over seeds, 95% interval as a band): above 0 where RTO is ahead at that many episodes."""
+    fig, axes = _panels(len(cells))
+    for ax, (name, cell) in zip(axes, cells.items()):
+        curve = cell["rto_minus_ppo_curve"]
+        xs = [p["episodes"] for p in curve]
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.plot(xs, [p["mean"] for p in curve], marker="o", markersize=2, color=_color("rto", 0), label="RTO - PPO")
+        ax.fill_between(xs, [p["low"] for p in curve], [p["high"] for p in curve], alpha=0.2, color=_color("rto", 0))
+        _label_panel(ax, name, "episodes")
+        ax.set_ylabel("gold reward, RTO - PPO", fontsize=8)
+    return _save_panels(fig, path)
+
+
+def plot_study_frontier(cells: dict[str, dict], path: str | Path, sweep: list[str] = ()) -> Path:
+    """One panel per study cell: gold reward vs KL(pi || pi_sft) along each method's training (means
+    over seeds), its final point with 95% intervals, and pi_sft's best-of-n frontier as reference.
+
+    sweep: cells that differ only in the KL coefficient: a last panel joins each method's final
+    points across them (the method's gold-vs-KL frontier)."""
+    fig, axes = _panels(len(cells) + bool(sweep))
+    if sweep:
+        ax = axes.pop()
+        bon = cells[sweep[0]]["best_of_n"]
+        ax.plot([p["kl"] for p in bon], [p["gold_reward"] for p in bon], color="gray", label="best-of-n")
+        for index, method in enumerate(cells[sweep[0]]["methods"]):
+            finals = sorted(
+                (cells[c]["methods"][method]["kl_to_ref"]["mean"], cells[c]["methods"][method]["gold_reward"]["mean"])
+                for c in sweep
+            )
+            ax.plot(*zip(*finals), marker="o", color=_color(method, index), label=method)
+        _label_panel(ax, "final points across " + ", ".join(sweep), "KL to pi_sft (nats)")
+        ax.title.set_fontsize(7)
+    for ax, (name, cell) in zip(axes, cells.items()):
+        bon = cell["best_of_n"]
+        ax.plot([p["kl"] for p in bon], [p["gold_reward"] for p in bon], color="gray", label="best-of-n")
+        for index, (method, m) in enumerate(cell["methods"].items()):
+            color = _color(method, index)
+            ax.plot([p["kl"] for p in m["curve"]], [p["gold"]["mean"] for p in m["curve"]], color=color, alpha=0.5)
+            gold, kl = m["gold_reward"], m["kl_to_ref"]
+            ax.errorbar(
+                kl["mean"], gold["mean"],
+                yerr=[[gold["mean"] - gold["low"]], [gold["high"] - gold["mean"]]],
+                xerr=[[kl["mean"] - kl["low"]], [kl["high"] - kl["mean"]]],
+                fmt="o", capsize=2, color=color, label=method,
+            )  # fmt: skip
+        _label_panel(ax, name, "KL to pi_sft (nats)")
+    return _save_panels(fig, path)

@@ -5,6 +5,7 @@ aggregate and the markdown table (host-side; no model code).
     gold_curves(records, names, ...)   {method: [(episodes, gold reward), ...]} from metrics.jsonl
     aggregate(per_seed)                means over seeds with standard errors across seeds
     results_table(results)             markdown
+    mean_ci(xs), paired_difference(a, b)   means with t-based 95% confidence intervals (the study)
 """
 
 from __future__ import annotations
@@ -54,6 +55,32 @@ def episodes_to_final(curves: dict[str, list], baseline: str = "ppo") -> dict[st
         return {}
     target = curves[baseline][-1][1]
     return {name: episodes_to_reach(curve, target) for name, curve in curves.items()}
+
+
+def mean_ci(xs, level: float = 0.95) -> dict:
+    """{mean, low, high, n}: the mean of `xs` with its Student-t confidence interval (n - 1 degrees
+    of freedom: with 5 seeds the half-width is 2.78 standard errors, not 1.96)."""
+    from scipy import stats
+
+    xs = np.asarray(xs, np.float64)
+    mean = float(xs.mean())
+    if len(xs) < 2:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n": len(xs)}
+    half = float(stats.t.ppf(0.5 + level / 2, len(xs) - 1)) * _se(xs)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(xs)}
+
+
+def paired_difference(a, b, level: float = 0.95) -> dict:
+    """`a - b` seed by seed (the same seed's task, data and shared models for both): the mean
+    difference with its confidence interval, and how many seeds `a` won, tied and lost."""
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return {
+        **mean_ci(diff, level),
+        "per_seed": [float(d) for d in diff],
+        "wins": int((diff > 0).sum()),
+        "ties": int((diff == 0).sum()),
+        "losses": int((diff < 0).sum()),
+    }
 
 
 def _se(xs) -> float:

@@ -24,8 +24,16 @@ from pathlib import Path
 
 from rto_jax.distributed import any_process, is_main_process, sync
 from rto_jax.errors import disk_errors
+from rto_jax.pipeline import stages
 from rto_jax.pipeline.common import write_json
-from rto_jax.pipeline.config import TRAINED_STAGES, parse_seeds, stage_done_file, stage_list, validate
+from rto_jax.pipeline.config import (
+    TRAINED_STAGES,
+    method_settings,
+    parse_seeds,
+    stage_done_file,
+    stage_list,
+    validate,
+)
 from rto_jax.pipeline.logging import RunLog, summary
 from rto_jax.pipeline.loop import stop_requests
 from rto_jax.pipeline.recipes import load_recipe
@@ -57,11 +65,12 @@ class Pipeline:
         sync("done markers read")
         self.done: dict[str, dict] = {}
 
-    def stage(self, name: str, fn, *, section: str | None = None, **inputs) -> dict | None:
+    def stage(self, name: str, fn, *, section: str | None = None, task=None, **inputs) -> dict | None:
         """`fn(config, workdir, task, run_log, **inputs)` as stage `name` (its folder and metric prefix).
 
         section: the config section that says whether it runs (default: `name`), e.g. several PPO
         runs of one recipe share `ppo`.
+        task: this stage's task if not the pipeline's (e.g. DPO on a subset of the preference pairs).
         """
         section = section or name
         if name in self.finished:
@@ -73,7 +82,7 @@ class Pipeline:
         if section not in self.wanted and not given:
             return None
         with disk_errors(name):  # a full disk while exporting or marking the stage done: one message
-            result = fn(self.config, self.workdir, self.task, self.run_log, **inputs)
+            result = fn(self.config, self.workdir, self.task if task is None else task, self.run_log, **inputs)
             write_json(stage_done_file(self.workdir, name), relative_to(result, self.workdir))
         if not self.config.checkpoint.keep_after_stage and is_main_process():
             # A finished stage is skipped on restart and its model is exported: its checkpoints
@@ -83,6 +92,35 @@ class Pipeline:
         if is_main_process():
             print(summary(f"{name} done", {k: v for k, v in result.items() if not isinstance(v, dict)}))
         return result
+
+    def ppo(self, name: str, token_reward, *, models: dict, reward: dict, values: dict | None = None):
+        """A PPO-stage run `name` (section `ppo`) with `token_reward` -> (its summary, its coefficients).
+
+        values: this method's own lr, critic_lr or reward coefficients (`config.ppo.per_method`'s
+        keys) over the shared config.ppo and ppo.reward_args; models, reward: as `stages.run_ppo`'s.
+        """
+        overrides, args = method_settings(self.config, token_reward, values or {})
+        result = self.stage(
+            name,
+            stages.run_ppo,
+            section="ppo",
+            stage=name,
+            token_reward=token_reward,
+            models=models,
+            reward=reward,
+            reward_args=args,
+            ppo_overrides=overrides,
+        )
+        return result, args
+
+    def variant(self, name: str, config) -> contextlib.AbstractContextManager[Pipeline]:
+        """A pipeline of its own in `workdir/name` for a variant of this run's config (another task,
+        e.g. a longer horizon), with its own config.json, metrics.jsonl and skip-if-done stages:
+
+            with pipeline.variant("horizon_32", longer) as sub:
+                sft = sub.stage("sft", stages.run_sft)
+        """
+        return open_pipeline(config, self.workdir / name)
 
     def results(self, evaluation: dict | None = None, **extra) -> dict:
         """results.json: every stage's summary, the evaluation's numbers at the top level, and `extra`."""
@@ -163,6 +201,19 @@ def _run(config, workdir: Path, task) -> dict:
 
 
 def _run_one(config, workdir: Path, config_json: dict, recipe, task, tokenizer=None) -> dict:
+    with open_pipeline(config, workdir, config_json, task, tokenizer) as pipeline:
+        return recipe.run(pipeline)
+
+
+@contextlib.contextmanager
+def open_pipeline(config, workdir: Path, config_json: dict | None = None, task=None, tokenizer=None):
+    """The `Pipeline` of `config` in `workdir`: its task, config.json and run log (closed on exit).
+
+    config_json: what `check_config` returned for this workdir (default: checked here, so a variant
+    whose work was done with another config is refused before any of its work).
+    """
+    workdir = Path(workdir)
+    config_json = check_config(config, workdir) if config_json is None else config_json
     # The data are read (and a bad file reported) before the config and metrics files are written.
     task = task if task is not None else build_task(config, workdir, tokenizer)
     log.info("task %s (seed %d): %s", task.name, config.seed, task.describe())
@@ -171,6 +222,6 @@ def _run_one(config, workdir: Path, config_json: dict, recipe, task, tokenizer=N
         write_json(workdir / "config.json", config_json)  # the config, and the changes a resume made (history)
         run_log = RunLog(workdir)
         try:
-            return recipe.run(Pipeline(config, workdir, task, run_log))
+            yield Pipeline(config, workdir, task, run_log)
         finally:
             run_log.close()

@@ -201,8 +201,11 @@ def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | Non
 # DPO.
 
 
-def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
-    """DPO from pi_sft with pi_sft as the reference; reference log-probs computed per batch."""
+def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str, stage: str = "dpo") -> dict:
+    """DPO from pi_sft with pi_sft as the reference; reference log-probs computed per batch.
+
+    stage: the stage's name (its folder, metrics and checkpoints), e.g. DPO on fewer pairs beside `dpo`.
+    """
     cfg = config.dpo
     if cfg.init_from:
         return {"model_path": cfg.init_from, "source": "init_from"}
@@ -226,10 +229,10 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str) -> dict:
         return weighted_mean(parts)
 
     state, done = run_loop(
-        "dpo", config, workdir, run_log, state, batches, step_fn, steps,
+        stage, config, workdir, run_log, state, batches, step_fn, steps,
         prepare=prepare, evaluate=evaluate, eval_every=cfg.eval_every, shardings=shardings,
     )  # fmt: skip
-    path = common.export(state.model(), Path(workdir) / "dpo" / "model", task)
+    path = common.export(state.model(), common.stage_dir(workdir, stage) / "model", task)
     return {"model_path": path, "source": "trained", **_summary(done)}
 
 
@@ -258,8 +261,26 @@ def ppo_config(config, task, token_reward, reward_args: dict | None = None) -> P
 def _gold_of_policy(state, config, task) -> dict:
     """Mean gold reward and KL to pi_ref of the PPO policy on the held-out prompts."""
     ref = state.frozen["models"].get("ref")
-    rows = held_out_rows(config, task, state.policy.graphdef, state.policy.params, ref)
+    return _gold_numbers(held_out_rows(config, task, state.policy.graphdef, state.policy.params, ref))
+
+
+def _gold_numbers(rows: dict) -> dict:
     return {"gold_reward": float(np.mean(rows["gold"])), "kl_to_ref": float(np.mean(rows["kl"]))}
+
+
+def run_gold_eval(config, workdir, task, run_log: RunLog, *, policies: dict[str, str], ref_path: str) -> dict:
+    """{policy: {gold_reward, kl_to_ref}} on the held-out prompts, with the same samples' keys as
+    PPO's gold curve (so pi_sft here is that curve's point at 0 episodes); for gold-reward tasks."""
+    del workdir, run_log
+    if task.gold_reward is None:
+        raise ValueError(f"task {task.name!r} has no gold reward")
+    mesh = common.device_mesh(config)
+    _, ref_params = nnx.split(common.load_model(ref_path, "lm", config, mesh))
+    out = {}
+    for name, path in policies.items():
+        graphdef, params = nnx.split(common.load_model(path, "lm", config, mesh))
+        out[name] = _gold_numbers(held_out_rows(config, task, graphdef, params, ref_params))
+    return out
 
 
 def run_ppo(
@@ -364,6 +385,7 @@ __all__ = [
     "run_dpo",
     "run_preferences",
     "run_evaluate",
+    "run_gold_eval",
     "run_ppo",
     "run_reward_model",
     "run_sft",
