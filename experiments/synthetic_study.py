@@ -33,9 +33,8 @@ import numpy as np
 from rto_jax.data.synthetic import SyntheticTaskConfig
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
-from rto_jax.eval import plots
+from rto_jax.eval import plots, report
 from rto_jax.eval.policy_eval import run_best_of_n
-from rto_jax.eval.report import mean_ci, paired_difference
 from rto_jax.eval.rollout_eval import episodes_to_reach
 from rto_jax.objectives.token_rewards import ppo, rto
 from rto_jax.pipeline import Pipeline, model_path, stages
@@ -139,17 +138,6 @@ def _first_pairs(task, count: int):
     return dataclasses.replace(task, preference_train={k: v[:count] for k, v in task.preference_train.items()})
 
 
-def _curve(pipeline: Pipeline, stage: str, start: dict) -> list[tuple[int, float, float]]:
-    """[(episodes, gold reward, KL to pi_sft), ...] of a PPO stage's held-out evaluations, from pi_sft's."""
-    episodes = pipeline.config.ppo.rollout_batch_size
-    points = sorted(
-        (r["step"] * episodes, r["gold_reward"], r["kl_to_ref"])
-        for r in read_metrics(pipeline.workdir / "metrics.jsonl")
-        if r["stage"] == stage and r["split"] == "eval" and "gold_reward" in r
-    )
-    return [(0, start["gold_reward"], start["kl_to_ref"])] + [(int(x), float(g), float(k)) for x, g, k in points]
-
-
 def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> tuple[dict, dict]:
     """The cells run at one horizon (all of them at the center) and the horizon's references."""
     config = p.config
@@ -187,25 +175,32 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> tuple[dict, dict]:
             "gold_reward": result["held_out"]["gold_reward"],
             "kl_to_ref": result["held_out"]["kl_to_ref"],
             "reward_args": args,
-            "curve": _curve(p, name, held_out["sft"]),
         }
 
-    def cell(methods: dict, **what) -> dict:
-        ppo_final = methods["ppo"]["gold_reward"]
-        for m in methods.values():
-            m["episodes_to_ppo_final"] = episodes_to_reach([(x, g) for x, g, _ in m["curve"]], ppo_final)
-        return {"horizon": horizon, **what, "methods": methods}
-
     base = {"ppo": train("ppo_ppo", ppo), "rto": train("ppo_rto", rto)}
-    cells = {f"horizon_{horizon}": cell(base, dpo_pairs=d.reward_pairs)}
+    layout = {f"horizon_{horizon}": (base, {"dpo_pairs": d.reward_pairs})}  # cell -> (its runs, what it varies)
     if center:
         for n in d.dpo_pairs:
             if n != d.reward_pairs:  # PPO reads no DPO model: the center's run is its run here
                 methods = {"ppo": dict(base["ppo"]), "rto": train(f"ppo_rto_dpo_{n}_pairs", rto, dpo_pairs=n)}
-                cells[f"dpo_{n}_pairs"] = cell(methods, dpo_pairs=n)
+                layout[f"dpo_{n}_pairs"] = (methods, {"dpo_pairs": n})
         for beta in d.beta_kl:
             methods = {m.__name__: train(f"ppo_{m.__name__}_kl_{beta:g}", m, beta_kl=beta) for m in METHODS}
-            cells[f"beta_kl_{beta:g}"] = cell(methods, dpo_pairs=d.reward_pairs, beta_kl=beta)
+            layout[f"beta_kl_{beta:g}"] = (methods, {"dpo_pairs": d.reward_pairs, "beta_kl": beta})
+
+    # Every run's held-out curve from one read of the metrics, starting at pi_sft's (the same samples' keys).
+    records = read_metrics(p.workdir / "metrics.jsonl")
+    cells = {}
+    for name, (methods, what) in layout.items():
+        stage_of = {m: Path(run["stage"]).name for m, run in methods.items()}
+        curves = report.gold_curves(
+            records, stage_of, config.ppo.rollout_batch_size, held_out["sft"]["gold_reward"], with_kl=True
+        )
+        ppo_final = methods["ppo"]["gold_reward"]
+        for m, run in methods.items():
+            run["curve"] = curves[m]
+            run["episodes_to_ppo_final"] = episodes_to_reach([(x, g) for x, g, _ in curves[m]], ppo_final)
+        cells[name] = {"horizon": horizon, **what, "methods": methods}
     references = {
         "held_out": held_out,
         "best_of_n": frontier["best_of_n"],
@@ -259,25 +254,25 @@ def aggregate(per_seed: list[dict], workdir: Path) -> dict:
             curves = np.array([run["curve"] for run in runs], np.float64)  # [seeds, points, 3]
             reach = [run["episodes_to_ppo_final"] for run in runs]
             out["methods"][method] = {
-                "gold_reward": mean_ci([run["gold_reward"] for run in runs]),
-                "kl_to_ref": mean_ci([run["kl_to_ref"] for run in runs]),
+                "gold_reward": report.mean_ci([run["gold_reward"] for run in runs]),
+                "kl_to_ref": report.mean_ci([run["kl_to_ref"] for run in runs]),
                 "gold_per_seed": [run["gold_reward"] for run in runs],
                 "reward_args": runs[0]["reward_args"],
                 "episodes_to_ppo_final": reach,
                 "reached": sum(x is not None for x in reach),
                 "curve": [
-                    {"episodes": float(curves[0, i, 0]), "gold": mean_ci(curves[:, i, 1]), "kl": float(curves[:, i, 2].mean())}
+                    {"episodes": float(curves[0, i, 0]), "gold": report.mean_ci(curves[:, i, 1]), "kl": float(curves[:, i, 2].mean())}
                     for i in range(curves.shape[1])
                 ],
             }  # fmt: skip
         ppo_runs, rto_runs = (out["methods"][m]["gold_per_seed"] for m in ("ppo", "rto"))
-        out["rto_minus_ppo"] = paired_difference(rto_runs, ppo_runs)
+        out["rto_minus_ppo"] = report.paired_difference(rto_runs, ppo_runs)
         # The same, at every evaluation point of the curves (the same episodes for both methods).
-        curves = {m: [row["methods"][m]["curve"] for row in rows] for m in ("rto", "ppo")}  # [seeds][points]
+        seed_curves = {m: [row["methods"][m]["curve"] for row in rows] for m in ("rto", "ppo")}  # [seeds][points]
         out["rto_minus_ppo_curve"] = [
             {
                 "episodes": point["episodes"],
-                **paired_difference(*([c[i][1] for c in curves[m]] for m in ("rto", "ppo"))),
+                **report.paired_difference(*([c[i][1] for c in seed_curves[m]] for m in ("rto", "ppo"))),
             }
             for i, point in enumerate(out["methods"]["ppo"]["curve"])
         ]
@@ -285,9 +280,11 @@ def aggregate(per_seed: list[dict], workdir: Path) -> dict:
         # got there; left out where PPO's final is no better than pi_sft (both "reach" it at 0 episodes).
         reach = zip(*(out["methods"][m]["episodes_to_ppo_final"] for m in ("rto", "ppo")))
         out["rto_episodes_over_ppo"] = [None if r is None else r / p for r, p in reach if p]
-        out["sft_gold"] = mean_ci([r["references"][horizon]["held_out"]["sft"]["gold_reward"] for r in per_seed])
+        out["sft_gold"] = report.mean_ci([r["references"][horizon]["held_out"]["sft"]["gold_reward"] for r in per_seed])
         dpo_key = f"dpo_{out['dpo_pairs']}"
-        out["dpo_gold"] = mean_ci([r["references"][horizon]["held_out"][dpo_key]["gold_reward"] for r in per_seed])
+        out["dpo_gold"] = report.mean_ci(
+            [r["references"][horizon]["held_out"][dpo_key]["gold_reward"] for r in per_seed]
+        )
         out["best_of_n"] = [
             {"n": p["n"], "kl": p["kl"], "gold_reward": float(np.mean([r["references"][horizon]["best_of_n"][i]["gold_reward"] for r in per_seed]))}
             for i, p in enumerate(per_seed[0]["references"][horizon]["best_of_n"])

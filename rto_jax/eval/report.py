@@ -35,17 +35,22 @@ def methods(policies: dict[str, dict]) -> dict[str, dict]:
     }
 
 
-def gold_curves(records: list[dict], stages: dict[str, str], episodes_per_step: int, start: float) -> dict:
+def gold_curves(
+    records: list[dict], stages: dict[str, str], episodes_per_step: int, start: float, with_kl: bool = False
+) -> dict:
     """{method: [(0, start), (episodes, gold reward), ...]} from the 'eval' records of each method's
-    stage (`stages`: {method: stage name}); `start` is pi_sft's gold reward."""
+    stage (`stages`: {method: stage name}); `start` is pi_sft's gold reward. with_kl: each point is
+    (episodes, gold reward, KL to pi_sft), pi_sft's own KL being 0."""
+    keys = ("gold_reward", "kl_to_ref") if with_kl else ("gold_reward",)
     curves = {}
     for method, stage in stages.items():
         points = sorted(
-            (r["step"] * episodes_per_step, r["gold_reward"])
+            (r["step"] * episodes_per_step, *(r[k] for k in keys))
             for r in records
             if r["stage"] == stage and r["split"] == "eval" and "gold_reward" in r
         )
-        curves[method] = [(0, float(start))] + [(int(x), float(y)) for x, y in points]
+        first = (0, float(start), 0.0) if with_kl else (0, float(start))
+        curves[method] = [first] + [(int(x), *map(float, values)) for x, *values in points]
     return curves
 
 
