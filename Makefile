@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/rto_jax
 export RTO_JAX_CACHE := $(CACHE)
 
-.PHONY: test demo smollm2 chat bench clean
+.PHONY: test demo smollm2 chat bench tunix-env clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,20 @@ DEMO_WORKDIR ?= runs/synthetic_demo
 demo: $(VENV)/.installed
 	$(PY) experiments/run.py --config=configs/rto_synthetic.py:demo --workdir=$(DEMO_WORKDIR)
 
+# google-tunix (the JAX peer of `make bench`) in its own environment: it pins safetensors<0.8 and brings
+# tensorflow-datasets, neither of which the project's environment should take.
+TUNIX_VENV ?= .venv-tunix
+$(TUNIX_VENV)/.installed:
+	test -x $(TUNIX_VENV)/bin/python || $(PYTHON) -m venv $(TUNIX_VENV)
+	$(TUNIX_VENV)/bin/python -m pip install -q 'google-tunix==0.1.7'
+	touch $@
+
+tunix-env: $(TUNIX_VENV)/.installed
+
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.run
+	@# Best effort: without tunix's environment its rows are reported as unavailable.
+	-$(MAKE) tunix-env
+	RTO_BENCH_TUNIX_PYTHON=$(TUNIX_VENV)/bin/python $(PY) -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache

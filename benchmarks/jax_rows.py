@@ -50,7 +50,17 @@ def ceiling(row: dict) -> dict:
         out["by_size"][str(n)] = 2 * n**3 / timing["median_s"] / 1e9
         out["median_s"] = timing["median_s"]  # of the largest size, the last one
     out["gflops"] = max(out["by_size"].values())
+    out["bandwidth_gbs"] = _read_bandwidth(row["warmup"], row["reps"])
     return out
+
+
+def _read_bandwidth(warmup: int, reps: int, megabytes: int = 1024) -> float:
+    """Memory read rate in GB/s: a jitted sum over a float32 array far larger than the caches (the
+    access pattern of a batch-1 decode step, which streams every weight once)."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    timing = measure(lambda: total(x), warmup, reps, _sync)
+    return x.size * 4 / timing["median_s"] / 1e9
 
 
 def _token_ids(rng, shape, vocab):

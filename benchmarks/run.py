@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks.workloads import (
     SHAPES,
+    decode_bytes,
     decode_flops,
     forward_flops,
     full_rows,
@@ -38,6 +39,16 @@ from benchmarks.workloads import (
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results"
+SMOKE_OUT = REPO / "runs" / "benchmarks-smoke"  # ignored by git (/runs/)
+# google-tunix lives in its own environment (`make tunix-env`); its rows are unavailable without it.
+TUNIX_PYTHON = Path(os.environ.get("RTO_BENCH_TUNIX_PYTHON", REPO / ".venv-tunix" / "bin" / "python"))
+
+
+def _python(backend: str) -> Path | None:
+    """The interpreter a backend's worker runs in, or None when that environment is missing."""
+    if backend != "tunix":
+        return Path(sys.executable)
+    return TUNIX_PYTHON if TUNIX_PYTHON.exists() else None
 
 
 def select(rows: list[dict], only: str | None) -> list[dict]:
@@ -61,7 +72,11 @@ def select(rows: list[dict], only: str | None) -> list[dict]:
 def _run_worker(
     rows: list[dict], timeout: float, log_dir: Path, extra_env: dict | None = None
 ) -> tuple[list[dict], float | None]:
-    """Runs `rows` in one child process; returns its per-row results and the child's peak RSS in MB."""
+    """Runs `rows` (one backend) in one child process; returns its per-row results and the child's peak RSS in MB."""
+    python = _python(rows[0]["backend"])
+    if python is None:
+        why = f"no tunix environment at {TUNIX_PYTHON} (make tunix-env creates it)"
+        return [{"id": row["id"], "status": "unavailable", "reason": why} for row in rows], None
     with tempfile.NamedTemporaryFile("w", suffix=".json", dir=log_dir, delete=False) as f:
         json.dump(rows, f)
         rows_path = f.name
@@ -72,7 +87,7 @@ def _run_worker(
     env.update(extra_env or {})
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker", rows_path, out_path],
+            [str(python), "-m", "benchmarks.worker", rows_path, out_path],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -105,7 +120,7 @@ def _run_worker(
     return results, usage.ru_maxrss / 1024  # KiB on Linux
 
 
-def _metrics(row: dict, result: dict, ceiling_gflops: float | None) -> dict:
+def _metrics(row: dict, result: dict, ceiling_gflops: float | None, bandwidth_gbs: float | None = None) -> dict:
     """Tokens/s, FLOPs and MFU of one finished row."""
     out: dict = {}
     if result.get("status") != "ok":
@@ -128,18 +143,20 @@ def _metrics(row: dict, result: dict, ceiling_gflops: float | None) -> dict:
         per_step = decode_flops(shape, batch, prompt, new) / new
         out["mfu"] = mfu(per_step, step) if step > 0 else None
         out["prefill_mfu"] = mfu(prefill_flops(shape, batch, prompt), result["prefill_s"])
+        if bandwidth_gbs and step > 0:  # the fraction of the machine's read rate a decode step reaches
+            out["bandwidth_fraction"] = decode_bytes(shape, batch, prompt, new) / step / 1e9 / bandwidth_gbs
     elif row["kind"] == "ppo_split":
         shape = SHAPES[row["shape"]]
         batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
         length = prompt + new
-        split = result["split_s"]
         flops = {
             "rollout": prefill_flops(shape, batch, prompt) + decode_flops(shape, batch, prompt, new),
-            # policy, reference and DPO policy log-probs; critic values and reward score.
-            "scoring": 3 * forward_flops(shape, batch, length, new) + 2 * forward_flops(shape, batch, length, 0, False),
+            # reference and DPO policy log-probs (the policy's come from the sampler); critic values, reward score.
+            "scoring": 2 * forward_flops(shape, batch, length, new) + 2 * forward_flops(shape, batch, length, 0, False),
             "update": train_flops(shape, batch, length, new) + train_flops(shape, batch, length, 0, False),
         }
-        out["split_mfu"] = {k: mfu(flops[k], split[k]) for k in split}
+        if "split_s" in result:  # tunix's iteration is timed whole
+            out["split_mfu"] = {k: mfu(flops[k], result["split_s"][k]) for k in result["split_s"]}
         out["tokens_per_s"] = batch * new / result["median_s"]  # generated tokens per second of iteration
         out["mfu"] = mfu(sum(flops.values()), result["median_s"])
     return out
@@ -255,7 +272,7 @@ def run(
             # the 2 cores with XLA's): seconds instead of a JAX/torch import per row. Smoke speeds mean
             # nothing, so XLA may also skip its slow LLVM optimizations (compiles ~40% faster).
             flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
-            for backend in ("jax", "torch"):
+            for backend in ("jax", "torch", "tunix"):
                 group = [r for r in rows if r["backend"] == backend]
                 if group:
                     start = time.perf_counter()
@@ -294,10 +311,12 @@ def run(
                 )
     ceilings = [results[r["id"]].get("gflops") for r in rows if r["kind"] == "ceiling"]
     ceiling = max((c for c in ceilings if c), default=None)
+    bandwidth = max((results[r["id"]].get("bandwidth_gbs") or 0 for r in rows if r["kind"] == "ceiling"), default=0)
+    bandwidth = bandwidth or None
     records = []
     for row in rows:
         res = results[row["id"]]
-        records.append({**row, **res, **_metrics(row, res, ceiling), "ceiling_gflops": ceiling})
+        records.append({**row, **res, **_metrics(row, res, ceiling, bandwidth), "ceiling_gflops": ceiling})
     by_id = {rec["id"]: rec for rec in records}
     for rec in records:
         ratios = {}
@@ -324,19 +343,28 @@ def summary(records: list[dict], file=sys.stdout) -> None:
             sizes = ", ".join(f"{n}^2: {g:.0f}" for n, g in rec.get("by_size", {}).items())
             text = f"{rec['gflops']:.0f} GFLOP/s ({sizes})" if rec["status"] == "ok" else rec.get("reason")
             print(f"ceiling {rec['impl']} float32 matmul: {text}", file=file)
+            if rec.get("bandwidth_gbs"):
+                print(f"ceiling {rec['impl']} memory read (sum over 1 GiB): {rec['bandwidth_gbs']:.1f} GB/s", file=file)
     ceiling = next((r["ceiling_gflops"] for r in records if r.get("ceiling_gflops")), None)
     print(f"MFU is against the best of those: {_fmt(ceiling, '.0f')} GFLOP/s\n", file=file)
     print_table(records, file)
     if any(rec.get("noisy") for rec in records):
         print("(!) the 1-minute load average exceeded cores + 1 during this row: other work shared the CPU", file=file)
     for rec in records:
-        if rec["kind"] == "ppo_split" and rec["status"] == "ok":
+        if rec["kind"] == "ppo_split" and rec["status"] == "ok" and "split_s" in rec:
             parts = ", ".join(
                 f"{k} {rec['split_s'][k]:.2f} s ({100 * rec['split_share'][k]:.0f}%, MFU "
                 f"{_fmt(rec['split_mfu'][k] and 100 * rec['split_mfu'][k], '.1f')}%)"
                 for k in ("rollout", "scoring", "update")
             )
             print(f"\nPPO iteration {rec['id']}: {rec['median_s']:.2f} s = {parts}", file=file)
+    for rec in records:
+        if rec.get("bandwidth_fraction") is not None:
+            print(
+                f"decode {rec['id']}: {100 * rec['bandwidth_fraction']:.0f}% of the memory read rate "
+                "(weights + KV cache per step)",
+                file=file,
+            )
     weights = {r.get("weights") for r in records if r["kind"] == "rollout" and r.get("impl", "").startswith("jax")}
     if weights - {None}:
         print(f"rollout weights (ours): {', '.join(sorted(w for w in weights if w))}", file=file)
@@ -346,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one rep, one process per backend (seconds)")
     ap.add_argument("--only", default=None, help="comma-separated row-id globs or prefixes, e.g. 'train/sft,rollout'")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="folder for <date>.json (default benchmarks/results)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="folder for <date>.json (default benchmarks/results; with --smoke runs/benchmarks-smoke, "
+        "untracked: a smoke run's figures are meaningless)",
+    )
     ap.add_argument("--reps", type=int, default=None, help="override every row's timed repetitions")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per row before its worker is killed")
     ap.add_argument("--list", action="store_true", help="print the selected row ids and exit")
@@ -364,9 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(rows)} rows on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB)", file=sys.stderr
     )
     name = started.strftime("%Y-%m-%d") + ("-smoke" if args.smoke else "") + ".json"
-    path = Path(args.out) / name
+    out = Path(args.out) if args.out else SMOKE_OUT if args.smoke else DEFAULT_OUT
+    path = out / name
     # An interrupted full run (killed, machine taken back) resumes from here on the next call.
-    progress = None if args.smoke else Path(args.out) / ".progress.json"
+    progress = None if args.smoke else out / ".progress.json"
     records = run(rows, smoke=args.smoke, timeout=args.timeout, progress=progress, commit=machine["commit"])
     summary(records)
     write_json(

@@ -230,4 +230,119 @@ def rollout(row: dict) -> dict:
     }
 
 
-RUNNERS = {"ceiling": ceiling, "train": train, "rollout": rollout}
+def _gae(rewards, values, gamma: float = 1.0, lam: float = 0.95):
+    """GAE over full-length rows `[B, R]` (every token valid), as a reverse loop over time."""
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros(rewards.shape[0])
+    next_value = torch.zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_adv = delta + gamma * lam * next_adv
+        next_value = values[:, t]
+        advantages[:, t] = next_adv
+    return advantages, advantages + values
+
+
+def ppo_iteration(row: dict) -> dict:
+    """One RTO PPO iteration in PyTorch, the work of our `ppo_split` row (benchmarks/jax_rows.py):
+
+    rollout  HF `generate` (sampling at temperature 1, KV cache, EOS never emitted), the policy's
+             per-token log-probs and entropy from the logits `generate` returns (as ours reuses the sampler's)
+    scoring  reference and DPO policy log-probs (LM head on the R response positions), critic values,
+             reward-model score; RTO's token reward (clipped DPO term, KL, score), GAE, whitened advantages
+    update   one PPO epoch, one minibatch: policy + critic forward/backward, clipping, AdamW
+
+    With impl "torch-compile" the scoring and update forwards run through `torch.compile` (inductor);
+    `generate` stays eager. Times are medians of `reps` after `warmup` iterations.
+    """
+    shape = SHAPES[row["shape"]]
+    batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
+    length = prompt + new
+    policy = _causal_lm(row["shape"])
+    policy.generation_config.eos_token_id = None
+    policy.generation_config.pad_token_id = PAD
+    reference = _causal_lm(row["shape"]).eval().requires_grad_(False)  # seed 0: a copy of the policy
+    dpo = torch_peers.causal_lm(shape, pad_token_id=PAD, seed=3).eval().requires_grad_(False)
+    torch.manual_seed(1)
+    critic = _value_model(row["shape"])
+    reward = _value_model(row["shape"]).eval().requires_grad_(False)
+    params = list(policy.parameters()) + list(critic.parameters())
+    optimizer = _optimizer(params)
+    train_step = policy
+    if row["impl"] == "torch-compile":
+        reference, dpo, reward = torch.compile(reference), torch.compile(dpo), torch.compile(reward)
+        train_step, critic = torch.compile(policy), torch.compile(critic)
+    rng = np.random.default_rng(0)
+    ids = _ids(rng, batch, prompt, shape["vocab_size"])
+    mask = torch.ones_like(ids)
+
+    def rollout():
+        with torch.inference_mode():
+            out = policy.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                use_cache=True,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            logp_all = F.log_softmax(torch.stack(out.logits, 1).float(), -1)  # [B, R, V]
+            tokens = out.sequences[:, prompt:]
+            logp = torch.gather(logp_all, 2, tokens[..., None])[..., 0]
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return out.sequences, logp, entropy
+
+    def scoring(sequences, logp_old, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01):
+        with torch.inference_mode():
+            ref, _ = _response_logps(reference, sequences, new)
+            dpo_logp, _ = _response_logps(dpo, sequences, new)
+            values = critic(sequences)[:, length - new - 1 : -1]
+            score = reward(sequences)[:, -1]
+            rewards = (beta_dpo * (dpo_logp - ref)).clamp(-dpo_clip, dpo_clip) - beta_kl * (logp_old - ref)
+            rewards[:, -1] += score
+            advantages, returns = _gae(rewards, values)
+            advantages = (advantages - advantages.mean()) / (advantages.var(unbiased=False) + 1e-8).sqrt()
+        return values.clone(), advantages.clone(), returns.clone()
+
+    def update(sequences, logp_old, old_values, advantages, returns):
+        optimizer.zero_grad(set_to_none=True)
+        logp, logits = _response_logps(train_step, sequences, new)
+        ratio = torch.exp(logp - logp_old)
+        pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
+        values = critic(sequences)[:, length - new - 1 : -1]
+        clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
+        vf = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2).mean()
+        with torch.no_grad():  # entropy is a logged metric in our update too
+            probs = F.softmax(logits, -1)
+            (-(probs * F.log_softmax(logits, -1)).sum(-1)).mean()
+        loss = pg + 0.1 * vf
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss
+
+    sequences, logp_old, _ = rollout()
+    if tuple(sequences.shape) != (batch, length):
+        raise RuntimeError(f"{row['id']}: generate returned {tuple(sequences.shape)}, expected {(batch, length)}")
+    logp_old = logp_old.clone()
+    sequences = sequences.clone()
+    rollout_t = measure(rollout, row["warmup"], row["reps"])
+    scoring_t = measure(lambda: scoring(sequences, logp_old), row["warmup"], row["reps"])
+    experience = scoring(sequences, logp_old)
+    update_t = measure(lambda: update(sequences, logp_old, *experience), row["warmup"], row["reps"])
+    split = {"rollout": rollout_t["median_s"], "scoring": scoring_t["median_s"], "update": update_t["median_s"]}
+    total = sum(split.values())
+    return {
+        "median_s": total,
+        "times_s": [],
+        "first_s": rollout_t["first_s"] + scoring_t["first_s"] + update_t["first_s"],
+        "split_s": split,
+        "split_share": {k: v / total for k, v in split.items()},
+    }
+
+
+RUNNERS = {"ceiling": ceiling, "train": train, "rollout": rollout, "ppo_split": ppo_iteration}

@@ -30,6 +30,8 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"one backend per worker, got {sorted(backends)}")
     if backends == {"jax"}:
         from benchmarks.jax_rows import RUNNERS
+    elif backends == {"tunix"}:
+        from benchmarks.tunix_rows import RUNNERS
     else:
         from benchmarks.torch_rows import RUNNERS
     results = []
@@ -37,7 +39,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         try:
             result = {"status": "ok", **RUNNERS[row["kind"]](row)}
-        except ModuleNotFoundError as e:  # an optional peer (TRL) that is not installed
+        except ModuleNotFoundError as e:  # an optional peer (TRL, tunix) that is not installed
             result = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}
         except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
             tail = traceback.format_exc().strip().splitlines()[-6:]

@@ -3,10 +3,11 @@
 A row is a plain dict (it travels as JSON to a worker process):
     id        unique name, e.g. "train/sft/smollm2-135m/4x256/jax-loop"
     group     "ceiling" | "train" | "rollout" | "ppo" | "scaling"
-    backend   "jax" | "torch" (which worker runs it; the other framework is never imported there)
+    backend   "jax" | "torch" | "tunix" (which worker runs it; no other framework is imported there;
+              tunix rows run in tunix's own environment, .venv-tunix)
     kind      "ceiling" | "train" | "rollout" | "ppo_split"
     task      train: "sft" | "rm" | "dpo" | "ppo" | "trl_dpo"; otherwise the kind
-    impl      "jax-loop" | "jax-scan" | "torch" | "hf-generate" | "trl"
+    impl      "jax-loop" | "jax-scan" | "torch" | "torch-compile" | "hf-generate" | "trl" | "tunix"
     shape     key of SHAPES; batch, seq (prompt + response), prompt (P); rollout: new_tokens (R)
     warmup, reps
 A training row's batch counts sequences: a preference row of batch 4 is 2 chosen/rejected pairs,
@@ -96,6 +97,15 @@ def decode_flops(shape: dict, batch: int, prompt: int, new_tokens: int) -> float
     return batch * total
 
 
+def decode_bytes(shape: dict, batch: int, prompt: int, new_tokens: int, bytes_per_value: int = 4) -> float:
+    """Bytes a decode step must read from memory, on average over the `new_tokens` steps: every matmul
+    weight once (the tied LM head is the embedding) and the KV cache of the context so far."""
+    body, head = param_counts(shape)
+    kv_per_token = 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"]
+    mean_context = prompt + (new_tokens + 1) / 2
+    return bytes_per_value * (body + head + batch * kv_per_token * mean_context)
+
+
 def prefill_flops(shape: dict, batch: int, prompt: int) -> float:
     """Useful prefill work: the blocks over the prompt and the LM head on its last position only."""
     return forward_flops(shape, batch, prompt, head_tokens=1)
@@ -120,12 +130,18 @@ def workload_flops(row: dict) -> float | None:
     raise ValueError(f"unknown training task {task!r}")
 
 
+def _backend(impl: str) -> str:
+    """The worker that runs an impl: ours ("jax"), PyTorch and its libraries ("torch"), google-tunix ("tunix",
+    in its own environment)."""
+    return "jax" if impl.startswith("jax") else "tunix" if impl == "tunix" else "torch"
+
+
 def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prompt=None):
     layout = {"jax-loop": "loop", "jax-scan": "scan"}.get(impl)
     return {
         "id": f"{group}/{task}/{shape}/{batch}x{seq}/{impl}",
         "group": group,
-        "backend": "jax" if impl.startswith("jax") else "torch",
+        "backend": _backend(impl),
         "kind": "train",
         "task": task,
         "impl": impl,
@@ -143,7 +159,7 @@ def _rollout(shape, batch, impl, *, prompt, new_tokens, reps, warmup=1):
     return {
         "id": f"rollout/{shape}/b{batch}/{impl}",
         "group": "rollout",
-        "backend": "jax" if impl.startswith("jax") else "torch",
+        "backend": _backend(impl),
         "kind": "rollout",
         "task": "rollout",
         "impl": impl,
@@ -172,15 +188,15 @@ def _ceiling(impl, sizes, reps):
     }
 
 
-def _ppo_split(shape, batch, *, prompt, new_tokens, reps, layout="loop"):
+def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps):
     return {
-        "id": f"ppo/iteration/{shape}/b{batch}/jax-{layout}",
+        "id": f"ppo/iteration/{shape}/b{batch}/{impl}",
         "group": "ppo",
-        "backend": "jax",
+        "backend": _backend(impl),
         "kind": "ppo_split",
         "task": "ppo_iteration",
-        "impl": f"jax-{layout}",
-        "layout": layout,
+        "impl": impl,
+        "layout": {"jax-loop": "loop", "jax-scan": "scan"}.get(impl),
         "shape": shape,
         "batch": batch,
         "seq": prompt + new_tokens,
@@ -204,6 +220,7 @@ def full_rows() -> list[dict]:
         impls = ("jax-loop", "jax-scan", "torch") if task == "sft" else ("jax-loop", "torch")
         rows += [_train(task, big, 4, 256, impl, reps=3) for impl in impls]
     rows.append(_train("trl_dpo", big, 4, 256, "trl", reps=3))
+    rows.append(_train("dpo", big, 4, 256, "tunix", reps=3))
     # 135M at 8 x 512, SFT only: a 30 s step (docs/PERF_NOTES.md), so the one objective whose peer ratio matters most.
     rows += [_train("sft", big, 8, 512, impl, reps=3) for impl in ("jax-loop", "torch")]
     # Tiny at 8 x 512: per-op overhead dominates.
@@ -215,8 +232,11 @@ def full_rows() -> list[dict]:
         rows += [_rollout(big, batch, impl, prompt=64, new_tokens=128, reps=3) for impl in ("jax-loop", "hf-generate")]
     for batch in (1, 8, 32):
         rows += [_rollout(tiny, batch, impl, prompt=64, new_tokens=128, reps=5) for impl in ("jax-loop", "hf-generate")]
-    # One RTO PPO iteration at 135M, split into rollout / scoring / update.
-    rows.append(_ppo_split(big, 8, prompt=64, new_tokens=128, reps=3))
+    # One RTO PPO iteration at 135M, split into rollout / scoring / update; PyTorch eager and compiled.
+    rows += [
+        _ppo_split(big, 8, impl, prompt=64, new_tokens=128, reps=3)
+        for impl in ("jax-loop", "torch", "torch-compile", "tunix")
+    ]
     # Scaling (tiny shape, SFT): sequence length at batch 8, batch size at length 512.
     for seq in (256, 512, 1024):
         rows += [_train("sft", tiny, 8, seq, impl, group="scaling", reps=3) for impl in ("jax-loop", "torch")]
@@ -233,19 +253,20 @@ def smoke_rows() -> list[dict]:
         impls = ("jax-loop", "jax-scan", "torch") if task == "sft" else ("jax-loop", "torch")
         rows += [_train(task, s, 4, 32, impl, reps=1) for impl in impls]
     rows.append(_train("trl_dpo", s, 4, 32, "trl", reps=1))
+    rows.append(_train("dpo", s, 4, 32, "tunix", reps=1))
     rows += [_rollout(s, 2, impl, prompt=8, new_tokens=8, reps=1) for impl in ("jax-loop", "hf-generate")]
-    rows.append(_ppo_split(s, 2, prompt=8, new_tokens=8, reps=1))
+    rows += [_ppo_split(s, 2, impl, prompt=8, new_tokens=8, reps=1) for impl in ("jax-loop", "torch", "tunix")]
     rows += [_train("sft", s, 2, 64, impl, group="scaling", reps=1) for impl in ("jax-loop", "torch")]
     return rows
 
 
 def peer_of(row: dict, rows_by_id: dict) -> list[dict]:
     """The peer rows `row` (one of ours) is compared with: same group, task, shape, batch and length."""
-    if row["backend"] != "jax" or row["kind"] not in ("train", "rollout"):
+    if row["backend"] != "jax" or row["kind"] not in ("train", "rollout", "ppo_split"):
         return []
     peers = []
     base = row["id"].rsplit("/", 1)[0]
-    for impl in ("torch", "hf-generate", "trl"):
+    for impl in ("torch", "torch-compile", "hf-generate", "trl", "tunix"):
         peer = rows_by_id.get(f"{base}/{impl}")
         if peer is not None:
             peers.append(peer)

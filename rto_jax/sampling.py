@@ -47,10 +47,16 @@ def _constrain_cache(cache):
 
 
 class Samples(NamedTuple):
+    """What the sampler saw while it decoded; the log-probs and entropies are of the unfiltered
+    distribution (before top-k / top-p), the same numbers a teacher-forced forward pass gives, so PPO
+    reuses them instead of scoring the policy again."""
+
     tokens: jax.Array  # [B, R] int32, pad after the first EOS
     logprobs: jax.Array  # [B, R] float32, log pi(y_t | ...) at the sampling temperature, 0 where masked
     response_mask: jax.Array  # [B, R] float32, 1 up to and including the first EOS
     steps: jax.Array  # [] int32, decode iterations run (< R when every row stopped early)
+    untempered_logprobs: jax.Array  # [B, R] float32, the same at temperature 1, 0 where masked
+    entropy: jax.Array  # [B, R] float32, entropy of the tempered next-token distribution, 0 where masked
 
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -70,14 +76,19 @@ def filter_logits(logits, top_k: int, top_p: float):
 
 
 def _next_token(logits, rng, config: SamplingConfig):
-    """Picks the next token `[B]` and its log-prob under the temperature-scaled, unfiltered distribution."""
-    scaled = logits.astype(jnp.float32) / config.temperature
+    """Picks the next token `[B]`; returns it with its log-prob under the temperature-scaled, unfiltered
+    distribution, its log-prob at temperature 1, and that tempered distribution's entropy (each `[B]`)."""
+    logits = logits.astype(jnp.float32)
+    scaled = logits / config.temperature
     if config.greedy:
         token = jnp.argmax(scaled, axis=-1)
     else:
         token = jax.random.categorical(rng, filter_logits(scaled, config.top_k, config.top_p), axis=-1)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
-    return token.astype(jnp.int32), logprob
+    pick = lambda logp: jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    untempered = pick(jax.nn.log_softmax(logits, axis=-1)) if config.temperature != 1.0 else pick(logp)
+    return token.astype(jnp.int32), pick(logp), untempered, entropy
 
 
 def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> Samples:
@@ -101,10 +112,11 @@ def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, confi
 
     def body(carry):
         t, done, tokens, logprobs, mask, last_logits, cache, key_mask = carry
-        token, logprob = _next_token(last_logits, jax.random.fold_in(rng, t), config)
+        token, *stats = _next_token(last_logits, jax.random.fold_in(rng, t), config)
         token = jnp.where(done, config.pad_id, token)
         tokens = tokens.at[:, t].set(token)
-        logprobs = logprobs.at[:, t].set(jnp.where(done, 0.0, logprob))
+        # logprobs [3, B, R]: tempered log-prob, untempered log-prob, entropy
+        logprobs = logprobs.at[:, :, t].set(jnp.where(done, 0.0, jnp.stack(stats)))
         mask = mask.at[:, t].set(jnp.where(done, 0.0, 1.0))
         done = done | (token == config.eos_id)
         key_mask = key_mask.at[:, prompt_len + t].set(1)
@@ -118,14 +130,14 @@ def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, confi
         jnp.int32(0),
         jnp.zeros((batch,), bool),
         jnp.full((batch, new), config.pad_id, jnp.int32),
-        jnp.zeros((batch, new), jnp.float32),
+        jnp.zeros((3, batch, new), jnp.float32),
         jnp.zeros((batch, new), jnp.float32),
         logits[:, -1],
         cache,
         key_mask,
     )
-    steps, _, tokens, logprobs, mask, _, _, _ = jax.lax.while_loop(cond, body, init)
-    return Samples(tokens, logprobs, mask, steps)
+    steps, _, tokens, stats, mask, _, _, _ = jax.lax.while_loop(cond, body, init)
+    return Samples(tokens, stats[0], mask, steps, untempered_logprobs=stats[1], entropy=stats[2])
 
 
 generate_jit = jax.jit(generate, static_argnums=(0, 5))

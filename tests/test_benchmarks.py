@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +25,8 @@ def test_smoke_run_writes_json(tmp_path):
     payload = json.loads(path.read_text())
     assert payload["smoke"] is True
     assert payload["ceiling_gflops"] > 0
+    jax_ceiling = next(row for row in payload["rows"] if row["id"] == "ceiling/matmul/jax")
+    assert jax_ceiling["bandwidth_gbs"] > 0
     assert {"cpu", "cores", "versions"} <= set(payload["machine"])
     rows = {row["id"]: row for row in payload["rows"]}
     groups = {row["group"] for row in rows.values()}
@@ -39,8 +43,14 @@ def test_smoke_run_writes_json(tmp_path):
     rollout = rows["rollout/smoke/b2/jax-loop"]
     assert {"decode_tokens_per_s", "prefill_tokens_per_s", "weights"} <= set(rollout)
     assert rollout["prefill_tokens_per_s"] > 0  # decode tokens/s may be None: one rep cannot always resolve it
-    (ppo,) = [row for row in rows.values() if row["group"] == "ppo"]
-    assert set(ppo["split_s"]) == {"rollout", "scoring", "update"}
+    if rollout["decode_tokens_per_s"]:
+        assert rollout["bandwidth_fraction"] > 0
+    ppo = {row["impl"]: row for row in rows.values() if row["group"] == "ppo"}
+    assert set(ppo) == {"jax-loop", "torch", "tunix"}
+    for impl in ("jax-loop", "torch"):  # tunix's iteration is timed whole (when its environment exists)
+        split = ppo[impl]["split_s"]
+        assert set(split) == {"rollout", "scoring", "update"} and all(t > 0 for t in split.values())
+    assert "torch" in ppo["jax-loop"]["ratios"]  # the PyTorch iteration is our iteration's peer
     assert "| row" in proc.stdout and "PPO iteration" in proc.stdout
 
 
@@ -60,3 +70,52 @@ def test_interrupted_run_keeps_rows_of_the_same_commit(tmp_path):
     assert record["status"] == "ok" and record["gflops"] != 123456.0  # other code: measured afresh
     saved = json.loads(progress.read_text())
     assert saved["commit"] == "def5678" and saved["rows"][ceiling["id"]]["result"]["gflops"] == record["gflops"]
+
+
+def test_smoke_run_never_writes_into_the_tracked_results(tmp_path, monkeypatch):
+    import benchmarks.run as bench
+
+    # The real smoke folder is ignored by git, so a smoke run cannot dirty the checkout.
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(bench.SMOKE_OUT / "x-smoke.json")], cwd=REPO, check=False
+    )
+    assert ignored.returncode == 0
+    tracked, smoke = tmp_path / "results", tmp_path / "smoke"
+    monkeypatch.setattr(bench, "DEFAULT_OUT", tracked)
+    monkeypatch.setattr(bench, "SMOKE_OUT", smoke)
+    assert bench.main(["--smoke", "--only", "ceiling/matmul/jax"]) == 0
+    assert not tracked.exists() and len(list(smoke.glob("*-smoke.json"))) == 1
+
+
+def test_decode_bytes_count_every_weight_and_the_mean_kv_cache():
+    from benchmarks.workloads import SHAPES, decode_bytes
+
+    # smoke shape: blocks 2 x (64*16*(2*4 + 2*2) + 3*64*128) = 73,728 weights, tied head 256*64 = 16,384;
+    # K and V: 2 layers x 2 kv heads x 16 dims x 2 = 128 values per token, mean context 8 + 9/2 = 12.5 tokens.
+    assert decode_bytes(SHAPES["smoke"], batch=2, prompt=8, new_tokens=8) == 4 * (73_728 + 16_384 + 2 * 128 * 12.5)
+
+
+def _tunix_python():
+    from benchmarks.run import TUNIX_PYTHON
+
+    return TUNIX_PYTHON if TUNIX_PYTHON.exists() else None
+
+
+@pytest.mark.skipif(_tunix_python() is None, reason="no google-tunix environment (make tunix-env creates .venv-tunix)")
+def test_tunix_rows_run_in_their_own_environment(tmp_path):
+    only = "train/dpo/smoke/4x32/tunix,ppo/iteration/smoke/b2/tunix"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--only", only, "--out", str(tmp_path)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*-smoke.json")
+    rows = {row["id"]: row for row in json.loads(path.read_text())["rows"] if row["backend"] == "tunix"}
+    assert set(rows) == set(only.split(","))
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["median_s"] > 0 and row["tokens_per_s"] > 0

@@ -80,6 +80,15 @@ def test_sampled_logprobs_equal_teacher_forced(temperature, top_k, top_p):
     assert out.logprobs.dtype == jnp.float32
     expected = _teacher_forced_logprobs(model, prompt_ids, prompt_mask, out, temperature)
     np.testing.assert_allclose(out.logprobs, expected, atol=1e-5)
+    # What PPO reuses instead of scoring the policy again: the log-probs at temperature 1 and the
+    # entropy of the tempered (unfiltered) distribution, as a teacher-forced pass gives them.
+    untempered = _teacher_forced_logprobs(model, prompt_ids, prompt_mask, out, 1.0)
+    np.testing.assert_allclose(out.untempered_logprobs, untempered, atol=1e-5)
+    input_ids, attention_mask, positions = response_inputs(prompt_ids, prompt_mask, out)
+    logits = model(input_ids, attention_mask=attention_mask, positions=positions)[:, prompt_ids.shape[1] - 1 : -1]
+    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1) * out.response_mask
+    np.testing.assert_allclose(out.entropy, entropy, atol=1e-4)
 
 
 def test_rows_that_hit_eos_are_masked_and_padded():

@@ -189,7 +189,7 @@ def _ppo(reward_model, beta_dpo, lr=3e-3, **kw):
         frozen["dpo"] = nnx.split(CausalLM(tiny_config(), nnx.Rngs(4)))[1]
     beta_kl = kw.pop("beta_kl", 0.01)
     reward = bind(rto, beta_dpo=beta_dpo, beta_kl=beta_kl) if beta_dpo else bind(ppo, beta_kl=beta_kl)
-    sampling = SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD)
+    sampling = SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD, temperature=kw.pop("temperature", 1.0))
     state = create_ppo_state(policy, critic, tx, tx, frozen=frozen, reward_model=reward_model)
     config = PPOConfig(sampling=sampling, token_reward=reward, **kw)
     return state, make_ppo_fns(config)
@@ -209,6 +209,33 @@ def test_first_ppo_epoch_has_ratio_one(reward_model, beta_dpo):
     assert float(metrics["first/approx_kl"]) < 1e-6
     assert np.isfinite(float(metrics["loss"]))
     assert float(rollout_metrics["kl_to_ref"]) == pytest.approx(0.0, abs=1e-5)  # policy == reference
+
+
+def test_experience_is_the_same_however_it_is_scored(reward_model):
+    """The policy's log-probs and entropy from the sampler (default) or a teacher-forced pass, the frozen
+    models one pass each or stacked in one, the LM head whole or over vocabulary slices (5 does not
+    divide the vocabulary of 16): the same experience and metrics, at temperature 0.7 (so tempered and
+    untempered log-probs differ)."""
+    rng = np.random.default_rng(0)
+    prompt_ids, prompt_mask = _prompts(rng, 16)
+    prompts = {"prompt_ids": jnp.asarray(prompt_ids, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
+    variants = {
+        "recompute": {"recompute_policy_logprobs": True, "vocab_chunk": 0},
+        "sampler": {"vocab_chunk": 0},
+        "stacked": {"stack_frozen": True, "vocab_chunk": 0},
+        "sliced": {"vocab_chunk": 5},
+    }
+    results = {}
+    for name, kw in variants.items():
+        state, (experience_fn, _, _) = _ppo(reward_model, 0.05, temperature=0.7, beta_kl=0.1, **kw)
+        results[name] = experience_fn(state, prompts, jax.random.key(0))
+    expected, expected_metrics = results.pop("recompute")
+    assert float(expected_metrics["reward/dpo"]) != 0.0 and float(expected_metrics["entropy"]) > 0.1
+    for name, (experience, metrics) in results.items():
+        for field in experience._fields:
+            np.testing.assert_allclose(getattr(experience, field), getattr(expected, field), atol=1e-4, err_msg=name)
+        for key, value in expected_metrics.items():
+            np.testing.assert_allclose(metrics[key], value, atol=1e-4, rtol=1e-5, err_msg=f"{name}: {key}")
 
 
 def test_ppo_iteration_raises_the_score_and_compiles_once(reward_model):

@@ -168,9 +168,7 @@ def token_reward_parts(
     """
     mask = response_mask
     inputs = (input_ids, attention_mask, positions)
-    models = {"policy": nnx.merge(graphdef, params)}
-    models.update({name: nnx.merge(graphdef, frozen_params) for name, frozen_params in frozen.items()})
-    logps, _ = token_reward_logprobs(models, *inputs, mask, temperature)
+    logps = token_reward_logprobs(graphdef, {"policy": params, **frozen}, *inputs, mask, temperature)
     out = {"logps": logps}
     score = None
     if reward_graphdef is not None:

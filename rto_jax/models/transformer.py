@@ -202,6 +202,18 @@ class CausalLM(nnx.Module):
         out = self.decoder.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return out.astype(jnp.float32)
 
+    def logits_for_vocab_slice(self, hidden, start, size: int):
+        """Float32 logits `[..., size]` of vocabulary ids `start .. start + size - 1` (start may be traced,
+        size static, start + size <= V): one slice of `logits_from_hidden`, for heads computed in chunks."""
+        dtype = compute_dtype(self.config)
+        if self.lm_head is None:
+            rows = jax.lax.dynamic_slice_in_dim(self.decoder.embed.embedding[...], start, size, axis=0)
+            out = jnp.dot(hidden.astype(dtype), rows.astype(dtype).T)
+        else:
+            columns = jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], start, size, axis=1)
+            out = jnp.dot(hidden.astype(dtype), columns.astype(dtype))
+        return out.astype(jnp.float32)
+
     def __call__(self, input_ids, attention_mask=None, positions=None):
         """Float32 logits `[B, T, V]`."""
         hidden, _ = self.decoder(input_ids, attention_mask, positions)

@@ -173,6 +173,9 @@ def base_config() -> config_dict.ConfigDict:
     c.ppo.missing_eos_penalty = ppo["missing_eos_penalty"]  # subtracted from the score of responses without EOS
     c.ppo.whiten_advantages = ppo["whiten_advantages"]  # whiten advantages over the rollout batch
     c.ppo.loss_average = ppo["loss_average"]  # "token" (all valid tokens) or "sequence" (per response, then batch)
+    c.ppo.vocab_chunk = ppo["vocab_chunk"]  # LM head over vocab slices of this size (no [B, R, V] logits); 0 = whole
+    c.ppo.stack_frozen = ppo["stack_frozen"]  # score the frozen LMs in one pass vmapped over stacked parameters
+    c.ppo.recompute_policy_logprobs = ppo["recompute_policy_logprobs"]  # False: the sampler's log-probs are pi_old's
     c.ppo.eval_every = 0  # > 0: gold reward on the held-out prompts every this many iterations (gold tasks)
     c.ppo.critic_lr = config_dict.placeholder(float)  # critic learning rate; None = ppo.lr
     # Recipes that train several token rewards (experiments/synthetic_compare.py): each method's own
@@ -638,7 +641,13 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
             "ppo.loss_average", f"must be one of {', '.join(LOSS_AVERAGES)}, got {config.ppo.loss_average!r}"
         )
     _non_negative(
-        config, "ppo.max_steps", "ppo.top_k", "ppo.entropy_coef", "ppo.missing_eos_penalty", "ppo.warmup_steps"
+        config,
+        "ppo.max_steps",
+        "ppo.top_k",
+        "ppo.entropy_coef",
+        "ppo.missing_eos_penalty",
+        "ppo.warmup_steps",
+        "ppo.vocab_chunk",
     )
     _positive(config, "checkpoint.every_steps", "checkpoint.keep")
     if "mesh" in config:
