@@ -56,6 +56,22 @@ def _response_logps(model, input_ids, response: int):
     return torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, -response:, None])[..., 0], logits
 
 
+def _ppo_loss(policy, critic, ids, response: int, logp_old, old_values, advantages, returns, vf_coef: float):
+    """Our update's loss on full-length rows `[B, T]`: PPO's clipped surrogate (ratio clip 0.2) plus
+    vf_coef x the clipped value loss (clip 0.2), token means; the policy's entropy is computed as our
+    update logs it."""
+    logp, logits = _response_logps(policy, ids, response)
+    ratio = torch.exp(logp - logp_old)
+    pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
+    values = critic(ids)[:, ids.shape[1] - response - 1 : -1]
+    clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
+    vf = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2).mean()
+    with torch.no_grad():  # entropy is a logged metric in our update too
+        probs = F.softmax(logits, -1)
+        (-(probs * F.log_softmax(logits, -1)).sum(-1)).mean()
+    return pg + vf_coef * vf
+
+
 def _optimizer(params):
     return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
@@ -118,16 +134,7 @@ def train(row: dict) -> dict:
         returns = torch.from_numpy(rng.normal(size=(seqs, response))).float()
 
         def loss_fn():
-            logp, logits = _response_logps(model, ids, response)
-            ratio = torch.exp(logp - logp_old)
-            pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
-            values = critic(ids)[:, length - response - 1 : -1]
-            clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
-            vf = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2).mean()
-            with torch.no_grad():  # entropy is a logged metric in our update too
-                probs = F.softmax(logits, -1)
-                (-(probs * F.log_softmax(logits, -1)).sum(-1)).mean()
-            return pg + 0.5 * vf
+            return _ppo_loss(model, critic, ids, response, logp_old, old_values, advantages, returns, vf_coef=0.5)
 
         params = list(model.parameters()) + list(critic.parameters())
     else:
@@ -310,16 +317,7 @@ def ppo_iteration(row: dict) -> dict:
 
     def update(sequences, logp_old, old_values, advantages, returns):
         optimizer.zero_grad(set_to_none=True)
-        logp, logits = _response_logps(train_step, sequences, new)
-        ratio = torch.exp(logp - logp_old)
-        pg = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2)).mean()
-        values = critic(sequences)[:, length - new - 1 : -1]
-        clipped = old_values + (values - old_values).clamp(-0.2, 0.2)
-        vf = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2).mean()
-        with torch.no_grad():  # entropy is a logged metric in our update too
-            probs = F.softmax(logits, -1)
-            (-(probs * F.log_softmax(logits, -1)).sum(-1)).mean()
-        loss = pg + 0.1 * vf
+        loss = _ppo_loss(train_step, critic, sequences, new, logp_old, old_values, advantages, returns, vf_coef=0.1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

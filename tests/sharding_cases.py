@@ -176,7 +176,8 @@ def run_dpo(mesh=None) -> dict:
 
 def ppo_config() -> PPOConfig:
     sampling_config = SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD, greedy=True)
-    return PPOConfig(sampling=sampling_config, token_reward=bind(rto), ppo_epochs=1, num_minibatches=2)
+    # vocab_chunk 6 of 16: the sliced LM head (the last slice overlapping) on every mesh, vocab-split ones included.
+    return PPOConfig(sampling=sampling_config, token_reward=bind(rto), ppo_epochs=1, num_minibatches=2, vocab_chunk=6)
 
 
 def ppo_state(mesh=None):

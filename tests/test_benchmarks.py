@@ -10,19 +10,24 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_smoke_run_writes_json(tmp_path):
+def _smoke_run(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m benchmarks.run --smoke ARGS --out OUT`, asserted to succeed; returns it and its JSON."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.run", "--smoke", *args, "--out", str(out)],
         check=False,
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = tmp_path.glob("*-smoke.json")
-    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary file
-    payload = json.loads(path.read_text())
+    (path,) = out.glob("*-smoke.json")
+    assert not list(out.glob("*.tmp"))  # the atomic write left no temporary file
+    return proc, json.loads(path.read_text())
+
+
+def test_smoke_run_writes_json(tmp_path):
+    proc, payload = _smoke_run(tmp_path)
     assert payload["smoke"] is True
     assert payload["ceiling_gflops"] > 0
     jax_ceiling = next(row for row in payload["rows"] if row["id"] == "ceiling/matmul/jax")
@@ -49,7 +54,7 @@ def test_smoke_run_writes_json(tmp_path):
     assert set(ppo) == {"jax-loop", "torch", "tunix"}
     for impl in ("jax-loop", "torch"):  # tunix's iteration is timed whole (when its environment exists)
         split = ppo[impl]["split_s"]
-        assert set(split) == {"rollout", "scoring", "update"} and all(t > 0 for t in split.values())
+        assert set(split) == {"rollout", "scoring", "update"} and all(t >= 0 for t in split.values())
     assert "torch" in ppo["jax-loop"]["ratios"]  # the PyTorch iteration is our iteration's peer
     assert "| row" in proc.stdout and "PPO iteration" in proc.stdout
 
@@ -104,17 +109,8 @@ def _tunix_python():
 @pytest.mark.skipif(_tunix_python() is None, reason="no google-tunix environment (make tunix-env creates .venv-tunix)")
 def test_tunix_rows_run_in_their_own_environment(tmp_path):
     only = "train/dpo/smoke/4x32/tunix,ppo/iteration/smoke/b2/tunix"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", "--only", only, "--out", str(tmp_path)],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = tmp_path.glob("*-smoke.json")
-    rows = {row["id"]: row for row in json.loads(path.read_text())["rows"] if row["backend"] == "tunix"}
+    _, payload = _smoke_run(tmp_path, "--only", only)
+    rows = {row["id"]: row for row in payload["rows"] if row["backend"] == "tunix"}
     assert set(rows) == set(only.split(","))
     for row in rows.values():
         assert row["status"] == "ok", row
