@@ -59,7 +59,7 @@ class PPOConfig:
     stack_frozen: bool = False
     # The policy's log-probs and entropy come from the sampler, which computed them while decoding
     # with the same model code. True scores the policy again with a teacher-forced pass (in bfloat16
-    # the sampler's cached decode and the full pass round differently, so the first ratio is not 1).
+    # the sampler's cached decode and the full pass may round differently).
     recompute_policy_logprobs: bool = False
 
 
