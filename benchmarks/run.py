@@ -311,8 +311,8 @@ def run(
                 )
     ceilings = [results[r["id"]].get("gflops") for r in rows if r["kind"] == "ceiling"]
     ceiling = max((c for c in ceilings if c), default=None)
-    bandwidth = max((results[r["id"]].get("bandwidth_gbs") or 0 for r in rows if r["kind"] == "ceiling"), default=0)
-    bandwidth = bandwidth or None
+    bandwidths = [results[r["id"]].get("bandwidth_gbs") for r in rows if r["kind"] == "ceiling"]
+    bandwidth = max((b for b in bandwidths if b), default=None)
     records = []
     for row in rows:
         res = results[row["id"]]

@@ -136,8 +136,12 @@ def _backend(impl: str) -> str:
     return "jax" if impl.startswith("jax") else "tunix" if impl == "tunix" else "torch"
 
 
+def _layout(impl: str) -> str | None:
+    """Our layer layout of a jax impl ("loop" or "scan"); None for a peer."""
+    return {"jax-loop": "loop", "jax-scan": "scan"}.get(impl)
+
+
 def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prompt=None):
-    layout = {"jax-loop": "loop", "jax-scan": "scan"}.get(impl)
     return {
         "id": f"{group}/{task}/{shape}/{batch}x{seq}/{impl}",
         "group": group,
@@ -145,7 +149,7 @@ def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prom
         "kind": "train",
         "task": task,
         "impl": impl,
-        "layout": layout,
+        "layout": _layout(impl),
         "shape": shape,
         "batch": batch,
         "seq": seq,
@@ -163,7 +167,7 @@ def _rollout(shape, batch, impl, *, prompt, new_tokens, reps, warmup=1):
         "kind": "rollout",
         "task": "rollout",
         "impl": impl,
-        "layout": {"jax-loop": "loop", "jax-scan": "scan"}.get(impl),
+        "layout": _layout(impl),
         "shape": shape,
         "batch": batch,
         "seq": prompt + new_tokens,
@@ -196,7 +200,7 @@ def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps):
         "kind": "ppo_split",
         "task": "ppo_iteration",
         "impl": impl,
-        "layout": {"jax-loop": "loop", "jax-scan": "scan"}.get(impl),
+        "layout": _layout(impl),
         "shape": shape,
         "batch": batch,
         "seq": prompt + new_tokens,
