@@ -83,8 +83,10 @@ def _optimizer():
     return make_optimizer(OptimizerConfig(learning_rate=1e-5, schedule="constant"))
 
 
-def train(row: dict) -> dict:
-    """Median step time of SFT / reward model / DPO (reference in the step) / PPO update on random data."""
+def train(row: dict, measure=measure) -> dict:
+    """Median step time of SFT / reward model / DPO (reference in the step) / PPO update on random data.
+
+    `measure` (benchmarks.timing's) is passed in so that benchmarks.profile can take the timed callables."""
     cfg = _config(row)
     rng = np.random.default_rng(0)
     seqs, length = row["batch"], row["seq"]
@@ -167,7 +169,7 @@ def _rollout_model(row: dict):
     return CausalLM(cfg, nnx.Rngs(0)), "random init"
 
 
-def rollout(row: dict) -> dict:
+def rollout(row: dict, measure=measure) -> dict:
     """Prefill and decode tokens/s of the jitted sampler (greedy, EOS never emitted).
 
     A call with R new tokens runs the prefill plus R one-token forwards (the last one's logits unused);
@@ -209,7 +211,7 @@ def _split_rollout(full: dict, one: dict, new: int, weights: str) -> dict:
     }
 
 
-def ppo_split(row: dict) -> dict:
+def ppo_split(row: dict, measure=measure) -> dict:
     """One RTO PPO iteration at rollout batch B, timed in pieces with the jitted functions PPO uses:
     the sampler alone, `make_experience` (sampler + 5 scoring forwards + rewards + GAE), `ppo_update`.
     Scoring = make_experience - sampler. Sampling is non-greedy (temperature 1), as in training."""

@@ -16,6 +16,7 @@ from flax import nnx
 
 from rto_jax.models.layers import compute_dtype, constrain
 from rto_jax.models.transformer import default_positions
+from rto_jax.objectives.sft import first_argmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,8 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.top_p={self.top_p}: must be in (0, 1]")
 
 
-# Logical axes of a KV cache array `[L?, B, S, K, D]` (the leading `layers` axis only with scan_layers).
-KV_CACHE_AXES = ("layers", "batch", "length", "kv_heads", None)
+# Logical axes of a KV cache array `[L?, B, K, S, D]` (the leading `layers` axis only with scan_layers).
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "length", None)  # [L, B, K, S, D]
 
 
 def _constrain_cache(cache):
@@ -81,7 +82,7 @@ def _next_token(logits, rng, config: SamplingConfig):
     logits = logits.astype(jnp.float32)
     scaled = logits / config.temperature
     if config.greedy:
-        token = jnp.argmax(scaled, axis=-1)
+        token = first_argmax(scaled)
     else:
         token = jax.random.categorical(rng, filter_logits(scaled, config.top_k, config.top_p), axis=-1)
     pick = lambda logp: jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]

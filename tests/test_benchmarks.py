@@ -115,3 +115,89 @@ def test_tunix_rows_run_in_their_own_environment(tmp_path):
     for row in rows.values():
         assert row["status"] == "ok", row
         assert row["median_s"] > 0 and row["tokens_per_s"] > 0
+
+
+_HLO = """HloModule jit_step
+
+%fused_computation.1 (p0: f32[4,8], p1: f32[8,16]) -> f32[4,16] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_computation.2 (p0: f32[4,16]) -> f32[16,4] {
+  %p0 = f32[4,16]{1,0} parameter(0)
+  %exp.1 = f32[4,16]{1,0} exponential(%p0)
+  %transpose.1 = f32[16,4]{0,1} transpose(%exp.1), dimensions={1,0}
+  ROOT %copy.1 = f32[16,4]{1,0} copy(%transpose.1)
+}
+
+ENTRY %main (a: f32[4,8], b: f32[8,16]) -> f32[16,4] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,16]{1,0} parameter(1)
+  %ynn_fusion.1 = f32[4,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.1, metadata={op_name="jit(step)/dot_general"}
+  %dot.9 = f32[16,16]{1,0} dot(%b, %b), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  %add.3 = f32[4,16]{1,0} add(%ynn_fusion.1, %ynn_fusion.1)
+  ROOT %copy_fusion = f32[16,4]{1,0} fusion(%add.3), kind=kLoop, calls=%fused_computation.2, metadata={op_name="jit(step)/transpose"}
+}
+"""
+
+
+def test_profile_joins_thunk_events_with_the_optimized_hlo():
+    from benchmarks.profile import op_times, parse_hlo, summarize
+
+    modules = {"jit_step": parse_hlo(_HLO)}
+    inst = modules["jit_step"]
+    assert inst["ynn_fusion.1"]["category"] == "matmul"  # a fusion is classified by its body
+    assert inst["ynn_fusion.1"]["source"] == "jit(step)/dot_general"
+    assert inst["copy_fusion"]["category"] == "transpose/copy"
+    assert inst["add.3"]["category"] == "elementwise"
+    assert inst["dot.9"]["category"] == "matmul"
+
+    def op(name, ts, dur, end):
+        args = {"hlo_module": "jit_step", "hlo_op": name}
+        return [
+            {"ph": "X", "pid": 1, "tid": 1, "ts": ts, "dur": dur, "name": name, "args": args},
+            {"ph": "X", "pid": 1, "tid": 2, "ts": end, "dur": 0.0, "name": f"end: {name}"},
+        ]
+
+    # Times in microseconds. The Eigen dot is launched (2 us) and ends 600 us later; the add runs 100 us
+    # twice (inside a loop); the other fusions run in their own events.
+    events = op("ynn_fusion.1", 0, 300, 300) + op("dot.9", 300, 2, 900) + op("add.3", 310, 100, 410)
+    events += op("add.3", 420, 100, 520) + op("copy_fusion", 530, 50, 580)
+    events.append({"ph": "X", "pid": 1, "tid": 1, "ts": 0, "dur": 1000, "name": "ThunkExecutor::Execute"})
+    report = summarize(op_times(events), modules, top=2)
+    cats = report["categories"]
+    assert cats["matmul"]["seconds"] == pytest.approx(300e-6 + 600e-6)  # the dot counts from launch to end
+    assert cats["elementwise"]["seconds"] == pytest.approx(200e-6)  # both executions of the add
+    assert cats["transpose/copy"]["seconds"] == pytest.approx(50e-6)
+    assert report["op_seconds"] == pytest.approx(1150e-6)
+    assert [r["op"] for r in report["top"]] == ["dot.9", "ynn_fusion.1"]
+
+
+def test_profile_of_a_smoke_row_names_the_matmuls(tmp_path):
+    out = tmp_path / "profile.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile", "--smoke", "train/sft/smoke/4x32/jax-loop", "--out", str(out)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    unit = json.loads(out.read_text())["units"]["step"]
+    assert unit["op_seconds"] > 0
+    assert unit["categories"]["matmul"]["seconds"] > 0
+    known = [r for r in unit["top"] if r["shape"] != "?"]
+    assert len(known) == len(unit["top"])  # every traced op was found in the dumped HLO
+    assert "| matmul |" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile", "--smoke", "rollout/smoke/b2/hf-generate"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "is not one of our rows" in bad.stderr and "Traceback" not in bad.stderr

@@ -474,3 +474,14 @@ def test_masked_positions_change_nothing(rng, name):
     clean = fn(logits, targets, a, b, c, score, mask)
     dirty = fn(*(garbage_where_masked(rng, x, mask) for x in (logits, targets, a, b, c)), score, mask)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), clean, dirty)
+
+
+def test_first_argmax_is_argmax_including_ties():
+    from rto_jax.objectives.sft import first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(64, 3, 50)).astype(np.float32)  # many tied maxima per row
+    x[0, 0] = -np.inf
+    x[1, 1, :] = 2.0  # all equal: index 0
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+    assert first_argmax(jnp.asarray(x)).dtype == jnp.int32

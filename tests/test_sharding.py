@@ -110,7 +110,7 @@ def test_state_shardings_cover_params_optimizer_and_scalars():
     abstract = sharding.abstract_tree(state, shardings)
     assert isinstance(jax.tree.leaves(abstract)[0], jax.ShapeDtypeStruct)
     cache = CausalLM(tiny(scan_layers=True), nnx.Rngs(0)).init_cache(4, 8)
-    assert sharding.kv_cache_shardings(cache, mesh)["k"].spec == P(None, ("data", "fsdp"), None, "tensor")
+    assert sharding.kv_cache_shardings(cache, mesh)["k"].spec == P(None, ("data", "fsdp"), "tensor")
 
 
 def test_sharded_steps_on_one_device_keep_default_behaviour():

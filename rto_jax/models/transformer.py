@@ -20,7 +20,9 @@ from rto_jax.models.layers import (
     apply_rope,
     compute_dtype,
     dot_product_attention,
+    kv_head_major,
     make_attention_mask,
+    matmul,
     rope_inverse_frequencies,
     update_cache,
 )
@@ -98,6 +100,8 @@ class GPTNeoXBlock(nnx.Module):
 
 
 def _with_cache(k, v, kv, cache_index):
+    """k, v `[B, T, K, D]` -> `[B, K, S, D]`: the new keys and values alone, or the cache with them written."""
+    k, v = kv_head_major(k), kv_head_major(v)
     if kv is None:
         return k, v, None
     kv = {"k": update_cache(kv["k"], k, cache_index), "v": update_cache(kv["v"], v, cache_index)}
@@ -133,9 +137,9 @@ class Decoder(nnx.Module):
         self.final_norm = norm(cfg.hidden_size, cfg.norm_eps, dtype=dt)
 
     def init_cache(self, batch: int, length: int, dtype=jnp.float32):
-        """Zeroed KV cache for `length` slots: per layer `{'k','v'}` of `[B, S, K, D]` (stacked if scanned)."""
+        """Zeroed KV cache for `length` slots: per layer `{'k','v'}` of `[B, K, S, D]` (stacked if scanned)."""
         cfg = self.config
-        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         if cfg.scan_layers:
             shape = (cfg.num_layers,) + shape
             return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -208,10 +212,10 @@ class CausalLM(nnx.Module):
         dtype = compute_dtype(self.config)
         if self.lm_head is None:
             rows = jax.lax.dynamic_slice_in_dim(self.decoder.embed.embedding[...], start, size, axis=0)
-            out = jnp.dot(hidden.astype(dtype), rows.astype(dtype).T)
+            out = matmul(hidden.astype(dtype), rows.astype(dtype).T)
         else:
             columns = jax.lax.dynamic_slice_in_dim(self.lm_head.kernel[...], start, size, axis=1)
-            out = jnp.dot(hidden.astype(dtype), columns.astype(dtype))
+            out = matmul(hidden.astype(dtype), columns.astype(dtype))
         return out.astype(jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):

@@ -23,6 +23,18 @@ def token_logprobs(logits, targets):
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def first_argmax(x):
+    """``jnp.argmax(x, axis=-1)`` (the first index of the maximum) as two plain reductions.
+
+    Same result; XLA:CPU runs argmax as one (value, index) reduction, 2.7x slower over ``[32, 49152]``
+    logits (3.8 vs 1.4 ms here), paid at every greedy decode step. (Not used for the SFT step's
+    accuracy: over ``[B, T, V]`` inside the step the profile showed no gain.)
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    size = x.shape[-1]
+    return jnp.min(jnp.where(x == top, jnp.arange(size, dtype=jnp.int32), size), axis=-1)
+
+
 def entropy_from_logits(logits):
     """Entropy of ``softmax(logits)``: ``[B, T, V] -> [B, T]`` float32.
 

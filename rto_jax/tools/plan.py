@@ -157,10 +157,10 @@ def abstract_optimizer_state(config: ModelConfig, scalar_head: bool = False):
 
 
 def kv_cache_bytes_per_device(config: ModelConfig, batch: int, length: int, mesh_shape) -> int:
-    """The sampler's cache (k and v `[L, B, S, K, D]` in the compute dtype), placed by `kv_cache_shardings`."""
+    """The sampler's cache (k and v `[L, B, K, S, D]` in the compute dtype), placed by `kv_cache_shardings`."""
     mesh = _abstract_mesh(mesh_shape)
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
     spec = sharding.logical_to_spec(sharding.KV_CACHE_AXES, shape=shape, mesh=mesh, strict=False)
     return 2 * math.prod(_shard_shape(shape, spec, mesh)) * jnp.dtype(dtype).itemsize
 
