@@ -101,7 +101,9 @@ def summarize(times: dict[tuple[str, str], dict], modules: dict[str, dict], top:
         inst = modules.get(module, {}).get(op, {"shape": "?", "hlo": "?", "category": "other", "source": ""})
         seconds = t["span"] if inst["hlo"] == "dot" else t["run"]
         by_category[inst["category"]] += seconds
-        rows.append({"op": op, "module": module, "seconds": seconds, **{k: inst[k] for k in ("shape", "category", "source")}})
+        rows.append(
+            {"op": op, "module": module, "seconds": seconds, **{k: inst[k] for k in ("shape", "category", "source")}}
+        )
     total = sum(by_category.values())
     rows.sort(key=lambda r: -r["seconds"])
     return {
@@ -132,7 +134,9 @@ def _capture_units(row: dict) -> list[tuple[str, object, object]]:
         "rollout": ["generate", "generate_one_token"],
     }.get(row["kind"])
     if names is None:
-        raise SystemExit(f"error: row {row['id']}: kind {row['kind']!r} has no profile (train, rollout and ppo_split rows do)")
+        raise SystemExit(
+            f"error: row {row['id']}: kind {row['kind']!r} has no profile (train, rollout and ppo_split rows do)"
+        )
 
     def capture(fn, warmup, reps, sync):
         units.append((names[len(units)], fn, sync))
@@ -169,7 +173,9 @@ def print_report(report: dict) -> None:
             print(f"| {category} | {v['seconds']:.3f} | {100 * v['share']:.1f}% |")
         print("\n| op | ms | category | shape | from |\n|---|---|---|---|---|")
         for r in unit["top"]:
-            print(f"| {r['op']} | {1e3 * r['seconds']:.1f} | {r['category']} | `{_short(r['shape'])}` | {r['source'][:60]} |")
+            print(
+                f"| {r['op']} | {1e3 * r['seconds']:.1f} | {r['category']} | `{_short(r['shape'])}` | {r['source'][:60]} |"
+            )
 
 
 def _short(shape: str, width: int = 40) -> str:
@@ -189,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {r["id"]: r for r in (smoke_rows() if args.smoke else full_rows())}
     row = rows.get(args.row)
     if row is None or row["backend"] != "jax":
-        ours = sorted(i for i, r in rows.items() if r["backend"] == "jax" and r["kind"] in ("train", "rollout", "ppo_split"))
+        ours = sorted(
+            i for i, r in rows.items() if r["backend"] == "jax" and r["kind"] in ("train", "rollout", "ppo_split")
+        )
         print(f"error: {args.row!r} is not one of our rows; one of: {', '.join(ours)}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="rto-profile-") as tmp:

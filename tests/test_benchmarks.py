@@ -10,16 +10,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _module(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in the repository, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def _smoke_run(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     """`python -m benchmarks.run --smoke ARGS --out OUT`, asserted to succeed; returns it and its JSON."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--smoke", *args, "--out", str(out)],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _module("benchmarks.run", "--smoke", *args, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = out.glob("*-smoke.json")
     assert not list(out.glob("*.tmp"))  # the atomic write left no temporary file
@@ -177,14 +177,7 @@ def test_profile_joins_thunk_events_with_the_optimized_hlo():
 
 def test_profile_of_a_smoke_row_names_the_matmuls(tmp_path):
     out = tmp_path / "profile.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.profile", "--smoke", "train/sft/smoke/4x32/jax-loop", "--out", str(out)],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _module("benchmarks.profile", "--smoke", "train/sft/smoke/4x32/jax-loop", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     unit = json.loads(out.read_text())["units"]["step"]
     assert unit["op_seconds"] > 0
@@ -192,12 +185,5 @@ def test_profile_of_a_smoke_row_names_the_matmuls(tmp_path):
     known = [r for r in unit["top"] if r["shape"] != "?"]
     assert len(known) == len(unit["top"])  # every traced op was found in the dumped HLO
     assert "| matmul |" in proc.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "benchmarks.profile", "--smoke", "rollout/smoke/b2/hf-generate"],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = _module("benchmarks.profile", "--smoke", "rollout/smoke/b2/hf-generate", timeout=120)
     assert bad.returncode == 2 and "is not one of our rows" in bad.stderr and "Traceback" not in bad.stderr

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from rto_jax.errors import ModelError
+from rto_jax.models.lora import LoraConfig
 
 ARCHITECTURES = ("llama", "gpt_neox")
 # HF `model_type`s that our Llama-family decoder implements exactly.
@@ -134,6 +135,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; params stay float32.
     scan_layers: bool = False  # stack layers and lax.scan over them (flat compile time in depth).
     remat: str = "none"  # rematerialization per block: "none", "full" or "dots".
+    # Low-rank adapters on the projections (rto_jax.models.lora); None: none. Not part of the base checkpoint:
+    # adapters are exported in PEFT's format, or merged.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -146,6 +150,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"ModelConfig.remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+        if self.lora is not None:
+            self.lora.target_names(self.arch)  # raises on a projection this architecture does not have
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

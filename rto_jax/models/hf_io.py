@@ -149,6 +149,11 @@ def _fill(
 def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """Float32 numpy arrays under HF names and layouts."""
     cfg = model.config
+    if cfg.lora is not None:
+        raise ValueError(
+            "the model has low-rank adapters, which HF's plain architecture cannot hold: export them with "
+            "rto_jax.models.peft_io.save_peft_adapter, or merge_adapters(model) first for full weights"
+        )
     out = {}
     for path, var in _flat_params(model).items():
         value = np.asarray(jax.device_get(var[...]), np.float32)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rto_jax.models import lora as lora_lib
 from rto_jax.models.config import ModelConfig
 
 
@@ -61,7 +62,11 @@ def matmul(x, w):
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel `[in, out]` with logical axes `axes`."""
+    """y = x @ kernel (+ bias) (+ a low-rank adapter's update); kernel `[in, out]` with logical axes `axes`.
+
+    With `lora`, adapter weights `lora_a` `[in, r]` and `lora_b` `[r, out]` (rto_jax.models.lora); `lora_site`
+    tells this projection's dropout masks from its block's others.
+    """
 
     def __init__(
         self,
@@ -73,6 +78,8 @@ class Dense(nnx.Module):
         dtype,
         rngs: nnx.Rngs,
         std: float = 0.02,
+        lora: lora_lib.LoraConfig | None = None,
+        lora_site: int = 0,
     ):
         self.kernel = nnx.Param(
             std * jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32), axes=axes
@@ -80,11 +87,28 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), axes=(axes[1],)) if use_bias else None
         self.dtype = dtype
         self.axes = tuple(axes)
+        self.lora_a = (
+            None
+            if lora is None
+            else nnx.LoRAParam(lora_lib.init_a(rngs.params(), in_features, lora.rank), axes=(axes[0], "lora_rank"))
+        )
+        self.lora_b = (
+            None
+            if lora is None
+            else nnx.LoRAParam(jnp.zeros((lora.rank, out_features), jnp.float32), axes=("lora_rank", axes[1]))
+        )
+        self.lora_scale = lora.scale if lora is not None else 0.0
+        self.lora_dropout = lora.dropout if lora is not None else 0.0
+        self.lora_site = lora_site
 
     def __call__(self, x):
         y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None and lora_lib.enabled():
+            # float32 whatever the compute dtype: the adapter is small, its update precise.
+            h = lora_lib.dropout(x.astype(jnp.float32), self.lora_dropout, self.lora_site)
+            y = y + (matmul(matmul(h, self.lora_a[...]), self.lora_b[...]) * self.lora_scale).astype(y.dtype)
         return constrain(y, ("batch", "length", self.axes[1])) if y.ndim == 3 else y
 
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rto_jax.models import lora as lora_lib
 from rto_jax.models.config import ModelConfig
 from rto_jax.models.layers import (
     Dense,
@@ -33,26 +34,34 @@ def default_positions(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def _projection(cfg: ModelConfig, name: str, *args, **kwargs) -> Dense:
+    """The block's projection `name`, with an adapter when `cfg.lora` targets it."""
+    targeted = cfg.lora is not None and name in cfg.lora.target_names(cfg.arch)
+    site = lora_lib.PROJECTIONS[cfg.arch].index(name)
+    return Dense(*args, dtype=compute_dtype(cfg), lora=cfg.lora if targeted else None, lora_site=site, **kwargs)
+
+
 class LlamaBlock(nnx.Module):
     """Pre-norm block: RMSNorm -> GQA attention with RoPE -> RMSNorm -> SwiGLU."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, hd, dt = cfg.hidden_size, cfg.head_dim, compute_dtype(cfg)
+        heads, kv_heads, mlp = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
         self.input_layernorm = RMSNorm(d, cfg.norm_eps, dtype=dt)
-        self.q_proj = Dense(d, cfg.num_heads * hd, ("embed", "heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
-        self.k_proj = Dense(
-            d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs
+        self.q_proj = _projection(cfg, "q_proj", d, heads, ("embed", "heads"), use_bias=cfg.attention_bias, rngs=rngs)
+        self.k_proj = _projection(
+            cfg, "k_proj", d, kv_heads, ("embed", "kv_heads"), use_bias=cfg.attention_bias, rngs=rngs
         )
-        self.v_proj = Dense(
-            d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs
+        self.v_proj = _projection(
+            cfg, "v_proj", d, kv_heads, ("embed", "kv_heads"), use_bias=cfg.attention_bias, rngs=rngs
         )
-        self.o_proj = Dense(
-            cfg.num_heads * hd, d, ("heads", "embed"), use_bias=cfg.attention_out_bias, dtype=dt, rngs=rngs
+        self.o_proj = _projection(
+            cfg, "o_proj", heads, d, ("heads", "embed"), use_bias=cfg.attention_out_bias, rngs=rngs
         )
         self.post_attention_layernorm = RMSNorm(d, cfg.norm_eps, dtype=dt)
-        self.gate_proj = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs)
-        self.up_proj = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=False, dtype=dt, rngs=rngs)
-        self.down_proj = Dense(cfg.intermediate_size, d, ("mlp", "embed"), use_bias=False, dtype=dt, rngs=rngs)
+        self.gate_proj = _projection(cfg, "gate_proj", d, mlp, ("embed", "mlp"), use_bias=False, rngs=rngs)
+        self.up_proj = _projection(cfg, "up_proj", d, mlp, ("embed", "mlp"), use_bias=False, rngs=rngs)
+        self.down_proj = _projection(cfg, "down_proj", mlp, d, ("mlp", "embed"), use_bias=False, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, positions, mask, inv_freq, kv=None, cache_index=None):
@@ -78,10 +87,13 @@ class GPTNeoXBlock(nnx.Module):
         self.input_layernorm = LayerNorm(d, cfg.norm_eps, dtype=dt)
         self.post_attention_layernorm = LayerNorm(d, cfg.norm_eps, dtype=dt)
         # Output features are laid out per head as [q | k | v], as in HF's query_key_value.
-        self.query_key_value = Dense(d, 3 * d, ("embed", "heads"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
-        self.dense = Dense(d, d, ("heads", "embed"), use_bias=cfg.attention_bias, dtype=dt, rngs=rngs)
-        self.dense_h_to_4h = Dense(d, cfg.intermediate_size, ("embed", "mlp"), use_bias=True, dtype=dt, rngs=rngs)
-        self.dense_4h_to_h = Dense(cfg.intermediate_size, d, ("mlp", "embed"), use_bias=True, dtype=dt, rngs=rngs)
+        mlp = cfg.intermediate_size
+        self.query_key_value = _projection(
+            cfg, "query_key_value", d, 3 * d, ("embed", "heads"), use_bias=cfg.attention_bias, rngs=rngs
+        )
+        self.dense = _projection(cfg, "dense", d, d, ("heads", "embed"), use_bias=cfg.attention_bias, rngs=rngs)
+        self.dense_h_to_4h = _projection(cfg, "dense_h_to_4h", d, mlp, ("embed", "mlp"), use_bias=True, rngs=rngs)
+        self.dense_4h_to_h = _projection(cfg, "dense_4h_to_h", mlp, d, ("mlp", "embed"), use_bias=True, rngs=rngs)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.parallel_residual = cfg.use_parallel_residual
 
@@ -162,9 +174,10 @@ class Decoder(nnx.Module):
         inv_freq = rope_inverse_frequencies(cfg)
         x = self.embed(input_ids)
 
-        def run_block(block_graph, block_state, x, kv):
+        def run_block(block_graph, block_state, x, kv, layer):
             block = nnx.merge(block_graph, block_state)
-            return block(x, positions, mask, inv_freq, kv, cache_index)
+            with lora_lib.layer_scope(layer):  # each layer draws its own adapter-dropout masks
+                return block(x, positions, mask, inv_freq, kv, cache_index)
 
         if cfg.remat != "none":
             run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(0,))
@@ -173,16 +186,16 @@ class Decoder(nnx.Module):
             graph, stacked = nnx.split(self.layers)
 
             def body(x, layer):
-                state, kv = layer
-                x, kv = run_block(graph, state, x, kv)
+                state, kv, index = layer
+                x, kv = run_block(graph, state, x, kv, index)
                 return x, kv
 
-            x, cache = jax.lax.scan(body, x, (stacked, cache))
+            x, cache = jax.lax.scan(body, x, (stacked, cache, jnp.arange(cfg.num_layers)))
         else:
             new_cache = []
             for i, block in enumerate(self.layers):
                 graph, state = nnx.split(block)
-                x, kv = run_block(graph, state, x, None if cache is None else cache[i])
+                x, kv = run_block(graph, state, x, None if cache is None else cache[i], i)
                 new_cache.append(kv)
             cache = None if cache is None else tuple(new_cache)
         return self.final_norm(x), cache
@@ -277,3 +290,51 @@ class ScalarHeadModel(nnx.Module):
         """A scalar-head model on a copy of `lm`'s decoder (reward model from SFT, critic from reward model)."""
         graph, state = nnx.split(lm.decoder)
         return cls(lm.config, rngs, decoder=nnx.merge(graph, jax.tree.map(jnp.copy, state)))
+
+
+def _abstract_like(model: CausalLM | ScalarHeadModel, cfg: ModelConfig):
+    """An abstract (shape-only) model of `model`'s class under `cfg`: nothing is initialized."""
+    if isinstance(model, ScalarHeadModel):
+        has_bias = model.head.bias is not None
+        return nnx.eval_shape(lambda: ScalarHeadModel(cfg, nnx.Rngs(0), head_bias=has_bias))
+    return nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
+
+
+def with_adapters(model: CausalLM | ScalarHeadModel, lora: lora_lib.LoraConfig, rngs: nnx.Rngs):
+    """`model` with fresh adapters on the projections `lora` targets: the base arrays are the same ones
+    (not copied), `lora_b` is zero (the outputs are unchanged), `lora_a` is drawn from `rngs`."""
+    if model.config.lora is not None:
+        raise ValueError("the model already has adapters; merge them first (merge_adapters)")
+    graphdef, abstract = nnx.split(_abstract_like(model, model.config.replace(lora=lora)))
+    base = dict(nnx.to_flat_state(nnx.state(model)))
+    filled = {}
+    for key, var in nnx.to_flat_state(abstract):
+        if key in base:
+            filled[key] = var.replace(base[key][...])  # the same (immutable) array in a variable of its own
+        elif key[-1] == "lora_a":
+            in_features = var.shape[-2]
+            bound = 1.0 / in_features**0.5
+            filled[key] = var.replace(jax.random.uniform(rngs.params(), var.shape, jnp.float32, -bound, bound))
+        elif key[-1] == "lora_b":
+            filled[key] = var.replace(jnp.zeros(var.shape, jnp.float32))
+        else:
+            raise KeyError(f"{'.'.join(map(str, key))}: neither in the base model nor an adapter")
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def merge_adapters(model: CausalLM | ScalarHeadModel):
+    """A copy of `model` without adapters whose kernels are `W + (alpha / r) * A @ B` (float32): the same
+    function as the adapter model (up to float rounding), in the plain architecture HF loads."""
+    lora = model.config.lora
+    if lora is None:
+        return model
+    graphdef, abstract = nnx.split(_abstract_like(model, model.config.replace(lora=None)))
+    current = dict(nnx.to_flat_state(nnx.state(model)))
+    filled = {}
+    for key, var in nnx.to_flat_state(abstract):
+        value = current[key][...]
+        a_key, b_key = key[:-1] + ("lora_a",), key[:-1] + ("lora_b",)
+        if key[-1] == "kernel" and a_key in current:
+            value = value + lora.scale * jnp.matmul(current[a_key][...], current[b_key][...])  # [L?, in, out]
+        filled[key] = var.replace(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))

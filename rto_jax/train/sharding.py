@@ -50,6 +50,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("layers", None),  # the stacked-layers axis of scan_layers=True
     ("score", None),  # the scalar head's 1-wide output
+    ("lora_rank", None),  # a low-rank adapter's rank (adapters shard along their kernel's other axis)
 )
 
 Rules = Sequence[tuple[str, Any]]
