@@ -9,7 +9,7 @@ from flax import nnx
 
 from benchmarks.timing import measure
 from benchmarks.workloads import FIRST_TOKEN, SHAPES
-from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions
+from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, default_positions, with_adapters
 from rto_jax.objectives.token_rewards import bind, ppo, rto
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
@@ -19,6 +19,7 @@ from rto_jax.train import (
     PPOConfig,
     TrainState,
     create_ppo_state,
+    create_shared_base_ppo_state,
     make_optimizer,
     make_ppo_fns,
     RewardModelLoss,
@@ -139,15 +140,29 @@ def train(row: dict, measure=measure) -> dict:
     return measure(one_step, row["warmup"], row["reps"], _sync)
 
 
-def _ppo_setup(cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: bool = True):
-    """PPO state (policy, critic, reward model, reference; DPO policy when beta_dpo != 0) and jitted fns."""
-    policy = CausalLM(cfg, nnx.Rngs(0))
-    critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(1))
-    reward = ScalarHeadModel(cfg, nnx.Rngs(2))
-    frozen = {"ref": nnx.split(policy)[1]}
-    if beta_dpo:
-        frozen["dpo"] = nnx.split(CausalLM(cfg, nnx.Rngs(3)))[1]
-    state = create_ppo_state(policy, critic, _optimizer(), _optimizer(), frozen=frozen, reward_model=reward)
+# The adapters of the "jax-lora" rows: rank 16 on every projection (alpha 32).
+BENCH_ADAPTERS = LoraConfig(rank=16, alpha=32.0)
+
+
+def _ppo_setup(cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: bool = True, adapters=None):
+    """PPO state (policy, critic, reward model, reference; DPO policy when beta_dpo != 0) and jitted fns.
+    adapters: PPO on one shared base instead (policy, critic, reward model and DPO policy as adapters)."""
+    if adapters is None:
+        policy = CausalLM(cfg, nnx.Rngs(0))
+        critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(1))
+        reward = ScalarHeadModel(cfg, nnx.Rngs(2))
+        frozen = {"ref": nnx.split(policy)[1]}
+        if beta_dpo:
+            frozen["dpo"] = nnx.split(CausalLM(cfg, nnx.Rngs(3)))[1]
+        state = create_ppo_state(policy, critic, _optimizer(), _optimizer(), frozen=frozen, reward_model=reward)
+    else:
+        base = CausalLM(cfg, nnx.Rngs(0))
+        reward = with_adapters(ScalarHeadModel(cfg, nnx.Rngs(2), decoder=base.decoder), adapters, nnx.Rngs(4))
+        frozen = {"dpo": with_adapters(base, adapters, nnx.Rngs(3))} if beta_dpo else {}
+        state = create_shared_base_ppo_state(
+            base, adapters, reward.with_affine_output(1.0, 0.0), _optimizer(), _optimizer(),
+            frozen=frozen, reward_model=reward, rngs=nnx.Rngs(1),
+        )  # fmt: skip
     # EOS = vocab_size: an id the model can never emit, so every rollout runs all `response` tokens.
     sampling = SamplingConfig(max_new_tokens=response, eos_id=cfg.vocab_size, pad_id=PAD, greedy=greedy)
     token_reward = bind(rto, beta_dpo=beta_dpo) if beta_dpo else bind(ppo)
@@ -214,10 +229,15 @@ def _split_rollout(full: dict, one: dict, new: int, weights: str) -> dict:
 def ppo_split(row: dict, measure=measure) -> dict:
     """One RTO PPO iteration at rollout batch B, timed in pieces with the jitted functions PPO uses:
     the sampler alone, `make_experience` (sampler + 5 scoring forwards + rewards + GAE), `ppo_update`.
-    Scoring = make_experience - sampler. Sampling is non-greedy (temperature 1), as in training."""
+    Scoring = make_experience - sampler. Sampling is non-greedy (temperature 1), as in training.
+    impl "jax-lora": the same iteration on one shared base (`BENCH_ADAPTERS`)."""
     cfg = _config(row)
     batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
-    state, (experience_fn, update_fn, _), sampling = _ppo_setup(cfg, new, beta_dpo=0.05, greedy=False)
+    adapters = BENCH_ADAPTERS if row["impl"] == "jax-lora" else None
+    state, (experience_fn, update_fn, _), sampling = _ppo_setup(
+        cfg, new, beta_dpo=0.05, greedy=False, adapters=adapters
+    )
+    policy_params = state.lm_params(state.policy.params)  # on a shared base: the adapters with the base
     rng = np.random.default_rng(0)
     prompts = {
         "prompt_ids": _token_ids(rng, (batch, prompt), cfg.vocab_size),
@@ -226,7 +246,7 @@ def ppo_split(row: dict, measure=measure) -> dict:
     key = jax.random.key(0)
     sampler = measure(
         lambda: generate_jit(
-            state.policy.graphdef, state.policy.params, prompts["prompt_ids"], prompts["prompt_mask"], key, sampling
+            state.policy.graphdef, policy_params, prompts["prompt_ids"], prompts["prompt_mask"], key, sampling
         ),
         row["warmup"],
         row["reps"],

@@ -138,7 +138,7 @@ def _backend(impl: str) -> str:
 
 def _layout(impl: str) -> str | None:
     """Our layer layout of a jax impl ("loop" or "scan"); None for a peer."""
-    return {"jax-loop": "loop", "jax-scan": "scan"}.get(impl)
+    return {"jax-loop": "loop", "jax-scan": "scan", "jax-lora": "loop"}.get(impl)
 
 
 def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prompt=None):
@@ -235,10 +235,11 @@ def full_rows() -> list[dict]:
         rows += [_rollout(big, batch, impl, prompt=64, new_tokens=128, reps=3) for impl in ("jax-loop", "hf-generate")]
     for batch in (1, 8, 32):
         rows += [_rollout(tiny, batch, impl, prompt=64, new_tokens=128, reps=5) for impl in ("jax-loop", "hf-generate")]
-    # One RTO PPO iteration at 135M, split into rollout / scoring / update; PyTorch eager and compiled.
+    # One RTO PPO iteration at 135M, split into rollout / scoring / update; PyTorch eager and compiled;
+    # ours also on one shared base with adapters (issue 17: its peak RSS against the separate models').
     rows += [
         _ppo_split(big, 8, impl, prompt=64, new_tokens=128, reps=3)
-        for impl in ("jax-loop", "torch", "torch-compile", "tunix")
+        for impl in ("jax-loop", "jax-lora", "torch", "torch-compile", "tunix")
     ]
     # Scaling (tiny shape, SFT): sequence length at batch 8, batch size at length 512.
     for seq in (256, 512, 1024):
@@ -258,7 +259,9 @@ def smoke_rows() -> list[dict]:
     rows.append(_train("trl_dpo", s, 4, 32, "trl", reps=1))
     rows.append(_train("dpo", s, 4, 32, "tunix", reps=1))
     rows += [_rollout(s, 2, impl, prompt=8, new_tokens=8, reps=1) for impl in ("jax-loop", "hf-generate")]
-    rows += [_ppo_split(s, 2, impl, prompt=8, new_tokens=8, reps=1) for impl in ("jax-loop", "torch", "tunix")]
+    rows += [
+        _ppo_split(s, 2, impl, prompt=8, new_tokens=8, reps=1) for impl in ("jax-loop", "jax-lora", "torch", "tunix")
+    ]
     rows += [_train("sft", s, 2, 64, impl, group="scaling", reps=1) for impl in ("jax-loop", "torch")]
     return rows
 
@@ -266,6 +269,8 @@ def smoke_rows() -> list[dict]:
 def peer_of(row: dict, rows_by_id: dict) -> list[dict]:
     """The peer rows `row` (one of ours) is compared with: same group, task, shape, batch and length."""
     if row["backend"] != "jax" or row["kind"] not in ("train", "rollout", "ppo_split"):
+        return []
+    if row["impl"] == "jax-lora":  # adapters on one base: not the peers' full fine-tune (README sets it beside ours)
         return []
     peers = []
     base = row["id"].rsplit("/", 1)[0]

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from rto_jax import distributed
 from rto_jax.data import BatchIterator
-from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions
+from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, default_positions, lora, with_adapters
 from rto_jax.objectives.token_rewards import bind, rto
 from rto_jax.sampling import SamplingConfig
 from rto_jax.train import (
@@ -25,6 +25,7 @@ from rto_jax.train import (
     PPOConfig,
     TrainState,
     create_ppo_state,
+    create_shared_base_ppo_state,
     make_optimizer,
     make_ppo_fns,
     RewardModelLoss,
@@ -174,6 +175,25 @@ def run_dpo(mesh=None) -> dict:
     return out
 
 
+def run_dpo_lora(mesh=None) -> dict:
+    """DPO training adapters (dropout on) over a frozen base whose adapters-off pass is the reference.
+    `lora_b` starts non-zero so the reference differs from the policy and `lora_a` gets gradients."""
+
+    def adapter_state():
+        model = with_adapters(CausalLM(model_config(True, "full"), nnx.Rngs(0)), LoraConfig(4, 8.0, 0.1), nnx.Rngs(6))
+        return TrainState.create(_randomize_lora_b(model, 10, 0.05), optimizer(), trainable=lora.TRAINABLE)
+
+    state = adapter_state()
+    if mesh is not None:
+        state = sharding.shard_tree(state, mesh)
+    shardings = None if mesh is None else sharding.step_shardings(state, mesh)
+    batch = _place_batch(preference_batch(), shardings)
+    state, metrics = make_train_step(DPOLoss(beta=0.1), shardings=shardings)(state, batch, jax.random.key(0))
+    out = _result(metrics, state.params)
+    out["margin"] = float(metrics["rewards/margin"])
+    return out
+
+
 def ppo_config() -> PPOConfig:
     sampling_config = SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD, greedy=True)
     # vocab_chunk 6 of 16: the sliced LM head (the last slice overlapping) on every mesh, vocab-split ones included.
@@ -198,9 +218,40 @@ def ppo_state(mesh=None):
     return state if mesh is None else sharding.shard_tree(state, mesh)
 
 
-def run_ppo(mesh=None) -> dict:
-    """A PPO/RTO iteration as its two jitted halves: the greedy rollout + scoring, then the update."""
-    state = ppo_state(mesh)
+def _randomize_lora_b(model, seed: int, scale: float = 0.1):
+    """A trained-looking adapter: B non-zero, so the adapter model differs from its base."""
+    for i, (key, var) in enumerate(nnx.to_flat_state(lora.adapter_state(model))):
+        if key[-1] == "lora_b":
+            var[...] = scale * jax.random.normal(jax.random.key(seed + i), var.shape)
+    return model
+
+
+def shared_base_models():
+    """A base LM and adapter models on it: reward model (rank 4, every projection, its own head), DPO
+    policy (rank 2 on q/v only: a graphdef of its own), and the critic (the reward model rescaled)."""
+    base = CausalLM(model_config(True), nnx.Rngs(2))
+    reward_model = ScalarHeadModel(model_config(True), nnx.Rngs(5), decoder=base.decoder)
+    reward_model = _randomize_lora_b(with_adapters(reward_model, LoraConfig(4, 8.0), nnx.Rngs(7)), 100)
+    dpo = _randomize_lora_b(with_adapters(base, LoraConfig(2, 4.0, targets=("q_proj", "v_proj")), nnx.Rngs(8)), 200)
+    return base, reward_model, dpo, reward_model.with_affine_output(2.0, -0.5)
+
+
+def shared_base_ppo_state(mesh=None):
+    """RTO's PPO state on one base; the policy's adapters made non-zero so that pi_ref (the base) differs."""
+    base, reward_model, dpo, critic = shared_base_models()
+    state = create_shared_base_ppo_state(
+        base, LoraConfig(4, 8.0), critic, optimizer(), optimizer(),
+        frozen={"dpo": dpo}, reward_model=reward_model, reward_std=0.5, rngs=nnx.Rngs(9),
+    )  # fmt: skip
+    params = dict(nnx.to_flat_state(state.policy.params))
+    for i, (key, var) in enumerate(params.items()):
+        if key[-1] == "lora_b":
+            params[key] = var.replace(0.1 * jax.random.normal(jax.random.key(300 + i), var.shape))
+    state = state.replace(policy=state.policy.replace(params=nnx.from_flat_state(params)))
+    return state if mesh is None else sharding.shard_tree(state, mesh)
+
+
+def _ppo_case(state, mesh) -> dict:
     shardings = None if mesh is None else sharding.step_shardings(state, mesh)
     experience_fn, update_fn, _ = make_ppo_fns(ppo_config(), shardings=shardings)
     experience, rollout_metrics = experience_fn(state, _place_batch(prompt_batch(), shardings), jax.random.key(0))
@@ -215,7 +266,24 @@ def run_ppo(mesh=None) -> dict:
     }
 
 
-CASES = {"sft": run_sft, "reward_model": run_reward_model, "dpo": run_dpo, "ppo": run_ppo}
+def run_ppo_lora(mesh=None) -> dict:
+    """A PPO/RTO iteration on one shared base (adapters for policy, critic, reward model and DPO policy)."""
+    return _ppo_case(shared_base_ppo_state(mesh), mesh)
+
+
+def run_ppo(mesh=None) -> dict:
+    """A PPO/RTO iteration as its two jitted halves: the greedy rollout + scoring, then the update."""
+    return _ppo_case(ppo_state(mesh), mesh)
+
+
+CASES = {
+    "sft": run_sft,
+    "reward_model": run_reward_model,
+    "dpo": run_dpo,
+    "dpo_lora": run_dpo_lora,
+    "ppo": run_ppo,
+    "ppo_lora": run_ppo_lora,
+}
 
 
 def max_differences(a: dict, b: dict) -> dict:

@@ -32,9 +32,9 @@ import orbax.checkpoint as ocp
 import sharding_cases as cases
 from flax import nnx
 
-from rto_jax.models import CausalLM, load_pretrained, save_pretrained
+from rto_jax.models import CausalLM, LoraConfig, load_pretrained, lora, save_pretrained, with_adapters
 from rto_jax.tools import plan
-from rto_jax.train import OptimizerConfig, make_optimizer, sharding
+from rto_jax.train import OptimizerConfig, TrainState, make_optimizer, sharding
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 
@@ -125,10 +125,20 @@ def planner_check(shape) -> dict:
         model = CausalLM(config, nnx.Rngs(0))
         init_cache = functools.partial(model.init_cache, 16, 16)  # 16 rows, 16 slots
         cache = jax.jit(init_cache, out_shardings=sharding.kv_cache_shardings(jax.eval_shape(init_cache), mesh))()
+        # An adapter run (rank 4 on every projection) trains and holds Adam moments for the adapters only.
+        adapters = LoraConfig(4, 8.0)
+        adapter_model = lambda c=config: with_adapters(CausalLM(c, nnx.Rngs(0)), adapters, nnx.Rngs(1))
+        adapter_state = sharding.shard_tree(TrainState.create(adapter_model(), tx, trainable=lora.TRAINABLE), mesh)
+        planned_lora = plan.plan_memory(
+            config, shape, plan.Workload(rollout_batch=16, prompt_len=8, response_len=8), adapters
+        )
         out[name] = {
             "params": [planned["sft"]["params"], _device_bytes(state.params)],
             "optimizer": [planned["sft"]["optimizer"], _device_bytes(state.opt_state)],
             "kv_cache": [planned["ppo"]["kv_cache"], _device_bytes(cache)],
+            "adapter_params": [planned_lora["sft"]["params"], _device_bytes(adapter_state.params)],
+            "adapter_optimizer": [planned_lora["sft"]["optimizer"], _device_bytes(adapter_state.opt_state)],
+            "adapter_base": [planned_lora["sft"]["frozen"], _device_bytes(adapter_state.base)],
         }
     return out
 

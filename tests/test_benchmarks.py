@@ -51,11 +51,13 @@ def test_smoke_run_writes_json(tmp_path):
     if rollout["decode_tokens_per_s"]:
         assert rollout["bandwidth_fraction"] > 0
     ppo = {row["impl"]: row for row in rows.values() if row["group"] == "ppo"}
-    assert set(ppo) == {"jax-loop", "torch", "tunix"}
-    for impl in ("jax-loop", "torch"):  # tunix's iteration is timed whole (when its environment exists)
+    assert set(ppo) == {"jax-loop", "jax-lora", "torch", "tunix"}
+    for impl in ("jax-loop", "jax-lora", "torch"):  # tunix's iteration is timed whole (when its environment exists)
         split = ppo[impl]["split_s"]
         assert set(split) == {"rollout", "scoring", "update"} and all(t >= 0 for t in split.values())
     assert "torch" in ppo["jax-loop"]["ratios"]  # the PyTorch iteration is our iteration's peer
+    assert not ppo["jax-lora"].get("ratios")  # an adapter run has no full-fine-tune peer
+    assert ppo["jax-lora"]["peak_rss_mb"] > 0
     assert "| row" in proc.stdout and "PPO iteration" in proc.stdout
 
 

@@ -8,6 +8,7 @@ checks the shard shapes, and saves on one mesh and restores onto another.
 """
 
 import json
+import math
 import os
 import re
 import shlex
@@ -146,9 +147,10 @@ def _run_mesh_worker() -> dict:
 
 
 def _check_steps(summary) -> list[str]:
-    """One step of SFT, reward model, DPO and a PPO rollout + update on each mesh equals one device."""
+    """One step of SFT, reward model, DPO and a PPO rollout + update (full, and with adapters on a shared base)
+    on each mesh equals one device."""
     failures = []
-    assert set(summary["cases"]) == {"sft", "reward_model", "dpo", "ppo"}
+    assert set(summary["cases"]) == {"sft", "reward_model", "dpo", "dpo_lora", "ppo", "ppo_lora"}
     for case, results in summary["cases"].items():
         for mesh in MESHES:
             for key, value in results[mesh].items():
@@ -238,6 +240,34 @@ def test_planner_table_for_a_real_preset():
     assert re.fullmatch(r"\| smollm2_135m \| 0\.13B \| yes [\d.]+ 1,8,1 \| no [\d.]+ 1,1,1 \|", row), row
     config = plan.model_from_config({"model": {"init_from": "EleutherAI/pythia-1b-deduped@main", "dtype": "bfloat16"}})
     assert config.arch == "gpt_neox" and config.hidden_size == 2048 and config.dtype == "bfloat16"
+
+
+def test_planner_adapter_columns_hold_the_base_once_and_fit_rto_on_llama3_8b():
+    from rto_jax.models import LoraConfig
+    from rto_jax.tools import plan
+
+    adapters = LoraConfig(rank=16, alpha=32.0)
+    config = plan.PRESETS["llama3_8b"].replace(dtype="bfloat16", remat="full")
+    full, lora = (plan.plan_memory(config, (1, 1, 1), plan.Workload(), a) for a in (None, adapters))
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(plan.abstract_params(config)))
+    adapter_bytes = lora["sft"]["params"]
+    # Rank 16 on all 7 projections of 32 layers: 16 (in + out) float32 values each.
+    assert adapter_bytes == 4 * 16 * 32 * (
+        2 * 4096 + 2 * (4096 + 1024) + 2 * (4096 + 14336) + (14336 + 4096) + 4096 * 2
+    )
+    assert lora["sft"]["optimizer"] == 2 * adapter_bytes + 8  # Adam's moments of the adapters only
+    assert lora["sft"]["frozen"] == lora["dpo"]["frozen"] == 2 * params  # the bf16 base, DPO's reference included
+    # PPO: the base once, plus the DPO policy's and the reward model's adapters (+ its head).
+    assert 2 * params < lora["ppo"]["frozen"] < 2 * params + 3 * adapter_bytes
+    assert full["ppo"]["params"] + full["ppo"]["frozen"] > 4.5 * 4 * params  # five float32 models apart (2 headless)
+    assert lora["ppo"]["kv_cache"] == full["ppo"]["kv_cache"]
+    slices = (("1xH100-80G", 1, 80), ("v5e-8", 8, 16))
+    rows = {
+        name: plan.fits_table(plan.Workload(), presets=("llama3_8b",), slices=slices, adapters=a).splitlines()[-1]
+        for name, a in (("full", None), ("lora", adapters))
+    }
+    assert re.fullmatch(r"\| llama3_8b \| 8\.03B \| no [\d.]+ 1,1,1 \| no [\d.]+ [\d,]+ \|", rows["full"]), rows
+    assert re.fullmatch(r"\| llama3_8b \| 8\.03B \| yes [\d.]+ 1,1,1 \| yes [\d.]+ [\d,]+ \|", rows["lora"]), rows
 
 
 def _launch_dry_run(run_args):

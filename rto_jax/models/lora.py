@@ -108,6 +108,11 @@ def dropout(x, rate: float, site: int):
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+# What an adapter run trains: the adapters and, on a scalar-head model (reward model, critic), the head,
+# which is new and has no base to adapt. `TrainState.create(model, tx, trainable=TRAINABLE)`.
+TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.PathContains("head"))
+
+
 def adapter_state(model: nnx.Module) -> nnx.State:
     """The adapters of `model` (its `LoRAParam`s)."""
     return nnx.state(model, nnx.LoRAParam)

@@ -116,6 +116,11 @@ def read_peft_config(folder: str | os.PathLike, arch: str) -> LoraConfig:
         raise ModelError(f"{path}: {e}") from None
 
 
+def read_peft_json(folder: str | os.PathLike) -> dict:
+    """A PEFT adapter folder's `adapter_config.json` as it is (a bad file is a ModelError naming it)."""
+    return _read_json(Path(folder) / CONFIG_FILE)
+
+
 def load_peft_adapter(model: CausalLM | ScalarHeadModel, folder: str | os.PathLike) -> CausalLM | ScalarHeadModel:
     """`model` (the base, without adapters) with the adapters of a PEFT LoRA folder; checks every name and shape."""
     from safetensors import safe_open

@@ -13,10 +13,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rto_jax.distributed import is_main_process, sync, to_host
-from rto_jax.models import CausalLM, ModelConfig, load_pretrained, save_pretrained
+from rto_jax.errors import ModelError
+from rto_jax.models import (
+    CausalLM,
+    LoraConfig,
+    ModelConfig,
+    load_pretrained,
+    lora,
+    merge_adapters,
+    peft_io,
+    save_pretrained,
+    with_adapters,
+)
 from rto_jax.pipeline.config import looks_local
 from rto_jax.pipeline.logging import write_json_atomic
-from rto_jax.train import OptimizerConfig, make_optimizer
+from rto_jax.train import OptimizerConfig, TrainState, make_optimizer
 from rto_jax.train.sharding import mesh_from_config, shard_tree, step_shardings, tree_shardings
 
 
@@ -47,8 +58,24 @@ def load_model(name: str, kind: str, config, mesh=None):
 
     mesh: load straight into the sharding rules' layout on it (no device holds the whole model).
     """
+    path = resolve_model_path(name)
+    if (path / peft_io.CONFIG_FILE).is_file():
+        return _load_peft_folder(path, kind, config, mesh)
     shardings = None if mesh is None else functools.partial(tree_shardings, mesh=mesh)
-    return load_pretrained(resolve_model_path(name), kind=kind, shardings=shardings, **execution_overrides(config))
+    return load_pretrained(path, kind=kind, shardings=shardings, **execution_overrides(config))
+
+
+def _load_peft_folder(folder: Path, kind: str, config, mesh):
+    """A PEFT LoRA adapter folder as a model: its base (`base_model_name_or_path`, a folder or hub id) with
+    the adapters merged in, so it serves wherever a model path does (any stage's init_from)."""
+    base = peft_io.read_peft_json(folder).get("base_model_name_or_path") or ""
+    if not base:
+        raise ModelError(
+            f"{folder / peft_io.CONFIG_FILE}: base_model_name_or_path is empty; the adapter needs its base"
+        )
+    if (resolve_model_path(base) / peft_io.CONFIG_FILE).is_file():
+        raise ModelError(f"{folder / peft_io.CONFIG_FILE}: the base {base} is itself an adapter; merge it first")
+    return merge_adapters(peft_io.load_peft_adapter(load_model(base, kind, config, mesh), folder))
 
 
 def init_base_model(config, task, mesh=None) -> CausalLM:
@@ -100,6 +127,36 @@ def export(model, folder: Path, task) -> str:
     return str(folder)
 
 
+def export_trained(model, folder: Path, task, base_model: str = "", name: str = "model") -> str:
+    """Exports a stage's trained model to `folder/name`: the plain model, or for an adapter model the
+    adapters merged into the base (what the next stages load), with the adapters themselves in PEFT's
+    format beside it (`adapter_folder`; `base_model`: the model they were trained on)."""
+    if model.config.lora is None:
+        return export(model, folder / name, task)
+    path = export(merge_adapters(model), folder / name, task)
+    graphdef, params = nnx.split(model)
+    host_model = nnx.merge(graphdef, to_host(params))
+    adapter = _adapter_name(folder / name)
+    if is_main_process():
+        peft_io.save_peft_adapter(host_model, adapter, base_model=base_model)
+    sync(f"export {adapter}")
+    return path
+
+
+def _adapter_name(model_folder: Path) -> Path:
+    return model_folder.parent / ("adapter" if model_folder.name == "model" else f"{model_folder.name}_adapter")
+
+
+def adapter_folder(model_path: str) -> Path | None:
+    """The PEFT adapter behind a model path: the path itself when it is an adapter folder, the adapter
+    exported beside a stage's merged model (`export_trained`), or None."""
+    path = Path(model_path.split("@")[0]).expanduser()
+    for folder in (path, _adapter_name(path)):
+        if (folder / peft_io.CONFIG_FILE).is_file():
+            return folder
+    return None
+
+
 def write_json(path, obj) -> None:
     """`write_json_atomic` on process 0 only (results, done markers, caches: nothing is written twice)."""
     if is_main_process():
@@ -125,6 +182,30 @@ def optimizer(stage_config, total_steps: int, learning_rate: float | None = None
             max_grad_norm=stage_config.max_grad_norm,
         )
     )
+
+
+def lora_config(stage_config) -> LoraConfig | None:
+    """The stage's `lora.*` fields as a LoraConfig; None when `lora.rank` is 0 (full fine-tuning)."""
+    fields = stage_config.lora
+    if fields.rank == 0:
+        return None
+    targets = tuple(t.strip() for t in fields.targets.split(",") if t.strip())
+    return LoraConfig(rank=fields.rank, alpha=fields.alpha, dropout=fields.dropout, targets=targets)
+
+
+def train_state(config, stage: str, model, tx, mesh):
+    """(TrainState of `model` placed on `mesh`, its StepShardings). With `config.<stage>.lora.rank` > 0, fresh
+    adapters are added and only they (and a scalar head) are trained; the frozen base is stored in the
+    compute dtype (bfloat16 halves it; the forward casts the weights to it anyway)."""
+    adapters = lora_config(config[stage])
+    if adapters is None:
+        return shard_state(TrainState.create(model, tx), mesh)
+    model = with_adapters(model, adapters, nnx.Rngs(params=stage_key(config.seed, f"{stage}/lora")))
+    state = TrainState.create(model, tx, trainable=lora.TRAINABLE)
+    if config.model.dtype == "bfloat16":
+        cast = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        state = state.replace(base=jax.tree.map(cast, state.base))
+    return shard_state(state, mesh)
 
 
 def stage_dir(workdir, stage: str) -> Path:

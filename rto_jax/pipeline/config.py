@@ -17,6 +17,7 @@ from ml_collections import config_dict
 
 from rto_jax.data.synthetic import SyntheticTaskConfig
 from rto_jax.errors import ConfigError
+from rto_jax.models.lora import PROJECTIONS, LoraConfig
 from rto_jax.objectives.masked import LOSS_AVERAGES
 from rto_jax.objectives.token_rewards import bind, frozen_models, reward_args, rto
 from rto_jax.train.ppo import PPOConfig
@@ -25,6 +26,7 @@ from rto_jax.train.steps import DPOLoss
 
 STAGES = ("sft", "preferences", "reward_model", "dpo", "ppo", "evaluate")
 TRAINED_STAGES = ("sft", "reward_model", "dpo", "ppo")
+ADAPTER_STAGES = TRAINED_STAGES  # the stages with `lora.*` fields
 
 
 def _source(path: str = "", format: str = "tldr_sft") -> config_dict.ConfigDict:  # pylint: disable=redefined-builtin
@@ -54,6 +56,18 @@ def _optimizer(stage: config_dict.ConfigDict, lr: float) -> None:
     stage.b2 = opt["b2"]  # Adam beta2
     stage.adam_eps = opt["eps"]  # Adam epsilon
     stage.max_grad_norm = opt["max_grad_norm"]  # global gradient-norm clip; <= 0 disables
+
+
+def _lora(stage: config_dict.ConfigDict) -> None:
+    """Low-rank adapter fields of a trained stage (rto_jax.models.LoraConfig; `common.lora_config` reads them)."""
+    lora = _defaults(LoraConfig)
+    stage.lora = config_dict.ConfigDict()
+    # > 0: train adapters of this rank (and a scalar head) over the frozen model instead of every weight;
+    # 0: full fine-tuning. (LoraConfig's own default rank, when adapters are asked for in code, is 8.)
+    stage.lora.rank = 0
+    stage.lora.alpha = lora["alpha"]  # the adapter's update is scaled by alpha / rank
+    stage.lora.dropout = lora["dropout"]  # dropout on the adapters' input while training
+    stage.lora.targets = ",".join(lora["targets"])  # comma-separated projections to adapt; '' = all of them
 
 
 def _defaults(cls) -> dict:
@@ -122,6 +136,7 @@ def base_config() -> config_dict.ConfigDict:
     c.sft.eval_every = 0  # > 0: held-out loss every this many steps (and always at the end)
     c.sft.eval_batch_size = 32  # sequences per evaluation forward pass
     _optimizer(c.sft, 3e-6)
+    _lora(c.sft)
 
     c.reward_model = config_dict.ConfigDict()
     c.reward_model.init_from = ""  # take this reward model (ScalarHead HF folder or hub id) instead of training one
@@ -135,6 +150,7 @@ def base_config() -> config_dict.ConfigDict:
     c.reward_model.normalize_on = "reference"  # score stats for PPO from 'reference' responses or 'sft_samples'
     c.reward_model.normalize_rows = 1024  # prompts used for the score mean/std
     _optimizer(c.reward_model, 3e-6)
+    _lora(c.reward_model)
 
     c.dpo = config_dict.ConfigDict()
     c.dpo.init_from = ""  # take this DPO policy instead of training one
@@ -149,6 +165,7 @@ def base_config() -> config_dict.ConfigDict:
     c.dpo.eval_every = 0  # > 0: held-out DPO metrics every this many steps (and always at the end)
     c.dpo.eval_batch_size = 32  # pairs per evaluation forward pass
     _optimizer(c.dpo, 3e-6)
+    _lora(c.dpo)
 
     c.ppo = config_dict.ConfigDict()
     ppo = _defaults(PPOConfig)  # PPO's switches: defaults in rto_jax.train.PPOConfig
@@ -183,6 +200,10 @@ def base_config() -> config_dict.ConfigDict:
     # coefficient of the method's reward), e.g. 'ppo:lr=1e-4,beta_kl=0.05;rto:beta_dpo=0.1'.
     c.ppo.per_method = ""  # '' = every method takes the shared values
     _optimizer(c.ppo, 3e-6)
+    # lora.rank > 0: PPO on one frozen base, the SFT model held once: the policy trains adapters on it,
+    # pi_ref is the base itself, and the critic, reward model and DPO policy are their adapters on it
+    # (so reward_model.lora.rank and dpo.lora.rank must be > 0 too).
+    _lora(c.ppo)
 
     c.evaluate = config_dict.ConfigDict()
     c.evaluate.num_prompts = 256  # held-out prompts per policy (0 = all)
@@ -481,6 +502,31 @@ def _check_synthetic(config) -> None:
     _positive(config, "synthetic.best_of_n", "synthetic.best_of_n_prompts")
 
 
+def _check_lora(config, stage: str) -> None:
+    lora = config[stage].lora
+    if lora.rank < 0:
+        raise ConfigError(f"{stage}.lora.rank", f"must be >= 0 (0: no adapters), got {lora.rank}")
+    if lora.rank == 0:
+        return
+    if lora.alpha <= 0:
+        raise ConfigError(f"{stage}.lora.alpha", f"must be > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"{stage}.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    if stage == "ppo" and lora.dropout:
+        raise ConfigError(
+            "ppo.lora.dropout",
+            f"must be 0, got {lora.dropout}: PPO's importance ratio compares the update's log-probs with the "
+            "rollout's, which never drop units",
+        )
+    targets = [t.strip() for t in lora.targets.split(",") if t.strip()]
+    # The architecture is known here only for a random-init model; a loaded one is checked by its own.
+    random_init = not config.model.init_from and not config.sft.init_from
+    valid = PROJECTIONS[config.model.arch] if random_init else sorted({p for ps in PROJECTIONS.values() for p in ps})
+    unknown = [t for t in targets if t not in valid]
+    if unknown:
+        raise ConfigError(f"{stage}.lora.targets", f"{unknown} are not projections to adapt; valid: {', '.join(valid)}")
+
+
 def validate(config, workdir=None, num_devices: int | None = None) -> None:
     """Raises ConfigError (naming the key) for any value that would fail later; does no work.
 
@@ -604,6 +650,18 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
             )
         if config[stage].num_epochs == 0 and config[stage].max_steps == 0:
             raise ConfigError(f"{stage}.num_epochs", "num_epochs and max_steps are both 0: nothing to train")
+    for stage in ADAPTER_STAGES:
+        _check_lora(config, stage)
+    if "ppo" in trains and config.ppo.lora.rank > 0:
+        # One shared base: the models PPO reads must be adapters on the SFT model (init_from ones are
+        # checked when PPO loads them).
+        for stage in ("reward_model", *(["dpo"] if "dpo" in frozen_models(token_reward) else [])):
+            if stage in trains and config[stage].lora.rank == 0:
+                raise ConfigError(
+                    f"{stage}.lora.rank",
+                    f"ppo.lora.rank={config.ppo.lora.rank} runs PPO on one shared base, which needs the {stage} "
+                    f"trained as adapters on the SFT model: set {stage}.lora.rank > 0 (or ppo.lora.rank=0)",
+                )
     for stage in TRAINED_STAGES:
         if config[stage].schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(

@@ -35,12 +35,13 @@ log = logging.getLogger(__name__)
 class Checkpointed:
     """How a loop's state goes in and out of a checkpoint, and which of its arrays are trained.
 
-    The defaults fit a `TrainState`; PPO saves its policy and critic only (the frozen models are
-    reloaded from their exports).
+    The defaults fit a `TrainState`: all of it but an adapter run's frozen base, which is reloaded from
+    the model it was built on; PPO saves its policy and critic only (the frozen models are reloaded
+    from their exports).
     """
 
-    tree: Callable[[Any], Any] = lambda state: state  # the part of the state saved
-    restore: Callable[[Any, Any], Any] = lambda state, tree: tree  # state with the saved part put back
+    tree: Callable[[Any], Any] = lambda state: state.replace(base=None)  # the part of the state saved
+    restore: Callable[[Any, Any], Any] = lambda state, tree: tree.replace(base=state.base)  # saved part put back
     trained: Callable[[Any], Any] = lambda state: state.params  # the arrays checked for NaN/inf
 
 

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -31,6 +32,8 @@ from rto_jax.eval.policy_eval import (
     score_arrays,
     weighted_mean,
 )
+from rto_jax.errors import ConfigError
+from rto_jax.models import ScalarHeadModel, peft_io
 from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model
 from rto_jax.pipeline import common
 from rto_jax.pipeline.logging import RunLog, summary
@@ -41,8 +44,8 @@ from rto_jax.train import (
     PPOConfig,
     RewardModelLoss,
     SFTLoss,
-    TrainState,
     create_ppo_state,
+    create_shared_base_ppo_state,
     loss_metrics,
     make_ppo_fns,
     make_train_step,
@@ -80,11 +83,12 @@ def run_sft(config, workdir, task, run_log: RunLog) -> dict:
         return {"model_path": cfg.init_from, "source": "init_from"}
     batches, steps = _epochs(config, cfg, task.sft_train)
     tx, mesh = common.optimizer(cfg, steps), common.device_mesh(config)
-    if mesh is not None and not config.model.init_from:  # initialized shard by shard on the mesh
+    full_random_init = not config.model.init_from and common.lora_config(cfg) is None
+    if mesh is not None and full_random_init:  # initialized shard by shard on the mesh
         state = create_sharded_train_state(lambda: common.random_base_model(config, task), tx, mesh)
         shardings = step_shardings(state, mesh)
     else:
-        state, shardings = common.shard_state(TrainState.create(common.init_base_model(config, task, mesh), tx), mesh)
+        state, shardings = common.train_state(config, "sft", common.init_base_model(config, task, mesh), tx, mesh)
     step_fn = train_step(SFTLoss(), cfg.grad_accum_steps, shardings)
 
     def evaluate(state):
@@ -98,7 +102,7 @@ def run_sft(config, workdir, task, run_log: RunLog) -> dict:
         "sft", config, workdir, run_log, state, batches, step_fn, steps,
         evaluate=evaluate, eval_every=cfg.eval_every, shardings=shardings,
     )  # fmt: skip
-    path = common.export(state.model(), Path(workdir) / "sft" / "model", task)
+    path = common.export_trained(state.model(), Path(workdir) / "sft", task, base_model=config.model.init_from)
     return {"model_path": path, "source": "trained", **_summary(done)}
 
 
@@ -180,7 +184,7 @@ def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | Non
         mesh = common.device_mesh(config)
         model = common.load_model(sft_path, "scalar", config, mesh)
         batches, steps = _epochs(config, cfg, task.preference_train)
-        state, shardings = common.shard_state(TrainState.create(model, common.optimizer(cfg, steps)), mesh)
+        state, shardings = common.train_state(config, "reward_model", model, common.optimizer(cfg, steps), mesh)
         step_fn = train_step(RewardModelLoss(margin=cfg.margin), cfg.grad_accum_steps, shardings)
         evaluate = lambda state: reward_accuracy(state.model(), task.preference_eval, cfg.eval_batch_size)
         state, done = run_loop(
@@ -189,7 +193,7 @@ def run_reward_model(config, workdir, task, run_log: RunLog, sft_path: str | Non
         )  # fmt: skip
         model = state.model()
         out = {
-            "model_path": common.export(model, Path(workdir) / "reward_model" / "model", task),
+            "model_path": common.export_trained(model, Path(workdir) / "reward_model", task, base_model=sft_path),
             "source": "trained",
             **_summary(done),
         }
@@ -211,19 +215,25 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str, stage: str = 
         return {"model_path": cfg.init_from, "source": "init_from"}
     mesh = common.device_mesh(config)
     policy = common.load_model(sft_path, "lm", config, mesh)
-    # On the policy's layout (the eval step takes both).
-    ref_graphdef, ref_params = nnx.split(common.load_model(sft_path, "lm", config, mesh))
     batches, steps = _epochs(config, cfg, task.preference_train)
-    state, shardings = common.shard_state(TrainState.create(policy, common.optimizer(cfg, steps)), mesh)
+    state, shardings = common.train_state(config, "dpo", policy, common.optimizer(cfg, steps), mesh)
     loss = DPOLoss(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
     step_fn = train_step(loss, cfg.grad_accum_steps, shardings)
     # On the mesh the reference log-probs of the (global) batch are split like the batch itself.
     place = (lambda x: x) if shardings is None else functools.partial(jax.device_put, device=shardings.batch)
-    prepare = lambda batch: {**batch, **place(precompute_reference_logps(ref_graphdef, ref_params, batch))}
+    if state.base is not None:
+        # An adapter policy's reference is its own base with the adapters off, computed inside the step
+        # (DPOLoss): no second copy of the model.
+        reference = lambda batch: {}
+    else:
+        # On the policy's layout (the eval step takes both).
+        ref_graphdef, ref_params = nnx.split(common.load_model(sft_path, "lm", config, mesh))
+        reference = functools.partial(precompute_reference_logps, ref_graphdef, ref_params)
+    prepare = lambda batch: {**batch, **place(reference(batch))}
 
     def evaluate(state):
         parts = [
-            (loss_metrics(loss, state, {**b, **precompute_reference_logps(ref_graphdef, ref_params, b)}), n)
+            (loss_metrics(loss, state, {**b, **reference(b)}), n)
             for b, n in fixed_size_batches(task.preference_eval, cfg.eval_batch_size)
         ]
         return weighted_mean(parts)
@@ -232,7 +242,7 @@ def run_dpo(config, workdir, task, run_log: RunLog, sft_path: str, stage: str = 
         stage, config, workdir, run_log, state, batches, step_fn, steps,
         prepare=prepare, evaluate=evaluate, eval_every=cfg.eval_every, shardings=shardings,
     )  # fmt: skip
-    path = common.export(state.model(), common.stage_dir(workdir, stage) / "model", task)
+    path = common.export_trained(state.model(), common.stage_dir(workdir, stage), task, base_model=sft_path)
     return {"model_path": path, "source": "trained", **_summary(done)}
 
 
@@ -261,7 +271,10 @@ def ppo_config(config, task, token_reward, reward_args: dict | None = None) -> P
 def _gold_of_policy(state, config, task) -> dict:
     """Mean gold reward and KL to pi_ref of the PPO policy on the held-out prompts."""
     ref = state.frozen["models"].get("ref")
-    return _gold_numbers(held_out_rows(config, task, state.policy.graphdef, state.policy.params, ref))
+    if state.base is not None:  # on a shared base pi_ref is the base: the policy with zero adapters, exactly
+        ref = state.lm_params(jax.tree.map(jnp.zeros_like, state.policy.params))
+    params = state.lm_params(state.policy.params)
+    return _gold_numbers(held_out_rows(config, task, state.policy.graphdef, params, ref))
 
 
 def _gold_numbers(rows: dict) -> dict:
@@ -323,26 +336,29 @@ def run_ppo(
     missing = [m for m in frozen_models(token_reward) if not models.get(m)]
     if missing:
         raise ValueError(f"token reward {name!r} reads the models {missing}, which the recipe does not give")
-    policy = common.load_model(models["ref"], "lm", config, mesh)
-    frozen = {m: nnx.split(common.load_model(models[m], "lm", config, mesh))[1] for m in frozen_models(token_reward)}
-    # The critic starts as the reward model with its head rescaled to the normalized score
-    # (r - mean) / std, the scale of the rewards it learns to predict (not the raw score's).
-    raw_critic = common.load_model(reward["model_path"], "scalar", config, mesh)
-    critic = raw_critic.with_affine_output(1.0 / reward["reward_std"], -reward["reward_mean"] / reward["reward_std"])
-    del raw_critic
-    reward_model = None
-    if needs_reward_model(token_reward):
-        reward_model = common.load_model(reward["model_path"], "scalar", config, mesh)
-    state = create_ppo_state(
-        policy,
-        critic,
-        common.optimizer(cfg, total),
-        common.optimizer(cfg, total, learning_rate=cfg.critic_lr),
-        frozen=frozen,
-        reward_model=reward_model,
-        reward_mean=reward["reward_mean"],
-        reward_std=reward["reward_std"],
-    )
+    txs = (common.optimizer(cfg, total), common.optimizer(cfg, total, learning_rate=cfg.critic_lr))
+    if common.lora_config(cfg) is not None:
+        state = _shared_base_state(config, stage, token_reward, models, reward, txs, mesh)
+    else:
+        policy = common.load_model(models["ref"], "lm", config, mesh)
+        frozen = {
+            m: nnx.split(common.load_model(models[m], "lm", config, mesh))[1] for m in frozen_models(token_reward)
+        }
+        # The critic starts as the reward model with its head rescaled to the normalized score
+        # (r - mean) / std, the scale of the rewards it learns to predict (not the raw score's).
+        critic = _critic(common.load_model(reward["model_path"], "scalar", config, mesh), reward)
+        reward_model = None
+        if needs_reward_model(token_reward):
+            reward_model = common.load_model(reward["model_path"], "scalar", config, mesh)
+        state = create_ppo_state(
+            policy,
+            critic,
+            *txs,
+            frozen=frozen,
+            reward_model=reward_model,
+            reward_mean=reward["reward_mean"],
+            reward_std=reward["reward_std"],
+        )
     state, shardings = common.shard_state(state, mesh)
     _, _, iteration_fn = ppo_fns(ppo, shardings=shardings)
     prompts = BatchIterator(task.prompts_train, cfg.rollout_batch_size, seed=config.seed, **process_slice())
@@ -365,8 +381,9 @@ def run_ppo(
     )  # fmt: skip
     values = done.last_metrics
     folder = common.stage_dir(workdir, stage)
-    path = common.export(state.policy.model(), folder / "model", task)
-    common.export(state.critic.model(), folder / "critic", task)
+    path = common.export_trained(state.policy_model(state.policy.params), folder, task, base_model=models["ref"])
+    critic_base = models["ref"] if state.base is not None else reward["model_path"]
+    common.export_trained(state.critic_model(state.critic.params), folder, task, base_model=critic_base, name="critic")
     keys = ("score", "kl_to_ref", "response_length", "eos_rate", "loss")
     return {
         "model_path": path,
@@ -378,6 +395,67 @@ def run_ppo(
         # The final policy on the held-out prompts (gold tasks with ppo.eval_every > 0).
         **({"held_out": dict(done.last_eval)} if done.last_eval else {}),
     }
+
+
+def _critic(reward_model, reward: dict):
+    """The reward model with its head rescaled to emit normalized scores (r - mean) / std: the critic's start."""
+    return reward_model.with_affine_output(1.0 / reward["reward_std"], -reward["reward_mean"] / reward["reward_std"])
+
+
+def _adapter_on_sft(path: str, sft_path: str, what: str, key: str) -> Path:
+    """The PEFT adapter folder of the model at `path`, checked to be trained on the SFT model."""
+    folder = common.adapter_folder(path)
+    fix = f"train it with {key} > 0 (or give a PEFT adapter folder of the SFT model), or set ppo.lora.rank=0"
+    if folder is None:
+        raise ConfigError(
+            "ppo.lora.rank",
+            f"PPO on one shared base needs the {what} as adapters on the SFT model; {path} has none: {fix}",
+        )
+    trained_on = peft_io.read_peft_json(folder).get("base_model_name_or_path") or ""
+    same = lambda a, b: (
+        a == b or (common.looks_local(a) and Path(a).expanduser().resolve() == Path(b).expanduser().resolve())
+    )
+    if not same(trained_on, sft_path):
+        raise ConfigError(
+            "ppo.lora.rank",
+            f"PPO on one shared base needs the {what} as adapters on the SFT model {sft_path}; {folder} was trained "
+            f"on {trained_on or 'an unnamed base'}: {fix}",
+        )
+    return folder
+
+
+def _shared_base_state(config, stage: str, token_reward, models: dict, reward: dict, txs, mesh):
+    """PPOState on the SFT model held once (config.ppo.lora.rank > 0): policy = fresh adapters on it,
+    pi_ref = it, critic = the reward model's adapters and head (rescaled), the reward model and the DPO
+    policy = their adapters; all of them trained on this SFT model (checked)."""
+    sft = models["ref"]
+    base = common.load_model(sft, "lm", config, mesh)
+    reward_folder = _adapter_on_sft(reward["model_path"], sft, "reward model", "reward_model.lora.rank")
+    if "score" not in (peft_io.read_peft_json(reward_folder).get("modules_to_save") or []):
+        raise ConfigError(
+            "ppo.lora.rank",
+            f"{reward_folder} has no scalar head ('score' in modules_to_save): it is not a reward model",
+        )
+    reward_model = peft_io.load_peft_adapter(
+        ScalarHeadModel(base.config, nnx.Rngs(0), decoder=base.decoder), reward_folder
+    )
+    frozen = {
+        m: peft_io.load_peft_adapter(base, _adapter_on_sft(models[m], sft, f"{m!r} model", f"{m}.lora.rank"))
+        for m in frozen_models(token_reward)
+        if m != "ref"  # the base itself
+    }
+    return create_shared_base_ppo_state(
+        base,
+        common.lora_config(config.ppo),
+        _critic(reward_model, reward),
+        *txs,
+        frozen=frozen,
+        reward_model=reward_model if needs_reward_model(token_reward) else None,
+        reward_mean=reward["reward_mean"],
+        reward_std=reward["reward_std"],
+        rngs=nnx.Rngs(params=common.stage_key(config.seed, f"{stage}/lora")),
+        base_dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else None,
+    )
 
 
 __all__ = [

@@ -3,7 +3,7 @@ presets fit on which TPU / GPU slices.
 
     python -m rto_jax.tools.plan --config=configs/rto_tldr.py:2.8b [--num_devices=8] [--mesh=1,8,1]
     python -m rto_jax.tools.plan --model=llama3_8b --mesh=1,8,1 --num_devices=8
-    python -m rto_jax.tools.plan --table_only
+    python -m rto_jax.tools.plan --table_only [--lora_rank=16]   (0: no adapter columns)
 
 Config fields read (all optional, so configs of other layouts work too):
   model       `preset` (a PRESETS name), `init_from` (a hub id of a preset, e.g. EleutherAI/pythia-1b-deduped),
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel
+from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, lora
 from rto_jax.train import sharding
 from rto_jax.train.state import OptimizerConfig, make_optimizer
 
@@ -156,6 +156,16 @@ def abstract_optimizer_state(config: ModelConfig, scalar_head: bool = False):
     return jax.eval_shape(make_optimizer(OptimizerConfig()).init, abstract_params(config, scalar_head))
 
 
+@functools.cache
+def abstract_adapters(config: ModelConfig, adapters: LoraConfig, scalar_head: bool = False):
+    """What an adapter run trains (`lora.TRAINABLE`: the adapters, and the head of a scalar-head model),
+    abstract, and AdamW's state for it."""
+    cls = ScalarHeadModel if scalar_head else CausalLM
+    config = config.replace(scan_layers=True, dtype="float32", remat="none", lora=adapters)
+    trained = jax.eval_shape(lambda: nnx.split(cls(config, nnx.Rngs(0)), lora.TRAINABLE, ...)[1])
+    return trained, jax.eval_shape(make_optimizer(OptimizerConfig()).init, trained)
+
+
 def kv_cache_bytes_per_device(config: ModelConfig, batch: int, length: int, mesh_shape) -> int:
     """The sampler's cache (k and v `[L, B, K, S, D]` in the compute dtype), placed by `kv_cache_shardings`."""
     mesh = _abstract_mesh(mesh_shape)
@@ -186,18 +196,31 @@ def activation_bytes_per_device(config: ModelConfig, rows: int, length: int, log
     return int(tokens * layers + logits)
 
 
-def plan_memory(config: ModelConfig, mesh_shape, workload: Workload = Workload()) -> dict[str, dict[str, int]]:
+def plan_memory(
+    config: ModelConfig, mesh_shape, workload: Workload = Workload(), adapters: LoraConfig | None = None
+) -> dict[str, dict[str, int]]:
     """Per-device bytes of every stage: {stage: {params, optimizer, frozen, kv_cache, activations, total}}.
 
     SFT trains the LM; the reward model a scalar-head model; DPO the LM with its frozen reference;
     PPO/RTO the policy and critic with the reference, reward model and DPO policy frozen (float32
     master weights everywhere), plus the rollout's KV cache.
+
+    adapters: every stage trains low-rank adapters (`config.<stage>.lora.rank` > 0): `params` and
+    `optimizer` are the adapters' (and scalar heads'), float32; `frozen` is the base, stored in the
+    compute dtype, once per stage (PPO: one base for policy, reference, critic, reward model and DPO
+    policy, plus the frozen adapters and head of the reward model and the DPO policy's adapters).
     """
     mesh_shape = tuple(mesh_shape)
     size = lambda tree: tree_bytes_per_device(tree, mesh_shape)
     lm_params, head_params = size(abstract_params(config)), size(abstract_params(config, scalar_head=True))
     lm_opt = size(abstract_optimizer_state(config))
     head_opt = size(abstract_optimizer_state(config, scalar_head=True))
+    if adapters is not None:
+        base = lm_params // 2 if config.dtype == "bfloat16" else lm_params  # float32 leaves, stored in bf16
+        backbone = head_params - size(abstract_params(config, scalar_head=True)["head"])
+        backbone = backbone // 2 if config.dtype == "bfloat16" else backbone
+        lm_params, lm_opt = (size(x) for x in abstract_adapters(config, adapters))
+        head_params, head_opt = (size(x) for x in abstract_adapters(config, adapters, scalar_head=True))
     w = workload
     length = w.prompt_len + w.response_len
     act = lambda rows, head_only=False: activation_bytes_per_device(
@@ -220,6 +243,10 @@ def plan_memory(config: ModelConfig, mesh_shape, workload: Workload = Workload()
             "activations": act(minibatch) + act(minibatch, head_only=True),
         },
     }  # fmt: skip
+    if adapters is not None:  # the frozen base under the adapters, held once per stage
+        stages["sft"]["frozen"] = stages["dpo"]["frozen"] = base
+        stages["reward_model"]["frozen"] = backbone
+        stages["ppo"]["frozen"] = base + lm_params + head_params  # + the DPO policy's and reward model's adapters
     for stage in stages.values():
         stage["total"] = sum(stage.values())
     return stages
@@ -229,7 +256,9 @@ def plan_memory(config: ModelConfig, mesh_shape, workload: Workload = Workload()
 # Which presets fit where.
 
 
-def best_mesh(config: ModelConfig, devices: int, workload: Workload) -> tuple[tuple[int, int, int], int] | None:
+def best_mesh(
+    config: ModelConfig, devices: int, workload: Workload, adapters: LoraConfig | None = None
+) -> tuple[tuple[int, int, int], int] | None:
     """The (data, fsdp, tensor) mesh over `devices` with the smallest PPO-stage total, and that total."""
     best = None
     for tensor in (1, 2, 4, 8):
@@ -238,7 +267,7 @@ def best_mesh(config: ModelConfig, devices: int, workload: Workload) -> tuple[tu
         for fsdp in sorted({devices // tensor, 1}):
             shape = (devices // tensor // fsdp, fsdp, tensor)
             try:
-                total = plan_memory(config, shape, workload)["ppo"]["total"]
+                total = plan_memory(config, shape, workload, adapters)["ppo"]["total"]
             except sharding.ShardingRuleError:
                 continue  # a dimension does not split evenly on this mesh
             if best is None or total < best[1]:
@@ -247,13 +276,19 @@ def best_mesh(config: ModelConfig, devices: int, workload: Workload) -> tuple[tu
 
 
 def fits_table(
-    workload: Workload, presets=REAL_PRESETS, slices=SLICES, remat="full", dtype="bfloat16", rows_per_device=4
+    workload: Workload,
+    presets=REAL_PRESETS,
+    slices=SLICES,
+    remat="full",
+    dtype="bfloat16",
+    rows_per_device=4,
+    adapters: LoraConfig | None = None,
 ) -> str:
     """Markdown table: each real preset's PPO/RTO-stage GiB per device on each slice, with the best mesh.
 
     The PPO update's minibatches are chosen so each device trains on `rows_per_device` sequences at a time
     (num_minibatches = rollout_batch / (rows_per_device * devices)); the rollout's KV cache holds the whole
-    rollout batch, as make_experience does.
+    rollout batch, as make_experience does. adapters: PPO on one shared base (`plan_memory`).
     """
     header = "| preset | params | " + " | ".join(f"{name} ({n}x{mem}G)" for name, n, mem in slices) + " |"
     lines = [header, "|" + "---|" * (len(slices) + 2)]
@@ -266,7 +301,7 @@ def fits_table(
                 cells.append("-")
                 continue
             minibatches = max(1, workload.rollout_batch // (rows_per_device * devices))
-            found = best_mesh(config, devices, dataclasses.replace(workload, ppo_minibatches=minibatches))
+            found = best_mesh(config, devices, dataclasses.replace(workload, ppo_minibatches=minibatches), adapters)
             if found is None:
                 cells.append("-")
                 continue
@@ -339,6 +374,15 @@ def workload_from_config(config) -> Workload:
     )
 
 
+def lora_from_config(config) -> LoraConfig | None:
+    """The adapters of `config.ppo.lora` when its rank is > 0 (the shared-base PPO run), else None."""
+    fields = _get(_get(config, "ppo"), "lora")
+    if not _get(fields, "rank", 0):
+        return None
+    targets = tuple(t.strip() for t in str(_get(fields, "targets", "")).split(",") if t.strip())
+    return LoraConfig(rank=fields.rank, alpha=_get(fields, "alpha", 2.0 * fields.rank), targets=targets)
+
+
 def mesh_from_config(config, num_devices: int) -> tuple[int, int, int]:
     mesh = _get(config, "mesh")
     return sharding.mesh_shape(_get(mesh, "data", -1), _get(mesh, "fsdp", 1), _get(mesh, "tensor", 1), num_devices)
@@ -361,9 +405,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_devices", type=int, default=8, help="devices of the planned slice")
     p.add_argument("--table_only", action="store_true", help="only the presets x slices table")
     p.add_argument("--no_table", action="store_true", help="skip the presets x slices table")
+    p.add_argument(
+        "--lora_rank",
+        type=int,
+        default=16,
+        help="rank of the adapter plan and table (every projection; 0: none); a config's ppo.lora takes precedence",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     config = load_config(args.config) if args.config else None
     workload = workload_from_config(config)
+    adapters = lora_from_config(config) or (
+        LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank > 0 else None
+    )
+    if adapters is not None:
+        targets = ", ".join(adapters.targets) or "every projection"
+        lora_title = f"low-rank adapters (rank {adapters.rank} on {targets}; PPO on one shared base)"
     if not args.table_only:
         model = PRESETS[args.model] if args.model else model_from_config(config if config is not None else {})
         if args.model and config is not None:
@@ -376,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             mesh_shape = mesh_from_config(config, args.num_devices)
         title = f"{args.model or args.config or 'default model'} (dtype {model.dtype}, remat {model.remat})"
         print(format_plan(plan_memory(model, mesh_shape, workload), mesh_shape, title))
+        if adapters is not None:
+            print(format_plan(plan_memory(model, mesh_shape, workload, adapters), mesh_shape, f"With {lora_title}"))
         if args.no_table:
             return 0
         print()
@@ -385,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         f"data,fsdp,tensor; fits = total <= {USABLE:.0%} of the device's memory:"
     )
     print(fits_table(workload))
+    if adapters is not None:
+        print(f"\nThe same with {lora_title}:")
+        print(fits_table(workload, adapters=adapters))
     return 0
 
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from rto_jax.models import LoraConfig, lora, with_adapters
 from rto_jax.objectives import gae, masked_mean, masked_whiten, policy_loss, value_loss
 from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import BoundReward, frozen_models, needs_reward_model, rto, untempered
@@ -66,12 +67,36 @@ class PPOConfig:
 class PPOState(struct.PyTreeNode):
     """Everything PPO updates or reads. `frozen`: {'models': {name: LM params (the policy's graphdef)},
     and, when the token reward uses the reward model, 'reward' params and the `reward_mean` /
-    `reward_std` scalars that normalize its score}."""
+    `reward_std` scalars that normalize its score}.
+
+    On one shared base (`create_shared_base_ppo_state`), `base` holds the frozen language model once;
+    the policy's and critic's params are their adapters (and the critic's head), `frozen['models']`
+    and `frozen['reward']` hold only adapters (and the reward head) on their own graphdefs
+    (`frozen_graphdefs`), and the reference is the base itself (the policy with its adapters off).
+    """
 
     policy: TrainState
     critic: TrainState
     frozen: dict
+    base: Any = None
     reward_graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
+    # ((name, graphdef), ...) of frozen adapter models whose graphdef is not the policy's.
+    frozen_graphdefs: tuple = struct.field(pytree_node=False, default=())
+
+    def lm_params(self, params):
+        """A language model's variables: `params` (whole, or adapters completed with the shared base)."""
+        return params if self.base is None else nnx.merge_state(params, self.base)
+
+    def scalar_params(self, params):
+        """A scalar-head model's variables: `params` (whole, or adapters and head completed with the shared
+        base's decoder: its backbone)."""
+        return params if self.base is None else nnx.merge_state(params, nnx.State({"decoder": self.base["decoder"]}))
+
+    def policy_model(self, params) -> nnx.Module:
+        return nnx.merge(self.policy.graphdef, self.lm_params(params))
+
+    def critic_model(self, params) -> nnx.Module:
+        return nnx.merge(self.critic.graphdef, self.scalar_params(params))
 
 
 class Experience(NamedTuple):
@@ -99,40 +124,31 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
     from the sampler unless `recompute_policy_logprobs`); the importance ratio uses the rollout
     temperature's. Metrics include each part of the token reward as `reward/<part>` (per-sequence sums).
     """
-    tau = config.sampling.temperature
     reward_fn = config.token_reward
-    missing = [m for m in frozen_models(reward_fn) if m not in state.frozen["models"]]
+    held = set(state.frozen["models"]) | ({"ref"} if state.base is not None else set())  # the base is pi_ref
+    missing = [m for m in frozen_models(reward_fn) if m not in held]
     if missing or (needs_reward_model(reward_fn) and "reward" not in state.frozen):
         missing += ["reward"] if needs_reward_model(reward_fn) else []
         raise ValueError(f"token reward {reward_fn.name!r} uses {missing}, which the PPOState does not hold")
+    policy_params = state.lm_params(state.policy.params)
     samples = generate(
-        state.policy.graphdef, state.policy.params, prompts["prompt_ids"], prompts["prompt_mask"], rng, config.sampling
+        state.policy.graphdef, policy_params, prompts["prompt_ids"], prompts["prompt_mask"], rng, config.sampling
     )
     input_ids, attention_mask, positions = response_inputs(prompts["prompt_ids"], prompts["prompt_mask"], samples)
     mask = samples.response_mask
     inputs = (input_ids, attention_mask, positions)
-    scored = dict(state.frozen["models"])
-    if config.recompute_policy_logprobs:
-        scored = {"policy": state.policy.params, **scored}
-    logps = token_reward_logprobs(
-        state.policy.graphdef,
-        scored,
-        *inputs,
-        mask,
-        tau,
-        vocab_chunk=config.vocab_chunk,
-        stacked=config.stack_frozen,
-    )
+    logps = _frozen_logprobs(state, inputs, mask, config, with_ref="ref" in frozen_models(reward_fn))
     if not config.recompute_policy_logprobs:
         logps.update({"policy": samples.logprobs, untempered("policy"): samples.untempered_logprobs})
     logp_old = logps["policy"]
-    critic = state.critic.model()
+    critic = state.critic_model(state.critic.params)
     values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
     has_eos = _has_eos(samples.tokens, mask, config.sampling.eos_id)
     metrics = {}
     score = None
     if needs_reward_model(reward_fn):
-        raw_score = sequence_scores(nnx.merge(state.reward_graphdef, state.frozen["reward"]), *inputs, mask)
+        reward_model = nnx.merge(state.reward_graphdef, state.scalar_params(state.frozen["reward"]))
+        raw_score = sequence_scores(reward_model, *inputs, mask)
         score = normalized_score(
             raw_score,
             has_eos,
@@ -162,17 +178,37 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
     return Experience(input_ids, attention_mask, positions, mask, logp_old, values, advantages, returns), metrics
 
 
+def _frozen_logprobs(state: PPOState, inputs, mask, config: PPOConfig, with_ref: bool) -> dict:
+    """`token_reward_logprobs` of the frozen language models (and of the policy when
+    `recompute_policy_logprobs`). On a shared base each model runs on the same base arrays (no copy):
+    the reference is the policy with its adapters off, the others their adapters on the base."""
+    score = lambda graphdef, params, **kw: token_reward_logprobs(
+        graphdef, params, *inputs, mask, config.sampling.temperature, vocab_chunk=config.vocab_chunk, **kw
+    )
+    policy = {"policy": state.lm_params(state.policy.params)} if config.recompute_policy_logprobs else {}
+    if state.base is None:
+        return score(state.policy.graphdef, {**policy, **state.frozen["models"]}, stacked=config.stack_frozen)
+    logps = score(state.policy.graphdef, policy) if policy else {}
+    if with_ref:
+        with lora.disabled():
+            logps.update(score(state.policy.graphdef, {"ref": state.lm_params(state.policy.params)}))
+    graphdefs = dict(state.frozen_graphdefs)
+    for name, adapters in state.frozen["models"].items():
+        logps.update(score(graphdefs[name], {name: state.lm_params(adapters)}))
+    return logps
+
+
 def _minibatch_loss(params, batch: Experience, state: PPOState, config: PPOConfig):
     policy_params, critic_params = params
     inputs = (batch.input_ids, batch.attention_mask, batch.positions)
-    policy = nnx.merge(state.policy.graphdef, policy_params)
+    policy = state.policy_model(policy_params)
     logp, entropy = response_logprobs(
         policy, *inputs, batch.response_mask, config.sampling.temperature, config.vocab_chunk
     )
     pg_loss, pg_metrics = policy_loss(
         logp, batch.logp_old, batch.advantages, batch.response_mask, config.clip_eps, config.loss_average
     )
-    critic = nnx.merge(state.critic.graphdef, critic_params)
+    critic = state.critic_model(critic_params)
     values = response_scalars(critic, *inputs, batch.response_mask.shape[1])
     vf_loss, vf_metrics = value_loss(
         values, batch.values, batch.returns, batch.response_mask, config.value_clip_eps, config.loss_average
@@ -283,4 +319,71 @@ def create_ppo_state(
         )
     return PPOState(
         policy=policy_state, critic=TrainState.create(critic, critic_tx), frozen=tree, reward_graphdef=reward_graphdef
+    )
+
+
+def create_shared_base_ppo_state(
+    base: nnx.Module,
+    policy_lora: LoraConfig,
+    critic: nnx.Module,
+    policy_tx,
+    critic_tx,
+    *,
+    frozen: dict[str, nnx.Module] | None = None,
+    reward_model: nnx.Module | None = None,
+    reward_mean: float = 0.0,
+    reward_std: float = 1.0,
+    rngs: nnx.Rngs | None = None,
+    base_dtype=None,
+) -> PPOState:
+    """PPO state on one frozen base held once: the policy is `base` with fresh adapters (`policy_lora`),
+    the reference is `base` itself (the policy with its adapters off), and `critic`, `reward_model`
+    (scalar-head models with adapters) and `frozen` ({name: language model with adapters}, e.g. the
+    DPO policy) must be adapter models on the same base weights: only their adapters and heads are
+    kept. Only the policy's and critic's adapters (and the critic's head) have optimizer state.
+
+    base_dtype: the base's storage dtype (e.g. bfloat16 for a bfloat16 compute run: the forward casts
+    the weights to it anyway); None keeps it. The base's arrays become the state's (the update donates
+    them): copy them first to keep using `base` elsewhere.
+    """
+    policy = with_adapters(base, policy_lora, rngs if rngs is not None else nnx.Rngs(0))
+    policy_state = TrainState.create(policy, policy_tx, trainable=lora.TRAINABLE)
+    shared = policy_state.base
+    if base_dtype is not None:
+        cast = lambda x: x.astype(base_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        shared = jax.tree.map(cast, shared)
+    backbone = nnx.State({"decoder": shared["decoder"]})
+
+    shapes = lambda state: {key: tuple(var[...].shape) for key, var in nnx.to_flat_state(state)}
+
+    def adapters_on_base(model, expected_rest):
+        if model.config.lora is None:
+            raise ValueError(f"{type(model).__name__} has no adapters: it cannot share the base")
+        graphdef, trained, rest = nnx.split(model, lora.TRAINABLE, ...)
+        if shapes(rest) != shapes(expected_rest):
+            raise ValueError(f"{type(model).__name__}: its frozen weights are not shaped like the shared base")
+        return graphdef, trained
+
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the update donates the state
+    adapters_on_base(critic, backbone)
+    critic_state = TrainState.create(critic, critic_tx, trainable=lora.TRAINABLE)
+    tree = {"models": {}}
+    graphdefs = []
+    for name, model in (frozen or {}).items():
+        graphdef, adapters = adapters_on_base(model, policy_state.base)
+        tree["models"][name] = copy(adapters)
+        graphdefs.append((name, graphdef))
+    reward_graphdef = None
+    if reward_model is not None:
+        reward_graphdef, reward_params = adapters_on_base(reward_model, backbone)
+        tree.update(
+            reward=copy(reward_params), reward_mean=jnp.float32(reward_mean), reward_std=jnp.float32(reward_std)
+        )
+    return PPOState(
+        policy=policy_state.replace(base=None),
+        critic=critic_state.replace(base=None),
+        frozen=tree,
+        base=shared,
+        reward_graphdef=reward_graphdef,
+        frozen_graphdefs=tuple(graphdefs),
     )

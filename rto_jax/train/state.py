@@ -14,31 +14,49 @@ from flax import nnx, struct
 class TrainState(struct.PyTreeNode):
     """Parameters, optimizer state and step of one trained model; `frozen` holds fixed params (e.g. DPO's ref).
 
-    The NNX graphdef and the optax transformation are static: `nnx.merge(state.graphdef, state.params)`
-    rebuilds the model inside a step.
+    `params` are the trained variables; `base`, when the model is trained only in part (low-rank
+    adapters over a frozen base: `create(..., trainable=...)`), holds the rest of the model's state,
+    which gets neither gradients nor optimizer state. The NNX graphdef and the optax transformation are
+    static: `state.merge(params)` rebuilds the model inside a step.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     frozen: Any = None
+    base: Any = None
     graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
     tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, model: nnx.Module, tx: optax.GradientTransformation, frozen: Any = None) -> "TrainState":
-        graphdef, params = nnx.split(model)
+    def create(
+        cls, model: nnx.Module, tx: optax.GradientTransformation, frozen: Any = None, trainable: Any = None
+    ) -> "TrainState":
+        """trainable: an nnx filter of the variables to train (e.g. `rto_jax.models.lora.TRAINABLE`); None:
+        all of them."""
+        if trainable is None:
+            graphdef, params = nnx.split(model)
+            base = None
+        else:
+            graphdef, params, base = nnx.split(model, trainable, ...)
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
             frozen=frozen,
+            base=base,
             graphdef=graphdef,
             tx=tx,
         )
 
+    def merge(self, params) -> nnx.Module:
+        """The model with `params` in place of the trained variables (the base, if any, as it is)."""
+        if self.base is None:
+            return nnx.merge(self.graphdef, params)
+        return nnx.merge(self.graphdef, params, self.base)
+
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.params)
+        return self.merge(self.params)
 
     def apply_gradients(self, grads) -> "TrainState":
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -76,26 +94,31 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def accumulate_gradients(loss_fn: Callable, params, batch: dict, num_micro_batches: int):
+def accumulate_gradients(loss_fn: Callable, params, batch: dict, num_micro_batches: int, rng=None):
     """Mean loss, metrics and gradients of `loss_fn(params, batch) -> (loss, metrics)` over micro-batches.
 
     With one micro-batch this is a plain `value_and_grad`; otherwise the batch's leading axis is split
     and a `lax.scan` sums the gradients, so peak activation memory is that of one micro-batch.
+    rng: when given, `loss_fn(params, batch, key)` is called with a key of its own for each micro-batch
+    (`rng` folded with the micro-batch index; `rng` itself when there is one micro-batch).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    with_key = loss_fn if rng is not None else (lambda p, b, key: loss_fn(p, b))
+    grad_fn = jax.value_and_grad(with_key, has_aux=True)
     if num_micro_batches == 1:
-        (loss, metrics), grads = grad_fn(params, batch)
+        (loss, metrics), grads = grad_fn(params, batch, rng)
         return loss, metrics, grads
     size = jax.tree.leaves(batch)[0].shape[0]
     if size % num_micro_batches:
         raise ValueError(f"batch size {size} is not divisible by grad_accum_steps={num_micro_batches}")
     micro = jax.tree.map(lambda x: x.reshape((num_micro_batches, size // num_micro_batches) + x.shape[1:]), batch)
 
-    def body(acc, micro_batch):
-        (loss, metrics), grads = grad_fn(params, micro_batch)
+    def body(acc, xs):
+        index, micro_batch = xs
+        key = None if rng is None else jax.random.fold_in(rng, index)
+        (loss, metrics), grads = grad_fn(params, micro_batch, key)
         return jax.tree.map(jnp.add, acc, grads), (loss, metrics)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, metrics) = jax.lax.scan(body, zeros, micro)
+    grads, (losses, metrics) = jax.lax.scan(body, zeros, (jnp.arange(num_micro_batches), micro))
     scale = 1.0 / num_micro_batches
     return jnp.mean(losses), jax.tree.map(jnp.mean, metrics), jax.tree.map(lambda g: g * scale, grads)

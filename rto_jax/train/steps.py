@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rto_jax.models import lora
 from rto_jax.objectives import bradley_terry_loss, dpo_loss, sft_loss
 from rto_jax.scoring import response_logits, response_logprobs, sequence_scores
 from rto_jax.train.sharding import StepShardings, jit_step
@@ -44,7 +45,7 @@ class SFTLoss:
     """Masked cross-entropy of the response tokens. batch: input_ids, attention_mask, positions, response_mask."""
 
     def __call__(self, params, batch, state):
-        model = nnx.merge(state.graphdef, params)
+        model = state.merge(params)
         length = batch["response_mask"].shape[1]
         logits = response_logits(model, batch["input_ids"], batch["attention_mask"], batch["positions"], length)
         return sft_loss(logits, batch["input_ids"][:, -length:], batch["response_mask"])
@@ -57,7 +58,7 @@ class RewardModelLoss:
     margin: bool = False
 
     def __call__(self, params, batch, state):
-        scores = sequence_scores(nnx.merge(state.graphdef, params), *_pair_inputs(batch))
+        scores = sequence_scores(state.merge(params), *_pair_inputs(batch))
         chosen, rejected = jnp.split(scores, 2)
         return bradley_terry_loss(chosen, rejected, batch["margin"] if self.margin else None)
 
@@ -65,18 +66,23 @@ class RewardModelLoss:
 @dataclasses.dataclass(frozen=True)
 class DPOLoss:
     """DPO. The reference log-probs come from the batch (`ref_chosen_logps`, `ref_rejected_logps`,
-    precomputed once) or, when absent, from `state.frozen["ref"]` (params with the policy's graphdef)."""
+    precomputed once) or, when absent, from `state.frozen["ref"]` (params with the policy's graphdef),
+    or, for an adapter policy without one, from its base with the adapters off."""
 
     beta: float = 0.1  # the RTO paper's DPO stage
     loss_type: str = "sigmoid"  # 'sigmoid', 'ipo', 'hinge' or 'robust'
     label_smoothing: float = 0.0  # eps of conservative / robust DPO
 
     def __call__(self, params, batch, state):
-        (chosen, rejected), (chosen_len, rejected_len) = sequence_logps(state.graphdef, params, batch)
+        (chosen, rejected), (chosen_len, rejected_len) = sequence_logps(state.merge(params), batch)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
-            (ref_chosen, ref_rejected), _ = sequence_logps(state.graphdef, state.frozen["ref"], batch)
+            if state.frozen is not None and "ref" in state.frozen:
+                (ref_chosen, ref_rejected), _ = sequence_logps(nnx.merge(state.graphdef, state.frozen["ref"]), batch)
+            else:
+                with lora.disabled():
+                    (ref_chosen, ref_rejected), _ = sequence_logps(state.merge(params), batch)
             ref_chosen, ref_rejected = jax.lax.stop_gradient(ref_chosen), jax.lax.stop_gradient(ref_rejected)
         return dpo_loss(
             chosen,
@@ -91,9 +97,8 @@ class DPOLoss:
         )
 
 
-def sequence_logps(graphdef, params, batch):
+def sequence_logps(model, batch):
     """Summed response log-probs of chosen and rejected `[B]` each, and their token counts."""
-    model = nnx.merge(graphdef, params)
     input_ids, attention_mask, positions, response_mask = _pair_inputs(batch)
     logp, _ = response_logprobs(model, input_ids, attention_mask, positions, response_mask)
     sums, lengths = jnp.sum(logp, axis=1), jnp.sum(response_mask, axis=1)
@@ -103,7 +108,16 @@ def sequence_logps(graphdef, params, batch):
 @functools.partial(jax.jit, static_argnums=0)
 def precompute_reference_logps(graphdef, params, batch) -> dict:
     """`ref_chosen_logps`, `ref_rejected_logps` `[B]` to add to a DPO batch, so the step skips the reference."""
-    (chosen, rejected), _ = sequence_logps(graphdef, params, batch)
+    (chosen, rejected), _ = sequence_logps(nnx.merge(graphdef, params), batch)
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+@jax.jit
+def precompute_base_logps(state: TrainState, batch) -> dict:
+    """`precompute_reference_logps` of an adapter policy's reference: its own base with the adapters off
+    (no second copy of the model)."""
+    with lora.disabled():
+        (chosen, rejected), _ = sequence_logps(state.model(), batch)
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
@@ -127,11 +141,17 @@ def make_train_step(loss, grad_accum_steps: int = 1, shardings: StepShardings | 
     shardings: the state's tree, the batch split over data x fsdp, rng and metrics replicated.
     """
 
+    def loss_with_dropout(params, batch, key, state):
+        # Adapter dropout (the only dropout of our models) draws from the step's key; off elsewhere.
+        with lora.dropout_rng(key):
+            return loss(params, batch, state)
+
     def step(state: TrainState, batch: dict, rng):
-        del rng  # deterministic: dropout is off everywhere
-        value, metrics, grads = accumulate_gradients(
-            lambda p, b: loss(p, b, state), state.params, batch, grad_accum_steps
-        )
+        if rng is None:  # no key, no dropout
+            fn = lambda p, b: loss_with_dropout(p, b, None, state)
+        else:
+            fn = lambda p, b, key: loss_with_dropout(p, b, key, state)
+        value, metrics, grads = accumulate_gradients(fn, state.params, batch, grad_accum_steps, rng)
         return state.apply_gradients(grads), {**metrics, "loss": value, "grad_norm": optax.tree.norm(grads)}
 
     return jit_step(step, shardings)
