@@ -212,9 +212,8 @@ def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps):
 
 
 def full_rows() -> list[dict]:
-    """The real benchmark: about 65 minutes on a quiet 2-core machine (50 min measured on 2026-11-24 for the
-    52 rows then, plus ~15 for the PPO iteration's PyTorch and tunix peers measured on 2026-12-02). `--only`
-    runs a subset.
+    """The real benchmark: about 55 minutes on a quiet 2-core machine (50 min measured on 2026-12-03 for the
+    56 rows then, plus ~4 for the shared-base PPO iteration row). `--only` runs a subset.
     """
     big, tiny = "smollm2-135m", "tiny"
     rows = [_ceiling("jax", (2048, 4096), reps=5), _ceiling("torch", (2048, 4096), reps=5)]

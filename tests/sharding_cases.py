@@ -166,7 +166,11 @@ def run_dpo(mesh=None) -> dict:
         ref = nnx.split(model_fn())[1]
     else:
         ref, _ = sharding.sharded_init(lambda: nnx.split(model_fn())[1], mesh)
-    state = _state(model_fn, mesh, frozen={"ref": ref})
+    return _dpo_case(_state(model_fn, mesh, frozen={"ref": ref}), mesh)
+
+
+def _dpo_case(state, mesh) -> dict:
+    """One DPO step of `state` (placed on `mesh` already) on the preference batch."""
     shardings = None if mesh is None else sharding.step_shardings(state, mesh)
     batch = _place_batch(preference_batch(), shardings)
     state, metrics = make_train_step(DPOLoss(beta=0.1), shardings=shardings)(state, batch, jax.random.key(0))
@@ -184,14 +188,7 @@ def run_dpo_lora(mesh=None) -> dict:
         return TrainState.create(_randomize_lora_b(model, 10, 0.05), optimizer(), trainable=lora.TRAINABLE)
 
     state = adapter_state()
-    if mesh is not None:
-        state = sharding.shard_tree(state, mesh)
-    shardings = None if mesh is None else sharding.step_shardings(state, mesh)
-    batch = _place_batch(preference_batch(), shardings)
-    state, metrics = make_train_step(DPOLoss(beta=0.1), shardings=shardings)(state, batch, jax.random.key(0))
-    out = _result(metrics, state.params)
-    out["margin"] = float(metrics["rewards/margin"])
-    return out
+    return _dpo_case(state if mesh is None else sharding.shard_tree(state, mesh), mesh)
 
 
 def ppo_config() -> PPOConfig:

@@ -165,23 +165,29 @@ def test_an_interrupted_adapter_run_resumes_bit_identically(adapter_run, fixture
     config.sft.init_from = str(adapter_run / "sft" / "model")
     reference = tmp_path / "a"
     run(config, reference)
-    interrupted = tmp_path / "b"
-    with kill_after_checkpoint("dpo", 2), pytest.raises(SimulatedFailure):
+    _resume_matches(config, "dpo", 3, reference, tmp_path / "b", ("adapter",))
+
+
+def _resume_matches(config, stage: str, steps: int, reference, interrupted, adapters) -> None:
+    """`config` killed after `stage`'s checkpoint at step 2, then run again: it resumes at 2 (runs only the
+    steps after it) and ends with the metrics and the `adapters` folders of the uninterrupted `reference`."""
+    from safetensors.numpy import load_file
+
+    with kill_after_checkpoint(stage, 2), pytest.raises(SimulatedFailure):
         run(config, interrupted)
     with count_steps() as resumed:
         run(config, interrupted)
-    assert resumed == {"dpo": 1}
-    assert json.loads((interrupted / "dpo" / "done.json").read_text())["resumed_from"] == 2
+    assert resumed == {stage: steps - 2}
+    assert json.loads((interrupted / stage / "done.json").read_text())["resumed_from"] == 2
     same_numbers(
         strip_time(read_metrics(reference / "metrics.jsonl")), strip_time(read_metrics(interrupted / "metrics.jsonl"))
     )
-    from safetensors.numpy import load_file
-
-    a = load_file(str(reference / "dpo" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(interrupted / "dpo" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name])
+    for folder in adapters:
+        a = load_file(str(reference / stage / folder / "adapter_model.safetensors"))
+        b = load_file(str(interrupted / stage / folder / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
 
 
 @pytest.mark.parametrize(
@@ -277,22 +283,7 @@ def test_ppo_on_a_shared_base_trains_exports_and_resumes_bit_identically(adapter
     adapted = load_peft_adapter(load_pretrained(adapter_run / "sft" / "model"), reference / "ppo" / "adapter")
     np.testing.assert_allclose(_logits(merged, ids), _logits(adapted, ids), rtol=1e-4, atol=1e-4)
     assert np.max(np.abs(_logits(merged, ids) - _logits(sft, ids))) > 1e-4  # the policy's adapters trained
-
-    interrupted = tmp_path / "b"
-    with kill_after_checkpoint("ppo", 2), pytest.raises(SimulatedFailure):
-        run(config, interrupted)
-    with count_steps() as resumed:
-        run(config, interrupted)
-    assert resumed == {"ppo": 2}
-    same_numbers(
-        strip_time(read_metrics(reference / "metrics.jsonl")), strip_time(read_metrics(interrupted / "metrics.jsonl"))
-    )
-    from safetensors.numpy import load_file
-
-    for folder in ("adapter", "critic_adapter"):
-        a = load_file(str(reference / "ppo" / folder / "adapter_model.safetensors"))
-        b = load_file(str(interrupted / "ppo" / folder / "adapter_model.safetensors"))
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    _resume_matches(config, "ppo", 4, reference, tmp_path / "b", ("adapter", "critic_adapter"))
 
 
 def test_shared_base_ppo_refuses_models_that_are_not_adapters_on_the_sft_model(
