@@ -302,3 +302,22 @@ def test_shared_base_ppo_refuses_models_that_are_not_adapters_on_the_sft_model(
     config.ppo.lora.rank, config.reward_model.lora.rank = 4, 0
     with pytest.raises(ConfigError, match=r"config\.reward_model\.lora\.rank: ppo\.lora\.rank=4 runs PPO on one"):
         validate(config)
+
+
+def test_adapter_targets_are_checked_even_off_and_against_the_loaded_architecture(
+    adapter_run,
+    fixture_data,  # noqa: F811
+    tmp_path,
+):
+    config = small_config(*fixture_data, "sft,reward_model,dpo")
+    config.dpo.lora.targets = "q_prj"  # a typo, with adapters off: refused now, not on the day they are on
+    with pytest.raises(ConfigError, match=r"config\.dpo\.lora\.targets: \['q_prj'\]"):
+        validate(config)
+    # A GPT-NeoX projection on the loaded Llama SFT model: only the load knows the architecture.
+    config = _adapter_config(*fixture_data, stages="dpo")
+    config.sft.init_from = str(adapter_run / "sft" / "model")
+    config.dpo.lora.targets = "query_key_value"
+    validate(config)
+    with pytest.raises(ConfigError, match=r"config\.dpo\.lora\.targets: .*'query_key_value'.* not projections of"):
+        run(config, tmp_path / "a")
+    assert not (tmp_path / "a" / "dpo" / "done.json").exists()

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rto_jax.distributed import is_main_process, sync, to_host
-from rto_jax.errors import ModelError
+from rto_jax.errors import ConfigError, ModelError
 from rto_jax.models import (
     CausalLM,
     LoraConfig,
@@ -193,6 +193,15 @@ def lora_config(stage_config) -> LoraConfig | None:
     return LoraConfig(rank=fields.rank, alpha=fields.alpha, dropout=fields.dropout, targets=targets)
 
 
+def check_lora_targets(stage: str, adapters: LoraConfig, model) -> None:
+    """A ConfigError naming `<stage>.lora.targets` when the loaded model's architecture lacks a target
+    (`validate` knows the architecture only of a random-init model)."""
+    try:
+        adapters.target_names(model.config.arch)
+    except ValueError as e:
+        raise ConfigError(f"{stage}.lora.targets", str(e)) from None
+
+
 def train_state(config, stage: str, model, tx, mesh):
     """(TrainState of `model` placed on `mesh`, its StepShardings). With `config.<stage>.lora.rank` > 0, fresh
     adapters are added and only they (and a scalar head) are trained; the frozen base is stored in the
@@ -200,6 +209,7 @@ def train_state(config, stage: str, model, tx, mesh):
     adapters = lora_config(config[stage])
     if adapters is None:
         return shard_state(TrainState.create(model, tx), mesh)
+    check_lora_targets(stage, adapters, model)
     model = with_adapters(model, adapters, nnx.Rngs(params=stage_key(config.seed, f"{stage}/lora")))
     state = TrainState.create(model, tx, trainable=lora.TRAINABLE)
     if config.model.dtype == "bfloat16":

@@ -506,6 +506,13 @@ def _check_lora(config, stage: str) -> None:
     lora = config[stage].lora
     if lora.rank < 0:
         raise ConfigError(f"{stage}.lora.rank", f"must be >= 0 (0: no adapters), got {lora.rank}")
+    targets = [t.strip() for t in lora.targets.split(",") if t.strip()]
+    # The architecture is known here only for a random-init model; a loaded one is checked by its own.
+    random_init = not config.model.init_from and not config.sft.init_from
+    valid = PROJECTIONS[config.model.arch] if random_init else sorted({p for ps in PROJECTIONS.values() for p in ps})
+    unknown = [t for t in targets if t not in valid]
+    if unknown:  # checked whatever the rank: a typo should not wait for the day adapters are switched on
+        raise ConfigError(f"{stage}.lora.targets", f"{unknown} are not projections to adapt; valid: {', '.join(valid)}")
     if lora.rank == 0:
         return
     if lora.alpha <= 0:
@@ -518,13 +525,6 @@ def _check_lora(config, stage: str) -> None:
             f"must be 0, got {lora.dropout}: PPO's importance ratio compares the update's log-probs with the "
             "rollout's, which never drop units",
         )
-    targets = [t.strip() for t in lora.targets.split(",") if t.strip()]
-    # The architecture is known here only for a random-init model; a loaded one is checked by its own.
-    random_init = not config.model.init_from and not config.sft.init_from
-    valid = PROJECTIONS[config.model.arch] if random_init else sorted({p for ps in PROJECTIONS.values() for p in ps})
-    unknown = [t for t in targets if t not in valid]
-    if unknown:
-        raise ConfigError(f"{stage}.lora.targets", f"{unknown} are not projections to adapt; valid: {', '.join(valid)}")
 
 
 def validate(config, workdir=None, num_devices: int | None = None) -> None:

@@ -430,6 +430,7 @@ def _shared_base_state(config, stage: str, token_reward, models: dict, reward: d
     policy = their adapters; all of them trained on this SFT model (checked)."""
     sft = models["ref"]
     base = common.load_model(sft, "lm", config, mesh)
+    common.check_lora_targets("ppo", common.lora_config(config.ppo), base)
     reward_folder = _adapter_on_sft(reward["model_path"], sft, "reward model", "reward_model.lora.rank")
     if "score" not in (peft_io.read_peft_json(reward_folder).get("modules_to_save") or []):
         raise ConfigError(
