@@ -90,7 +90,7 @@ class Dense(nnx.Module):
         self.lora_a = (
             None
             if lora is None
-            else nnx.LoRAParam(lora_lib.init_a(rngs.params(), in_features, lora.rank), axes=(axes[0], "lora_rank"))
+            else nnx.LoRAParam(lora_lib.init_a(rngs.params(), (in_features, lora.rank)), axes=(axes[0], "lora_rank"))
         )
         self.lora_b = (
             None

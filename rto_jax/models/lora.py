@@ -94,9 +94,15 @@ def enabled() -> bool:
     return _ENABLED.get()
 
 
-def init_a(key, in_features: int, rank: int):
-    bound = 1.0 / in_features**0.5
-    return jax.random.uniform(key, (in_features, rank), jnp.float32, -bound, bound)
+def init_a(key, shape):
+    """A fresh `lora_a` of `shape` (`[..., in, r]`): uniform in +-1/sqrt(in), PEFT's default."""
+    bound = 1.0 / shape[-2] ** 0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """`LoraConfig.targets` from a config's comma-separated string ('' = every projection)."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def dropout(x, rate: float, site: int):

@@ -312,9 +312,7 @@ def with_adapters(model: CausalLM | ScalarHeadModel, lora: lora_lib.LoraConfig, 
         if key in base:
             filled[key] = var.replace(base[key][...])  # the same (immutable) array in a variable of its own
         elif key[-1] == "lora_a":
-            in_features = var.shape[-2]
-            bound = 1.0 / in_features**0.5
-            filled[key] = var.replace(jax.random.uniform(rngs.params(), var.shape, jnp.float32, -bound, bound))
+            filled[key] = var.replace(lora_lib.init_a(rngs.params(), var.shape))
         elif key[-1] == "lora_b":
             filled[key] = var.replace(jnp.zeros(var.shape, jnp.float32))
         else:

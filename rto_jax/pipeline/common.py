@@ -73,9 +73,10 @@ def _load_peft_folder(folder: Path, kind: str, config, mesh):
         raise ModelError(
             f"{folder / peft_io.CONFIG_FILE}: base_model_name_or_path is empty; the adapter needs its base"
         )
-    if (resolve_model_path(base) / peft_io.CONFIG_FILE).is_file():
+    base_path = resolve_model_path(base)
+    if (base_path / peft_io.CONFIG_FILE).is_file():
         raise ModelError(f"{folder / peft_io.CONFIG_FILE}: the base {base} is itself an adapter; merge it first")
-    return merge_adapters(peft_io.load_peft_adapter(load_model(base, kind, config, mesh), folder))
+    return merge_adapters(peft_io.load_peft_adapter(load_model(str(base_path), kind, config, mesh), folder))
 
 
 def init_base_model(config, task, mesh=None) -> CausalLM:
@@ -189,8 +190,9 @@ def lora_config(stage_config) -> LoraConfig | None:
     fields = stage_config.lora
     if fields.rank == 0:
         return None
-    targets = tuple(t.strip() for t in fields.targets.split(",") if t.strip())
-    return LoraConfig(rank=fields.rank, alpha=fields.alpha, dropout=fields.dropout, targets=targets)
+    return LoraConfig(
+        rank=fields.rank, alpha=fields.alpha, dropout=fields.dropout, targets=lora.parse_targets(fields.targets)
+    )
 
 
 def check_lora_targets(stage: str, adapters: LoraConfig, model) -> None:
@@ -211,11 +213,14 @@ def train_state(config, stage: str, model, tx, mesh):
         return shard_state(TrainState.create(model, tx), mesh)
     check_lora_targets(stage, adapters, model)
     model = with_adapters(model, adapters, nnx.Rngs(params=stage_key(config.seed, f"{stage}/lora")))
-    state = TrainState.create(model, tx, trainable=lora.TRAINABLE)
-    if config.model.dtype == "bfloat16":
-        cast = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        state = state.replace(base=jax.tree.map(cast, state.base))
+    state = TrainState.create(model, tx, trainable=lora.TRAINABLE, base_dtype=base_dtype(config))
     return shard_state(state, mesh)
+
+
+def base_dtype(config):
+    """How an adapter run stores its frozen base: in the compute dtype (bfloat16 halves it, and the forward
+    casts the weights to it anyway); None keeps float32."""
+    return jnp.bfloat16 if config.model.dtype == "bfloat16" else None
 
 
 def stage_dir(workdir, stage: str) -> Path:

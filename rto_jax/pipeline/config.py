@@ -17,7 +17,7 @@ from ml_collections import config_dict
 
 from rto_jax.data.synthetic import SyntheticTaskConfig
 from rto_jax.errors import ConfigError
-from rto_jax.models.lora import PROJECTIONS, LoraConfig
+from rto_jax.models.lora import PROJECTIONS, LoraConfig, parse_targets
 from rto_jax.objectives.masked import LOSS_AVERAGES
 from rto_jax.objectives.token_rewards import bind, frozen_models, reward_args, rto
 from rto_jax.train.ppo import PPOConfig
@@ -26,7 +26,6 @@ from rto_jax.train.steps import DPOLoss
 
 STAGES = ("sft", "preferences", "reward_model", "dpo", "ppo", "evaluate")
 TRAINED_STAGES = ("sft", "reward_model", "dpo", "ppo")
-ADAPTER_STAGES = TRAINED_STAGES  # the stages with `lora.*` fields
 
 
 def _source(path: str = "", format: str = "tldr_sft") -> config_dict.ConfigDict:  # pylint: disable=redefined-builtin
@@ -506,7 +505,7 @@ def _check_lora(config, stage: str) -> None:
     lora = config[stage].lora
     if lora.rank < 0:
         raise ConfigError(f"{stage}.lora.rank", f"must be >= 0 (0: no adapters), got {lora.rank}")
-    targets = [t.strip() for t in lora.targets.split(",") if t.strip()]
+    targets = parse_targets(lora.targets)
     # The architecture is known here only for a random-init model; a loaded one is checked by its own.
     random_init = not config.model.init_from and not config.sft.init_from
     valid = PROJECTIONS[config.model.arch] if random_init else sorted({p for ps in PROJECTIONS.values() for p in ps})
@@ -650,7 +649,7 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
             )
         if config[stage].num_epochs == 0 and config[stage].max_steps == 0:
             raise ConfigError(f"{stage}.num_epochs", "num_epochs and max_steps are both 0: nothing to train")
-    for stage in ADAPTER_STAGES:
+    for stage in TRAINED_STAGES:  # each has `lora.*` fields
         _check_lora(config, stage)
     if "ppo" in trains and config.ppo.lora.rank > 0:
         # One shared base: the models PPO reads must be adapters on the SFT model (init_from ones are

@@ -428,9 +428,9 @@ def _shared_base_state(config, stage: str, token_reward, models: dict, reward: d
     """PPOState on the SFT model held once (config.ppo.lora.rank > 0): policy = fresh adapters on it,
     pi_ref = it, critic = the reward model's adapters and head (rescaled), the reward model and the DPO
     policy = their adapters; all of them trained on this SFT model (checked)."""
-    sft = models["ref"]
+    sft, policy_lora = models["ref"], common.lora_config(config.ppo)
     base = common.load_model(sft, "lm", config, mesh)
-    common.check_lora_targets("ppo", common.lora_config(config.ppo), base)
+    common.check_lora_targets("ppo", policy_lora, base)
     reward_folder = _adapter_on_sft(reward["model_path"], sft, "reward model", "reward_model.lora.rank")
     if "score" not in (peft_io.read_peft_json(reward_folder).get("modules_to_save") or []):
         raise ConfigError(
@@ -447,7 +447,7 @@ def _shared_base_state(config, stage: str, token_reward, models: dict, reward: d
     }
     return create_shared_base_ppo_state(
         base,
-        common.lora_config(config.ppo),
+        policy_lora,
         _critic(reward_model, reward),
         *txs,
         frozen=frozen,
@@ -455,7 +455,7 @@ def _shared_base_state(config, stage: str, token_reward, models: dict, reward: d
         reward_mean=reward["reward_mean"],
         reward_std=reward["reward_std"],
         rngs=nnx.Rngs(params=common.stage_key(config.seed, f"{stage}/lora")),
-        base_dtype=jnp.bfloat16 if config.model.dtype == "bfloat16" else None,
+        base_dtype=common.base_dtype(config),
     )
 
 

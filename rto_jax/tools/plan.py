@@ -379,7 +379,7 @@ def lora_from_config(config) -> LoraConfig | None:
     fields = _get(_get(config, "ppo"), "lora")
     if not _get(fields, "rank", 0):
         return None
-    targets = tuple(t.strip() for t in str(_get(fields, "targets", "")).split(",") if t.strip())
+    targets = lora.parse_targets(str(_get(fields, "targets", "")))
     return LoraConfig(rank=fields.rank, alpha=_get(fields, "alpha", 2.0 * fields.rank), targets=targets)
 
 

@@ -18,7 +18,6 @@ from rto_jax.train.steps import (
     SFTLoss,
     loss_metrics,
     make_train_step,
-    precompute_base_logps,
     precompute_reference_logps,
     sequence_logps,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "SFTLoss",
     "loss_metrics",
     "make_train_step",
-    "precompute_base_logps",
     "precompute_reference_logps",
     "response_logits",
     "response_logprobs",

@@ -287,6 +287,11 @@ def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None):
     )
 
 
+def _copy(tree):
+    """The update donates the whole state; copies keep the caller's frozen models (reward, DPO, reference) alive."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def create_ppo_state(
     policy: nnx.Module,
     critic: nnx.Module,
@@ -306,16 +311,14 @@ def create_ppo_state(
     The policy's and critic's arrays become the train states' (donated by the jitted update); the
     frozen models are copied.
     """
-    # The update donates the whole state; copies keep the caller's reward/DPO/reference models alive.
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)
     policy_state = TrainState.create(policy, policy_tx)
     models = frozen if frozen is not None else {"ref": policy_state.params}
-    tree = {"models": {name: copy(params) for name, params in models.items()}}
+    tree = {"models": {name: _copy(params) for name, params in models.items()}}
     reward_graphdef = None
     if reward_model is not None:
         reward_graphdef, reward_params = nnx.split(reward_model)
         tree.update(
-            reward=copy(reward_params), reward_mean=jnp.float32(reward_mean), reward_std=jnp.float32(reward_std)
+            reward=_copy(reward_params), reward_mean=jnp.float32(reward_mean), reward_std=jnp.float32(reward_std)
         )
     return PPOState(
         policy=policy_state, critic=TrainState.create(critic, critic_tx), frozen=tree, reward_graphdef=reward_graphdef
@@ -347,11 +350,8 @@ def create_shared_base_ppo_state(
     them): copy them first to keep using `base` elsewhere.
     """
     policy = with_adapters(base, policy_lora, rngs if rngs is not None else nnx.Rngs(0))
-    policy_state = TrainState.create(policy, policy_tx, trainable=lora.TRAINABLE)
+    policy_state = TrainState.create(policy, policy_tx, trainable=lora.TRAINABLE, base_dtype=base_dtype)
     shared = policy_state.base
-    if base_dtype is not None:
-        cast = lambda x: x.astype(base_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        shared = jax.tree.map(cast, shared)
     backbone = nnx.State({"decoder": shared["decoder"]})
 
     shapes = lambda state: {key: tuple(var[...].shape) for key, var in nnx.to_flat_state(state)}
@@ -364,20 +364,19 @@ def create_shared_base_ppo_state(
             raise ValueError(f"{type(model).__name__}: its frozen weights are not shaped like the shared base")
         return graphdef, trained
 
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the update donates the state
     adapters_on_base(critic, backbone)
     critic_state = TrainState.create(critic, critic_tx, trainable=lora.TRAINABLE)
     tree = {"models": {}}
     graphdefs = []
     for name, model in (frozen or {}).items():
         graphdef, adapters = adapters_on_base(model, policy_state.base)
-        tree["models"][name] = copy(adapters)
+        tree["models"][name] = _copy(adapters)
         graphdefs.append((name, graphdef))
     reward_graphdef = None
     if reward_model is not None:
         reward_graphdef, reward_params = adapters_on_base(reward_model, backbone)
         tree.update(
-            reward=copy(reward_params), reward_mean=jnp.float32(reward_mean), reward_std=jnp.float32(reward_std)
+            reward=_copy(reward_params), reward_mean=jnp.float32(reward_mean), reward_std=jnp.float32(reward_std)
         )
     return PPOState(
         policy=policy_state.replace(base=None),

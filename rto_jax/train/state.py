@@ -30,15 +30,23 @@ class TrainState(struct.PyTreeNode):
 
     @classmethod
     def create(
-        cls, model: nnx.Module, tx: optax.GradientTransformation, frozen: Any = None, trainable: Any = None
+        cls,
+        model: nnx.Module,
+        tx: optax.GradientTransformation,
+        frozen: Any = None,
+        trainable: Any = None,
+        base_dtype: Any = None,
     ) -> "TrainState":
         """trainable: an nnx filter of the variables to train (e.g. `rto_jax.models.lora.TRAINABLE`); None:
-        all of them."""
+        all of them. base_dtype: the floating dtype the rest (`base`) is stored in; None keeps it."""
         if trainable is None:
             graphdef, params = nnx.split(model)
             base = None
         else:
             graphdef, params, base = nnx.split(model, trainable, ...)
+            if base_dtype is not None:
+                cast = lambda x: x.astype(base_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+                base = jax.tree.map(cast, base)
         return cls(
             step=jnp.zeros((), jnp.int32),
             params=params,

@@ -112,15 +112,6 @@ def precompute_reference_logps(graphdef, params, batch) -> dict:
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
-@jax.jit
-def precompute_base_logps(state: TrainState, batch) -> dict:
-    """`precompute_reference_logps` of an adapter policy's reference: its own base with the adapters off
-    (no second copy of the model)."""
-    with lora.disabled():
-        (chosen, rejected), _ = sequence_logps(state.model(), batch)
-    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def loss_metrics(loss, state: TrainState, batch: dict) -> dict:
     """`loss`'s metrics (and the value as `loss`) on `batch` at `state.params`, no gradient: held-out evaluation."""
@@ -147,10 +138,7 @@ def make_train_step(loss, grad_accum_steps: int = 1, shardings: StepShardings | 
             return loss(params, batch, state)
 
     def step(state: TrainState, batch: dict, rng):
-        if rng is None:  # no key, no dropout
-            fn = lambda p, b: loss_with_dropout(p, b, None, state)
-        else:
-            fn = lambda p, b, key: loss_with_dropout(p, b, key, state)
+        fn = lambda p, b, key=None: loss_with_dropout(p, b, key, state)  # no rng: no key, no dropout
         value, metrics, grads = accumulate_gradients(fn, state.params, batch, grad_accum_steps, rng)
         return state.apply_gradients(grads), {**metrics, "loss": value, "grad_norm": optax.tree.norm(grads)}
 
