@@ -226,14 +226,22 @@ def _preempt_then_resume(workdir: Path, reference: Path) -> None:
     from rto_jax.pipeline.loop import PREEMPTED_EXIT_STATUS
 
     extra = ("--config.checkpoint.every_steps=100",)
+    dpo_steps = 3  # OVERRIDES'
+    sent_after = None  # (DPO steps logged just before the signal was sent, and just after)
     with open(workdir.parent / "sigterm.log", "w") as log:
         proc = subprocess.Popen(_command(workdir, *extra), env=_env(1), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + TIMEOUT
             metrics = workdir / "metrics.jsonl"
+
+            def logged() -> list[int]:
+                return [r["step"] for r in read_metrics(metrics) if r["stage"] == "dpo"] if metrics.exists() else []
+
             while time.time() < deadline and proc.poll() is None:
-                if metrics.exists() and any(r["stage"] == "dpo" for r in read_metrics(metrics)):
+                before = logged()
+                if before:
                     proc.send_signal(signal.SIGTERM)  # our own child, by handle
+                    sent_after = (max(before), max(logged()))
                     break
                 time.sleep(0.05)
             proc.wait(timeout=TIMEOUT)
@@ -246,10 +254,15 @@ def _preempt_then_resume(workdir: Path, reference: Path) -> None:
     assert last.startswith("stopped: ") and "stopped by SIGTERM after step " in last, last
     stage = last.split(": ")[1]
     stopped_at = int(last.split("after step ")[1].split(";")[0])
+    assert sent_after is not None, output[-6000:]
+    # The loop acts on the signal at the end of the step in flight: a step logged around the moment it
+    # was sent, or the one after (a run that ignored it would go on to DPO's end and stop at PPO's start).
+    first, latest = sent_after
     if stage == "dpo":  # the usual case: stopped after DPO step 1 or 2, with a checkpoint of it
-        assert stopped_at in (1, 2), last
+        assert first <= stopped_at <= latest + 1 and stopped_at < dpo_steps, (last, sent_after)
         assert f"checkpoint written to {workdir / 'dpo' / 'checkpoints' / str(stopped_at)}" in last, last
     else:  # the signal came during DPO's last step: DPO finished, PPO stopped before its first
+        assert latest >= dpo_steps - 1, (last, sent_after)
         assert (stage, stopped_at) == ("ppo", 0) and "nothing of this stage to save" in last, last
     assert not (workdir / stage / "done.json").exists()
     _run_one(workdir, 1, *extra)

@@ -390,6 +390,36 @@ def test_sequence_averaged_update_matches_loop_rebuild(models, update_run):
     assert _max_diff(final[0], token_final[0]) > 1e-4 and _max_diff(final[1], token_final[1]) > 1e-4
 
 
+def _numpy_average(x, mask, average):
+    x, mask = np.asarray(x, np.float64), np.asarray(mask, np.float64)
+    if average == "token":
+        return float((x * mask).sum() / mask.sum())
+    rows = mask.sum(1) > 0
+    return float(((x * mask).sum(1)[rows] / mask.sum(1)[rows]).mean())
+
+
+@pytest.mark.parametrize("average", ["token", "sequence"])
+def test_one_minibatch_update_reports_the_numpy_averages_of_both_losses(models, experiences, average):
+    """One epoch, one minibatch: the update's losses are those of the rollout's own models, where the
+    ratio is 1 and V = V_old, so policy loss = average(-A) and value loss = average((V_old - G)^2),
+    each averaged over tokens or per response as config.loss_average says."""
+    config, experience, _ = experiences["rto"]
+    config = dataclasses.replace(config, ppo_epochs=1, num_minibatches=1, loss_average=average)
+    _, update_fn, _ = _ppo_fns(config)
+    _, metrics = update_fn(_state(models), jax.tree.map(jnp.asarray, experience), jax.random.key(3))
+    mask = experience.response_mask
+    assert len({int(m.sum()) for m in mask}) > 2  # ragged: the two averages differ
+    losses = {
+        "policy_loss": -experience.advantages,
+        "value_loss": np.square(experience.values.astype(np.float64) - experience.returns),
+    }
+    for key, per_token in losses.items():
+        expected = _numpy_average(per_token, mask, average)
+        other = _numpy_average(per_token, mask, "sequence" if average == "token" else "token")
+        assert abs(expected - other) > 1e-3, key  # the comparison can tell the averages apart
+        assert float(metrics[key]) == pytest.approx(expected, rel=1e-4, abs=1e-5), key
+
+
 def test_first_minibatch_ratio_is_one(models, update_run):
     config, experience, _, _, _, metrics = update_run
     assert config.sampling.temperature == TAU != 1.0

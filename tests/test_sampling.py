@@ -110,13 +110,17 @@ def test_rows_that_hit_eos_are_masked_and_padded():
         SamplingConfig(max_new_tokens=NEW, eos_id=eos, pad_id=PAD, greedy=True),
     )
     tokens, mask = np.asarray(out.tokens), np.asarray(out.response_mask)
+    lengths = []
     for row in range(len(tokens)):
         hits = np.flatnonzero(np.asarray(free.tokens[row]) == eos)
         length = hits[0] + 1 if len(hits) else NEW
+        lengths.append(length)
         np.testing.assert_array_equal(mask[row], (np.arange(NEW) < length).astype(np.float32))
         np.testing.assert_array_equal(tokens[row, :length], np.asarray(free.tokens[row, :length]))
         assert (tokens[row, length:] == PAD).all() and (np.asarray(out.logprobs[row, length:]) == 0).all()
     assert mask[0].sum() <= 3
+    # The loop ran until the last row's EOS (or to R), not one step more or less.
+    assert int(out.steps) == max(lengths)
 
 
 def test_loop_stops_when_every_row_is_done():
@@ -137,6 +141,8 @@ def test_loop_stops_when_every_row_is_done():
         SamplingConfig(max_new_tokens=NEW, eos_id=int(free.tokens[0, 0]), pad_id=PAD, greedy=True),
     )
     np.testing.assert_array_equal(np.asarray(out.response_mask[0]), [1] + [0] * (NEW - 1))
+    # One decode step, not R: the loop itself stopped (the mask alone looks the same either way).
+    assert int(free.steps) == NEW and int(out.steps) == 1
 
 
 def test_top_k_one_equals_greedy():
