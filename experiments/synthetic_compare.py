@@ -13,10 +13,10 @@ from pathlib import Path
 
 from rto_jax.distributed import is_main_process
 from rto_jax.eval import plots, report
-from rto_jax.eval.policy_eval import run_best_of_n
 from rto_jax.objectives.token_rewards import bind, ppo, rto, rto_no_rm, rto_sequence_end
 from rto_jax.pipeline import Pipeline, model_path, stages
 from rto_jax.pipeline.config import parse_per_method
+from rto_jax.pipeline.evaluate import run_best_of_n
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
 

@@ -34,11 +34,11 @@ from rto_jax.data.synthetic import SyntheticTaskConfig
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
 from rto_jax.eval import plots, report
-from rto_jax.eval.policy_eval import run_best_of_n
 from rto_jax.eval.rollout_eval import episodes_to_reach
 from rto_jax.objectives.token_rewards import ppo, rto
 from rto_jax.pipeline import Pipeline, model_path, stages
 from rto_jax.pipeline.config import parse_per_method, parse_seeds
+from rto_jax.pipeline.evaluate import run_best_of_n
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
 

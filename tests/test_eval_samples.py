@@ -5,6 +5,7 @@ The models are tiny random ones (different seeds for pi_ref, pi_dpo and the eval
 log-ratios are far from 0), exported like a stage's and given to `run_evaluate` as the RTO recipe does.
 """
 
+import functools
 import json
 from html.parser import HTMLParser
 
@@ -67,7 +68,7 @@ def evaluated(fixture_data, tmp_path_factory):  # noqa: F811
             kernel[...] = kernel[...].at[:, task.eos_id].set(EOS_WEIGHT * kernel[...].sum(axis=1))
         paths[name] = common.export(model, workdir / name, task)
     paths["rm"] = common.export(ScalarHeadModel.from_causal_lm(ref, nnx.Rngs(3)), workdir / "rm", task)
-    run_evaluate(
+    summary = run_evaluate(
         config,
         workdir,
         task,
@@ -79,7 +80,7 @@ def evaluated(fixture_data, tmp_path_factory):  # noqa: F811
         models={"ref": paths["sft"], "dpo": paths["dpo"]},
         reward={"model_path": paths["rm"], "reward_mean": REWARD_MEAN, "reward_std": REWARD_STD},
     )
-    return config, task, workdir, paths
+    return config, task, workdir, paths, summary
 
 
 def log_softmax(x):
@@ -105,7 +106,7 @@ def independent(task, paths, prompt_ids, prompt_mask, response, temperature):
 
 
 def test_token_page_values_equal_a_numpy_recomputation(evaluated):
-    config, task, workdir, paths = evaluated
+    config, task, workdir, paths, _ = evaluated
     page = read_page(workdir / "evaluate" / "tokens_rto.html")
     rows = [json.loads(line) for line in (workdir / "evaluate" / "samples_rto.jsonl").read_text().splitlines()]
     assert len(page) == LOGGED and len(rows) == LOGGED
@@ -155,7 +156,7 @@ def test_token_page_values_equal_a_numpy_recomputation(evaluated):
 
 
 def test_samples_rows_carry_the_reference_the_judge_and_the_win(evaluated):
-    _, task, workdir, _ = evaluated
+    _, task, workdir, _, _ = evaluated
     p = task.prompt_length
     keys = {"prompt", "response", "reference", "judge_score", "reference_judge_score", "win", "rm_score", "kl",
             "length", "eos"}  # fmt: skip
@@ -176,9 +177,18 @@ def test_samples_rows_carry_the_reference_the_judge_and_the_win(evaluated):
                 assert row["response"].endswith(task.tokenizer.eos_token)  # EOS stays visible
 
 
-def test_evaluation_shows_a_progress_bar_over_prompt_batches(monkeypatch):
+def test_model_paths_inside_the_workdir_are_written_relative_to_it(evaluated):
+    """evaluate/<policy>.json and the summary (results.json's `judge`) name models as done.json does."""
+    _, _, workdir, _, summary = evaluated
+    assert summary["judge"] == "rm"
+    for policy in ("sft", "rto"):
+        saved = json.loads((workdir / "evaluate" / f"{policy}.json").read_text())
+        assert saved["model_path"] == policy
+        assert summary["policies"][policy]["model_path"] == policy
+
+
+def test_evaluation_shows_a_progress_bar_over_prompt_batches():
     from rto_jax.eval import rollout_eval
-    from rto_jax.pipeline import logging as run_logging
 
     bars = []
 
@@ -193,11 +203,11 @@ def test_evaluation_shows_a_progress_bar_over_prompt_batches(monkeypatch):
         def close(self):
             self.closed = True
 
-    monkeypatch.setattr(run_logging, "progress", Bar)
     prompts = {"prompt_ids": np.zeros((10, 3), np.int32), "prompt_mask": np.ones((10, 3), np.int32)}
     fn = lambda ids, mask, rng: {"x": np.asarray(ids)[:, 0]}
-    out = rollout_eval.over_prompt_batches(fn, prompts, jax.random.key(0), 4, desc="evaluate sft")
+    progress = functools.partial(Bar, "evaluate sft")  # as the evaluation stage labels its bar
+    out = rollout_eval.over_prompt_batches(fn, prompts, jax.random.key(0), 4, progress=progress)
     assert out["x"].shape == (10,)
     assert [(b.desc, b.total, b.n, b.closed) for b in bars] == [("evaluate sft", 3, 3, True)]
-    rollout_eval.over_prompt_batches(fn, prompts, jax.random.key(0), 4)  # no label: no bar (PPO's gold curve)
+    rollout_eval.over_prompt_batches(fn, prompts, jax.random.key(0), 4)  # no bar asked (PPO's gold curve)
     assert len(bars) == 1

@@ -79,6 +79,19 @@ def test_each_method_trains_with_its_own_token_reward(smoke):
     assert first["rto_no_rm"]["reward/dpo"] == pytest.approx(2 * first["rto"]["reward/dpo"], rel=1e-4)
 
 
+def test_results_name_models_relative_to_the_workdir(smoke):
+    """results.json and evaluate/<policy>.json: no absolute path into the workdir (a moved workdir reads)."""
+    _, workdir, _ = smoke
+    files = [workdir / "results.json", *sorted((workdir / "evaluate").glob("*.json"))]
+    assert len(files) == 1 + 2 + len(METHODS) + 1  # results.json; sft, dpo, the methods; done.json
+    for path in files:
+        assert str(workdir) not in path.read_text(), path
+    saved = json.loads((workdir / "results.json").read_text())
+    assert saved["judge"] == "reward_model/model"
+    assert saved["policies"]["sft"]["model_path"] == "sft/model"
+    assert json.loads((workdir / "evaluate" / "rto.json").read_text())["model_path"] == "ppo_rto/model"
+
+
 def test_a_restart_reuses_every_stage_and_reproduces_the_results(smoke):
     config, workdir, results = smoke
     before = len(read_metrics(workdir / "metrics.jsonl"))

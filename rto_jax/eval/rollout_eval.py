@@ -74,10 +74,10 @@ def evaluate_policy(
     reward_params=None,
     gold_fn=None,
     batch_size: int = 256,
-    desc: str | None = None,
+    progress: Callable | None = None,
 ) -> dict[str, np.ndarray]:
     """`score_rollouts` over all `prompts` (`prompt_ids`, `prompt_mask` `[N, P]`): numpy arrays `[N]` per
-    metric. desc: show a progress bar over the prompt batches with this label."""
+    metric. progress: a progress bar over the prompt batches, as `over_prompt_batches` takes it."""
     return over_prompt_batches(
         lambda prompt_ids, prompt_mask, batch_rng: score_rollouts(
             policy_graphdef,
@@ -94,25 +94,25 @@ def evaluate_policy(
         prompts,
         rng,
         batch_size,
-        desc=desc,
+        progress=progress,
     )
 
 
-def over_prompt_batches(fn, prompts: dict, rng, batch_size: int, desc: str | None = None) -> dict[str, np.ndarray]:
+def over_prompt_batches(
+    fn, prompts: dict, rng, batch_size: int, progress: Callable | None = None
+) -> dict[str, np.ndarray]:
     """Calls `fn(prompt_ids, prompt_mask, rng) -> {name: [b, ...]}` on fixed-size batches of `prompts` `[N, P]`.
 
     The last batch is padded by repeating prompts so every call has the same shape (one compile); the
     padding rows are dropped. Batch i gets `fold_in(rng, i)`. Returns numpy arrays `[N, ...]`.
-    desc: a progress bar over the batches with this label (rto_jax.pipeline.logging.progress: process 0
-    only, off with RTO_JAX_NO_TQDM=1).
+    progress: `progress(total)` -> a bar with `update(n)` and `close()`, advanced once per batch (the
+    evaluation stage gives a labelled tqdm bar, rto_jax.pipeline.logging.progress); None: no bar.
     """
-    from rto_jax.pipeline.logging import progress  # here: rto_jax.pipeline imports this module
-
     total = prompts["prompt_ids"].shape[0]
     batch_size = min(batch_size, total)
     rows: dict[str, list] = {}
     starts = range(0, total, batch_size)
-    bar = progress(desc, len(starts)) if desc else None
+    bar = progress(len(starts)) if progress is not None else None
     for index, start in enumerate(starts):
         take = np.arange(start, start + batch_size) % total
         out = fn(

@@ -8,7 +8,7 @@
     token_strings(ids, decode) -> [str]   readable text of each token (byte-level BPE markers decoded)
 
 A pure function of plain data (strings, lists of floats, dicts): the evaluation stage computes the
-numbers (rto_jax/eval/policy_eval.py) and this module only lays them out. Every token's values are in
+numbers (rto_jax/pipeline/evaluate.py) and this module only lays them out. Every token's values are in
 its `title` (the hover tooltip) and in data attributes (`data-id`, `data-<part>`, `data-lr-<model>`,
 `data-color`), so tests and scripts can read them back. No external URL, font or script: the file
 opens from disk anywhere.

@@ -23,19 +23,12 @@ from flax import nnx
 
 from rto_jax.data import BatchIterator
 from rto_jax.distributed import is_main_process, process_slice, sync
-from rto_jax.eval.policy_eval import (
-    fixed_size_batches,
-    held_out_rows,
-    reward_accuracy,
-    run_evaluate,  # the evaluation stage, with the scoring it shares with the reward-model stage
-    sample_responses,
-    score_arrays,
-    weighted_mean,
-)
 from rto_jax.errors import ConfigError
+from rto_jax.eval.policy_eval import fixed_size_batches, reward_accuracy, sample_responses, score_arrays, weighted_mean
 from rto_jax.models import ScalarHeadModel, peft_io
 from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model
 from rto_jax.pipeline import common
+from rto_jax.pipeline.evaluate import held_out_rows, make_judge, run_best_of_n, run_evaluate  # the recipes' stages
 from rto_jax.pipeline.logging import RunLog, summary
 from rto_jax.pipeline.loop import Checkpointed, Progress, run_loop
 from rto_jax.sampling import SamplingConfig
@@ -149,7 +142,8 @@ def run_preferences(config, workdir, task, run_log: RunLog, *, sft_path: str) ->
 
 
 def reward_normalization(config, task, reward_model, sft_path: str | None) -> dict:
-    """Mean/std of the reward model's scores on reference responses or on SFT samples (docs/DESIGN.md 1.2)."""
+    """Mean/std of the reward model's scores on reference responses or on SFT samples
+    (docs/algorithm.md#2-reward-model)."""
     cfg = config.reward_model
     n = cfg.normalize_rows
     if cfg.normalize_on == "sft_samples" and sft_path:
@@ -460,7 +454,9 @@ def _shared_base_state(config, stage: str, token_reward, models: dict, reward: d
 
 
 __all__ = [
+    "make_judge",
     "ppo_config",
+    "run_best_of_n",
     "run_dpo",
     "run_preferences",
     "run_evaluate",
