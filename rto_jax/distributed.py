@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 # Our own variables, then the names JAX's own cluster detection reads. Set all three to start a
-# run by hand (e.g. on a GPU cluster without SLURM or Open MPI): see README "Multi-host runs".
+# run by hand (e.g. on a GPU cluster without SLURM or Open MPI): see docs/scaling.md#gpu-clusters.
 ENV_COORDINATOR = ("RTO_JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 ENV_NUM_PROCESSES = ("RTO_JAX_NUM_PROCESSES", "JAX_NUM_PROCESSES")
 ENV_PROCESS_ID = ("RTO_JAX_PROCESS_ID", "JAX_PROCESS_ID")
