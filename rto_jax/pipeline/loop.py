@@ -133,6 +133,22 @@ class Progress:
     last_eval: dict  # the last held-out evaluation
 
 
+# PPO's token reward logs its parts as `reward/<part>` and their sum as `reward/total`
+# (train/ppo.make_experience). A NaN or inf in the reward spreads within the same step to the
+# advantages, the losses and the gradient norms, and a jitted step returns its metrics sorted by name:
+# the guard names the reward's parts first, where such a value comes from.
+REWARD_PREFIX, REWARD_TOTAL = "reward/", "reward/total"
+
+
+def reward_parts_first(values: dict) -> dict:
+    """`values` reordered: the token reward's parts, its total, then the rest in their order."""
+
+    def rank(name: str) -> int:
+        return 1 if name == REWARD_TOTAL else 0 if name.startswith(REWARD_PREFIX) else 2
+
+    return {name: values[name] for name in sorted(values, key=rank)}  # sorted() is stable
+
+
 def stage_rng(config, stage: str, shardings) -> jax.Array:
     """The stage's base PRNG key, replicated over the mesh when there is one (so checkpoints save it
     as one global array in a multi-process run)."""
@@ -197,7 +213,7 @@ def run_loop(
             values = watch.update(stage, step, scalars(metrics))
             with disk_errors(f"{stage} step {step}"):  # a full disk: one message naming the file
                 run_log.log(stage, step, values)
-            common.check_finite(stage, step, values, checkpointed.trained(state), manager)
+            common.check_finite(stage, step, reward_parts_first(values), checkpointed.trained(state), manager)
             last = step == total
             if evaluate is not None and (last or (eval_every and step % eval_every == 0)):
                 last_eval = evaluate(state)
