@@ -13,16 +13,23 @@ A token reward is a pure function, passed to PPO's experience maker as it is:
 
     reward(logps, score, mask, **coefficients) -> (rewards [B, R] float32, parts {name: [B, R]})
 
-    logps  {model: [B, R]}: log-probs of the sampled response tokens at the rollout temperature;
-           "policy" is the rollout policy pi_old, every other name is a frozen model the reward
-           lists in `uses` ("ref" = pi_ref = pi_sft, "dpo" = pi_dpo, or any model a recipe loads);
-           `untempered(model)` holds the same model's log-probs at temperature 1
+    logps  {model: [B, R]}: log-probs of the sampled response tokens at the rollout temperature
+           (0 where `mask` is 0); "policy" is the rollout policy pi_old, every other name is a
+           frozen model the reward lists in `uses` ("ref" = pi_ref = pi_sft, "dpo" = pi_dpo, or any
+           model a recipe loads); `untempered(model)` holds the same model's log-probs at temperature 1
     score  [B]: the reward model's normalized sequence score, or None unless "reward" is in `uses`
     mask   [B, R]: response mask (1 up to and including EOS); H is each row's last valid token
 
-The parts sum to the rewards and are each logged (`reward/<part>`). `@token_reward(*uses)` records
-which frozen models (and whether the reward model) the run must load. The coefficients are
+    rewards, parts: float32 rewards [B, R]; parts {name: [B, R] float} that sum to the rewards, each
+           logged as `reward/<part>` (a per-sequence sum over every column); all finite and 0 where
+           `mask` is 0, also for a row of a single token
+
+`@token_reward(*uses)` records which frozen models (and whether the reward model) the run must load;
+a recipe offers "ref" and "dpo" unless it declares its own `MODELS`. The coefficients are
 keyword-only with defaults: a config's `ppo.reward_args` starts from them (`reward_args(fn)`).
+`config.validate` calls the recipe's rewards on small fake inputs, eagerly and traced, before any
+stage runs (rto_jax/pipeline/reward_check.py): a reward that breaks this contract is one error
+naming it, its file and what was expected.
 """
 
 from __future__ import annotations
