@@ -3,13 +3,13 @@
 Presets as in rto_tldr.py: 1b (default), 2.8b, 6.9b, tiny, smollm2.
 """
 
-from pathlib import Path
+from configs import rto_tldr
 
-from rto_jax.pipeline.config import config_from_file
+PRESETS = rto_tldr.PRESETS
 
 
 def get_config(preset: str = "1b"):
-    c = config_from_file(Path(__file__).with_name("rto_tldr.py"), preset)
+    c = rto_tldr.get_config(preset)
     with c.unlocked():
         c.name = f"dpo_tldr_{preset}"
         c.stages = "sft,reward_model,dpo,evaluate"  # the reward model only judges the evaluation

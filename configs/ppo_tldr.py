@@ -3,17 +3,16 @@
 Presets as in rto_tldr.py: 1b (default), 2.8b, 6.9b, tiny, smollm2.
 """
 
-from pathlib import Path
-
-from rto_jax.pipeline.config import config_from_file
+from configs import rto_tldr
 from rto_jax.pipeline.recipes import set_recipe
+
+PRESETS = rto_tldr.PRESETS
 
 
 def get_config(preset: str = "1b"):
-    c = config_from_file(Path(__file__).with_name("rto_tldr.py"), preset)
+    c = rto_tldr.get_config(preset)
+    set_recipe(c, "experiments/ppo.py")  # renames the run rto_tldr_<preset> -> ppo_tldr_<preset>
     with c.unlocked():
-        c.name = f"ppo_tldr_{preset}"
         c.stages = "sft,reward_model,ppo,evaluate"  # no DPO model: PPO's reward does not read one
-    set_recipe(c, "experiments/ppo.py")
     c.ppo.reward_args.beta_kl = 0.05  # N+ TL;DR KL coefficient
     return c

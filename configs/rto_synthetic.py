@@ -26,6 +26,8 @@ from rto_jax.pipeline.config import base_config
 from rto_jax.pipeline.recipes import set_recipe
 
 
+PRESETS = ("demo", "full", "smoke", "tune", "tune_methods", "tuned", "study", "study_smoke")  # the first: default
+
 # Each method's best point of `tune_methods` (seed 1000), frozen for the `tuned` preset.
 TUNED = "ppo:beta_kl=0.05,lr=0.0003;rto:beta_dpo=0.05,dpo_clip=0.2,beta_kl=0.05"
 
@@ -47,8 +49,8 @@ def _toy_sizes(c) -> None:
 
 def get_config(preset: str = "demo"):
     c = base_config()
-    c.name = f"rto_synthetic_{preset}"
     set_recipe(c, "experiments/synthetic_compare.py")
+    c.name = f"rto_synthetic_{preset}"
     c.stages = "sft,preferences,reward_model,dpo,ppo,evaluate"  # preferences: pi_sft pairs labelled by gold
     c.data.source = "synthetic"  # token ids and a gold reward; no tokenizer, no files
     c.data.max_prompt_len = c.synthetic.task.prompt_length  # fixed by the task (6)
@@ -121,10 +123,7 @@ def get_config(preset: str = "demo"):
         c.dpo.max_steps = 3  # as the reward model's
         c.ppo.total_episodes = 32  # 2 iterations
     elif preset not in ("study", "study_smoke"):
-        raise ValueError(
-            f"rto_synthetic.py: unknown preset {preset!r}; presets: demo, full, smoke, tune, tune_methods, tuned, "
-            "study, study_smoke"
-        )
+        raise ValueError(f"rto_synthetic.py: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     if preset == "study_smoke":  # the whole design at toy sizes: every cell, stage and output file
         _toy_sizes(c)
         c.seeds = "1,2"  # two seeds: an interval and a paired difference

@@ -19,6 +19,8 @@ To start from the released N+ checkpoints instead of training SFT:
 
 from rto_jax.pipeline.config import apply_tiny, base_config, shared_data_dir
 
+PRESETS = ("1b", "2.8b", "6.9b", "tiny", "smollm2")  # the first: default
+
 PYTHIA = {
     "1b": "EleutherAI/pythia-1b-deduped",
     "2.8b": "EleutherAI/pythia-2.8b-deduped",
@@ -103,8 +105,6 @@ def get_config(preset: str = "1b"):
         c.ppo.num_minibatches = 8 if preset != "1b" else 4  # memory: minibatches of 64 / 128 rollouts
         c.checkpoint.every_steps = 50
     else:
-        raise ValueError(
-            f"rto_tldr.py: unknown preset {preset!r}; presets: {', '.join(list(PYTHIA) + ['tiny', 'smollm2'])}"
-        )
+        raise ValueError(f"rto_tldr.py: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     c.lock()
     return c

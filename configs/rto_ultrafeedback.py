@@ -15,6 +15,8 @@ Presets:
 
 from rto_jax.pipeline.config import apply_tiny, base_config, shared_data_dir
 
+PRESETS = ("llama3_8b", "smollm2", "tiny")  # the first: default
+
 
 def ultrafeedback_data(c):
     c.data.sft.path = ""  # SFT on the chosen responses of the preference data (used only if sft is trained)
@@ -59,6 +61,6 @@ def get_config(preset: str = "llama3_8b"):
         c.ppo.missing_eos_penalty = 0.0
         c.checkpoint.every_steps = 50
     else:
-        raise ValueError(f"rto_ultrafeedback.py: unknown preset {preset!r}; presets: llama3_8b, smollm2, tiny")
+        raise ValueError(f"rto_ultrafeedback.py: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     c.lock()
     return c

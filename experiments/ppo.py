@@ -1,8 +1,7 @@
 """The PPO baseline: the RTO recipe with PPO's sparse reward (KL penalty per token, the reward
 model's score at the last token). It reads no DPO policy, so its configs skip the DPO stage."""
 
-import rto  # the sibling recipe (recipes are loaded with their folder on sys.path)
-
+from experiments import rto
 from rto_jax.objectives.token_rewards import ppo
 
 TOKEN_REWARD = ppo

@@ -18,6 +18,16 @@ import logging
 import os
 import shutil
 import sys
+from pathlib import Path
+
+# `experiments` and `configs` are packages of the repository root (recipes import `from experiments
+# import rto`, configs `from configs import rto_tldr`): the root goes on sys.path instead of this
+# script's folder, so that no recipe is also importable as a top-level module of another name.
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path[0] = _REPO_ROOT
+elif _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -27,11 +37,18 @@ from rto_jax.distributed import init_distributed, is_main_process
 from rto_jax.errors import StorageError, UserError
 from rto_jax.pipeline import run
 from rto_jax.pipeline.loop import PREEMPTED_EXIT_STATUS, Preempted
-from rto_jax.pipeline.overrides import check_overrides
+from rto_jax.pipeline.config import validate, with_reused_models
+from rto_jax.pipeline.overrides import RecipeOverrides, check_overrides, split_recipe_overrides
+from rto_jax.pipeline.recipes import REPO_ROOT, import_file
 from rto_jax.pipeline.workdir import WorkdirInUse
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:preset]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run folder (checkpoints, metrics, models, results)", required=True)
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "validate the config (with every override applied), print it as JSON and exit: no work"
+)
+# --config.recipe and --config.ppo.reward_args.* of this command line (applied by main, after absl's).
+_RECIPE_OVERRIDES = RecipeOverrides()
 
 
 STORAGE_EXIT_STATUS = 74  # EX_IOERR
@@ -42,11 +59,47 @@ def _fail(message: str, status: int = 2):
     sys.exit(status)
 
 
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
+
+
+def config_listing(folder: Path = REPO_ROOT / "configs") -> str:
+    """Every config file of `folder` with its first docstring line and its presets (`PRESETS`; the first
+    is the default), as `--help` prints them."""
+    lines = ["configs (--config=configs/NAME.py[:PRESET]):"]
+    for path in sorted(folder.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        module = import_file(path, "rto_jax_config_")
+        summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
+        presets = list(getattr(module, "PRESETS", ()))
+        listed = ", ".join(f"{p} (default)" if i == 0 else p for i, p in enumerate(presets)) or "see the file"
+        lines.append(f"  configs/{path.name}: {summary}")
+        lines.append(f"      presets: {listed}")
+    return "\n".join(lines)
+
+
+def _print_help():
+    print((__doc__ or "").strip())
+    print()
+    print(config_listing())
+    print()
+    print("flags:")
+    for flag in (_CONFIG, _WORKDIR, _DRY_RUN):
+        print(f"  --{flag.name}: {flags.FLAGS[flag.name].help}")
+    print("  --config.KEY=VALUE: any field of rto_jax/pipeline/config.py:base_config (e.g. --config.ppo.lr=1e-6)")
+
+
 def parse_flags(argv):
-    """absl's flag parsing, with bad config files, presets and override keys as one-line errors."""
+    """absl's flag parsing, with bad config files, presets and override keys as one-line errors.
+    `--help` lists the flags, the config files and their presets, and exits 0."""
+    global _RECIPE_OVERRIDES
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        _print_help()
+        sys.exit(0)
     try:
         check_overrides(argv)  # unknown keys: named, with the nearest valid ones
-        return flags.FLAGS(argv)
+        rest, _RECIPE_OVERRIDES = split_recipe_overrides(argv)
+        return flags.FLAGS(rest)
     except UserError as e:
         _fail(str(e))
     except flags.Error as e:
@@ -63,6 +116,15 @@ def main(argv):
             f"--workdir={workdir}: URLs are not supported; mount the bucket (e.g. gcsfuse) at the same path on "
             "every host and pass that path"
         )
+    try:
+        _RECIPE_OVERRIDES.apply(config)  # the recipe (its reward's own coefficients), then the coefficients
+        if _DRY_RUN.value:
+            config = with_reused_models(config)  # as rto_jax.pipeline.run does
+            validate(config, workdir if os.path.isdir(workdir) else None)
+            print(config.to_json_best_effort(indent=2, sort_keys=True))
+            return
+    except UserError as e:
+        _fail(str(e))
     init_distributed(config)  # multi-process runs: before anything touches a device
     created = not os.path.exists(workdir)
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 
-from synthetic_compare import shared_models  # the sibling recipe (recipes import by name)
+from experiments.synthetic_compare import shared_models
 
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError

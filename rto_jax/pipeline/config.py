@@ -90,6 +90,9 @@ def base_config() -> config_dict.ConfigDict:
     c.seeds = "0"  # comma-separated seeds ('3,4,5': one run each in workdir/seed_N); model init, data, sampling
     c.recipe = "experiments/rto.py"  # the recipe file that composes the stages (path, or relative to the repo root)
     c.stages = "sft,reward_model,dpo,ppo,evaluate"  # stages to run, in the order of STAGES (+ preferences: synthetic)
+    # Its SFT, reward model and DPO models and tokenizer are taken as they are (a stage's own init_from
+    # still wins), so only PPO and the evaluation run.
+    c.reuse_models_from = ""  # a finished run's workdir to take the models from; '' = none
 
     c.model = config_dict.ConfigDict()
     c.model.init_from = ""  # SFT's base model: HF folder, .gguf or hub id 'owner/name[@revision]'; '' = random init
@@ -347,12 +350,77 @@ def stage_done_file(workdir, stage: str) -> Path:
 
 
 def stage_available(config, workdir, stage: str) -> bool:
-    """Whether a model of `stage` exists or will: run now, given by init_from, or finished earlier in workdir."""
+    """Whether a model of `stage` exists or will: run now, given by init_from, finished earlier in workdir,
+    or taken from the run `reuse_models_from`."""
     return (
         stage in stage_list(config)
         or bool(config[stage].get("init_from"))
         or (workdir is not None and stage_done_file(workdir, stage).exists())
+        or stage in reused_models(config)
     )
+
+
+REUSABLE_STAGES = ("sft", "reward_model", "dpo")  # the stages `reuse_models_from` takes from a finished run
+
+
+def reused_models(config) -> dict[str, dict]:
+    """{stage: its done.json summary, paths resolved in that run's folder} for each stage of
+    REUSABLE_STAGES finished in the run `config.reuse_models_from` and not given by its own init_from."""
+    from rto_jax.pipeline.workdir import resolve_in
+
+    run_dir = config.get("reuse_models_from", "")  # configs saved before the key existed lack it
+    if not run_dir:
+        return {}
+    folder = Path(run_dir).expanduser()
+    if not folder.is_dir():
+        raise ConfigError("reuse_models_from", f"{run_dir!r} is not a folder (the --workdir of a finished run)")
+    out = {}
+    for stage in REUSABLE_STAGES:
+        done = stage_done_file(folder, stage)
+        if config[stage].init_from or not done.is_file():
+            continue
+        try:
+            out[stage] = resolve_in(json.loads(done.read_text()), folder)
+        except ValueError as e:
+            raise ConfigError("reuse_models_from", f"{done}: not a stage summary ({e})") from None
+    return out
+
+
+def with_reused_models(config):
+    """`config` with the tokenizer of the run it reuses models from (its SFT model's, which holds the
+    tokenizer it was trained with: a BPE trained there must not be trained anew); `config` itself when
+    it reuses nothing."""
+    reused = reused_models(config)
+    if config.data.source == "synthetic" or "sft" not in reused:
+        return config  # validate names what is missing
+    out = config.copy_and_resolve_references()
+    with out.unlocked():
+        out.tokenizer.path = reused["sft"]["model_path"]
+        out.tokenizer.bpe_vocab_size = 0
+    return out
+
+
+def _check_reuse(config, token_reward) -> None:
+    """The run `reuse_models_from` finished every model the recipe's reward needs, and they are there."""
+    run_dir = config.get("reuse_models_from", "")
+    if not run_dir:
+        return
+    reused = reused_models(config)
+    needed = ["sft", "reward_model"] + (["dpo"] if "dpo" in frozen_models(token_reward) else [])
+    for stage in needed:
+        if stage not in reused and not config[stage].init_from:
+            raise ConfigError(
+                "reuse_models_from",
+                f"{run_dir} has no finished {stage} stage ({stage}/done.json), and the token reward "
+                f"{token_reward.__name__!r} needs it: reuse a run that finished it, or set {stage}.init_from",
+            )
+    for stage, summary in reused.items():
+        path = summary.get("model_path", "")
+        if not path or (looks_local(path) and not os.path.exists(os.path.expanduser(path.split("@")[0]))):
+            raise ConfigError(
+                "reuse_models_from",
+                f"{stage_done_file(run_dir, stage)} names the model {path!r}, which does not exist (moved or removed?)",
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,6 +542,8 @@ def _check_text_data(config, stages, base) -> None:
             )
         _check_data_path(f"data.{name}.path", src.path)
         _check_data_path(f"data.{name}.eval_path", src.eval_path)
+        if src.format in FORMATS:
+            _check_column_map(f"data.{name}.column_map", src.column_map, FORMATS[src.format])
     trains = {s for s in stages if s in TRAINED_STAGES and not config[s].init_from}
     needs_pref = trains & {"reward_model", "dpo"}
     if needs_pref and not config.data.preference.path:
@@ -482,6 +552,17 @@ def _check_text_data(config, stages, base) -> None:
         raise ConfigError(
             "data.sft.path", "SFT / PPO / evaluation need prompts: set data.sft.path or data.preference.path"
         )
+
+
+def _check_column_map(key: str, value: str, fmt) -> None:
+    """'field=column,...' with fields of the source's format (rto_jax.data.formats.resolve_columns)."""
+    fields = sorted({*fmt.columns, *(fmt.alt_columns or {})})
+    for item in filter(None, (i.strip() for i in str(value).split(","))):
+        field, sep, column = (part.strip() for part in item.partition("="))
+        if not sep or not field or not column:
+            raise ConfigError(key, f"expected 'field=column,...' (e.g. 'response=summary'), got {item!r}")
+        if field not in fields:
+            raise ConfigError(key, f"{field!r} is not a field of format {fmt.name!r}; its fields: {', '.join(fields)}")
 
 
 def _check_synthetic(config) -> None:
@@ -585,14 +666,15 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
         _check_model_path(f"{stage}.init_from", config[stage].init_from)
     _check_model_path("evaluate.judge", config.evaluate.judge)
 
+    reused = reused_models(config)  # stages taken from the run reuse_models_from: not trained here
     synthetic = config.data.source == "synthetic"
     if config.data.source not in ("text", "synthetic"):
         raise ConfigError("data.source", f"expected 'text' or 'synthetic', got {config.data.source!r}")
     if synthetic:
         _check_synthetic(config)
     else:
-        _check_text_data(config, stages, base)
-    trains = {s for s in stages if s in TRAINED_STAGES and not config[s].init_from}
+        _check_text_data(config, [s for s in stages if s not in reused], base)
+    trains = {s for s in stages if s in TRAINED_STAGES and not config[s].init_from and s not in reused}
     if "preferences" in stages and not synthetic:
         raise ConfigError("stages", "the 'preferences' stage labels sampled pairs: it needs data.source='synthetic'")
     preferences_done = workdir is not None and stage_done_file(workdir, "preferences").exists()
@@ -611,6 +693,9 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
             )
 
     token_reward = _check_recipe(config)
+    from rto_jax.pipeline.reward_check import check_recipe_rewards  # called on fake inputs, before any work
+    check_recipe_rewards(config)
+    _check_reuse(config, token_reward)
     for stage in ("reward_model", "dpo"):
         if stage in trains:
             need(stage, "sft", "its initialization and reference")
@@ -731,14 +816,13 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
 
 
 def config_from_file(path: str | os.PathLike, preset: str | None = None):
-    """`get_config(preset)` (or the file's default preset) of a config file, loaded by path as
-    config_flags does (configs/ is no package)."""
-    import importlib.util
+    """`get_config(preset)` (or the file's default preset) of a config file. A file of configs/ loads as
+    its module (`configs.rto_tldr`); any other runs afresh under a name registered in sys.modules
+    (rto_jax.pipeline.recipes.import_file). The repository root goes on sys.path either way, so a
+    config file may build on another with `from configs import rto_tldr`."""
+    from rto_jax.pipeline.recipes import import_file
 
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(f"rto_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(path, "rto_jax_config_", fresh=True)
     return module.get_config() if preset is None else module.get_config(preset)
 
 

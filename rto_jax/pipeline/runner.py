@@ -30,9 +30,11 @@ from rto_jax.pipeline.config import (
     TRAINED_STAGES,
     method_settings,
     parse_seeds,
+    reused_models,
     stage_done_file,
     stage_list,
     validate,
+    with_reused_models,
 )
 from rto_jax.pipeline.logging import RunLog, summary
 from rto_jax.pipeline.loop import stop_requests
@@ -49,7 +51,9 @@ class Pipeline:
     stages' done markers. A recipe calls `stage` once per stage, in order.
 
     A stage finished in this workdir earlier (its `done.json` exists) is skipped and its summary
-    returned; a stage not in `config.stages` returns None unless its `init_from` gives the model.
+    returned; so is one finished in the run `config.reuse_models_from` (its summary, with that run's
+    model, unless the stage's `init_from` gives another); a stage not in `config.stages` returns None
+    unless its `init_from` gives the model.
     """
 
     def __init__(self, config, workdir, task, run_log: RunLog):
@@ -63,6 +67,7 @@ class Pipeline:
             for path in sorted(self.workdir.glob("*/done.json"))
         }
         sync("done markers read")
+        self.reused = reused_models(config)  # {stage: summary} of the run reuse_models_from
         self.done: dict[str, dict] = {}
 
     def stage(self, name: str, fn, *, section: str | None = None, task=None, **inputs) -> dict | None:
@@ -77,6 +82,11 @@ class Pipeline:
             self.done[name] = self.finished[name]
             if section in self.wanted and is_main_process():
                 print(f"[{name}] already finished in {self.workdir}: skipped")
+            return self.done[name]
+        if name in self.reused:  # the same stage (not a variant of it) of a finished run: its model, no work
+            self.done[name] = self.reused[name]
+            if is_main_process():
+                print(f"[{name}] reused from {self.config.reuse_models_from}: {self.reused[name]['model_path']}")
             return self.done[name]
         given = section in TRAINED_STAGES and bool(self.config[section].init_from)
         if section not in self.wanted and not given:
@@ -154,6 +164,7 @@ def run(config, workdir, task=None) -> dict:
 
     task: a prebuilt `tasks.Task` (single seed only); default: built from config.data.
     """
+    config = with_reused_models(config)  # a run reusing another's models takes its tokenizer too
     validate(config, workdir)
     # One run per workdir (workdir.WorkdirLock); SIGTERM / SIGINT at any point of the run are noted,
     # and a training loop stops at its next step boundary with a checkpoint (loop.Preempted).
