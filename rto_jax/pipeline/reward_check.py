@@ -4,9 +4,9 @@ A reward that breaks its contract (rto_jax/objectives/token_rewards.py) otherwis
 SFT, the reward model and DPO have trained, as a JAX traceback from deep inside PPO's jitted step
 that names neither the reward nor `[B, R]`. `check_recipe_rewards(config)` (run by
 `config.validate`) calls the recipe's TOKEN_REWARD and every entry of its METHODS with the
-coefficients the run will use, once eagerly and once traced (as in training, where a reward can
-fail that worked eagerly), and raises one ConfigError naming the reward, its file and line, and
-what was expected:
+coefficients the run will use, under jax.jit as in training (where a reward can fail that works
+eagerly; a failing one is run eagerly as well, to say which), and raises one ConfigError naming the
+reward, its file and line, and what was expected:
 
     rewards [B, R] float32; parts {name: [B, R] float} that sum to the rewards; every value finite;
     rewards and parts 0 where the mask is 0; no exception; every name in `uses` a model the recipe
@@ -87,20 +87,19 @@ def _check(reward, offered: tuple[str, ...], recipe: str) -> None:
                 f"uses {model!r}, which {recipe} does not offer{hint}; it offers {', '.join(offered)} "
                 "(a recipe passing other models to stages.run_ppo lists them in MODELS = (...))"
             )
-    logps, score, mask = fake_inputs(reward.fn)
     cpu = jax.local_devices(backend="cpu")[0]  # tiny arrays: no accelerator kernels compiled for them
     with jax.default_device(cpu):
-        try:
-            out = reward(logps, score, mask)
-        except Exception as e:  # noqa: BLE001 - whatever the user's code raises is the user's to fix
-            raise error(_raised(e, logps, score), values=True) from None
-        _check_output(out, mask, error, values=True)
-        try:  # in training the reward runs inside a jitted step: shapes only, nothing computed
-            traced = jax.eval_shape(reward, logps, score, mask)
-        except Exception as e:  # noqa: BLE001
-            what = _raised(e, logps, score) + " when traced (under jax.jit, as in training)"
+        logps, score, mask = fake_inputs(reward.fn)
+        try:  # as in training, inside jax.jit (one compilation: faster than op by op)
+            out = jax.jit(reward)(logps, score, mask)
+        except Exception as traced:  # noqa: BLE001 - whatever the user's code raises is the user's to fix
+            try:  # the error eagerly, if it fails eagerly too; else the traced one, saying so
+                reward(logps, score, mask)
+            except Exception as eager:  # noqa: BLE001
+                raise error(_raised(eager, logps, score), values=True) from None
+            what = _raised(traced, logps, score) + " when traced (under jax.jit, as in training)"
             raise error(what, values=True) from None
-        _check_output(traced, mask, lambda what, **kw: error(f"{what} when traced (under jax.jit)", **kw), values=False)
+        _check_output(out, mask, error, values=True)
 
 
 def fake_inputs(fn, lengths=LENGTHS):
