@@ -87,8 +87,7 @@ def _check(reward, offered: tuple[str, ...], recipe: str) -> None:
                 f"uses {model!r}, which {recipe} does not offer{hint}; it offers {', '.join(offered)} "
                 "(a recipe passing other models to stages.run_ppo lists them in MODELS = (...))"
             )
-    cpu = jax.local_devices(backend="cpu")[0]  # tiny arrays: no accelerator kernels compiled for them
-    with jax.default_device(cpu):
+    with jax.default_device(_host_device()):
         logps, score, mask = fake_inputs(reward.fn)
         try:  # as in training, inside jax.jit (one compilation: faster than op by op)
             out = jax.jit(reward)(logps, score, mask)
@@ -100,6 +99,14 @@ def _check(reward, offered: tuple[str, ...], recipe: str) -> None:
             what = _raised(traced, logps, score) + " when traced (under jax.jit, as in training)"
             raise error(what, values=True) from None
         _check_output(out, mask, error, values=True)
+
+
+def _host_device():
+    """The CPU (tiny arrays: no accelerator program compiled for them), unless JAX_PLATFORMS leaves it out."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
 
 
 def fake_inputs(fn, lengths=LENGTHS):
