@@ -190,6 +190,14 @@ def test_parts_must_sum_to_the_rewards_to_float32_rounding():
     check_token_reward(_rto_with_parts_off_by(1e-7), {}, OFFERED, "experiments/x.py")
 
 
+def test_a_reward_without_its_uses_is_named():
+    def plain(logps, score, mask, *, beta_kl=0.01):
+        return mask * beta_kl, {"kl": mask * beta_kl}
+
+    with pytest.raises(ConfigError, match=r"token reward 'plain' \(.*test_reward_check\.py:\d+\) is not marked @token"):
+        check_token_reward(plain, {}, OFFERED, "experiments/x.py")
+
+
 RECIPE_WITH_METHODS = """
 import jax.numpy as jnp
 from rto_jax.objectives.token_rewards import log_ratio, ppo, rto, token_reward

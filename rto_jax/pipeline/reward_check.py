@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rto_jax.errors import ConfigError
-from rto_jax.objectives.token_rewards import REWARD_MODEL, bind, frozen_models, needs_reward_model, untempered
+from rto_jax.objectives.token_rewards import (
+    REWARD_MODEL,
+    BoundReward,
+    bind,
+    frozen_models,
+    needs_reward_model,
+    untempered,
+)
 
 # The frozen language models a recipe offers its token rewards when it declares no `MODELS`: those
 # experiments/rto.py and the synthetic recipes pass to stages.run_ppo (`models={"ref": ..., "dpo": ...}`).
@@ -64,11 +71,11 @@ def check_token_reward(fn, args: Mapping, offered: Collection[str], recipe: str)
     """ConfigError (key `recipe`) naming `fn`, its file and line and what was expected, unless `fn`
     bound to `args` keeps the token reward contract on fake inputs; `offered`: the names its
     `uses` may list (`offered_models`); `recipe`: the recipe's path, for the message."""
-    name = getattr(fn, "__name__", repr(fn))
-    if not callable(fn) or not hasattr(fn, "uses"):
-        raise ConfigError(
-            "recipe", f"{recipe}: token reward {name!r} is not marked @token_reward(...) (with the models it reads)"
-        )
+    if not callable(fn):
+        raise ConfigError("recipe", f"{recipe}: its token reward {fn!r} is not a function")
+    if not hasattr(fn, "uses"):
+        expected = 'expected the models it reads, e.g. @token_reward("ref", "reward") over its def'
+        raise _error(BoundReward(fn), f"is not marked @token_reward(...); {expected}")
     reward, offered = bind(fn, **args), tuple(offered)
     try:
         hash(reward)
@@ -132,7 +139,8 @@ def _error(reward, what: str, values: bool = False) -> ConfigError:
         where = "source unknown"
     with_args = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in reward.args)
     args = f" with {with_args}" if values and with_args else ""
-    return ConfigError("recipe", f"token reward {reward.name!r} ({where}){args} {what}")
+    name = getattr(fn, "__name__", repr(fn))
+    return ConfigError("recipe", f"token reward {name!r} ({where}){args} {what}")
 
 
 def _relative(path: str) -> str:
