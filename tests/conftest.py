@@ -12,3 +12,35 @@ import os
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
+
+# ----------------------------------------------------------------------------------------------
+# The offline sample data (../shared/data beside the repository, or $RTO_JAX_SHARED_DATA): tests
+# marked `@pytest.mark.needs_shared_data` (e.g. everything that builds a `:tiny` TL;DR preset, which
+# reads it) skip, naming the folder, where a clone has no such folder.
+
+import pytest  # noqa: E402  (after XLA_FLAGS, which must be set before anything imports JAX)
+
+SHARED_FILES = ("tldr_sft_oai1b.csv", "tldr_comparisons_10k.parquet", "hh_rlhf_harmless_test.jsonl.gz")
+
+
+def shared_data_skip_reason() -> str | None:
+    """Why a test that reads the offline samples cannot run here (None: every file is there)."""
+    from rto_jax.pipeline.config import shared_data_dir  # noqa: PLC0415  (imports JAX: after XLA_FLAGS)
+
+    folder = shared_data_dir()
+    missing = [name for name in SHARED_FILES if not (folder / name).is_file()]
+    if not missing:
+        return None
+    return (
+        f"needs the offline sample data in {folder} (missing {', '.join(missing)}): put ../shared/data "
+        "beside the repository or set RTO_JAX_SHARED_DATA"
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_shared_data: reads the offline samples (skipped where they are absent)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("needs_shared_data") is not None and (reason := shared_data_skip_reason()):
+        pytest.skip(reason)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,11 @@ import pytest
 
 from rto_jax.pipeline import config as config_lib
 from rto_jax.objectives.token_rewards import TOKEN_REWARDS, BoundReward, reward_args
-from rto_jax.pipeline.config import ConfigError, shared_data_dir, validate
+from rto_jax.pipeline.config import ConfigError, validate
 from rto_jax.pipeline.recipes import load_recipe, set_recipe
 from rto_jax.pipeline.stages import ppo_config
 from rto_jax.pipeline.tasks import Task
+from tests.conftest import SHARED_FILES, shared_data_skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
@@ -23,7 +25,7 @@ PRESETS = {
     "rto_ultrafeedback": ["llama3_8b", "smollm2", "tiny"],
     "rto_synthetic": ["demo", "full", "smoke", "tune", "tune_methods", "tuned", "study", "study_smoke"],
 }
-HAS_SHARED = (shared_data_dir() / "tldr_comparisons_10k.parquet").exists()
+NO_SHARED = shared_data_skip_reason()  # None where the offline samples are there
 
 
 def load_config(name: str, preset: str):
@@ -46,8 +48,8 @@ def _comments_missing(*functions) -> list[str]:
 @pytest.mark.parametrize("name,preset", [(n, p) for n, presets in PRESETS.items() for p in presets])
 def test_every_preset_loads_and_validates(name, preset):
     config = load_config(name, preset)
-    if preset == "tiny" and not HAS_SHARED:
-        pytest.skip(f"shared data not found in {shared_data_dir()}: the tiny presets read it")
+    if preset == "tiny" and NO_SHARED:
+        pytest.skip(NO_SHARED)  # the tiny presets read the offline samples
     validate(config)
     assert config.name.endswith(preset)
 
@@ -64,7 +66,7 @@ def test_unknown_preset_is_refused():
 def _tiny():
     config = load_config("rto_tldr", "tiny")
     # Local paths must exist for validation: point them at this file when the shared data is absent.
-    if not HAS_SHARED:
+    if NO_SHARED:
         config.data.sft.path = config.data.preference.path = ""
         config.data.preference.path = str(ROOT / "tests" / "test_configs.py")
     return config
@@ -179,3 +181,31 @@ def test_cli_rejects_bad_values_and_unknown_keys_before_any_work(tmp_path):
     unknown = _run_cli("--config=configs/rto_tldr.py:1b", f"--workdir={workdir}", "--config.ppo.learning_rate=1e-6")
     assert unknown.returncode != 0 and "learning_rate" in unknown.stderr + unknown.stdout
     assert not workdir.exists()  # nothing was written
+
+
+def test_a_test_that_reads_the_offline_samples_skips_naming_their_folder(tmp_path):
+    """Without ../shared/data (a fresh clone alone), `needs_shared_data` tests skip, naming where the
+    samples were looked for and what is missing; with every file there they run."""
+    absent, present = tmp_path / "absent", tmp_path / "data"
+    present.mkdir()
+    for name in SHARED_FILES:
+        (present / name).write_bytes(b"")
+    marked = tmp_path / "test_marked.py"
+    marked.write_text("import pytest\n\n\n@pytest.mark.needs_shared_data\ndef test_reads_them():\n    pass\n")
+
+    def outcome(folder):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider", "-rs", "-q", str(marked)],
+            cwd=ROOT,
+            env={**os.environ, "RTO_JAX_SHARED_DATA": str(folder)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        return " ".join(proc.stdout.split())  # pytest wraps long skip reasons
+
+    skipped = outcome(absent)
+    assert "1 skipped" in skipped and f"needs the offline sample data in {absent} (missing" in skipped, skipped
+    assert all(name in skipped for name in SHARED_FILES), skipped
+    assert "1 passed" in outcome(present)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 
 import numpy as np
 import pandas as pd
@@ -14,8 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from rto_jax import data
+from rto_jax.pipeline.config import shared_data_dir
+from tests.conftest import shared_data_skip_reason
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
 PAD, EOS, BOS = 0, 1, 2
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -609,10 +609,10 @@ def test_train_eval_split_groups_prompts():
 
 
 def _shared(name):
-    path = os.path.normpath(os.path.join(SHARED, name))
-    if not os.path.exists(path):
-        pytest.skip(f"shared data file {path} is absent (real-data tests need ../shared/data)")
-    return path
+    """The offline sample `name` where shared_data_dir() finds it ($RTO_JAX_SHARED_DATA, else ../shared/data)."""
+    if reason := shared_data_skip_reason():
+        pytest.skip(reason)
+    return str(shared_data_dir() / name)
 
 
 def test_real_tldr_sft(cache_dir, tokenizer):

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from rto_jax.models.smollm2 import find_smollm2_gguf
-from rto_jax.pipeline.config import config_from_file, shared_data_dir, validate
+from rto_jax.pipeline.config import config_from_file, validate
 from rto_jax.pipeline.logging import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.skipif(find_smollm2_gguf() is None, reason="SmolLM2 GGUF not cached (run `make smollm2`)"),
-    pytest.mark.skipif(not shared_data_dir().exists(), reason="needs the offline samples in ../shared/data"),
+    pytest.mark.needs_shared_data,
 ]
 
 

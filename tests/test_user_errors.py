@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rto_jax.errors import ConfigError, ModelError
-from rto_jax.pipeline.config import config_from_file, shared_data_dir, validate
+from rto_jax.pipeline.config import config_from_file, validate
 from rto_jax.pipeline.overrides import check_overrides, nearest_keys
 from rto_jax.pipeline.tasks import choose_special_tokens, train_bpe
 
@@ -83,6 +83,7 @@ def test_unknown_preset_and_missing_config_file_are_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.needs_shared_data  # :tiny reads the offline samples before the key it checks
 def test_a_bad_value_names_the_key(tmp_path):
     proc = _run(tmp_path / "w", "--config.ppo.num_minibatches=5")
     _assert_one_line_error(proc, "config.ppo.num_minibatches")
@@ -103,6 +104,7 @@ def test_the_headline_command_offline_names_the_hub_id_and_the_offline_presets(t
     assert not (tmp_path / "w").exists()  # no config.json / metrics.jsonl left behind
 
 
+@pytest.mark.needs_shared_data  # :tiny reads the offline samples before the key it checks
 def test_an_existing_workdir_keeps_its_files_after_a_user_error(tmp_path):
     workdir = tmp_path / "w"
     workdir.mkdir()
@@ -112,6 +114,7 @@ def test_an_existing_workdir_keeps_its_files_after_a_user_error(tmp_path):
     assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.needs_shared_data  # :tiny reads the offline samples before the key it checks
 def test_a_bpe_with_a_pretrained_model_is_refused_naming_the_key(tmp_path):
     """:tiny's 2k BPE fed to a 49k-vocabulary model trained silently at loss 9: now a config error."""
     gguf = tmp_path / "model.gguf"
@@ -157,6 +160,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
     assert len(check_sources(config)) == 400
 
 
+@pytest.mark.needs_shared_data  # :tiny reads the offline samples before the key it checks
 def test_an_unimplemented_model_field_stops_the_run_before_any_work(tmp_path):
     """A Llama config with GELU loaded silently and gave logits 0.3 off: now one line naming the field."""
     model = _tiny_model_folder(tmp_path / "model", vocab_size=300, hidden_act="gelu")
@@ -177,7 +181,7 @@ def test_an_unimplemented_model_field_stops_the_run_before_any_work(tmp_path):
 # Data.
 
 
-@pytest.mark.skipif(not shared_data_dir().exists(), reason="needs the offline samples in ../shared/data")
+@pytest.mark.needs_shared_data
 def test_a_preference_file_without_rejected_is_one_line_naming_file_and_column(tmp_path):
     bad = tmp_path / "prefs.jsonl"
     bad.write_text("\n".join(json.dumps({"prompt": f"p{i}", "chosen": "c"}) for i in range(5)) + "\n")
