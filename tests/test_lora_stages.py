@@ -19,6 +19,8 @@ from rto_jax.models.peft_io import load_peft_adapter
 from rto_jax.pipeline import common, run
 from rto_jax.pipeline.config import validate
 from rto_jax.pipeline.logging import read_metrics
+from rto_jax.pipeline.runner import with_seed
+from rto_jax.pipeline.tasks import build_task
 from rto_jax.train import (
     DPOLoss,
     RewardModelLoss,
@@ -33,6 +35,7 @@ from rto_jax.train import (
 from tests import sharding_cases as cases
 from tests.faults import SimulatedFailure, count_steps, kill_after_checkpoint
 from tests.test_pipeline import fixture_data, same_numbers, small_config, strip_time  # noqa: F401 (a fixture)
+from tests.test_stage_wiring import dpo_numbers
 
 
 def _adapter_lm(rank=4, dropout=0.0, nonzero_b=True):
@@ -139,6 +142,22 @@ def test_adapter_stages_export_merged_weights_and_a_peft_adapter_of_their_base(a
             assert np.max(np.abs(_logits(merged, ids) - _logits(sft, ids))) > 1e-3
     done = json.loads((adapter_run / "dpo" / "done.json").read_text())
     assert done["steps"] == 3 and np.isfinite(done["loss"])
+
+
+def test_adapter_dpo_held_out_numbers_equal_a_numpy_rebuild_with_the_sft_model_as_reference(
+    adapter_run, fixture_data  # noqa: F811
+):
+    """The adapter DPO stage computes its reference inside the step (its base with the adapters off):
+    done.json's held-out loss and rewards equal numpy's DPO of the exported (merged) DPO policy against
+    the exported SFT model. A reference that is the policy itself gives margin 0 and loss ln 2."""
+    config = _adapter_config(*fixture_data)
+    task = build_task(with_seed(config, 0), adapter_run)
+    policy, sft = (load_pretrained(adapter_run / stage / "model") for stage in ("dpo", "sft"))
+    expected = dpo_numbers(policy, sft, task.preference_eval, config.dpo.beta)
+    done = json.loads((adapter_run / "dpo" / "done.json").read_text())
+    for key, value in expected.items():
+        assert done[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    assert abs(expected["rewards/margin"]) > 1e-4 and abs(expected["loss"] - np.log(2.0)) > 1e-5
 
 
 def test_a_peft_adapter_folder_serves_as_a_model_path(adapter_run, fixture_data, tmp_path):  # noqa: F811

@@ -112,7 +112,7 @@ def _forward(model, arrays, side):
     return np.asarray(model(*(jnp.asarray(arrays[f"{side}_{k}"]) for k in keys)), np.float64)
 
 
-def _sequence_logps(model, arrays, side):
+def sequence_logps(model, arrays, side):
     """Summed log-probs `[B]` of the `side` ("chosen"/"rejected") responses, from full-sequence logits."""
     ids, response_mask = np.asarray(arrays[f"{side}_input_ids"]), np.asarray(arrays[f"{side}_response_mask"])
     prompt_len = ids.shape[1] - response_mask.shape[1]
@@ -121,10 +121,10 @@ def _sequence_logps(model, arrays, side):
     return (picked * response_mask).sum(1)
 
 
-def _dpo_numbers(policy, reference, arrays, beta):
+def dpo_numbers(policy, reference, arrays, beta):
     """DPO's sigmoid loss and implicit rewards (batch means) of `policy` against `reference`."""
-    chosen = beta * (_sequence_logps(policy, arrays, "chosen") - _sequence_logps(reference, arrays, "chosen"))
-    rejected = beta * (_sequence_logps(policy, arrays, "rejected") - _sequence_logps(reference, arrays, "rejected"))
+    chosen = beta * (sequence_logps(policy, arrays, "chosen") - sequence_logps(reference, arrays, "chosen"))
+    rejected = beta * (sequence_logps(policy, arrays, "rejected") - sequence_logps(reference, arrays, "rejected"))
     return {
         "loss": float(np.mean(np.logaddexp(0.0, -(chosen - rejected)))),  # -log sigmoid(u)
         "rewards/chosen": float(np.mean(chosen)),
@@ -133,7 +133,7 @@ def _dpo_numbers(policy, reference, arrays, beta):
     }
 
 
-def _last_token_scores(model, arrays, side):
+def last_token_scores(model, arrays, side):
     """A scalar-head model's score `[B]` at each row's last response token."""
     scores = _forward(model, arrays, side)
     response_mask = np.asarray(arrays[f"{side}_response_mask"])
@@ -158,10 +158,11 @@ def test_dpo_steps_use_the_sft_model_as_reference_and_log_the_loss_of_a_numpy_re
     assert sorted(records) == list(range(1, DPO_STEPS + 1))
     for step, (graphdef, params, batch) in enumerate(dpo_steps, start=1):
         # What the step is given as the reference: the SFT model's log-probs of these very rows.
+        assert {"ref_chosen_logps", "ref_rejected_logps"} <= batch.keys(), sorted(batch)
         for side in ("chosen", "rejected"):
-            expected = _sequence_logps(sft, batch, side)
+            expected = sequence_logps(sft, batch, side)
             np.testing.assert_allclose(batch[f"ref_{side}_logps"], expected, rtol=1e-5, atol=1e-4)
-        expected = _dpo_numbers(nnx.merge(graphdef, params), sft, batch, config.dpo.beta)
+        expected = dpo_numbers(nnx.merge(graphdef, params), sft, batch, config.dpo.beta)
         for key, value in expected.items():
             assert records[step][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (step, key)
         if step == 1:  # the policy starts as its reference: every implicit reward is 0, the loss ln 2
@@ -179,7 +180,7 @@ def test_dpo_held_out_numbers_equal_a_numpy_rebuild_from_the_exported_models(fix
     eval_rows = len(task.preference_eval["chosen_input_ids"])
     assert eval_rows % config.dpo.eval_batch_size == 0  # (a padded last batch is averaged otherwise)
     policy, sft = (load_pretrained(workdir / stage / "model") for stage in ("dpo", "sft"))
-    expected = _dpo_numbers(policy, sft, task.preference_eval, config.dpo.beta)
+    expected = dpo_numbers(policy, sft, task.preference_eval, config.dpo.beta)
     done = json.loads((workdir / "dpo" / "done.json").read_text())
     for key, value in expected.items():
         assert done[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
@@ -217,7 +218,7 @@ def test_the_reward_model_learns_chosen_over_rejected_and_swapping_them_flips_it
 
     def margin(path):
         model = load_pretrained(path, kind="scalar")
-        chosen, rejected = (_last_token_scores(model, held_out, side) for side in ("chosen", "rejected"))
+        chosen, rejected = (last_token_scores(model, held_out, side) for side in ("chosen", "rejected"))
         return chosen - rejected
 
     learned = margin(workdir / "reward_model" / "model")
@@ -340,7 +341,7 @@ def test_the_win_rate_counts_wins_over_each_prompts_reference_by_the_judge(fixtu
     assert len(references["input_ids"]) == config.evaluate.num_prompts
     judge = load_pretrained(workdir / "reward_model" / "model", kind="scalar")
     as_pair = {f"ref_{k}": v for k, v in references.items()}
-    reference_scores = _last_token_scores(judge, as_pair, "ref")
+    reference_scores = last_token_scores(judge, as_pair, "ref")
     rates = []
     for policy in ("sft", "dpo"):
         lines = (tmp_path / "evaluate" / f"samples_{policy}.jsonl").read_text().splitlines()
