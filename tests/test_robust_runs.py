@@ -290,6 +290,7 @@ def test_a_full_disk_is_one_line_naming_the_checkpoint_and_the_previous_one_stay
     proc = _run_py(config_file, workdir)  # space freed: the same command resumes from checkpoint 2
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert json.loads((workdir / "sft" / "done.json").read_text())["resumed_from"] == 2
+    assert not list(checkpoint_dir(workdir).glob("*tmp*"))
     same_numbers(reference, strip_time(read_metrics(workdir / "metrics.jsonl")))
 
 

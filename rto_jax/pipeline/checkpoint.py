@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,11 @@ log = logging.getLogger(__name__)
 
 def manager(directory: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
     """A CheckpointManager keeping the last `keep` steps under `directory` (created if missing)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    # cleanup_tmp_directories: a partial folder a failed or killed save left is removed at the start
+    # (the workdir lock makes this the only run writing there).
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
 
 
@@ -98,17 +103,37 @@ def save(mngr: ocp.CheckpointManager, step: int, tree, meta: dict) -> None:
         reason, path = failure
         directory = Path(mngr.directory)
         if is_main_process():
-            # The other writer threads of this save may still be running (and creating files in the
-            # partial folder) when the first failure surfaces: let them end before removing it.
-            with contextlib.suppress(Exception), _quiet_on_failure():
-                mngr.wait_until_finished()
-            for partial in directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            _remove_partial(directory, int(step))
         intact = f"{directory / str(previous)} is intact" if previous is not None else "there is none"
         raise StorageError(
             f"writing checkpoint {directory / str(step)} failed: {reason} ({path}); the previous checkpoint "
             f"{intact}. Free space and run the same command again"
         ) from None
+
+
+PARTIAL_QUIET_S = 1.0  # how long a failed save's partial folder must stay gone
+
+
+def _remove_partial(directory: Path, step: int) -> None:
+    """Removes the partial folder of failed save `step`, until it stays gone for PARTIAL_QUIET_S.
+
+    The first failed write surfaces while tensorstore's other writes of the same save (another OCDBT
+    data file, then its manifest) still run on tensorstore's own threads: orbax's gather does not wait
+    for them, keeps no handle to them, and `wait_until_finished` is a no-op for a synchronous manager.
+    Tensorstore creates missing parent folders, so one removal could race them and leave the folder
+    re-created (seen 1 in 16 runs under load). Should a writer outlast even this, the next run removes
+    the folder before it reads any checkpoint (`cleanup_tmp_directories` in `manager`)."""
+    deadline, quiet_since = time.monotonic() + 60, time.monotonic()
+    while time.monotonic() < deadline:
+        partial = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        for folder in partial:
+            shutil.rmtree(folder, ignore_errors=True)
+        now = time.monotonic()
+        if partial:
+            quiet_since = now
+        elif now - quiet_since >= PARTIAL_QUIET_S:
+            return
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
