@@ -223,7 +223,7 @@ def full_rows() -> list[dict]:
         rows += [_train(task, big, 4, 256, impl, reps=3) for impl in impls]
     rows.append(_train("trl_dpo", big, 4, 256, "trl", reps=3))
     rows.append(_train("dpo", big, 4, 256, "tunix", reps=3))
-    # 135M at 8 x 512, SFT only: a 30 s step (docs/PERF_NOTES.md), so the one objective whose peer ratio matters most.
+    # 135M at 8 x 512, SFT only: a 30 s step (docs/results/benchmarks.md#latest-full-run-2026-12-03), so the one objective whose peer ratio matters most.
     rows += [_train("sft", big, 8, 512, impl, reps=3) for impl in ("jax-loop", "torch")]
     # Tiny at 8 x 512: per-op overhead dominates.
     for task in ("sft", "rm", "dpo", "ppo"):
@@ -269,7 +269,7 @@ def peer_of(row: dict, rows_by_id: dict) -> list[dict]:
     """The peer rows `row` (one of ours) is compared with: same group, task, shape, batch and length."""
     if row["backend"] != "jax" or row["kind"] not in ("train", "rollout", "ppo_split"):
         return []
-    if row["impl"] == "jax-lora":  # adapters on one base: not the peers' full fine-tune (README sets it beside ours)
+    if row["impl"] == "jax-lora":  # adapters on one base: not the peers' full fine-tune (docs/results/lora.md#memory-of-the-rto-iteration-at-the-smollm2-135m-shape sets it beside ours)
         return []
     peers = []
     base = row["id"].rsplit("/", 1)[0]

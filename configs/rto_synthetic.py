@@ -11,13 +11,13 @@ Presets (`--config=configs/rto_synthetic.py:PRESET`):
   tuned           the frozen per-method values of tune_methods on seeds 1, 2, 3 (never used for tuning)
   study           when does RTO help: PPO and RTO with the tuned values over horizons 8 / 32, DPO
                   trained on 1024 / 4096 / 16384 pairs and three KL coefficients, seeds 1-5
-                  (experiments/synthetic_study.py; README "When does the dense reward help?")
+                  (experiments/synthetic_study.py; docs/results/synthetic_study.md)
   study_smoke     the study's every cell and output in about a minute (tiny budgets, 2 seeds)
 Seeds: `--config.seeds=3,4,5`.
 
 Every value below is a deviation from rto_jax/pipeline/config.py:base_config (the N+ TL;DR recipe)
 and says why. The shared PPO hyperparameters were chosen on the tuning seed (1000) for the PPO
-baseline, then frozen for every method and seed; see README "Synthetic benchmark".
+baseline, then frozen for every method and seed; see docs/results/synthetic.md#how-the-hyperparameters-were-chosen.
 """
 
 from ml_collections import config_dict
@@ -101,7 +101,7 @@ def get_config(preset: str = "demo"):
         )
     elif preset == "tuned":
         c.seeds = "1,2,3"  # never used for tuning
-        c.ppo.per_method = TUNED  # frozen from tune_methods (README "Fair tuning")
+        c.ppo.per_method = TUNED  # frozen from tune_methods (docs/results/synthetic.md#fair-tuning)
     elif preset in ("study", "study_smoke"):
         set_recipe(c, "experiments/synthetic_study.py")
         c.seeds = "1,2,3,4,5"  # >= 5 evaluation seeds per cell; never the tuning seed
@@ -109,7 +109,7 @@ def get_config(preset: str = "demo"):
         c.study = config_dict.ConfigDict()
         c.study.tuning_seed = 1000  # refused among the seeds
         # 8 = the center task's target_length; R = 3 H. 96 is one flag away (--config.study.horizons=8,32,96)
-        # but ~40 min per seed on 2 cores (README "When does the dense reward help?"): not in the 2-hour preset.
+        # but ~40 min per seed on 2 cores (docs/results/synthetic_study.md#cost-and-what-is-left): not in the 2-hour preset.
         c.study.horizons = "8,32"
         c.study.reward_pairs = 4096  # the reward model's pairs (and the center DPO's): as in every preset
         c.study.dpo_pairs = "1024,4096,16384"  # a quarter and four times the reward model's

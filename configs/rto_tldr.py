@@ -5,12 +5,12 @@ Presets (`--config=configs/rto_tldr.py:PRESET`):
                             RLHF with PPO", Huang et al. 2024, github.com/vwxyzjn/summarize_from_feedback_details):
                             P = 512 prompt tokens, R = 53 response tokens, SFT batch 128, RM/DPO batch 64,
                             PPO 1M episodes in batches of 512, 4 PPO epochs, lr 3e-6, temperature 0.7,
-                            EOS penalty 1. RTO's reward shaping follows the authors' code (docs/DESIGN.md):
+                            EOS penalty 1. RTO's reward shaping follows the authors' code (docs/algorithm.md#sources-of-the-defaults):
                             beta_dpo 0.05 (clip 0.05), fixed beta_kl 0.01.
   tiny                      random-init 2-layer model, 2k BPE, the offline sample data in ../shared/data.
   smollm2                   SmolLM2-135M-Instruct (the GGUF `make smollm2` caches; its own tokenizer, pad
                             chosen automatically) on the offline TL;DR samples in ../shared/data, with
-                            budgets that finish in about half an hour on 2 CPU cores (README: "A real model").
+                            budgets that finish in about half an hour on 2 CPU cores (docs/getting_started.md#a-real-model-offline-smollm2-135m-instruct-on-tldr).
 
 To start from the released N+ checkpoints instead of training SFT:
   --config.sft.init_from=cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr@<revision>
@@ -58,8 +58,8 @@ def tiny_data(c):
 def smollm2(c):
     """SmolLM2-135M-Instruct on the offline TL;DR samples within ~30 minutes of 2 CPU cores: every
     deviation from base_config, and why. On such a machine a 135M model trains ~70 tokens/s
-    (docs/PERF_NOTES.md), so each budget below is a few dozen sequences: enough to run every stage
-    on a real model and real data, not to show RTO's gains (README: "A real model, offline")."""
+    (docs/results/benchmarks.md#latest-full-run-2026-12-03), so each budget below is a few dozen sequences: enough to run every stage
+    on a real model and real data, not to show RTO's gains (docs/results/smollm2.md)."""
     from rto_jax.models.smollm2 import smollm2_gguf_path
 
     tiny_data(c)

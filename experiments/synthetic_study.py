@@ -125,7 +125,7 @@ def validate(config) -> None:
     per_method = parse_per_method(config.ppo.per_method)
     for method in (m.__name__ for m in METHODS):
         if method not in per_method:
-            raise ConfigError("ppo.per_method", f"give {method}'s tuned values (README 'Fair tuning')")
+            raise ConfigError("ppo.per_method", f"give {method}'s tuned values (docs/results/synthetic.md#fair-tuning)")
     for horizon in d.horizons:
         try:
             SyntheticTaskConfig(**horizon_config(config, horizon, d.reward_pairs).synthetic.task.to_dict())

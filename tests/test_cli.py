@@ -73,6 +73,7 @@ def test_every_listed_preset_builds_and_an_unlisted_one_is_refused(path):
         config_from_file(path, "nope")
 
 
+@pytest.mark.needs_shared_data
 def test_recipe_on_the_command_line_takes_the_new_rewards_coefficients(tmp_path):
     base = _dry_run(tmp_path, TINY)
     assert base["recipe"] == "experiments/rto.py" and base["name"] == "rto_tldr_tiny"
@@ -124,6 +125,7 @@ def test_a_coefficient_set_in_a_config_file_that_the_reward_does_not_take_is_one
     assert "set_recipe" in line
 
 
+@pytest.mark.needs_shared_data
 def test_a_malformed_column_map_is_one_line(tmp_path):
     done = _run(TINY, f"--workdir={tmp_path / 'run'}", "--config.data.sft.column_map=foo")
     _one_line_error(done, "config.data.sft.column_map", "'foo'", "field=column")
@@ -133,6 +135,7 @@ def test_a_malformed_column_map_is_one_line(tmp_path):
     assert config["data"]["sft"]["column_map"] == "response=reference_response"
 
 
+@pytest.mark.needs_shared_data
 def test_config_files_build_on_each_other_from_any_working_directory(tmp_path):
     """configs/ppo_tldr.py does `from configs import rto_tldr`: it loads from another folder too."""
     config = _dry_run(tmp_path, f"--config={ROOT / 'configs' / 'ppo_tldr.py'}:tiny", cwd=tmp_path)

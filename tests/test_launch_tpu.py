@@ -72,6 +72,7 @@ def test_dry_run_refuses_a_bad_config_in_one_line():
     assert "gcloud" not in proc.stdout  # nothing planned, let alone run
 
 
+@pytest.mark.needs_shared_data
 def test_dry_run_checks_the_mesh_against_the_slice():
     run = ["--", "--config=configs/rto_tldr.py:tiny", "--workdir=/mnt/runs/r", "--config.mesh.fsdp=8"]
     small = _dry_run("--accelerator_type=v4-8", *run)  # 4 devices: fsdp 8 does not fit

@@ -76,6 +76,7 @@ def test_fork_blocks_are_the_committed_example_files():
         assert (ROOT / path).read_text() == code, f"README's {path} differs from the committed file"
 
 
+@pytest.mark.needs_shared_data
 def test_the_readme_fork_runs_end_to_end_with_its_own_reward(tmp_path):
     """The blocks, written into a copy of experiments/ and configs/, run as the README says; the
     metrics show the new reward's parts with the config's bonus, and the run carries the fork's name."""

@@ -82,6 +82,7 @@ def test_a_run_without_the_models_the_reward_needs_is_refused_naming_what_is_mis
         validate(with_reused_models(config), tmp_path / "run")
 
 
+@pytest.mark.needs_shared_data
 def test_the_command_line_error_is_one_line(tmp_path):
     cmd = [
         sys.executable,

@@ -119,6 +119,7 @@ def broken_recipe(folder: Path, kind: str) -> tuple[Path, int]:
     return path, text.splitlines().index(f"@token_reward({uses})") + 1  # where the function's source starts
 
 
+@pytest.mark.needs_shared_data
 @pytest.mark.parametrize("kind", list(BROKEN))
 def test_a_broken_reward_is_one_line_before_any_stage(kind, tmp_path):
     """Through experiments/run.py on the tiny preset: exit 2, one line naming the reward, its file and

@@ -1,6 +1,5 @@
 """The `smollm2` presets of configs/{rto,ppo,dpo}_tldr.py: SmolLM2-135M-Instruct (the GGUF of
-`make smollm2`) on the offline TL;DR samples. The full run takes ~30 minutes (README: "A real model,
-offline"); here: its validation and source checks, and the first stages for a few steps on short
+`make smollm2`) on the offline TL;DR samples. The full run takes ~30 minutes (docs/results/smollm2.md); here: its validation and source checks, and the first stages for a few steps on short
 sequences, through experiments/run.py as a user runs it.
 """
 

@@ -54,7 +54,7 @@ def matmul(x, w):
     Same numbers as `jnp.dot`, but its gradient is a plain `[in, N] @ [N, out]`: with 3-D `x`, the
     weight gradient contracts two dims, and XLA:CPU then lays the activation gradient out with a
     transpose fused into the elementwise ops before it, which measured 35 ms per MLP matrix of the
-    135M step (18% of the step; README "Profile of the training step").
+    135M step (18% of the step; docs/results/benchmarks.md#profile-of-the-training-step).
     """
     if x.ndim <= 2:
         return jnp.dot(x, w)
@@ -207,7 +207,7 @@ def dot_product_attention(q, k, v, mask):
     Returns `[B, T, H, D]`. Softmax in float32; fully masked rows (padding queries) stay finite.
     k and v are kv-head major (the KV cache's layout): both matmuls then have their batch dims (B, K)
     leading, so XLA feeds the cache to them as it is; with `[B, S, K, D]` it copied the whole cache into
-    this order at every decode step (17% of a batch-32 decode; README "Profile of the training step").
+    this order at every decode step (17% of a batch-32 decode; docs/results/benchmarks.md#decode).
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[1]

@@ -1,4 +1,4 @@
-"""Pure objective functions of arrays (no model code); float32 outputs. See docs/DESIGN.md 1."""
+"""Pure objective functions of arrays (no model code); float32 outputs. See docs/algorithm.md#stages."""
 
 from rto_jax.objectives.dpo import LOSS_TYPES as DPO_LOSS_TYPES
 from rto_jax.objectives.dpo import dpo_loss, dpo_token_rewards

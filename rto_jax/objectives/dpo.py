@@ -1,4 +1,4 @@
-"""DPO losses and the DPO implicit token reward (docs/DESIGN.md 1, stage 3).
+"""DPO losses and the DPO implicit token reward (docs/algorithm.md#3-dpo).
 
 With sequence log-probs (sums over response tokens, ``[B]``):
 

@@ -1,4 +1,4 @@
-"""PPO pieces over the token MDP (docs/DESIGN.md 1, stage 4). All arrays ``[B, T]``, right-padded
+"""PPO pieces over the token MDP (docs/algorithm.md#4-ppo-with-rto-token-rewards). All arrays ``[B, T]``, right-padded
 ``mask`` (1 on response tokens up to and including EOS).
 
 GAE (values past the last valid token are 0, i.e. bootstrap 0 at episode end):

@@ -1,4 +1,4 @@
-"""Bradley-Terry reward-model loss (docs/DESIGN.md 1, stage 2).
+"""Bradley-Terry reward-model loss (docs/algorithm.md#2-reward-model).
 
 loss = mean_b  -log sigmoid(r_w[b] - r_l[b] - margin[b])
 """

@@ -226,7 +226,7 @@ def base_config() -> config_dict.ConfigDict:
     c.synthetic.best_of_n_prompts = 128  # held-out prompts of the frontier (n samples each)
 
     c.collapse_steps = 5  # warn when gradients are exactly 0 or the loss is flat this many steps; 0 = off
-    c.resume_with_changes = False  # resume a workdir although the config changed (else refused; see README)
+    c.resume_with_changes = False  # resume a workdir although the config changed (else refused; docs/runs.md#resuming-and-what-interrupts-a-run)
 
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every_steps = 100  # orbax checkpoint every this many steps (and at the end of a stage)

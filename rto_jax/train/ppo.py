@@ -1,4 +1,4 @@
-"""PPO over the token MDP with a token reward passed in (docs/DESIGN.md 1, stage 4), as pure jitted functions.
+"""PPO over the token MDP with a token reward passed in (docs/algorithm.md#4-ppo-with-rto-token-rewards), as pure jitted functions.
 
     make_experience(state, prompts, rng) -> Experience      rollout, scoring, token rewards, GAE
     ppo_update(state, experience, rng) -> (state, metrics)   epochs x minibatches in lax.scan
@@ -53,10 +53,10 @@ class PPOConfig:
     loss_average: str = "token"
     # The LM head over vocabulary slices of this size (rto_jax/scoring.py): no [B, R, V] logits in
     # scoring or in the update. 0 (or >= V): the whole vocabulary at once. On the 135M shape (V 49152)
-    # 8192 scored the two frozen models 3% faster than the whole head on CPU (README, Benchmarks).
+    # 8192 scored the two frozen models 3% faster than the whole head on CPU (docs/results/benchmarks.md#ppo-switches).
     vocab_chunk: int = 8192
     # The frozen language models (reference, DPO policy, ...) scored in one pass vmapped over their
-    # stacked parameters instead of one pass each: the same numbers; on CPU 3-7% slower (README).
+    # stacked parameters instead of one pass each: the same numbers; on CPU 3-7% slower (docs/results/benchmarks.md#ppo-switches).
     stack_frozen: bool = False
     # The policy's log-probs and entropy come from the sampler, which computed them while decoding
     # with the same model code. True scores the policy again with a teacher-forced pass (in bfloat16
