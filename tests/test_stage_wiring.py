@@ -460,3 +460,16 @@ def test_sigterm_mid_stage_stops_at_a_checkpoint_and_the_rerun_resumes_from_it(
     assert json.loads((workdir / "sft" / "done.json").read_text())["resumed_from"] == 2
     uninterrupted = [r for r in strip_time(read_metrics(trained[0] / "metrics.jsonl")) if r["stage"] == "sft"]
     same_numbers(uninterrupted, strip_time(read_metrics(workdir / "metrics.jsonl")))
+
+
+def test_a_new_run_starts_without_the_stop_request_an_earlier_run_honoured():
+    """A SIGTERM honoured by one run() must not stop the next run() in the same process at its first
+    step, while a signal between two stages of one run still stops the next stage (nested blocks)."""
+    from rto_jax.pipeline import loop
+
+    with loop.stop_requests() as outer:
+        outer["signal"] = "SIGTERM"  # as the handler sets it during a stage's last step
+        with loop.stop_requests() as stage:  # the next stage's loop, inside the same run
+            assert stage["signal"] == "SIGTERM"
+    with loop.stop_requests() as next_run:
+        assert next_run["signal"] is None

@@ -59,6 +59,7 @@ class Preempted(Exception):
 
 
 _REQUEST: dict = {"signal": None}
+_DEPTH = [0]  # nesting of stop_requests blocks (the runner's around the stage loops')
 
 
 @contextlib.contextmanager
@@ -67,9 +68,22 @@ def stop_requests():
     loop honours after the step in flight; a second SIGINT interrupts at once (KeyboardInterrupt).
     Yields a dict whose "signal" is the name of the first signal received, or None."""
     request = _REQUEST  # one per process: a signal during a stage's last step stops the next stage
-    if threading.current_thread() is not threading.main_thread():  # handlers only install there
-        yield request
-        return
+    if _DEPTH[0] == 0:  # a new run (the outermost block): an earlier, honoured stop request is spent
+        request["signal"] = None
+    _DEPTH[0] += 1
+    try:
+        if threading.current_thread() is not threading.main_thread():  # handlers only install there
+            yield request
+        else:
+            with _handlers(request):
+                yield request
+    finally:
+        _DEPTH[0] -= 1
+
+
+@contextlib.contextmanager
+def _handlers(request: dict):
+    """SIGTERM and SIGINT set `request` while the block runs; the previous handlers come back after."""
 
     def handle(signum, frame):
         if request["signal"] is not None and signum == signal.SIGINT:

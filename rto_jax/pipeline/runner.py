@@ -207,7 +207,7 @@ def _run(config, workdir: Path, task) -> dict:
     if hasattr(recipe, "aggregate"):
         return recipe.aggregate(per_seed, Path(workdir))
     results = {"seeds": seeds, "per_seed": per_seed}
-    write_json(Path(workdir) / "results.json", results)
+    write_json(Path(workdir) / "results.json", relative_to(results, Path(workdir)))
     return results
 
 
