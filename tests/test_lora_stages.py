@@ -35,7 +35,7 @@ from rto_jax.train import (
 from tests import sharding_cases as cases
 from tests.faults import SimulatedFailure, count_steps, kill_after_checkpoint
 from tests.test_pipeline import fixture_data, same_numbers, small_config, strip_time  # noqa: F401 (a fixture)
-from tests.test_stage_wiring import dpo_numbers
+from tests.test_stage_wiring import assert_dpo_done_equals_numpy
 
 
 def _adapter_lm(rank=4, dropout=0.0, nonzero_b=True):
@@ -152,12 +152,7 @@ def test_adapter_dpo_held_out_numbers_equal_a_numpy_rebuild_with_the_sft_model_a
     the exported SFT model. A reference that is the policy itself gives margin 0 and loss ln 2."""
     config = _adapter_config(*fixture_data)
     task = build_task(with_seed(config, 0), adapter_run)
-    policy, sft = (load_pretrained(adapter_run / stage / "model") for stage in ("dpo", "sft"))
-    expected = dpo_numbers(policy, sft, task.preference_eval, config.dpo.beta)
-    done = json.loads((adapter_run / "dpo" / "done.json").read_text())
-    for key, value in expected.items():
-        assert done[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
-    assert abs(expected["rewards/margin"]) > 1e-4 and abs(expected["loss"] - np.log(2.0)) > 1e-5
+    assert_dpo_done_equals_numpy(adapter_run, task, config.dpo.beta, rel=1e-3)
 
 
 def test_a_peft_adapter_folder_serves_as_a_model_path(adapter_run, fixture_data, tmp_path):  # noqa: F811

@@ -3,7 +3,6 @@
 file and what was expected, through experiments/run.py, before SFT; the stock rewards pass; a
 reward that turns NaN during training is named by its part first."""
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -18,6 +17,7 @@ from rto_jax.errors import ConfigError
 from rto_jax.objectives.token_rewards import TOKEN_REWARDS, reward_args, rto, token_reward
 from rto_jax.pipeline import base_config, run, set_recipe
 from rto_jax.pipeline.common import NonFiniteError
+from rto_jax.pipeline.config import config_from_file
 from rto_jax.pipeline.loop import reward_parts_first
 from rto_jax.pipeline.reward_check import DEFAULT_MODELS, check_recipe_rewards, check_token_reward, fake_inputs
 
@@ -28,10 +28,7 @@ os.environ.setdefault("RTO_JAX_NO_TQDM", "1")
 
 
 def load_config(name: str, preset: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
+    return config_from_file(ROOT / "configs" / f"{name}.py", preset)  # as run.py's --config loads it
 
 
 # ----------------------------------------------------------------------------------------------
