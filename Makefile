@@ -39,6 +39,12 @@ DEMO_WORKDIR ?= runs/synthetic_demo
 demo: $(VENV)/.installed
 	$(PY) experiments/run.py --config=configs/rto_synthetic.py:demo --workdir=$(DEMO_WORKDIR)
 
+# The RTO-vs-PPO study's tables and figures (docs/results/synthetic_study.md), from the committed
+# per (seed, cell) summaries alone: no run needed.
+.PHONY: study-report
+study-report: $(VENV)/.installed
+	$(PY) -m experiments.synthetic_study_report docs/results/synthetic_study/summaries --out=docs/results/synthetic_study
+
 # google-tunix (the JAX peer of `make bench`) in its own environment: it pins safetensors<0.8 and brings
 # tensorflow-datasets, neither of which the project's environment should take.
 TUNIX_VENV ?= .venv-tunix

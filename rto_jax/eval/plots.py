@@ -10,7 +10,10 @@ matplotlib.use("Agg")  # headless: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 # One colour per method in every plot, so the two figures read together.
-_COLORS = {"sft": "C0", "dpo": "C1", "ppo": "C2", "rto": "C3", "rto_sequence_end": "C4", "rto_no_rm": "C5"}
+_COLORS = {
+    "sft": "C0", "dpo": "C1", "ppo": "C2", "rto": "C3", "rto_sequence_end": "C4", "rto_no_rm": "C5",
+    "oracle_dense": "C9", "oracle_rm": "C6",
+}  # fmt: skip
 
 
 def _color(name: str, index: int):
@@ -102,8 +105,8 @@ def _save_panels(fig, path) -> Path:
 
 
 def plot_study_curves(cells: dict[str, dict], path: str | Path) -> Path:
-    """One panel per study cell: PPO's and RTO's mean held-out gold reward vs episodes over the seeds,
-    with the 95% interval as a band (experiments/synthetic_study.py:aggregate's `cells`)."""
+    """One panel per study cell: every method's mean held-out gold reward vs episodes over the seeds,
+    with the 95% interval as a band (experiments/synthetic_study_report.py's `cells`)."""
     fig, axes = _panels(len(cells))
     for ax, (name, cell) in zip(axes, cells.items()):
         for index, (method, m) in enumerate(cell["methods"].items()):
@@ -113,22 +116,27 @@ def plot_study_curves(cells: dict[str, dict], path: str | Path) -> Path:
             ax.fill_between(
                 xs, [p["gold"]["low"] for p in m["curve"]], [p["gold"]["high"] for p in m["curve"]], alpha=0.2, color=color
             )  # fmt: skip
-        _label_panel(ax, name, "episodes")
+        _label_panel(ax, f"{name} (n={cell['n']})", "episodes")
     return _save_panels(fig, path)
 
 
-def plot_study_differences(cells: dict[str, dict], path: str | Path) -> Path:
-    """One panel per study cell: RTO's gold reward minus PPO's, seed by seed, along training (mean
-    over seeds, 95% interval as a band): above 0 where RTO is ahead at that many episodes."""
+def plot_study_differences(cells: dict[str, dict], path: str | Path, baseline: str = "ppo") -> Path:
+    """One panel per study cell: each method's gold reward minus the baseline's, seed by seed, along
+    training (mean over seeds, 95% interval as a band): above 0 where the method is ahead at that
+    many episodes. A method's `minus_<baseline>_curve` holds the paired differences."""
     fig, axes = _panels(len(cells))
     for ax, (name, cell) in zip(axes, cells.items()):
-        curve = cell["rto_minus_ppo_curve"]
-        xs = [p["episodes"] for p in curve]
         ax.axhline(0.0, color="gray", linewidth=0.8)
-        ax.plot(xs, [p["mean"] for p in curve], marker="o", markersize=2, color=_color("rto", 0), label="RTO - PPO")
-        ax.fill_between(xs, [p["low"] for p in curve], [p["high"] for p in curve], alpha=0.2, color=_color("rto", 0))
-        _label_panel(ax, name, "episodes")
-        ax.set_ylabel("gold reward, RTO - PPO", fontsize=8)
+        for index, (method, m) in enumerate(cell["methods"].items()):
+            if method == baseline:
+                continue
+            curve, color = m[f"minus_{baseline}_curve"], _color(method, index)
+            xs = [p["episodes"] for p in curve]
+            label = f"{method} - {baseline}"
+            ax.plot(xs, [p["mean"] for p in curve], marker="o", markersize=2, color=color, label=label)
+            ax.fill_between(xs, [p["low"] for p in curve], [p["high"] for p in curve], alpha=0.15, color=color)
+        _label_panel(ax, f"{name} (n={cell['n']})", "episodes")
+        ax.set_ylabel(f"gold reward, method - {baseline}", fontsize=8)
     return _save_panels(fig, path)
 
 
@@ -147,6 +155,7 @@ def plot_study_frontier(cells: dict[str, dict], path: str | Path, sweep: list[st
             finals = sorted(
                 (cells[c]["methods"][method]["kl_to_ref"]["mean"], cells[c]["methods"][method]["gold_reward"]["mean"])
                 for c in sweep
+                if method in cells[c]["methods"]
             )
             ax.plot(*zip(*finals), marker="o", color=_color(method, index), label=method)
         _label_panel(ax, "final points across " + ", ".join(sweep), "KL to pi_sft (nats)")
@@ -158,11 +167,34 @@ def plot_study_frontier(cells: dict[str, dict], path: str | Path, sweep: list[st
             color = _color(method, index)
             ax.plot([p["kl"] for p in m["curve"]], [p["gold"]["mean"] for p in m["curve"]], color=color, alpha=0.5)
             gold, kl = m["gold_reward"], m["kl_to_ref"]
+            # A cell with one seed has no interval (nan): its point is drawn without error bars.
             ax.errorbar(
                 kl["mean"], gold["mean"],
-                yerr=[[gold["mean"] - gold["low"]], [gold["high"] - gold["mean"]]],
-                xerr=[[kl["mean"] - kl["low"]], [kl["high"] - kl["mean"]]],
+                yerr=None if gold["n"] < 2 else [[gold["mean"] - gold["low"]], [gold["high"] - gold["mean"]]],
+                xerr=None if kl["n"] < 2 else [[kl["mean"] - kl["low"]], [kl["high"] - kl["mean"]]],
                 fmt="o", capsize=2, color=color, label=method,
             )  # fmt: skip
-        _label_panel(ax, name, "KL to pi_sft (nats)")
+        _label_panel(ax, f"{name} (n={cell['n']})", "KL to pi_sft (nats)")
+    return _save_panels(fig, path)
+
+
+def plot_study_reach(
+    cells: dict[str, dict], path: str | Path, baseline: str = "ppo", data_fraction: float = 1 / 8
+) -> Path:
+    """One panel per study cell: for fractions f of the baseline's final gain over pi_sft, each
+    method's median episodes (over seeds) to first reach pi_sft + f * gain; a dashed line at
+    `data_fraction` of the baseline's own (the paper's claim: PPO's level with 1/8 of the data). A
+    method's `reach_fractions` is [{fraction, median}, ...], median None where most seeds never got there."""
+    fig, axes = _panels(len(cells))
+    for ax, (name, cell) in zip(axes, cells.items()):
+        for index, (method, m) in enumerate(cell["methods"].items()):
+            points = [(p["fraction"], p["median"]) for p in m["reach_fractions"] if p["median"] is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, color=_color(method, index), label=method)
+        claim = [(p["fraction"], p["median"] * data_fraction) for p in cell["methods"][baseline]["reach_fractions"]
+                 if p["median"] is not None]  # fmt: skip
+        if claim:
+            ax.plot(*zip(*claim), linestyle="--", color="gray", label=f"{data_fraction:.3g} x {baseline}")
+        _label_panel(ax, f"{name} (n={cell['n']})", f"fraction of {baseline}'s final gain over pi_sft")
+        ax.set_ylabel("episodes to reach (median)", fontsize=8)
     return _save_panels(fig, path)
