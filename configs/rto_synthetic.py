@@ -9,9 +9,10 @@ Presets (`--config=configs/rto_synthetic.py:PRESET`):
   tune_methods    seed 1000: the same number of PPO-stage runs for PPO and for RTO over each one's own
                   knobs (experiments/synthetic_tune.py); prints the per_method values to freeze
   tuned           the frozen per-method values of tune_methods on seeds 1, 2, 3 (never used for tuning)
-  study           when does RTO help: PPO and RTO with the tuned values over horizons 8 / 32, DPO
-                  trained on 1024 / 4096 / 16384 pairs and three KL coefficients, seeds 1-5
-                  (experiments/synthetic_study.py; docs/results/synthetic_study.md)
+  study           when does RTO help: PPO, RTO and two gold-reward positive controls with the tuned
+                  values over horizons 8 / 32 / 96, DPO trained on 1024 / 4096 / 16384 pairs, three
+                  KL coefficients and RTO's beta_dpo 0.2 / 0.5 unclipped, seeds 1-5, resumable across
+                  sessions (experiments/synthetic_study.py; docs/results/synthetic_study.md)
   study_smoke     the study's every cell and output in about a minute (tiny budgets, 2 seeds)
 Seeds: `--config.seeds=3,4,5`.
 
@@ -108,12 +109,16 @@ def get_config(preset: str = "demo"):
         c.ppo.per_method = TUNED  # each method's values from tune_methods, frozen before the study
         c.study = config_dict.ConfigDict()
         c.study.tuning_seed = 1000  # refused among the seeds
-        # 8 = the center task's target_length; R = 3 H. 96 is one flag away (--config.study.horizons=8,32,96)
-        # but ~40 min per seed on 2 cores (docs/results/synthetic_study.md#cost-and-what-is-left): not in the 2-hour preset.
-        c.study.horizons = "8,32"
+        # 8 = the center task's target_length; R = 3 H. Horizon 96 is ~40 min of base stages per seed on
+        # 2 cores: the study runs across sessions, each finished (seed, cell) committed as a summary.
+        c.study.horizons = "8,32,96"
         c.study.reward_pairs = 4096  # the reward model's pairs (and the center DPO's): as in every preset
         c.study.dpo_pairs = "1024,4096,16384"  # a quarter and four times the reward model's
-        c.study.beta_kl = "0.01,0.2"  # both methods; the tuned value (0.05) is the center's
+        c.study.beta_kl = "0.01,0.2"  # every method; the tuned value (0.05) is the center's
+        # RTO's DPO term is ~5% of the reward at the tuned beta_dpo 0.05 (clip 0.2): cells where it is not.
+        c.study.beta_dpo, c.study.beta_dpo_horizons, c.study.wide_clip = "0.2,0.5", "32,96", 0.0  # 0: no clip
+        # Each finished (seed, cell), committed: the next session resumes from them (and `make study-report`).
+        c.study.summaries = "docs/results/synthetic_study/summaries"
         c.synthetic.preference_pairs = 16384 + 256  # the most DPO pairs + the held-out pairs
         c.dpo.max_steps = 0  # 5 epochs whatever the pairs: more pairs are more data, not fewer epochs
         c.ppo.eval_every = 10  # 10 points per gold-reward curve (episodes to reach PPO's final)
@@ -129,6 +134,8 @@ def get_config(preset: str = "demo"):
         c.seeds = "1,2"  # two seeds: an interval and a paired difference
         c.study.horizons, c.study.reward_pairs, c.study.dpo_pairs = "8,12", 48, "24,48,96"  # every kind of cell
         c.study.beta_kl = "0.2"  # one KL cell
+        c.study.beta_dpo, c.study.beta_dpo_horizons = "0.5", "12"  # one DPO-weight cell (no clip)
+        c.study.summaries = ""  # in the workdir, never the committed folder
         c.synthetic.preference_pairs = 96 + 16  # the most DPO pairs + the held-out pairs
         c.dpo.num_epochs, c.dpo.max_steps = 1, 0  # one epoch: 24, 48 and 96 pairs are 1, 3 and 6 steps
         c.ppo.total_episodes = 48  # 3 iterations

@@ -1,49 +1,124 @@
-"""When does RTO's dense token reward help? PPO and RTO on the synthetic task, each with the values
-its fair tuning chose on the tuning seed (config.ppo.per_method), in cells that change one thing at
-a time around that tuned setting (the "center"):
+"""When does RTO's dense token reward help, and could this setup show it if it did? PPO and RTO on
+the synthetic task, each with the values its fair tuning chose on the tuning seed
+(config.ppo.per_method), beside two positive controls that know the gold reward:
 
-  horizon    config.study.horizons: the response length the gold reward prefers. A horizon H scales
-             the center task's lengths by H / target_length (`horizon_config`): the gold target
-             length, the source's shortest response and mean stopping time, and the response budget
-             R; the gold reward keeps its form (quality is a per-token mean with the same weight), so
-             token-level credit is as large a share of r* at every H and is split over H tokens.
-  DPO data   config.study.dpo_pairs: the DPO policy behind RTO's token reward trained on fewer or
-             more labelled pairs (the same number of epochs) than the reward model's
-             config.study.reward_pairs. PPO reads no DPO model: these cells share the center's PPO run.
-  KL         config.study.beta_kl: both methods at other KL coefficients.
+  oracle_dense  PPO's reward plus the task's exact per-token gold credit, scaled as RTO's DPO term
+                is (the same per-token spread on pi_sft's samples): a dense term of RTO's size whose
+                credit is perfect. If it beats PPO, the setup can detect better credit assignment,
+                and RTO's result is about the quality of DPO's credit.
+  oracle_rm     PPO with the gold reward in place of the learned reward model's score (sparse, at
+                the last token, normalized as the score is): how much the reward model limits.
 
-Each seed of config.seeds (the tuning seed is refused) runs every cell through the same stage
-functions as any run: the center in seed_N/, another horizon (its own task, so its own SFT, pairs,
-reward model and DPO) in seed_N/horizon_H/. Stages are skip-if-done: the same command resumes.
-`aggregate` writes results.json, results.md (a row per cell: 95% t-intervals over seeds, the paired
-RTO - PPO difference, episodes to reach PPO's final gold reward; then each cell's seeds) and the
-figures study_gold_vs_episodes.png, study_rto_minus_ppo.png (the paired difference along training)
-and study_gold_vs_kl.png.
+The cells change one thing at a time around the tuned setting (the "center"):
+
+  horizon    config.study.horizons: the response length the gold reward prefers; `horizon_config`
+             scales the center task's lengths by H / target_length. Each horizon is its own task,
+             with its own SFT, pairs, reward model and DPO (seed_N/horizon_H/).
+  DPO data   config.study.dpo_pairs: RTO's DPO policy trained on fewer or more labelled pairs than
+             the reward model's config.study.reward_pairs. Only RTO reads it: the other methods'
+             runs are the center's.
+  KL         config.study.beta_kl: every method at other KL coefficients.
+  DPO weight config.study.beta_dpo at config.study.beta_dpo_horizons: RTO with a larger beta_dpo and
+             config.study.wide_clip (0 = no clip), so the dense term is not ~5% of the reward, and
+             oracle_dense scaled to match it; PPO's and oracle_rm's runs are the horizon's.
+
+Before PPO, a `credit` stage per DPO model measures on pi_sft's samples how RTO's DPO term and the
+reward model's score correlate with the gold credit (rto_jax.eval.credit); during PPO every run logs
+the same for its own reward parts at each gold evaluation (`credit/*` in the eval records).
+
+Each finished (seed, cell) is one small JSON summary (`cell_summary`) in config.study.summaries
+(default <workdir>/summaries; the `study` preset: docs/results/synthetic_study/summaries, committed,
+so the study resumes across sessions and machines: a horizon whose cells are all there with the same
+design is not run again). `aggregate` hands every summary to experiments/synthetic_study_report.py,
+which writes the tables and figures; `make study-report` regenerates them from the committed
+summaries alone. Stages are skip-if-done: the same command resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from rto_jax.data.synthetic import SyntheticTaskConfig
+from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
-from rto_jax.eval import plots, report
-from rto_jax.eval.rollout_eval import episodes_to_reach
-from rto_jax.objectives.token_rewards import ppo, rto
-from rto_jax.pipeline import Pipeline, model_path, stages
+from rto_jax.eval import report
+from rto_jax.eval.credit import credit_correlations, token_scale
+from rto_jax.eval.policy_eval import SEQUENCE_KEYS, fixed_size_batches, score_arrays, sequences
+from rto_jax.objectives.masked import apply_mask
+from rto_jax.objectives.ppo import normalized_score
+from rto_jax.objectives.token_rewards import (
+    GOLD,
+    REWARD_MODEL,
+    at_last_token,
+    clip_symmetric,
+    log_ratio,
+    ppo,
+    reward_args,
+    rto,
+    token_reward,
+)
+from rto_jax.pipeline import Pipeline, common, model_path, stages
 from rto_jax.pipeline.config import parse_per_method, parse_seeds
-from rto_jax.pipeline.evaluate import run_best_of_n
+from rto_jax.pipeline.evaluate import held_out_rows, run_best_of_n
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
+from rto_jax.scoring import response_logprobs
 
-METHODS = (ppo, rto)
+# ----------------------------------------------------------------------------------------------
+# The positive controls: token rewards that read the task's gold credit (logps[GOLD], [B, R]).
+
+
+def _parts(parts: dict, mask):
+    parts = {k: apply_mask(jnp.asarray(v, jnp.float32), mask) for k, v in parts.items()}
+    return sum(parts.values()), parts
+
+
+@token_reward("ref", REWARD_MODEL, GOLD)
+def oracle_dense(logps, score, mask, *, beta_gold=0.05, beta_kl=0.01, beta_rm=1.0):
+    """PPO's reward plus beta_gold times the exact gold credit of each token (which sums to r*):
+    RTO with perfect token credit in place of DPO's. The study sets beta_gold per cell so that the
+    term's per-token spread on pi_sft's samples equals RTO's DPO term's (`run_token_credit`)."""
+    return _parts(
+        {
+            "gold": beta_gold * logps[GOLD],
+            "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
+            "score": beta_rm * at_last_token(score, mask),
+        },
+        mask,
+    )
+
+
+@token_reward("ref", GOLD)
+def oracle_rm(logps, score, mask, *, gold_mean=0.0, gold_std=1.0, beta_kl=0.01, beta_rm=1.0):
+    """PPO with the gold reward r* in place of the learned reward model's score: sparse, at the last
+    token, normalized as the score is ((r* - gold_mean) / gold_std on pi_sft's samples). r* already
+    penalizes a response that never stops (its EOS term), so no missing-EOS penalty is added."""
+    del score
+    gold = jnp.sum(logps[GOLD], axis=-1)
+    return _parts(
+        {
+            "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
+            "gold": beta_rm * at_last_token((gold - gold_mean) / gold_std, mask),
+        },
+        mask,
+    )
+
+
+METHODS = (ppo, rto, oracle_dense, oracle_rm)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
+# The controls are PPO plus what they know: they train with PPO's tuned values (per_method's "ppo").
+TUNED_AS = {"ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo"}
 
 
 class Design(NamedTuple):  # (a dataclass needs its module in sys.modules; a recipe's is not)
@@ -54,10 +129,16 @@ class Design(NamedTuple):  # (a dataclass needs its module in sys.modules; a rec
     dpo_pairs: tuple[int, ...]  # reward_pairs among them
     reward_pairs: int
     beta_kl: tuple[float, ...]  # KL coefficients besides each method's own
+    beta_dpo: tuple[float, ...]  # RTO's DPO weights besides its tuned one (with wide_clip)
+    beta_dpo_horizons: tuple[int, ...]  # where the beta_dpo cells run
+    wide_clip: float  # RTO's dpo_clip in the beta_dpo cells (0: no clip)
     tuning_seed: int
+    summaries: str  # the folder of per seed-cell summaries ("": <workdir>/summaries)
 
 
-def _numbers(key: str, text: str, kind) -> tuple:
+def _numbers(key: str, text: str, kind, allow_empty: bool = False) -> tuple:
+    if allow_empty and not str(text).strip():
+        return ()
     try:
         values = tuple(kind(v) for v in str(text).split(",") if v.strip())
     except ValueError:
@@ -76,8 +157,12 @@ def design(config) -> Design:
         center=config.synthetic.task.target_length,
         dpo_pairs=_numbers("study.dpo_pairs", study.dpo_pairs, int),
         reward_pairs=int(study.reward_pairs),
-        beta_kl=_numbers("study.beta_kl", study.beta_kl, float) if str(study.beta_kl).strip() else (),
+        beta_kl=_numbers("study.beta_kl", study.beta_kl, float, allow_empty=True),
+        beta_dpo=_numbers("study.beta_dpo", study.get("beta_dpo", ""), float, allow_empty=True),
+        beta_dpo_horizons=_numbers("study.beta_dpo_horizons", study.get("beta_dpo_horizons", ""), int, allow_empty=True),
+        wide_clip=float(study.get("wide_clip", 0.0)),
         tuning_seed=int(study.tuning_seed),
+        summaries=str(study.get("summaries", "")),
     )
 
 
@@ -109,6 +194,10 @@ def validate(config) -> None:
         raise ConfigError("study.horizons", f"must hold the center task's target_length {d.center}: {d.horizons}")
     if d.reward_pairs not in d.dpo_pairs:
         raise ConfigError("study.dpo_pairs", f"must hold study.reward_pairs ({d.reward_pairs}): {d.dpo_pairs}")
+    if not set(d.beta_dpo_horizons) <= set(d.horizons):
+        raise ConfigError("study.beta_dpo_horizons", f"{d.beta_dpo_horizons} must be among study.horizons {d.horizons}")
+    if d.wide_clip < 0:
+        raise ConfigError("study.wide_clip", f"expected >= 0 (0: no clip), got {d.wide_clip}")
     if d.tuning_seed in parse_seeds(config.seeds):
         raise ConfigError("seeds", f"the tuning seed {d.tuning_seed} chose the methods' values: it is never evaluated")
     if config.data.eval_size < 1:
@@ -123,7 +212,7 @@ def validate(config) -> None:
     if config.ppo.eval_every <= 0:
         raise ConfigError("ppo.eval_every", "the study's curves are the held-out gold reward during PPO: set > 0")
     per_method = parse_per_method(config.ppo.per_method)
-    for method in (m.__name__ for m in METHODS):
+    for method in ("ppo", "rto"):
         if method not in per_method:
             raise ConfigError("ppo.per_method", f"give {method}'s tuned values (docs/results/synthetic.md#fair-tuning)")
     for horizon in d.horizons:
@@ -138,8 +227,121 @@ def _first_pairs(task, count: int):
     return dataclasses.replace(task, preference_train={k: v[:count] for k, v in task.preference_train.items()})
 
 
-def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> tuple[dict, dict]:
-    """The cells run at one horizon (all of them at the center) and the horizon's references."""
+# ----------------------------------------------------------------------------------------------
+# How good DPO's token credit is, on pi_sft's samples (a stage: skip-if-done like any other).
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _dpo_log_ratio(graphdef, dpo_params, ref_params, input_ids, attention_mask, positions, response_mask):
+    """log pi_dpo(y_h) - log pi_ref(y_h) at temperature 1 (as RTO's reward reads it): [B, R]."""
+    inputs = (input_ids, attention_mask, positions, response_mask)
+    logp_dpo, _ = response_logprobs(nnx.merge(graphdef, dpo_params), *inputs, 1.0)
+    logp_ref, _ = response_logprobs(nnx.merge(graphdef, ref_params), *inputs, 1.0)
+    return jnp.where(response_mask > 0, logp_dpo - logp_ref, 0.0)
+
+
+def run_token_credit(config, workdir, task, run_log, *, sft_path: str, dpo_path: str, reward: dict, settings: dict):
+    """On one sample of pi_sft per held-out prompt (the gold curves' sampling keys): RTO's DPO term,
+    for each of `settings` {label: (beta_dpo, dpo_clip)}, and the reward model's normalized score
+    against the gold credit (rto_jax.eval.credit.credit_correlations); the DPO term's per-token spread
+    and the oracle_dense weight that matches it; r*'s mean and spread there (oracle_rm's normalization)."""
+    del workdir, run_log
+    mesh = common.device_mesh(config)
+    graphdef, sft = nnx.split(common.load_model(sft_path, "lm", config, mesh))
+    _, dpo = nnx.split(common.load_model(dpo_path, "lm", config, mesh))
+    rows = held_out_rows(config, task, graphdef, sft, sft)
+    prompts, mask = task.eval_prompts, rows["response_mask"]
+    arrays = sequences(prompts, rows["tokens"], mask)
+    ratio = np.concatenate(
+        [
+            np.asarray(_dpo_log_ratio(graphdef, dpo, sft, *(jnp.asarray(b[k]) for k in SEQUENCE_KEYS)))[:n]
+            for b, n in fixed_size_batches({k: arrays[k] for k in SEQUENCE_KEYS}, config.evaluate.batch_size)
+        ]
+    )
+    raw = score_arrays(common.load_model(reward["model_path"], "scalar", config, mesh), arrays, config.evaluate.batch_size)
+    score = np.asarray(
+        normalized_score(
+            raw,
+            rows["eos"] > 0,
+            mean=reward["reward_mean"],
+            std=reward["reward_std"],
+            clip=config.ppo.score_clip,
+            missing_eos_penalty=config.ppo.missing_eos_penalty,
+        )
+    )
+    source = SyntheticTask.create(SyntheticTaskConfig(**config.synthetic.task.to_dict()), seed=config.seed)
+    gold_args = (prompts["prompt_ids"], prompts["prompt_mask"], rows["tokens"], mask)
+    credit, quality = source.gold_token_credit(*gold_args), source.gold_quality_credit(*gold_args)
+    gold = credit.sum(axis=1)
+    score_part = np.where(np.arange(mask.shape[1])[None] == mask.sum(1, keepdims=True) - 1, score[:, None], 0.0)
+    out = {
+        "gold_mean": float(gold.mean()),
+        "gold_std": float(max(gold.std(), 1e-6)),
+        "gold_credit_scale": token_scale(credit, mask),
+        "score": credit_correlations({"score": score_part}, credit, mask),
+    }
+    for label, (beta_dpo, dpo_clip) in settings.items():
+        term = np.asarray(clip_symmetric(beta_dpo * ratio, dpo_clip)) * mask
+        out[label] = {
+            **credit_correlations({"dpo": term}, credit, mask, quality_credit=quality),
+            "dpo_scale": token_scale(term, mask),
+            "oracle_dense_beta_gold": token_scale(term, mask) / max(out["gold_credit_scale"], 1e-12),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The cells of one horizon.
+
+
+def _setting(config, values: dict) -> tuple[float, float]:
+    """(beta_dpo, dpo_clip) of an RTO run with these per-method values."""
+    args = {**reward_args(rto), **config.ppo.reward_args.to_dict(), **values}
+    return float(args["beta_dpo"]), float(args["dpo_clip"])
+
+
+def _design_hash(config) -> str:
+    """A fingerprint of everything that decides a horizon's numbers but the seed and the study's
+    list of cells: summaries with the same hash come from the same design."""
+    keep = config.to_dict()
+    for key in ("name", "seed", "seeds", "study", "resume_with_changes", "reuse_models_from", "checkpoint", "logging"):
+        keep.pop(key, None)
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cell_names(d: Design, horizon: int) -> list[str]:
+    names = [f"horizon_{horizon}"]
+    if horizon == d.center:
+        names += [f"dpo_{n}_pairs" for n in d.dpo_pairs if n != d.reward_pairs]
+        names += [f"beta_kl_{b:g}" for b in d.beta_kl]
+    if horizon in d.beta_dpo_horizons:
+        names += [f"beta_dpo_{b:g}_h{horizon}" for b in d.beta_dpo]
+    return names
+
+
+def summaries_dir(pipeline_workdir: Path, d: Design, seeds: int) -> Path:
+    """Where the per seed-cell summaries go: config.study.summaries, else the study's workdir/summaries."""
+    if d.summaries:
+        return Path(d.summaries).expanduser()
+    return (pipeline_workdir.parent if seeds > 1 else pipeline_workdir) / "summaries"
+
+
+def _committed(folder: Path, seed: int, names: list[str], fingerprint: str) -> list[dict] | None:
+    """The summaries of `names` for `seed` in `folder` if every one is there with this design, else None."""
+    found = []
+    for name in names:
+        path = folder / f"seed_{seed}" / f"{name}.json"
+        if not path.exists():
+            return None
+        summary = json.loads(path.read_text())
+        if summary.get("design") != fingerprint:
+            return None
+        found.append(summary)
+    return found
+
+
+def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
+    """Every cell run at one horizon, as summaries (`cell_summary`)."""
     config = p.config
     center = horizon == d.center
     per_method = parse_per_method(config.ppo.per_method)
@@ -147,10 +349,7 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> tuple[dict, dict]:
     pairs = p.stage("preferences", stages.run_preferences, sft_path=model_path(sft))
     p.task = with_preferences(p.task, pairs["path"], config.data.eval_size, config.seed)
     reward_model = p.stage(
-        "reward_model",
-        stages.run_reward_model,
-        task=_first_pairs(p.task, d.reward_pairs),
-        sft_path=model_path(sft),
+        "reward_model", stages.run_reward_model, task=_first_pairs(p.task, d.reward_pairs), sft_path=model_path(sft)
     )
     dpo = {}
     for n in d.dpo_pairs if center else (d.reward_pairs,):
@@ -164,12 +363,33 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> tuple[dict, dict]:
     )
     frontier = p.stage("best_of_n", run_best_of_n, section="evaluate", sft_path=model_path(sft))
 
-    def train(name: str, fn, dpo_pairs: int = d.reward_pairs, beta_kl: float | None = None) -> dict:
-        values = dict(per_method.get(fn.__name__, {}))
-        if beta_kl is not None:
-            values["beta_kl"] = beta_kl
+    # RTO's DPO term at each setting this horizon trains with, on pi_sft's samples, per DPO model.
+    tuned = _setting(config, per_method.get("rto", {}))
+    wide = {f"beta_dpo_{b:g}": (b, d.wide_clip) for b in (d.beta_dpo if horizon in d.beta_dpo_horizons else ())}
+    credit = {}
+    for n in dpo:
+        name = "credit" if n == d.reward_pairs else f"credit_dpo_{n}_pairs"
+        settings = {"tuned": tuned, **(wide if n == d.reward_pairs else {})}
+        credit[n] = p.stage(
+            name,
+            run_token_credit,
+            section="evaluate",
+            sft_path=model_path(sft),
+            dpo_path=model_path(dpo[n]),
+            reward=reward_model,
+            settings=settings,
+        )
+    center_credit = credit[d.reward_pairs]
+
+    def train(name: str, fn, dpo_pairs: int = d.reward_pairs, **values) -> dict:
+        merged = dict(per_method.get(TUNED_AS[fn.__name__], {}))
+        merged.update(values)
+        if fn is oracle_dense and "beta_gold" not in merged:
+            merged["beta_gold"] = center_credit["tuned"]["oracle_dense_beta_gold"]
+        if fn is oracle_rm:
+            merged.update(gold_mean=center_credit["gold_mean"], gold_std=center_credit["gold_std"])
         models = {"ref": model_path(sft), "dpo": model_path(dpo[dpo_pairs])}
-        result, args = p.ppo(name, fn, models=models, reward=reward_model, values=values)
+        result, args = p.ppo(name, fn, models=models, reward=reward_model, values=merged)
         return {
             "stage": str(Path(p.workdir.name if not center else "") / name),
             "gold_reward": result["held_out"]["gold_reward"],
@@ -177,177 +397,138 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> tuple[dict, dict]:
             "reward_args": args,
         }
 
-    base = {"ppo": train("ppo_ppo", ppo), "rto": train("ppo_rto", rto)}
-    layout = {f"horizon_{horizon}": (base, {"dpo_pairs": d.reward_pairs})}  # cell -> (its runs, what it varies)
+    def run_name(fn, suffix: str = "") -> str:
+        return f"ppo_{fn.__name__}{suffix}"
+
+    base = {fn.__name__: train(run_name(fn), fn) for fn in METHODS}
+    shared = lambda methods, cell: {m: {**base[m], "shared_from": cell} for m in methods}  # noqa: E731
+    here = f"horizon_{horizon}"
+    layout = {here: (base, {}, d.reward_pairs)}  # cell -> (its runs, what it varies, its DPO pairs)
     if center:
         for n in d.dpo_pairs:
-            if n != d.reward_pairs:  # PPO reads no DPO model: the center's run is its run here
-                methods = {"ppo": dict(base["ppo"]), "rto": train(f"ppo_rto_dpo_{n}_pairs", rto, dpo_pairs=n)}
-                layout[f"dpo_{n}_pairs"] = (methods, {"dpo_pairs": n})
+            if n != d.reward_pairs:  # only RTO reads the DPO model: the others' runs are the center's
+                methods = {**shared(("ppo", "oracle_dense", "oracle_rm"), here)}
+                methods["rto"] = train(run_name(rto, f"_dpo_{n}_pairs"), rto, dpo_pairs=n)
+                layout[f"dpo_{n}_pairs"] = (methods, {}, n)
         for beta in d.beta_kl:
-            methods = {m.__name__: train(f"ppo_{m.__name__}_kl_{beta:g}", m, beta_kl=beta) for m in METHODS}
-            layout[f"beta_kl_{beta:g}"] = (methods, {"dpo_pairs": d.reward_pairs, "beta_kl": beta})
+            methods = {fn.__name__: train(run_name(fn, f"_kl_{beta:g}"), fn, beta_kl=beta) for fn in METHODS}
+            layout[f"beta_kl_{beta:g}"] = (methods, {"beta_kl": beta}, d.reward_pairs)
+    for label, (beta, clip) in wide.items():
+        methods = {**shared(("ppo", "oracle_rm"), here)}
+        methods["rto"] = train(run_name(rto, f"_{label}"), rto, beta_dpo=beta, dpo_clip=clip)
+        gold_weight = center_credit[label]["oracle_dense_beta_gold"]
+        methods["oracle_dense"] = train(run_name(oracle_dense, f"_{label}"), oracle_dense, beta_gold=gold_weight)
+        layout[f"{label}_h{horizon}"] = (methods, {"beta_dpo": beta, "dpo_clip": clip}, d.reward_pairs)
 
-    # Every run's held-out curve from one read of the metrics, starting at pi_sft's (the same samples' keys).
+    # Every run's held-out curves from one read of the metrics, starting at pi_sft's (the same samples' keys).
     records = read_metrics(p.workdir / "metrics.jsonl")
-    cells = {}
-    for name, (methods, what) in layout.items():
-        stage_of = {m: Path(run["stage"]).name for m, run in methods.items()}
-        curves = report.gold_curves(
-            records, stage_of, config.ppo.rollout_batch_size, held_out["sft"]["gold_reward"], with_kl=True
-        )
-        ppo_final = methods["ppo"]["gold_reward"]
-        for m, run in methods.items():
-            run["curve"] = curves[m]
-            run["episodes_to_ppo_final"] = episodes_to_reach([(x, g) for x, g, _ in curves[m]], ppo_final)
-        cells[name] = {"horizon": horizon, **what, "methods": methods}
     references = {
-        "held_out": held_out,
-        "best_of_n": frontier["best_of_n"],
+        "sft_gold": held_out["sft"]["gold_reward"],
+        "best_of_n": [{k: point[k] for k in ("n", "kl", "gold_reward")} for point in frontier["best_of_n"]],
         "reward_accuracy": reward_model.get("accuracy"),
         "label_agreement": pairs["label_agreement"],
     }
-    return cells, references
+    summaries = []
+    for name, (methods, varies, dpo_pairs) in layout.items():
+        label = next((k for k in wide if name.startswith(k)), "tuned")
+        pi_sft = credit[dpo_pairs][label]
+        summaries.append(
+            cell_summary(
+                name, config, horizon, dpo_pairs, varies, methods, records,
+                {**references, "dpo_gold": held_out[f"dpo_{dpo_pairs}"]["gold_reward"]},
+                {**pi_sft, "score_response": credit[dpo_pairs]["score"]["score_response"],
+                 "gold_mean": center_credit["gold_mean"], "gold_std": center_credit["gold_std"]},
+            )
+        )  # fmt: skip
+    return summaries
+
+
+def _stage_records(records: list[dict], stage: str) -> list[dict]:
+    return sorted(
+        (r for r in records if r["stage"] == stage and r["split"] == "eval" and "gold_reward" in r),
+        key=lambda r: r["step"],
+    )
+
+
+def cell_summary(name, config, horizon, dpo_pairs, varies, methods, records, references, credit) -> dict:
+    """One (seed, cell) as the small JSON the study commits (docs/results/synthetic_study.md#summaries):
+    per method the final held-out gold and KL, the curve from pi_sft, the mean of each reward part over
+    training and the credit correlations along training; the cell's references and pi_sft's credit."""
+    per_step = config.ppo.rollout_batch_size
+    out_methods = {}
+    for method, run in methods.items():
+        stage = Path(run["stage"]).name
+        evals = _stage_records(records, stage)
+        train = [r for r in records if r["stage"] == stage and r["split"] == "train"]
+        parts = sorted({k for r in train for k in r if k.startswith("reward/") and k != "reward/total"})
+        out_methods[method] = {
+            **{k: run[k] for k in ("stage", "gold_reward", "kl_to_ref", "reward_args")},
+            **({"shared_from": run["shared_from"]} if "shared_from" in run else {}),
+            "curve": [[0, references["sft_gold"], 0.0]]
+            + [[r["step"] * per_step, r["gold_reward"], r["kl_to_ref"]] for r in evals],
+            "parts": {k.removeprefix("reward/"): float(np.mean([r[k] for r in train if k in r])) for k in parts},
+            "credit_curve": [
+                {"episodes": r["step"] * per_step}
+                | {k.removeprefix("credit/"): _finite(v) for k, v in r.items() if k.startswith("credit/")}
+                for r in evals
+            ],
+        }
+    return {
+        "cell": name,
+        "seed": int(config.seed),
+        "horizon": horizon,
+        "dpo_pairs": dpo_pairs,
+        "varies": varies,
+        "design": _design_hash(config),
+        "methods": out_methods,
+        "references": references,
+        "credit": {k: _finite(v) for k, v in credit.items() if not isinstance(v, dict)},
+    }
+
+
+def _finite(value):
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# A seed, and across seeds.
 
 
 def run(pipeline: Pipeline) -> dict:
     d = design(pipeline.config)
-    cells, references = {}, {}
+    seeds = len(parse_seeds(pipeline.config.seeds))
+    folder = summaries_dir(pipeline.workdir, d, seeds)
+    summaries = []
     for horizon in d.horizons:
+        config = pipeline.config if horizon == d.center else horizon_config(pipeline.config, horizon, d.reward_pairs)
+        names = _cell_names(d, horizon)
+        done = _committed(folder, pipeline.config.seed, names, _design_hash(config))
+        if done is not None:  # committed by an earlier session: this horizon's work is not redone
+            if is_main_process():
+                print(f"[horizon {horizon}] seed {pipeline.config.seed}: every cell in {folder}: skipped")
+            summaries += done
+            continue
         if horizon == d.center:
             opened = contextlib.nullcontext(pipeline)
         else:
-            opened = pipeline.variant(f"horizon_{horizon}", horizon_config(pipeline.config, horizon, d.reward_pairs))
+            opened = pipeline.variant(f"horizon_{horizon}", config)
         with opened as p:
-            horizon_cells, references[str(horizon)] = _horizon_cells(p, d, horizon)
-        cells.update(horizon_cells)
-    return pipeline.results(cells=cells, references=references, center=d.center)
-
-
-# ----------------------------------------------------------------------------------------------
-# Across seeds.
-
-
-def _kl_of(cells: dict):
-    return lambda name: cells[name]["methods"]["rto"]["reward_args"].get("beta_kl", 0.0)
-
-
-def _cell_order(name: str) -> tuple[int, float]:
-    """horizons, then DPO data, then KL coefficients, each by its value."""
-    kind, value = name.removesuffix("_pairs").rsplit("_", 1)
-    return ["horizon", "dpo", "beta_kl"].index(kind), float(value)
+            cells = _horizon_cells(p, d, horizon)
+        if is_main_process():
+            for cell in cells:
+                path = folder / f"seed_{cell['seed']}" / f"{cell['cell']}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, cell)
+        summaries += cells
+    return pipeline.results(summaries=summaries, summaries_dir=str(folder), center=d.center)
 
 
 def aggregate(per_seed: list[dict], workdir: Path) -> dict:
-    """Per cell: each method's gold reward and KL with 95% t-intervals over the seeds, the paired
-    RTO - PPO difference, episodes to PPO's final gold reward, mean curves; per horizon the references."""
-    seeds = [r["seed"] for r in per_seed]
-    cells = {}
-    for name in sorted(per_seed[0]["cells"], key=_cell_order):
-        first = per_seed[0]["cells"][name]
-        rows = [r["cells"][name] for r in per_seed]
-        horizon = str(first["horizon"])
-        out = {k: v for k, v in first.items() if k != "methods"}
-        out["methods"] = {}
-        for method in first["methods"]:
-            runs = [row["methods"][method] for row in rows]
-            curves = np.array([run["curve"] for run in runs], np.float64)  # [seeds, points, 3]
-            reach = [run["episodes_to_ppo_final"] for run in runs]
-            out["methods"][method] = {
-                "gold_reward": report.mean_ci([run["gold_reward"] for run in runs]),
-                "kl_to_ref": report.mean_ci([run["kl_to_ref"] for run in runs]),
-                "gold_per_seed": [run["gold_reward"] for run in runs],
-                "reward_args": runs[0]["reward_args"],
-                "episodes_to_ppo_final": reach,
-                "reached": sum(x is not None for x in reach),
-                "curve": [
-                    {"episodes": float(curves[0, i, 0]), "gold": report.mean_ci(curves[:, i, 1]), "kl": float(curves[:, i, 2].mean())}
-                    for i in range(curves.shape[1])
-                ],
-            }  # fmt: skip
-        ppo_runs, rto_runs = (out["methods"][m]["gold_per_seed"] for m in ("ppo", "rto"))
-        out["rto_minus_ppo"] = report.paired_difference(rto_runs, ppo_runs)
-        # The same, at every evaluation point of the curves (the same episodes for both methods).
-        seed_curves = {m: [row["methods"][m]["curve"] for row in rows] for m in ("rto", "ppo")}  # [seeds][points]
-        out["rto_minus_ppo_curve"] = [
-            {
-                "episodes": point["episodes"],
-                **report.paired_difference(*([c[i][1] for c in seed_curves[m]] for m in ("rto", "ppo"))),
-            }
-            for i, point in enumerate(out["methods"]["ppo"]["curve"])
-        ]
-        # Seed by seed, RTO's episodes to PPO's final gold reward over PPO's own: None where RTO never
-        # got there; left out where PPO's final is no better than pi_sft (both "reach" it at 0 episodes).
-        reach = zip(*(out["methods"][m]["episodes_to_ppo_final"] for m in ("rto", "ppo")))
-        out["rto_episodes_over_ppo"] = [None if r is None else r / p for r, p in reach if p]
-        out["sft_gold"] = report.mean_ci([r["references"][horizon]["held_out"]["sft"]["gold_reward"] for r in per_seed])
-        dpo_key = f"dpo_{out['dpo_pairs']}"
-        out["dpo_gold"] = report.mean_ci(
-            [r["references"][horizon]["held_out"][dpo_key]["gold_reward"] for r in per_seed]
-        )
-        out["best_of_n"] = [
-            {"n": p["n"], "kl": p["kl"], "gold_reward": float(np.mean([r["references"][horizon]["best_of_n"][i]["gold_reward"] for r in per_seed]))}
-            for i, p in enumerate(per_seed[0]["references"][horizon]["best_of_n"])
-        ]  # fmt: skip
-        cells[name] = out
-    results = {"seeds": seeds, "center": per_seed[0]["center"], "cells": cells, "per_seed": per_seed}
-    if is_main_process():
-        write_json_atomic(workdir / "results.json", results)
-        table = study_tables(results)
-        (workdir / "results.md").write_text(table + "\n")
-        plots.plot_study_curves(cells, workdir / "study_gold_vs_episodes.png")
-        plots.plot_study_differences(cells, workdir / "study_rto_minus_ppo.png")
-        sweep = [n for n in cells if n.startswith("beta_kl_") or n == f"horizon_{per_seed[0]['center']}"]
-        plots.plot_study_frontier(cells, workdir / "study_gold_vs_kl.png", sorted(sweep, key=_kl_of(cells)))
-        print(f"\nStudy, seeds {seeds}\n{table}")
-    return results
+    """The across-seed report (experiments/synthetic_study_report.py) of every summary in the
+    summaries folder: this run's seeds and any committed earlier, with the same design."""
+    from experiments import synthetic_study_report
 
-
-def _ci(c: dict, digits: int = 3) -> str:
-    return f"{c['mean']:.{digits}f} [{c['low']:.{digits}f}, {c['high']:.{digits}f}]"
-
-
-def _reach(method: dict, n: int) -> str:
-    reached = [x for x in method["episodes_to_ppo_final"] if x is not None]
-    if not reached:
-        return f"never (0/{n})"
-    return f"{np.median(reached):.0f} ({len(reached)}/{n})"
-
-
-def _ratio(cell: dict) -> str:
-    """Median over the seeds of RTO's episodes over PPO's ("never" counts as above every ratio), over the
-    seeds where PPO's final gold reward is above pi_sft's."""
-    ratios = [np.inf if r is None else r for r in cell["rto_episodes_over_ppo"]]
-    if not ratios:
-        return "- (PPO no better than SFT)"
-    median = float(np.median(ratios))
-    return ("never" if np.isinf(median) else f"{median:.2f}") + f" ({len(ratios)} seeds)"
-
-
-def study_tables(results: dict) -> str:
-    """Markdown: one row per cell, then each cell's seeds."""
-    n = len(results["seeds"])
-    lines = [
-        (
-            "| cell | H | DPO pairs | beta_kl PPO / RTO | SFT | DPO | PPO | RTO | RTO - PPO (paired) | RTO wins | "
-            "KL PPO / RTO | episodes to PPO's final: PPO / RTO (median, seeds reached) | RTO / PPO episodes |"
-        ),
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, c in results["cells"].items():
-        m = c["methods"]
-        betas = " / ".join(f"{m[k]['reward_args'].get('beta_kl', float('nan')):g}" for k in ("ppo", "rto"))
-        diff = c["rto_minus_ppo"]
-        lines.append(
-            f"| {name} | {c['horizon']} | {c['dpo_pairs']} | {betas} | {c['sft_gold']['mean']:.3f} | "
-            f"{c['dpo_gold']['mean']:.3f} | {_ci(m['ppo']['gold_reward'])} | {_ci(m['rto']['gold_reward'])} | "
-            f"{_ci(diff)} | {diff['wins']}/{n} | {m['ppo']['kl_to_ref']['mean']:.2f} / "
-            f"{m['rto']['kl_to_ref']['mean']:.2f} | {_reach(m['ppo'], n)} / {_reach(m['rto'], n)} | {_ratio(c)} |"
-        )
-    lines += ["", "Per seed (gold reward of the final policy on the held-out prompts):", ""]
-    lines.append("| cell | " + " | ".join(f"seed {s}: PPO / RTO" for s in results["seeds"]) + " |")
-    lines.append("| --- |" + " --- |" * n)
-    for name, c in results["cells"].items():
-        pairs = zip(c["methods"]["ppo"]["gold_per_seed"], c["methods"]["rto"]["gold_per_seed"])
-        lines.append(f"| {name} | " + " | ".join(f"{a:.3f} / {b:.3f}" for a, b in pairs) + " |")
-    return "\n".join(lines)
+    folder = Path(per_seed[0]["summaries_dir"])
+    summaries = synthetic_study_report.load_summaries(folder)
+    return synthetic_study_report.aggregate_summaries(summaries, workdir)

@@ -3,6 +3,7 @@ every cell changes what it says it changes, the statistics are the textbook ones
 nothing, and a bad design is refused before any work."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,9 +13,11 @@ from rto_jax.eval.report import mean_ci, paired_difference
 from rto_jax.pipeline import run, validate
 from rto_jax.pipeline.logging import read_metrics
 from rto_jax.pipeline.recipes import load_recipe
+from experiments import synthetic_study_report
 from tests.test_synthetic_benchmark import _config
 
-CELLS = {"horizon_8", "dpo_24_pairs", "dpo_96_pairs", "beta_kl_0.2", "horizon_12"}
+CELLS = {"horizon_8", "dpo_24_pairs", "dpo_96_pairs", "beta_kl_0.2", "horizon_12", "beta_dpo_0.5_h12"}
+METHODS = {"ppo", "rto", "oracle_dense", "oracle_rm"}
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +34,13 @@ def _first_train_record(folder, stage, step=1):
 
 def test_every_cell_and_output_for_every_seed(study):
     _, workdir, results = study
-    figures = ("study_gold_vs_episodes.png", "study_rto_minus_ppo.png", "study_gold_vs_kl.png")
-    for name in ("results.json", "results.md", *figures):
+    for name in ("results.json", "results.md", *synthetic_study_report.FIGURES):
         assert (workdir / name).stat().st_size > 0, name
     assert results["seeds"] == [1, 2] and set(results["cells"]) == CELLS
     table = (workdir / "results.md").read_text()
     for name, cell in results["cells"].items():
-        assert f"| {name} |" in table
+        assert name in table and cell["n"] == 2
+        assert set(cell["methods"]) == METHODS
         for m in cell["methods"].values():
             assert len(m["gold_per_seed"]) == 2 and m["gold_reward"]["n"] == 2
             assert m["curve"][0]["episodes"] == 0 and len(m["curve"]) == 4  # pi_sft + 3 iterations
@@ -45,8 +48,78 @@ def test_every_cell_and_output_for_every_seed(study):
         assert cell["methods"]["ppo"]["curve"][0]["gold"]["mean"] == pytest.approx(cell["sft_gold"]["mean"])
     for seed in (1, 2):  # the center in seed_N/, the other horizon in its own pipeline
         assert (workdir / f"seed_{seed}" / "ppo_rto_dpo_24_pairs" / "done.json").exists()
-        assert (workdir / f"seed_{seed}" / "horizon_12" / "ppo_rto" / "done.json").exists()
+        assert (workdir / f"seed_{seed}" / "horizon_12" / "ppo_oracle_rm" / "done.json").exists()
         assert not (workdir / f"seed_{seed}" / "horizon_12" / "dpo_24_pairs").exists()  # DPO cells: center only
+        # One committed-style summary per (seed, cell): what the study resumes from across sessions.
+        assert {p.stem for p in (workdir / "summaries" / f"seed_{seed}").glob("*.json")} == CELLS
+
+
+def _summary(workdir, seed, cell):
+    return json.loads((workdir / "summaries" / f"seed_{seed}" / f"{cell}.json").read_text())
+
+
+def test_the_positive_controls_read_the_gold_reward_scaled_from_pi_sft(study):
+    """oracle_dense: PPO's reward + beta_gold x gold credit, beta_gold = the DPO term's per-token spread
+    over the gold credit's (the credit stage, on pi_sft's samples); oracle_rm: r* normalized there."""
+    _, workdir, _ = study
+    seed = workdir / "seed_1"
+    credit = json.loads((seed / "credit" / "done.json").read_text())
+    center = _summary(workdir, 1, "horizon_8")
+    dense, oracle = (center["methods"][m] for m in ("oracle_dense", "oracle_rm"))
+    beta_gold = credit["tuned"]["dpo_scale"] / credit["gold_credit_scale"]
+    assert dense["reward_args"]["beta_gold"] == pytest.approx(beta_gold) and beta_gold > 0
+    assert dense["reward_args"]["beta_kl"] == center["methods"]["ppo"]["reward_args"]["beta_kl"]  # PPO's tuned values
+    assert (oracle["reward_args"]["gold_mean"], oracle["reward_args"]["gold_std"]) == (
+        pytest.approx(credit["gold_mean"]), pytest.approx(credit["gold_std"]))  # fmt: skip
+    # pi_sft's mean gold reward there is the gold evaluation's (the same samples' keys).
+    sft_gold = json.loads((seed / "gold_eval" / "done.json").read_text())["sft"]["gold_reward"]
+    assert credit["gold_mean"] == pytest.approx(sft_gold, abs=1e-5)
+    # Each logs its gold part; PPO, RTO and oracle_rm on the same first rollout see the same RM-free KL part.
+    first = {m: _first_train_record(seed, f"ppo_{m}") for m in METHODS}
+    assert "reward/gold" in first["oracle_dense"] and "reward/gold" in first["oracle_rm"]
+    assert "reward/score" not in first["oracle_rm"] and "reward/dpo" not in first["oracle_dense"]
+    assert len({r["response_length"] for r in first.values()}) == 1  # common random numbers
+    # The gold credit part of the first rollout has the size RTO's DPO part has, not 0 and not 100x.
+    assert first["oracle_dense"]["reward/gold"] != 0.0
+    # Along training every run logs its parts' correlation with the gold credit; the oracle's gold part is the credit.
+    curve = dense["credit_curve"]
+    assert len(curve) == 3 and all(point["gold_token"] == pytest.approx(1.0) for point in curve)
+    assert all(point["dpo_token"] is None or -1 <= point["dpo_token"] <= 1 for point in center["methods"]["rto"]["credit_curve"])
+
+
+def test_the_dpo_weight_cell_trains_rto_unclipped_and_rescales_the_oracle(study):
+    _, workdir, _ = study
+    cell, base = _summary(workdir, 1, "beta_dpo_0.5_h12"), _summary(workdir, 1, "horizon_12")
+    assert cell["varies"] == {"beta_dpo": 0.5, "dpo_clip": 0.0}
+    assert (cell["methods"]["rto"]["reward_args"]["beta_dpo"], cell["methods"]["rto"]["reward_args"]["dpo_clip"]) == (0.5, 0.0)
+    for method in ("ppo", "oracle_rm"):  # they do not read the DPO weight: the horizon's runs
+        assert cell["methods"][method]["shared_from"] == "horizon_12"
+        assert cell["methods"][method]["gold_reward"] == base["methods"][method]["gold_reward"]
+    credit = json.loads((workdir / "seed_1" / "horizon_12" / "credit" / "done.json").read_text())
+    assert cell["methods"]["oracle_dense"]["reward_args"]["beta_gold"] == pytest.approx(
+        credit["beta_dpo_0.5"]["oracle_dense_beta_gold"])  # fmt: skip
+    # Ten times the weight, no clip: a larger DPO term (per-token spread) than the tuned 0.05 clipped at 0.2.
+    assert credit["beta_dpo_0.5"]["dpo_scale"] > credit["tuned"]["dpo_scale"]
+    assert cell["credit"]["dpo_scale"] == pytest.approx(credit["beta_dpo_0.5"]["dpo_scale"])
+
+
+def test_committed_summaries_are_not_run_again(study, tmp_path):
+    """A fresh workdir with study.summaries pointing at finished summaries runs no stage at all; a
+    summary from another design is not taken (that horizon runs)."""
+    config, workdir, _ = study
+    committed = tmp_path / "committed"
+    shutil.copytree(workdir / "summaries", committed)
+    again = config.copy_and_resolve_references()
+    with again.unlocked():
+        again.study.summaries = str(committed)
+        again.seeds = "1"
+    fresh = tmp_path / "fresh"
+    run(again, fresh)
+    assert not (fresh / "sft").exists() and not (fresh / "horizon_12").exists()
+    stale = committed / "seed_1" / "horizon_12.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "design": "another"}))
+    run(again, fresh)
+    assert (fresh / "horizon_12" / "ppo_rto" / "done.json").exists() and not (fresh / "sft").exists()
 
 
 def test_the_horizon_cell_runs_the_scaled_task(study):
@@ -70,8 +143,10 @@ def test_dpo_cells_train_on_nested_subsets_and_share_the_center_ppo(study):
              ((24, "dpo_24_pairs"), (48, "dpo"), (96, "dpo_96_pairs"))}  # fmt: skip
     assert steps == {24: 1, 48: 3, 96: 6}
     cells = results["cells"]
-    for cell in ("dpo_24_pairs", "dpo_96_pairs"):  # PPO reads no DPO model: the center's run
-        assert cells[cell]["methods"]["ppo"]["gold_per_seed"] == cells["horizon_8"]["methods"]["ppo"]["gold_per_seed"]
+    for cell in ("dpo_24_pairs", "dpo_96_pairs"):  # only RTO reads the DPO model: the others are the center's runs
+        for method in METHODS - {"rto"}:
+            assert cells[cell]["methods"][method]["gold_per_seed"] == cells["horizon_8"]["methods"][method]["gold_per_seed"]
+            assert cells[cell]["methods"][method]["shared_from"] == "horizon_8"
     # RTO reads its cell's DPO model: the same first rollout (common random numbers), another DPO part.
     center, fewer = _first_train_record(seed, "ppo_rto"), _first_train_record(seed, "ppo_rto_dpo_24_pairs")
     assert center["response_length"] == fewer["response_length"]
@@ -81,7 +156,7 @@ def test_dpo_cells_train_on_nested_subsets_and_share_the_center_ppo(study):
 def test_the_kl_cell_sets_both_methods_coefficient(study):
     _, workdir, results = study
     cell = results["cells"]["beta_kl_0.2"]
-    assert {m: v["reward_args"]["beta_kl"] for m, v in cell["methods"].items()} == {"ppo": 0.2, "rto": 0.2}
+    assert {m: v["reward_args"]["beta_kl"] for m, v in cell["methods"].items()} == dict.fromkeys(METHODS, 0.2)
     assert results["cells"]["horizon_8"]["methods"]["rto"]["reward_args"]["beta_kl"] == 0.05  # the tuned value
     # The coefficient each run trained with, from its own log: its KL part is -beta_kl times its KL to
     # pi_ref (both the same rollout's per-sequence sums). Not a comparison across runs: the first
@@ -93,7 +168,7 @@ def test_the_kl_cell_sets_both_methods_coefficient(study):
     # another order: <= 384 * 6e-8 = 2.3e-5 relative times the sum's cancellation (seen: <= 5e-7);
     # 1e-3 allows cancellation up to 40x while a wrong coefficient (0.05 for 0.2) is 300% off.
     expected = {"": 0.05, "_kl_0.2": 0.2}  # the center's tuned value for both methods (TUNED), the cell's
-    for method in ("ppo", "rto"):
+    for method in METHODS:
         for suffix, beta_kl in expected.items():
             for step in (2, 3):
                 record = _first_train_record(workdir / "seed_2", f"ppo_{method}{suffix}", step=step)
@@ -109,10 +184,13 @@ def test_a_restart_redoes_nothing_and_gives_the_same_results(study):
     config, workdir, results = study
     logs = sorted(workdir.glob("seed_*/**/metrics.jsonl"))
     assert len(logs) == 4  # two seeds, each with the center and horizon 12
+    summaries = sorted((workdir / "summaries").glob("*/*.json"))
+    written = [p.read_text() for p in summaries]
     before = [len(read_metrics(p)) for p in logs]
     again = run(config, workdir)
     assert [len(read_metrics(p)) for p in logs] == before
     assert json.dumps(again["cells"], sort_keys=True) == json.dumps(results["cells"], sort_keys=True)
+    assert [p.read_text() for p in summaries] == written
 
 
 def test_intervals_use_student_t_and_the_paired_difference_is_per_seed():
@@ -150,6 +228,8 @@ def test_horizon_config_scales_every_length_of_the_task():
         ("synthetic.preference_pairs", 4096, "fewer than the largest of study.dpo_pairs"),
         ("ppo.per_method", "ppo:beta_kl=0.05", "give rto's tuned values"),
         ("study.beta_kl", "0.1,-1", "distinct positive numbers"),
+        ("study.beta_dpo_horizons", "32,48", "must be among study.horizons"),
+        ("study.wide_clip", -1.0, "expected >= 0"),
     ],
 )
 def test_a_bad_design_is_refused_before_any_work(key, value, message):
@@ -159,34 +239,3 @@ def test_a_bad_design_is_refused_before_any_work(key, value, message):
         (config[section] if section else config)[name] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(config)
-
-
-def test_aggregate_pairs_each_seeds_methods_and_counts_episodes_over_ppo(tmp_path):
-    """Two seeds, one cell: intervals over seeds, RTO - PPO seed by seed, the episode ratio only where
-    PPO's final is above pi_sft's, and "never" where RTO did not get there."""
-    recipe = load_recipe("experiments/synthetic_study.py")
-
-    def seed(number, ppo_gold, rto_gold, rto_reach, ppo_reach):
-        def method(gold, reach):
-            return {"gold_reward": gold, "kl_to_ref": 1.0, "reward_args": {"beta_kl": 0.05},
-                    "curve": [(0, 0.0, 0.0), (10, gold, 1.0)], "episodes_to_ppo_final": reach}  # fmt: skip
-
-        references = {"held_out": {"sft": {"gold_reward": 0.0}, "dpo_16": {"gold_reward": 0.1}},
-                      "best_of_n": [{"n": 1, "kl": 0.0, "gold_reward": 0.0}]}  # fmt: skip
-        cell = {
-            "horizon": 8,
-            "dpo_pairs": 16,
-            "methods": {"ppo": method(ppo_gold, ppo_reach), "rto": method(rto_gold, rto_reach)},
-        }
-        return {"seed": number, "center": 8, "cells": {"horizon_8": cell}, "references": {"8": references}}
-
-    per_seed = [seed(1, 0.10, 0.30, 5.0, 10.0), seed(2, 0.20, 0.10, None, 8.0), seed(3, 0.0, 0.1, 0.0, 0.0)]
-    out = recipe.aggregate(per_seed, tmp_path)
-    cell = out["cells"]["horizon_8"]
-    assert cell["rto_minus_ppo"]["per_seed"] == pytest.approx([0.2, -0.1, 0.1])
-    assert (cell["rto_minus_ppo"]["wins"], cell["rto_minus_ppo"]["losses"]) == (2, 1)
-    assert [p["per_seed"] for p in cell["rto_minus_ppo_curve"]] == [[0.0, 0.0, 0.0], pytest.approx([0.2, -0.1, 0.1])]
-    assert cell["methods"]["ppo"]["gold_reward"]["mean"] == pytest.approx(0.1)
-    assert cell["rto_episodes_over_ppo"] == [0.5, None]  # seed 3: PPO no better than pi_sft, left out
-    assert cell["methods"]["rto"]["reached"] == 2
-    assert "| horizon_8 |" in (tmp_path / "results.md").read_text()

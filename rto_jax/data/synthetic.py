@@ -178,6 +178,7 @@ def _prompt_parts(xp, prompt_ids, prompt_mask, vocab_size, num_topics):
 class _GoldParts(NamedTuple):
     reward: Any  # [B] float32
     credit: Any  # [B,R] float32, sums to reward over each row
+    quality_credit: Any  # [B,R] float32, the quality term's share of `credit` (a_q q_h / H per content token)
     quality: Any  # [B]
     coverage: Any  # [B]
     length_score: Any  # [B]
@@ -395,7 +396,7 @@ class SyntheticTask:
             xp.where(has_ctx, -a_c, a_c) + a_l * (2.0 * length_score - 1.0) + a_e * (2.0 * ended.astype(f32) - 1.0)
         )
         credit = (a_q * tok_q + mention + xp.where(at_last, seq_const[:, None], 0.0)).astype(f32)
-        return _GoldParts(reward, credit, quality, coverage, length_score, ended, length)
+        return _GoldParts(reward, credit, (a_q * tok_q).astype(f32), quality, coverage, length_score, ended, length)
 
     def gold_reward(self, prompt_ids, prompt_mask, response_ids, response_mask) -> np.ndarray:
         """r*(x, y) in [-1, 1]: [B] float32 (numpy).  prompt_* [B,P], response_* [B,R]."""
@@ -414,11 +415,21 @@ class SyntheticTask:
         args = [xp.asarray(a) for a in (prompt_ids, prompt_mask, response_ids, response_mask)]
         return self._gold(xp, *args).credit
 
+    def gold_credit_jax(self, prompt_ids, prompt_mask, response_ids, response_mask):
+        """`gold_token_credit` in jax.numpy, for use inside jit: [B,R] float32 (the tables become constants)."""
+        return self.gold_token_credit(prompt_ids, prompt_mask, response_ids, response_mask, xp=jnp)
+
+    def gold_quality_credit(self, prompt_ids, prompt_mask, response_ids, response_mask) -> np.ndarray:
+        """The token-level part of `gold_token_credit`: a_q q_h / H on each content token, 0 elsewhere
+        ([B,R] float32, numpy). What a per-token reward can find that no sequence-level term holds."""
+        args = [np.asarray(a) for a in (prompt_ids, prompt_mask, response_ids, response_mask)]
+        return np.asarray(self._gold(np, *args).quality_credit, np.float32)
+
     def gold_components(self, prompt_ids, prompt_mask, response_ids, response_mask) -> dict[str, np.ndarray]:
         """{reward, quality, coverage, length_score, ended, length} per row (numpy), for eval."""
         args = [np.asarray(a) for a in (prompt_ids, prompt_mask, response_ids, response_mask)]
         parts = self._gold(np, *args)._asdict()
-        del parts["credit"]
+        del parts["credit"], parts["quality_credit"]
         return parts
 
     def max_gold_reward(self, prompt_ids, prompt_mask) -> np.ndarray:

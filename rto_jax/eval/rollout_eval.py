@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.objectives.ppo import normalized_score
-from rto_jax.objectives.token_rewards import needs_reward_model
+from rto_jax.objectives.token_rewards import GOLD, needs_gold, needs_reward_model
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.scoring import response_logprobs, sequence_scores, token_reward_logprobs
 
@@ -132,7 +132,7 @@ def over_prompt_batches(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "reward_graphdef", "token_reward", "temperature", "eos_id", "score_clip"),
+    static_argnames=("graphdef", "reward_graphdef", "token_reward", "temperature", "eos_id", "score_clip", "gold_credit"),
 )
 def token_reward_parts(
     graphdef: nnx.GraphDef,
@@ -152,6 +152,7 @@ def token_reward_parts(
     reward_std=1.0,
     score_clip: float = 10.0,
     missing_eos_penalty=1.0,
+    gold_credit=None,
 ) -> dict:
     """The token reward of given responses (SFT-layout arrays `[B, P+R]`, `response_mask` `[B, R]`),
     computed as PPO's experience maker computes it for its rollouts (rto_jax/train/ppo.py):
@@ -162,6 +163,8 @@ def token_reward_parts(
         score  (raw - reward_mean) / reward_std, clipped to +-score_clip, minus missing_eos_penalty
                for a response without EOS; passed to the reward only when it reads the reward model
         token_reward(logps, score, mask) -> (rewards, parts)   a BoundReward (static: hashable)
+        logps[GOLD] gold_credit(prompt_ids, prompt_mask, response_ids, mask), when the reward reads GOLD
+               (tasks.GoldCredit; static: hashable)
 
     Returns {"logps": {model: [B, R]}, "rewards": [B, R], "parts": {name: [B, R]}} and, with a reward
     model, "raw_score" and "score" `[B]` (the score as PPO would use it, whether or not the reward reads it).
@@ -170,6 +173,14 @@ def token_reward_parts(
     inputs = (input_ids, attention_mask, positions)
     logps = token_reward_logprobs(graphdef, {"policy": params, **frozen}, *inputs, mask, temperature)
     out = {"logps": logps}
+    if needs_gold(token_reward):
+        if gold_credit is None:
+            raise ValueError(f"token reward {token_reward.name!r} reads {GOLD!r}: give gold_credit")
+        prompt_length = input_ids.shape[1] - mask.shape[1]
+        credit = gold_credit(
+            input_ids[:, :prompt_length], attention_mask[:, :prompt_length], input_ids[:, prompt_length:], mask
+        )
+        logps = {**logps, GOLD: jnp.where(mask > 0, jnp.asarray(credit, jnp.float32), 0.0)}
     score = None
     if reward_graphdef is not None:
         tokens = input_ids[:, -mask.shape[1] :]

@@ -16,7 +16,10 @@ A token reward is a pure function, passed to PPO's experience maker as it is:
     logps  {model: [B, R]}: log-probs of the sampled response tokens at the rollout temperature
            (0 where `mask` is 0); "policy" is the rollout policy pi_old, every other name is a
            frozen model the reward lists in `uses` ("ref" = pi_ref = pi_sft, "dpo" = pi_dpo, or any
-           model a recipe loads); `untempered(model)` holds the same model's log-probs at temperature 1
+           model a recipe loads); `untempered(model)` holds the same model's log-probs at temperature 1;
+           `logps[GOLD]` (a reward listing GOLD, on a task with a known gold reward: the synthetic
+           task) is not a log-prob but the task's exact per-token gold credit, summing to the gold
+           reward over each response: the positive controls of experiments/synthetic_study.py
     score  [B]: the reward model's normalized sequence score, or None unless "reward" is in `uses`
     mask   [B, R]: response mask (1 up to and including EOS); H is each row's last valid token
 
@@ -43,6 +46,7 @@ import jax.numpy as jnp
 from rto_jax.objectives.masked import apply_mask, masked_sum
 
 REWARD_MODEL = "reward"  # the name in `uses` that asks for the reward model's score
+GOLD = "gold"  # the name in `uses` that asks for the task's gold credit per token (tasks with a gold reward)
 _UNTEMPERED = "@T=1"
 
 
@@ -66,12 +70,16 @@ def token_reward(*uses: str):
 
 
 def frozen_models(fn) -> tuple[str, ...]:
-    """The frozen language models whose log-probs `fn` reads (its `uses` without the reward model)."""
-    return tuple(name for name in fn.uses if name != REWARD_MODEL)
+    """The frozen language models whose log-probs `fn` reads (its `uses` without the reward model and GOLD)."""
+    return tuple(name for name in fn.uses if name not in (REWARD_MODEL, GOLD))
 
 
 def needs_reward_model(fn) -> bool:
     return REWARD_MODEL in fn.uses
+
+
+def needs_gold(fn) -> bool:
+    return GOLD in fn.uses
 
 
 def reward_args(fn) -> dict:

@@ -39,6 +39,7 @@ from rto_jax.objectives.token_rewards import (
     bind,
     frozen_models,
     is_untempered,
+    needs_gold,
     needs_reward_model,
     ppo,
     reward_args,
@@ -332,6 +333,7 @@ class _TokenPages:
                 reward_std=reward_std,
                 score_clip=score_clip,
                 missing_eos_penalty=eos_penalty,
+                gold_credit=self.task.gold_credit if needs_gold(fn) else None,
             )
         )
         p = self.task.prompt_length

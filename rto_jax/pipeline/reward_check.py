@@ -29,10 +29,12 @@ import numpy as np
 
 from rto_jax.errors import ConfigError
 from rto_jax.objectives.token_rewards import (
+    GOLD,
     REWARD_MODEL,
     BoundReward,
     bind,
     frozen_models,
+    needs_gold,
     needs_reward_model,
     untempered,
 )
@@ -45,10 +47,12 @@ LENGTHS = (5, 3, 1)  # the fake rows' response lengths: B = 3, R = 5, one row of
 SUM_RTOL = 1e-5
 
 
-def offered_models(recipe) -> tuple[str, ...]:
+def offered_models(recipe, config=None) -> tuple[str, ...]:
     """The models a recipe's token rewards may list in `uses`: its frozen language models
-    (`MODELS`, default DEFAULT_MODELS) and the reward model (always loaded: the critic starts from it)."""
-    return (*getattr(recipe, "MODELS", DEFAULT_MODELS), REWARD_MODEL)
+    (`MODELS`, default DEFAULT_MODELS), the reward model (always loaded: the critic starts from it)
+    and, on a task with a known gold reward (`config.data.source` 'synthetic'), GOLD."""
+    gold = (GOLD,) if config is not None and config.data.source == "synthetic" else ()
+    return (*getattr(recipe, "MODELS", DEFAULT_MODELS), REWARD_MODEL, *gold)
 
 
 def check_recipe_rewards(config) -> None:
@@ -59,7 +63,7 @@ def check_recipe_rewards(config) -> None:
     from rto_jax.pipeline.recipes import load_recipe
 
     recipe = load_recipe(config.recipe)
-    offered = offered_models(recipe)
+    offered = offered_models(recipe, config)
     check_token_reward(recipe.TOKEN_REWARD, config.ppo.reward_args.to_dict(), offered, config.recipe)
     per_method = parse_per_method(config.ppo.per_method)
     for fn in getattr(recipe, "METHODS", ()):
@@ -127,6 +131,8 @@ def fake_inputs(fn, lengths=LENGTHS):
     for model in ("policy", *frozen_models(fn)):
         for key in (model, untempered(model)):
             logps[key] = jnp.asarray(rng.uniform(-4.0, -0.05, (batch, length)).astype(np.float32) * mask)
+    if needs_gold(fn):  # the gold credit per token: r* in [-1, 1] split over the tokens
+        logps[GOLD] = jnp.asarray(rng.uniform(-0.5, 0.5, (batch, length)).astype(np.float32) * mask)
     score = jnp.asarray(rng.normal(size=batch).astype(np.float32)) if needs_reward_model(fn) else None
     return logps, score, jnp.asarray(mask)
 

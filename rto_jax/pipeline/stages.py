@@ -24,9 +24,19 @@ from flax import nnx
 from rto_jax.data import BatchIterator
 from rto_jax.distributed import is_main_process, process_slice, sync
 from rto_jax.errors import ConfigError
-from rto_jax.eval.policy_eval import fixed_size_batches, reward_accuracy, sample_responses, score_arrays, weighted_mean
+from rto_jax.eval.credit import credit_correlations
+from rto_jax.eval.policy_eval import (
+    SEQUENCE_KEYS,
+    fixed_size_batches,
+    reward_accuracy,
+    sample_responses,
+    score_arrays,
+    sequences,
+    weighted_mean,
+)
+from rto_jax.eval.rollout_eval import token_reward_parts
 from rto_jax.models import ScalarHeadModel, peft_io
-from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model
+from rto_jax.objectives.token_rewards import GOLD, bind, frozen_models, needs_gold, needs_reward_model
 from rto_jax.pipeline import common
 from rto_jax.pipeline.evaluate import held_out_rows, make_judge, run_best_of_n, run_evaluate  # the recipes' stages
 from rto_jax.pipeline.logging import RunLog, summary
@@ -259,16 +269,65 @@ def ppo_config(config, task, token_reward, reward_args: dict | None = None) -> P
     )
     # config.ppo's PPO fields are PPOConfig's, by name (base_config derives them from it).
     same_name = {f.name: cfg[f.name] for f in dataclasses.fields(PPOConfig) if f.name in cfg}
-    return PPOConfig(sampling=sampling, token_reward=bind(token_reward, **reward_args), **same_name)
+    gold_credit = None
+    if needs_gold(token_reward):
+        if task.gold_credit is None:
+            what = f"token reward {token_reward.__name__!r} reads {GOLD!r}; task {task.name!r} has no gold reward"
+            raise ConfigError("recipe", what)
+        gold_credit = task.gold_credit
+    return PPOConfig(
+        sampling=sampling, token_reward=bind(token_reward, **reward_args), gold_credit=gold_credit, **same_name
+    )
 
 
-def _gold_of_policy(state, config, task) -> dict:
-    """Mean gold reward and KL to pi_ref of the PPO policy on the held-out prompts."""
+def _gold_of_policy(state, config, task, ppo: PPOConfig) -> dict:
+    """Mean gold reward and KL to pi_ref of the PPO policy on the held-out prompts and, with the
+    task's gold credit, how each part of the run's token reward matches it on those samples."""
     ref = state.frozen["models"].get("ref")
     if state.base is not None:  # on a shared base pi_ref is the base: the policy with zero adapters, exactly
         ref = state.lm_params(jax.tree.map(jnp.zeros_like, state.policy.params))
     params = state.lm_params(state.policy.params)
-    return _gold_numbers(held_out_rows(config, task, state.policy.graphdef, params, ref))
+    rows = held_out_rows(config, task, state.policy.graphdef, params, ref)
+    numbers = _gold_numbers(rows)
+    if task.gold_credit is not None and state.base is None:
+        numbers.update(_credit_of_samples(state, config, task, ppo, rows))
+    return numbers
+
+
+def _credit_of_samples(state, config, task, ppo: PPOConfig, rows: dict) -> dict:
+    """`credit/<part>_token` and `credit/<part>_response` (rto_jax.eval.credit.credit_correlations):
+    each part of the run's token reward, computed as the experience maker does on the held-out
+    samples `rows`, against the task's gold credit; along training, how good the dense credit the
+    policy is trained on is where the policy now samples."""
+    arrays = sequences(task.eval_prompts, rows["tokens"], rows["response_mask"])
+    reward = "reward" in state.frozen
+    reward_graphdef = state.reward_graphdef if reward else None
+    parts, credit = [], []
+    for batch, n in fixed_size_batches({k: arrays[k] for k in SEQUENCE_KEYS}, config.evaluate.batch_size):
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        out = token_reward_parts(
+            state.policy.graphdef,
+            state.policy.params,
+            state.frozen["models"],
+            reward_graphdef,
+            state.frozen.get("reward"),
+            *(batch[k] for k in SEQUENCE_KEYS),
+            token_reward=ppo.token_reward,
+            temperature=float(ppo.sampling.temperature),
+            eos_id=int(task.eos_id),
+            reward_mean=state.frozen.get("reward_mean", 0.0),
+            reward_std=state.frozen.get("reward_std", 1.0),
+            score_clip=ppo.score_clip,
+            missing_eos_penalty=ppo.missing_eos_penalty,
+            gold_credit=ppo.gold_credit,
+        )
+        parts.append({k: np.asarray(v)[:n] for k, v in out["parts"].items()})
+        p = task.prompt_length
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        credit.append(np.asarray(task.gold_credit(ids[:, :p], mask[:, :p], ids[:, p:], batch["response_mask"]))[:n])
+    parts = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+    correlations = credit_correlations(parts, np.concatenate(credit), arrays["response_mask"])
+    return {f"credit/{k}": v for k, v in correlations.items()}
 
 
 def _gold_numbers(rows: dict) -> dict:
@@ -363,7 +422,7 @@ def run_ppo(
     )
     evaluate = None
     if task.gold_reward is not None and cfg.eval_every > 0:
-        evaluate = functools.partial(_gold_of_policy, config=config, task=task)
+        evaluate = functools.partial(_gold_of_policy, config=config, task=task, ppo=ppo)
     state, done = run_loop(
         stage, config, workdir, run_log, state, prompts, iteration_fn, total,
         prepare=lambda batch: {k: batch[k] for k in ("prompt_ids", "prompt_mask")},

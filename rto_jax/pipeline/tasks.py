@@ -43,6 +43,9 @@ CHAT_TEMPLATE = (
 # gold_reward(prompt_ids [B, P], prompt_mask [B, P], response_ids [B, R], response_mask [B, R]) -> [B] float;
 # jittable and hashable (it is a static argument of the jitted evaluation)
 GoldReward = Callable[[Any, Any, Any, Any], Any]
+# gold_credit(same arguments) -> [B, R] float32: the gold reward split over the response's tokens (summing
+# to it); jittable and hashable. A token reward that lists token_rewards.GOLD reads it (positive controls).
+GoldCredit = Callable[[Any, Any, Any, Any], Any]
 # label_pairs(rng, prompts, responses_a, responses_b) -> (preference arrays, info): labels two responses
 # per prompt (`response_ids`, `response_mask` [N, R]); info has `temperature` and `agreement` with gold
 PairLabeler = Callable[..., tuple[dict, dict]]
@@ -68,6 +71,7 @@ class Task:
     eval_references: dict[str, np.ndarray] | None = None  # SFT arrays of eval_prompts' reference responses (win rate)
     tokenizer: Any = None  # None for token-id tasks
     gold_reward: GoldReward | None = None  # known true reward (synthetic tasks)
+    gold_credit: GoldCredit | None = None  # its exact per-token split (synthetic tasks)
     label_pairs: PairLabeler | None = None  # labels sampled pairs (synthetic tasks; see `preference_prompts`)
     preference_prompts: dict[str, np.ndarray] | None = None  # prompts whose pi_sft sample pairs get labelled
     special_tokens: dict | None = None  # how pad and EOS were chosen (choose_special_tokens; results.json)
@@ -369,6 +373,7 @@ def build_synthetic_task(config) -> Task:
         sft_train=sft_train,
         sft_eval=sft_eval,
         gold_reward=source.gold_reward_jax,
+        gold_credit=source.gold_credit_jax,
         label_pairs=source.make_preference_data,
         preference_prompts=preference_prompts,
     )

@@ -24,7 +24,15 @@ from flax import nnx, struct
 from rto_jax.models import LoraConfig, lora, with_adapters
 from rto_jax.objectives import gae, masked_mean, masked_whiten, policy_loss, value_loss
 from rto_jax.objectives.ppo import normalized_score
-from rto_jax.objectives.token_rewards import BoundReward, frozen_models, needs_reward_model, rto, untempered
+from rto_jax.objectives.token_rewards import (
+    GOLD,
+    BoundReward,
+    frozen_models,
+    needs_gold,
+    needs_reward_model,
+    rto,
+    untempered,
+)
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.train.sharding import StepShardings, jit_step
 from rto_jax.train.state import TrainState
@@ -62,6 +70,10 @@ class PPOConfig:
     # with the same model code. True scores the policy again with a teacher-forced pass (in bfloat16
     # the sampler's cached decode and the full pass may round differently).
     recompute_policy_logprobs: bool = False
+    # gold_credit(prompt_ids, prompt_mask, response_ids, response_mask) -> [B, R]: the task's exact
+    # per-token gold credit (rto_jax.pipeline.tasks.GoldCredit), given to a token reward that lists
+    # GOLD as logps[GOLD]: positive controls on a task whose true reward is known. Hashable (static).
+    gold_credit: Any = None
 
 
 class PPOState(struct.PyTreeNode):
@@ -130,6 +142,8 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
     if missing or (needs_reward_model(reward_fn) and "reward" not in state.frozen):
         missing += ["reward"] if needs_reward_model(reward_fn) else []
         raise ValueError(f"token reward {reward_fn.name!r} uses {missing}, which the PPOState does not hold")
+    if needs_gold(reward_fn) and config.gold_credit is None:
+        raise ValueError(f"token reward {reward_fn.name!r} uses {GOLD!r}: PPOConfig.gold_credit is None")
     policy_params = state.lm_params(state.policy.params)
     samples = generate(
         state.policy.graphdef, policy_params, prompts["prompt_ids"], prompts["prompt_mask"], rng, config.sampling
@@ -140,6 +154,9 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
     logps = _frozen_logprobs(state, inputs, mask, config, with_ref="ref" in frozen_models(reward_fn))
     if not config.recompute_policy_logprobs:
         logps.update({"policy": samples.logprobs, untempered("policy"): samples.untempered_logprobs})
+    if needs_gold(reward_fn):
+        credit = config.gold_credit(prompts["prompt_ids"], prompts["prompt_mask"], samples.tokens, mask)
+        logps[GOLD] = jnp.where(mask > 0, jnp.asarray(credit, jnp.float32), 0.0)
     logp_old = logps["policy"]
     critic = state.critic_model(state.critic.params)
     values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
