@@ -52,7 +52,6 @@ from flax import nnx
 from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
-from rto_jax.eval import report
 from rto_jax.eval.credit import credit_correlations, token_scale
 from rto_jax.eval.policy_eval import SEQUENCE_KEYS, fixed_size_batches, score_arrays, sequences
 from rto_jax.objectives.masked import apply_mask
