@@ -450,7 +450,8 @@ def _stage_records(records: list[dict], stage: str) -> list[dict]:
 
 
 def cell_summary(name, config, horizon, dpo_pairs, varies, methods, records, references, credit) -> dict:
-    """One (seed, cell) as the small JSON the study commits (docs/results/synthetic_study.md#summaries):
+    """One (seed, cell) as the small JSON the study commits
+    (docs/results/synthetic_study.md#design-fixed-before-the-runs):
     per method the final held-out gold and KL, the curve from pi_sft, the mean of each reward part over
     training and the credit correlations along training; the cell's references and pi_sft's credit."""
     per_step = config.ppo.rollout_batch_size

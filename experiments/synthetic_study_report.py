@@ -1,5 +1,5 @@
 """The RTO-vs-PPO study's across-seed report, from the per (seed, cell) summaries that
-experiments/synthetic_study.py commits (docs/results/synthetic_study/summaries/seed_S/<cell>.json):
+experiments/synthetic_study.py commits (one JSON per seed and cell under docs/results/synthetic_study/summaries):
 
     python -m experiments.synthetic_study_report SUMMARIES_DIR --out=OUT_DIR     (make study-report)
 

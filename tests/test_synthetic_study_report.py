@@ -17,7 +17,7 @@ METHODS = ("ppo", "rto", "oracle_dense", "oracle_rm")
 
 
 def summary(cell, seed, finals, *, curves=None, sft=0.0, design="design-h8", horizon=8, shared=(), credit=None):
-    """A summary as experiments/synthetic_study.py writes it (docs/results/synthetic_study.md#summaries):
+    """A summary as experiments/synthetic_study.py writes it (docs/results/synthetic_study.md#design-fixed-before-the-runs):
     finals {method: final gold}; curves {method: [[episodes, gold, kl], ...]} (default: pi_sft, halfway, final)."""
     methods = {}
     for m, final in finals.items():
