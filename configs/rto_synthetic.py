@@ -116,7 +116,7 @@ def get_config(preset: str = "demo"):
         c.study.dpo_pairs = "1024,4096,16384"  # a quarter and four times the reward model's
         c.study.beta_kl = "0.01,0.2"  # every method; the tuned value (0.05) is the center's
         # RTO's DPO term is ~5% of the reward at the tuned beta_dpo 0.05 (clip 0.2): cells where it is not.
-        c.study.beta_dpo, c.study.beta_dpo_horizons, c.study.wide_clip = "0.2,0.5", "32,96", 0.0  # 0: no clip
+        c.study.beta_dpo, c.study.beta_dpo_horizons, c.study.wide_clip = "0.2,0.5", "8,32,96", 0.0  # 0: no clip
         # Each finished (seed, cell), committed: the next session resumes from them (and `make study-report`).
         c.study.summaries = "docs/results/synthetic_study/summaries"
         c.synthetic.preference_pairs = 16384 + 256  # the most DPO pairs + the held-out pairs

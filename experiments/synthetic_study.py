@@ -362,29 +362,33 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
     )
     frontier = p.stage("best_of_n", run_best_of_n, section="evaluate", sft_path=model_path(sft))
 
-    # RTO's DPO term at each setting this horizon trains with, on pi_sft's samples, per DPO model.
+    # RTO's DPO term at each setting this horizon trains with, on pi_sft's samples: the tuned setting
+    # with each DPO model, each wider setting with the center's (one stage each: a cell added later
+    # adds a stage, it does not change a finished one).
     tuned = _setting(config, per_method.get("rto", {}))
     wide = {f"beta_dpo_{b:g}": (b, d.wide_clip) for b in (d.beta_dpo if horizon in d.beta_dpo_horizons else ())}
+    measured = {(n, "tuned"): ("credit" if n == d.reward_pairs else f"credit_dpo_{n}_pairs", tuned) for n in dpo}
+    measured.update({(d.reward_pairs, label): (f"credit_{label}", setting) for label, setting in wide.items()})
     credit = {}
-    for n in dpo:
-        name = "credit" if n == d.reward_pairs else f"credit_dpo_{n}_pairs"
-        settings = {"tuned": tuned, **(wide if n == d.reward_pairs else {})}
-        credit[n] = p.stage(
+    for (n, label), (name, setting) in measured.items():
+        done = p.stage(
             name,
             run_token_credit,
             section="evaluate",
             sft_path=model_path(sft),
             dpo_path=model_path(dpo[n]),
             reward=reward_model,
-            settings=settings,
+            settings={label: setting},
         )
-    center_credit = credit[d.reward_pairs]
+        credit[n, label] = {**done[label], **{k: done[k] for k in ("gold_mean", "gold_std", "gold_credit_scale")}}
+        credit[n, "score"] = done["score"]
+    center_credit = credit[d.reward_pairs, "tuned"]
 
     def train(name: str, fn, dpo_pairs: int = d.reward_pairs, **values) -> dict:
         merged = dict(per_method.get(TUNED_AS[fn.__name__], {}))
         merged.update(values)
         if fn is oracle_dense and "beta_gold" not in merged:
-            merged["beta_gold"] = center_credit["tuned"]["oracle_dense_beta_gold"]
+            merged["beta_gold"] = center_credit["oracle_dense_beta_gold"]
         if fn is oracle_rm:
             merged.update(gold_mean=center_credit["gold_mean"], gold_std=center_credit["gold_std"])
         models = {"ref": model_path(sft), "dpo": model_path(dpo[dpo_pairs])}
@@ -415,7 +419,7 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
     for label, (beta, clip) in wide.items():
         methods = {**shared(("ppo", "oracle_rm"), here)}
         methods["rto"] = train(run_name(rto, f"_{label}"), rto, beta_dpo=beta, dpo_clip=clip)
-        gold_weight = center_credit[label]["oracle_dense_beta_gold"]
+        gold_weight = credit[d.reward_pairs, label]["oracle_dense_beta_gold"]
         methods["oracle_dense"] = train(run_name(oracle_dense, f"_{label}"), oracle_dense, beta_gold=gold_weight)
         layout[f"{label}_h{horizon}"] = (methods, {"beta_dpo": beta, "dpo_clip": clip}, d.reward_pairs)
 
@@ -430,13 +434,12 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
     summaries = []
     for name, (methods, varies, dpo_pairs) in layout.items():
         label = next((k for k in wide if name.startswith(k)), "tuned")
-        pi_sft = credit[dpo_pairs][label]
+        pi_sft = {k: v for k, v in credit[dpo_pairs, label].items() if k != "gold_credit_scale"}
         summaries.append(
             cell_summary(
                 name, config, horizon, dpo_pairs, varies, methods, records,
                 {**references, "dpo_gold": held_out[f"dpo_{dpo_pairs}"]["gold_reward"]},
-                {**pi_sft, "score_response": credit[dpo_pairs]["score"]["score_response"],
-                 "gold_mean": center_credit["gold_mean"], "gold_std": center_credit["gold_std"]},
+                {**pi_sft, "score_response": credit[dpo_pairs, "score"]["score_response"]},
             )
         )  # fmt: skip
     return summaries

@@ -95,12 +95,15 @@ def test_the_dpo_weight_cell_trains_rto_unclipped_and_rescales_the_oracle(study)
     for method in ("ppo", "oracle_rm"):  # they do not read the DPO weight: the horizon's runs
         assert cell["methods"][method]["shared_from"] == "horizon_12"
         assert cell["methods"][method]["gold_reward"] == base["methods"][method]["gold_reward"]
-    credit = json.loads((workdir / "seed_1" / "horizon_12" / "credit" / "done.json").read_text())
+    folder = workdir / "seed_1" / "horizon_12"
+    credit = json.loads((folder / "credit" / "done.json").read_text())
+    wide = json.loads((folder / "credit_beta_dpo_0.5" / "done.json").read_text())
     assert cell["methods"]["oracle_dense"]["reward_args"]["beta_gold"] == pytest.approx(
-        credit["beta_dpo_0.5"]["oracle_dense_beta_gold"])  # fmt: skip
+        wide["beta_dpo_0.5"]["oracle_dense_beta_gold"])  # fmt: skip
     # Ten times the weight, no clip: a larger DPO term (per-token spread) than the tuned 0.05 clipped at 0.2.
-    assert credit["beta_dpo_0.5"]["dpo_scale"] > credit["tuned"]["dpo_scale"]
-    assert cell["credit"]["dpo_scale"] == pytest.approx(credit["beta_dpo_0.5"]["dpo_scale"])
+    assert wide["beta_dpo_0.5"]["dpo_scale"] > credit["tuned"]["dpo_scale"]
+    assert cell["credit"]["dpo_scale"] == pytest.approx(wide["beta_dpo_0.5"]["dpo_scale"])
+    assert wide["gold_mean"] == credit["gold_mean"]  # the same pi_sft samples
 
 
 def test_committed_summaries_are_not_run_again(study, tmp_path):
