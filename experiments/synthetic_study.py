@@ -54,7 +54,6 @@ from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
 from rto_jax.eval.credit import credit_correlations, token_scale
 from rto_jax.eval.policy_eval import SEQUENCE_KEYS, fixed_size_batches, score_arrays, sequences
-from rto_jax.objectives.masked import apply_mask
 from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import (
     GOLD,
@@ -65,6 +64,7 @@ from rto_jax.objectives.token_rewards import (
     ppo,
     reward_args,
     rto,
+    sum_parts,
     token_reward,
 )
 from rto_jax.pipeline import Pipeline, common, model_path, stages
@@ -78,17 +78,12 @@ from rto_jax.scoring import response_logprobs
 # The positive controls: token rewards that read the task's gold credit (logps[GOLD], [B, R]).
 
 
-def _parts(parts: dict, mask):
-    parts = {k: apply_mask(jnp.asarray(v, jnp.float32), mask) for k, v in parts.items()}
-    return sum(parts.values()), parts
-
-
 @token_reward("ref", REWARD_MODEL, GOLD)
 def oracle_dense(logps, score, mask, *, beta_gold=0.05, beta_kl=0.01, beta_rm=1.0):
     """PPO's reward plus beta_gold times the exact gold credit of each token (which sums to r*):
     RTO with perfect token credit in place of DPO's. The study sets beta_gold per cell so that the
     term's per-token spread on pi_sft's samples equals RTO's DPO term's (`run_token_credit`)."""
-    return _parts(
+    return sum_parts(
         {
             "gold": beta_gold * logps[GOLD],
             "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
@@ -105,7 +100,7 @@ def oracle_rm(logps, score, mask, *, gold_mean=0.0, gold_std=1.0, beta_kl=0.01, 
     penalizes a response that never stops (its EOS term), so no missing-EOS penalty is added."""
     del score
     gold = jnp.sum(logps[GOLD], axis=-1)
-    return _parts(
+    return sum_parts(
         {
             "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
             "gold": beta_rm * at_last_token((gold - gold_mean) / gold_std, mask),
@@ -272,7 +267,7 @@ def run_token_credit(config, workdir, task, run_log, *, sft_path: str, dpo_path:
     gold_args = (prompts["prompt_ids"], prompts["prompt_mask"], rows["tokens"], mask)
     credit, quality = source.gold_token_credit(*gold_args), source.gold_quality_credit(*gold_args)
     gold = credit.sum(axis=1)
-    score_part = np.where(np.arange(mask.shape[1])[None] == mask.sum(1, keepdims=True) - 1, score[:, None], 0.0)
+    score_part = np.asarray(at_last_token(score, mask))  # where PPO's reward puts it
     out = {
         "gold_mean": float(gold.mean()),
         "gold_std": float(max(gold.std(), 1e-6)),

@@ -22,6 +22,7 @@ from rto_jax.pipeline.config import base_config
 from rto_jax.pipeline.recipes import set_recipe
 from rto_jax.pipeline.reward_check import check_recipe_rewards, fake_inputs
 from tests import test_ppo_wiring as wiring
+from tests.test_reward_check import RECIPE_WITH_METHODS
 
 
 def test_pearson_is_numpys_on_the_kept_entries():
@@ -131,17 +132,10 @@ def test_ppo_gives_a_gold_reward_the_credit_of_the_sampled_tokens():
         )
 
 
-RECIPE = """
-from experiments.synthetic_study import oracle_dense
-from rto_jax.objectives.token_rewards import rto
-
-METHODS = (rto, oracle_dense)
-TOKEN_REWARD = rto
-
-
-def run(pipeline):
-    raise AssertionError("not run by these tests")
-"""
+# test_reward_check's recipe with the study's oracle_dense as its one method.
+RECIPE = RECIPE_WITH_METHODS.replace(
+    "METHODS = (ppo, rto, relative_kl)", "from experiments.synthetic_study import oracle_dense\n\nMETHODS = (rto, oracle_dense)"
+)
 
 
 def test_a_gold_reward_is_refused_on_a_task_without_gold_and_passes_on_the_synthetic_task(tmp_path):

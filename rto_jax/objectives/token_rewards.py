@@ -149,7 +149,9 @@ def dpo_log_ratio(logps: Mapping, mask):
     return log_ratio(logps, untempered("dpo"), untempered("ref"), mask)
 
 
-def _sum_parts(parts: dict, mask):
+def sum_parts(parts: dict, mask):
+    """(rewards, parts) of a token reward from its named parts {name: [B, R]}: each cast to float32
+    and set to 0 outside `mask`, and their sum."""
     parts = {k: apply_mask(jnp.asarray(v, jnp.float32), mask) for k, v in parts.items()}
     return sum(parts.values()), parts
 
@@ -161,7 +163,7 @@ def _sum_parts(parts: dict, mask):
 @token_reward("ref", REWARD_MODEL)
 def ppo(logps, score, mask, *, beta_kl=0.01, beta_rm=1.0):
     """PPO's reward (sparse): the KL penalty per token and the score at the last token."""
-    return _sum_parts(
+    return sum_parts(
         {"kl": -beta_kl * log_ratio(logps, "policy", "ref", mask), "score": beta_rm * at_last_token(score, mask)}, mask
     )
 
@@ -169,7 +171,7 @@ def ppo(logps, score, mask, *, beta_kl=0.01, beta_rm=1.0):
 @token_reward("ref", "dpo", REWARD_MODEL)
 def rto(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0):
     """RTO: the clipped DPO token reward on every token, the KL penalty, the score at the last token."""
-    return _sum_parts(
+    return sum_parts(
         {
             "dpo": clip_symmetric(beta_dpo * dpo_log_ratio(logps, mask), dpo_clip),
             "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
@@ -183,7 +185,7 @@ def rto(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_
 def rto_sequence_end(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01, beta_rm=1.0):
     """Ablation: DPO's sequence reward (the sum of the unclipped token terms, then clipped) at the last token."""
     dpo_sequence = masked_sum(beta_dpo * dpo_log_ratio(logps, mask), mask, axis=-1)
-    return _sum_parts(
+    return sum_parts(
         {
             "dpo": at_last_token(clip_symmetric(dpo_sequence, dpo_clip), mask),
             "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),
@@ -197,7 +199,7 @@ def rto_sequence_end(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_k
 def rto_no_rm(logps, score, mask, *, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01):
     """Ablation: RTO without the reward model (DPO token reward and KL penalty only)."""
     del score
-    return _sum_parts(
+    return sum_parts(
         {
             "dpo": clip_symmetric(beta_dpo * dpo_log_ratio(logps, mask), dpo_clip),
             "kl": -beta_kl * log_ratio(logps, "policy", "ref", mask),

@@ -302,7 +302,7 @@ def _credit_of_samples(state, config, task, ppo: PPOConfig, rows: dict) -> dict:
     arrays = sequences(task.eval_prompts, rows["tokens"], rows["response_mask"])
     reward = "reward" in state.frozen
     reward_graphdef = state.reward_graphdef if reward else None
-    parts, credit = [], []
+    parts = []
     for batch, n in fixed_size_batches({k: arrays[k] for k in SEQUENCE_KEYS}, config.evaluate.batch_size):
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         out = token_reward_parts(
@@ -322,11 +322,10 @@ def _credit_of_samples(state, config, task, ppo: PPOConfig, rows: dict) -> dict:
             gold_credit=ppo.gold_credit,
         )
         parts.append({k: np.asarray(v)[:n] for k, v in out["parts"].items()})
-        p = task.prompt_length
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        credit.append(np.asarray(task.gold_credit(ids[:, :p], mask[:, :p], ids[:, p:], batch["response_mask"]))[:n])
     parts = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-    correlations = credit_correlations(parts, np.concatenate(credit), arrays["response_mask"])
+    prompts = task.eval_prompts
+    credit = task.gold_credit(prompts["prompt_ids"], prompts["prompt_mask"], rows["tokens"], rows["response_mask"])
+    correlations = credit_correlations(parts, np.asarray(credit), arrays["response_mask"])
     return {f"credit/{k}": v for k, v in correlations.items()}
 
 
