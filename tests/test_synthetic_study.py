@@ -4,6 +4,7 @@ nothing, and a bad design is refused before any work."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,6 +221,29 @@ def test_horizon_config_scales_every_length_of_the_task():
     for weight in ("quality_weight", "coverage_weight", "length_weight", "eos_weight"):
         assert task[weight] == config.synthetic.task[weight]  # the gold reward keeps its form
     assert config.synthetic.task.target_length == 8  # the study's own config is untouched
+
+
+def test_the_committed_summaries_match_the_study_design_as_it_is_now():
+    """A new config key or a changed default voids every committed cell (their design fingerprint no
+    longer matches), and the next session would silently rerun hours of the study: it must be a choice."""
+    recipe = load_recipe("experiments/synthetic_study.py")
+    config = _config("study")
+    d = recipe.design(config)
+    at = lambda h: config if h == d.center else recipe.horizon_config(config, h, d.reward_pairs)
+    fingerprints = {h: recipe._design_hash(at(h)) for h in d.horizons}
+    committed = sorted(Path(d.summaries).glob("seed_*/*.json"))
+    assert len(committed) >= 25, committed  # horizon 8's five cells, seeds 1-5
+    for path in committed:
+        summary = json.loads(path.read_text())
+        assert summary["design"] == fingerprints[summary["horizon"]], path
+    # A key added since, at the value that reproduces the committed runs, is left out; any other value is not.
+    for key, same, other in (("estimator", "gae", "rloo"), ("samples_per_prompt", 1, 4)):
+        changed = config.copy_and_resolve_references()
+        with changed.unlocked():
+            changed.ppo[key] = same
+            assert recipe._design_hash(changed) == fingerprints[d.center]
+            changed.ppo[key] = other
+            assert recipe._design_hash(changed) != fingerprints[d.center]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,9 @@
 """Step functions: a tiny model learns, PPO's first ratio is 1, and every step compiles once."""
 
+import dataclasses
+import gc
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +12,7 @@ import pytest
 from flax import nnx
 
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_positions
+from rto_jax.objectives.advantages import needs_critic
 from rto_jax.objectives.token_rewards import bind, ppo, rto
 from rto_jax.sampling import SamplingConfig
 from rto_jax.train import (
@@ -190,8 +195,10 @@ def _ppo(reward_model, beta_dpo, lr=3e-3, **kw):
     beta_kl = kw.pop("beta_kl", 0.01)
     reward = bind(rto, beta_dpo=beta_dpo, beta_kl=beta_kl) if beta_dpo else bind(ppo, beta_kl=beta_kl)
     sampling = SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD, temperature=kw.pop("temperature", 1.0))
-    state = create_ppo_state(policy, critic, tx, tx, frozen=frozen, reward_model=reward_model)
     config = PPOConfig(sampling=sampling, token_reward=reward, **kw)
+    if not needs_critic(config.estimator):
+        critic = None
+    state = create_ppo_state(policy, critic, tx, tx, frozen=frozen, reward_model=reward_model)
     return state, make_ppo_fns(config)
 
 
@@ -251,3 +258,93 @@ def test_ppo_iteration_raises_the_score_and_compiles_once(reward_model):
     _, after = experience_fn(state, prompts, jax.random.key(123))
     assert float(after["score"]) > float(before["score"]) + 0.5, (before["score"], after["score"])
     assert iteration_fn._cache_size() == 1
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
+def test_a_critic_free_estimator_raises_the_score_without_a_critic(reward_model, estimator):
+    """16 prompts x 4 samples: the rows of one prompt are its group, the state holds and trains no
+    critic, and the estimator's advantages (a numpy rebuild from the rollout's own rewards) drive the policy."""
+    state, (experience_fn, update_fn, iteration_fn) = _ppo(
+        reward_model, 0.0, lr=1e-2, ppo_epochs=4, num_minibatches=2, beta_kl=0.0,
+        estimator=estimator, samples_per_prompt=4,
+    )  # fmt: skip
+    assert state.critic is None
+    rng = np.random.default_rng(0)
+    prompt_ids, prompt_mask = _prompts(rng, 16)
+    prompts = {"prompt_ids": jnp.asarray(prompt_ids, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
+    experience, before = experience_fn(state, prompts, jax.random.key(123))
+    assert experience.input_ids.shape[0] == 64 and experience.values is None and experience.returns is None
+    np.testing.assert_array_equal(experience.group_ids, np.repeat(np.arange(16), 4))
+    prompt_part = np.asarray(experience.input_ids[:, :P]).reshape(16, 4, P)
+    assert (prompt_part == np.asarray(prompt_ids)[:, None, :]).all()  # each prompt answered 4 times
+    assert len({tuple(r) for r in np.asarray(experience.input_ids[:4, P:])}) > 1  # by different samples
+    if estimator == "rloo":  # the score sits at the last token, gamma 1: every token has its row's advantage
+        score = np.asarray(reward_model_scores(state, experience)).reshape(16, 4)
+        others = (score.sum(1, keepdims=True) - score) / 3
+        mask = np.asarray(experience.response_mask)
+        want = ((score - others).reshape(-1)[:, None] * mask)
+        np.testing.assert_allclose(experience.advantages, want, rtol=1e-4, atol=1e-4)
+    state, metrics = update_fn(state, experience, jax.random.key(1))
+    assert "value_loss" not in metrics and "critic_grad_norm" not in metrics and state.critic is None
+    assert abs(float(metrics["first/ratio_mean"]) - 1.0) < 1e-5
+    for i in range(3):
+        state, metrics = iteration_fn(state, prompts, jax.random.key(i))
+    _, after = experience_fn(state, prompts, jax.random.key(123))
+    assert float(after["score"]) > float(before["score"]) + 0.5, (before["score"], after["score"])
+    assert float(before["group_reward_std"]) > 0.0
+
+
+def reward_model_scores(state, experience):
+    """The PPO reward's score part: the normalized reward-model score (beta_kl 0, no DPO term)."""
+    from rto_jax.objectives.ppo import normalized_score  # noqa: PLC0415
+    from rto_jax.train.ppo import _has_eos  # noqa: PLC0415
+
+    model = nnx.merge(state.reward_graphdef, state.frozen["reward"])
+    inputs = (experience.input_ids, experience.attention_mask, experience.positions)
+    raw = sequence_scores(model, *inputs, experience.response_mask)
+    has_eos = _has_eos(experience.input_ids[:, P:], experience.response_mask, EOS)
+    return normalized_score(raw, has_eos, mean=0.0, std=1.0, clip=10.0, missing_eos_penalty=1.0)
+
+
+def test_an_estimator_and_a_state_that_disagree_on_the_critic_are_refused(reward_model):
+    state, (experience_fn, _, _) = _ppo(reward_model, 0.0)  # GAE: a critic
+    rng = np.random.default_rng(0)
+    prompt_ids, prompt_mask = _prompts(rng, 8)
+    prompts = {"prompt_ids": jnp.asarray(prompt_ids, jnp.int32), "prompt_mask": jnp.asarray(prompt_mask)}
+    _, (rloo_fn, _, _) = _ppo(reward_model, 0.0, estimator="rloo", samples_per_prompt=2)
+    with pytest.raises(ValueError, match="estimator 'rloo': the PPOState holds a critic"):
+        rloo_fn(state, prompts, jax.random.key(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScaledSFT:
+    """SFT's loss times `scale`: a distinct (hashable) step configuration per value."""
+
+    scale: float
+
+    def __call__(self, params, batch, state):
+        loss, metrics = SFTLoss()(params, batch, state)
+        return self.scale * loss, metrics
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts the process's memory maps (Linux /proc)")
+def test_a_long_process_frees_the_compiled_steps_of_earlier_runs():
+    """A study runs hundreds of stages in one process. Each compiled XLA program holds ~30 memory maps
+    while its jitted closure lives, and at vm.max_map_count (65530) the next compile segfaults (seen in
+    CI). The stages' step cache keeps the last STEP_CACHE_SIZE configurations' steps only, so the map
+    count levels off instead of growing with every run."""
+    from rto_jax.pipeline import stages  # noqa: PLC0415
+
+    size = stages.STEP_CACHE_SIZE
+    maps = lambda: sum(1 for _ in open("/proc/self/maps"))
+    batch = sft_batch(0)
+    counts = []
+    for i in range(4 * size):
+        state = _state(CausalLM(tiny_config(), nnx.Rngs(0)))
+        stages.train_step(_ScaledSFT(1.0 + i))(state, batch, jax.random.key(0))
+        gc.collect()
+        counts.append(maps())
+    per_step = (counts[size - 1] - counts[0]) / (size - 1)  # while the cache fills, every step is kept
+    assert per_step > 5, counts
+    later = counts[-1] - counts[2 * size - 1]  # 2 * size more steps once it is full
+    assert later < 0.5 * 2 * size * per_step, counts

@@ -10,13 +10,15 @@ from rto_jax.objectives.masked import (
     masked_sum,
     masked_whiten,
 )
-from rto_jax.objectives.ppo import gae, masked_entropy, policy_loss, value_loss
+from rto_jax.objectives.advantages import ESTIMATORS, gae
+from rto_jax.objectives.ppo import masked_entropy, policy_loss, value_loss
 from rto_jax.objectives.reward_model import bradley_terry_loss
 from rto_jax.objectives.sft import entropy_from_logits, sft_loss, token_logprobs
 from rto_jax.objectives.token_rewards import TOKEN_REWARDS, bind, last_token_index, token_reward
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "ESTIMATORS",
     "LOSS_AVERAGES",
     "TOKEN_REWARDS",
     "apply_mask",

@@ -1,17 +1,14 @@
 """PPO pieces over the token MDP (docs/algorithm.md#4-ppo-with-rto-token-rewards). All arrays ``[B, T]``, right-padded
 ``mask`` (1 on response tokens up to and including EOS).
 
-GAE (values past the last valid token are 0, i.e. bootstrap 0 at episode end):
-
-    delta_t = r_t + gamma * V_{t+1} - V_t
-    A_t     = delta_t + gamma * lam * A_{t+1},      returns_t = A_t + V_t
+The advantages (GAE with the critic, or a critic-free estimator) are rto_jax/objectives/advantages.py.
 
 Clipped surrogate, with ratio_t = exp(logp_t - logp_old_t):
 
     L_pi = mean_valid max(-A_t ratio_t, -A_t clip(ratio_t, 1-eps, 1+eps))
 
-Clipped value loss (the conventional 0.5 is NOT inside; the caller multiplies by ``vf_coef``,
-default 0.5):
+Clipped value loss (the conventional 0.5 is NOT inside; the caller multiplies by
+``PPOConfig.vf_coef``):
 
     L_V  = mean_valid max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -eps, eps) - R_t)^2)
 
@@ -21,36 +18,10 @@ the mean over responses (the RTO authors' code). On ragged batches the two weigh
 responses differently. Metrics are always token means.
 """
 
-import jax
 import jax.numpy as jnp
 
 from rto_jax.objectives.masked import apply_mask, masked_loss_mean, masked_mean, masked_whiten  # noqa: F401
 from rto_jax.objectives.sft import entropy_from_logits
-
-
-def gae(rewards, values, mask, *, gamma, lam):
-    """Generalised advantage estimation by a reverse ``lax.scan`` over time.
-
-    Args:
-      rewards, values, mask: ``[B, T]``. gamma, lam: discount and GAE lambda.
-    Returns:
-      ``(advantages, returns)``, float32 ``[B, T]``, both 0 where ``mask == 0``.
-    """
-    rewards = apply_mask(rewards, mask)
-    values = apply_mask(values, mask)
-    valid = mask > 0
-
-    def step(carry, xs):
-        next_adv, next_value = carry
-        r, v, m = xs
-        delta = r + gamma * next_value - v
-        adv = jnp.where(m, delta + gamma * lam * next_adv, 0.0)
-        return (adv, v), adv
-
-    init = (jnp.zeros(rewards.shape[:1], jnp.float32),) * 2
-    _, adv_t = jax.lax.scan(step, init, (rewards.T, values.T, valid.T), reverse=True)
-    advantages = adv_t.T
-    return advantages, apply_mask(advantages + values, mask)
 
 
 def policy_loss(logp, logp_old, advantages, mask, clip_eps, average="token"):

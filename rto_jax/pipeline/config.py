@@ -18,6 +18,7 @@ from ml_collections import config_dict
 from rto_jax.data.synthetic import SyntheticTaskConfig
 from rto_jax.errors import ConfigError
 from rto_jax.models.lora import PROJECTIONS, LoraConfig, parse_targets
+from rto_jax.objectives.advantages import ESTIMATORS, GROUP_ESTIMATORS
 from rto_jax.objectives.masked import LOSS_AVERAGES
 from rto_jax.objectives.token_rewards import bind, frozen_models, reward_args, rto
 from rto_jax.train.ppo import PPOConfig
@@ -174,7 +175,7 @@ def base_config() -> config_dict.ConfigDict:
     c.ppo.init_from = ""  # take this trained policy (to evaluate) instead of running PPO
     # Coefficients of the recipe's token reward (keyword arguments; defaults from its signature).
     c.ppo.reward_args = config_dict.ConfigDict(reward_args(rto))  # recipes.set_recipe() resets them
-    c.ppo.rollout_batch_size = 512  # prompts per PPO iteration (N+: 512)
+    c.ppo.rollout_batch_size = 512  # responses per PPO iteration: prompts x samples_per_prompt (N+: 512)
     c.ppo.total_episodes = 1_000_000  # rollouts in all; iterations = total_episodes // rollout_batch_size
     c.ppo.max_steps = 0  # > 0: stop after this many iterations
     c.ppo.ppo_epochs = ppo["ppo_epochs"]  # passes over each rollout batch
@@ -182,7 +183,9 @@ def base_config() -> config_dict.ConfigDict:
     c.ppo.temperature = 0.7  # rollout temperature, also applied to every log-prob (N+: 0.7)
     c.ppo.top_k = 0  # rollout top-k filter; 0 = off
     c.ppo.top_p = 1.0  # rollout nucleus filter; 1 = off
-    c.ppo.gamma = ppo["gamma"]  # GAE discount
+    c.ppo.estimator = ppo["estimator"]  # advantages: "gae" (critic) or critic-free grpo/dr_grpo/rloo/reinforce_pp(_baseline)
+    c.ppo.samples_per_prompt = ppo["samples_per_prompt"]  # responses per prompt in a rollout (a group)
+    c.ppo.gamma = ppo["gamma"]  # discount of the returns (every estimator)
     c.ppo.lam = ppo["lam"]  # GAE lambda
     c.ppo.clip_eps = ppo["clip_eps"]  # policy ratio clip
     c.ppo.value_clip_eps = ppo["value_clip_eps"]  # value clip
@@ -190,7 +193,7 @@ def base_config() -> config_dict.ConfigDict:
     c.ppo.entropy_coef = ppo["entropy_coef"]  # entropy bonus
     c.ppo.score_clip = ppo["score_clip"]  # the normalized reward-model score is clipped to [-score_clip, score_clip]
     c.ppo.missing_eos_penalty = ppo["missing_eos_penalty"]  # subtracted from the score of responses without EOS
-    c.ppo.whiten_advantages = ppo["whiten_advantages"]  # whiten advantages over the rollout batch
+    c.ppo.whiten_advantages = ppo["whiten_advantages"]  # whiten GAE's advantages over the rollout batch
     c.ppo.loss_average = ppo["loss_average"]  # "token" (all valid tokens) or "sequence" (per response, then batch)
     c.ppo.vocab_chunk = ppo["vocab_chunk"]  # LM head over vocab slices of this size (no [B, R, V] logits); 0 = whole
     c.ppo.stack_frozen = ppo["stack_frozen"]  # score the frozen LMs in one pass vmapped over stacked parameters
@@ -769,6 +772,21 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
         raise ConfigError(
             "ppo.num_minibatches",
             f"{config.ppo.num_minibatches} does not divide rollout_batch_size {config.ppo.rollout_batch_size}",
+        )
+    if config.ppo.estimator not in ESTIMATORS:
+        raise ConfigError("ppo.estimator", f"must be one of {', '.join(ESTIMATORS)}, got {config.ppo.estimator!r}")
+    if not isinstance(config.ppo.samples_per_prompt, int) or config.ppo.samples_per_prompt < 1:
+        raise ConfigError("ppo.samples_per_prompt", f"must be an integer >= 1, got {config.ppo.samples_per_prompt!r}")
+    if config.ppo.rollout_batch_size % config.ppo.samples_per_prompt:
+        raise ConfigError(
+            "ppo.samples_per_prompt",
+            f"{config.ppo.samples_per_prompt} does not divide rollout_batch_size {config.ppo.rollout_batch_size} "
+            "(the rollout holds rollout_batch_size / samples_per_prompt prompts)",
+        )
+    if config.ppo.estimator in GROUP_ESTIMATORS and config.ppo.samples_per_prompt < 2:
+        raise ConfigError(
+            "ppo.samples_per_prompt",
+            f"estimator {config.ppo.estimator!r} compares the responses to one prompt: set samples_per_prompt >= 2",
         )
     if config.ppo.total_episodes < config.ppo.rollout_batch_size:
         raise ConfigError(

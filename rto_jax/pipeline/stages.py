@@ -36,6 +36,7 @@ from rto_jax.eval.policy_eval import (
 )
 from rto_jax.eval.rollout_eval import token_reward_parts
 from rto_jax.models import ScalarHeadModel, peft_io
+from rto_jax.objectives.advantages import needs_critic
 from rto_jax.objectives.token_rewards import GOLD, bind, frozen_models, needs_gold, needs_reward_model
 from rto_jax.pipeline import common
 from rto_jax.pipeline.evaluate import held_out_rows, make_judge, run_best_of_n, run_evaluate  # the recipes' stages
@@ -60,8 +61,12 @@ log = logging.getLogger(__name__)
 
 # The step factories return new jitted closures; caching them per (hashable, frozen) config lets a
 # process that runs several pipelines (tests, notebooks, a resumed run) reuse the compiled steps.
-train_step = functools.lru_cache(maxsize=None)(make_train_step)
-ppo_fns = functools.lru_cache(maxsize=None)(make_ppo_fns)
+# Bounded: every compiled XLA executable holds ~30 memory maps until its closure is dropped, and a
+# process running a study's hundred PPO runs would reach the kernel's limit (vm.max_map_count, 65530
+# by default), where the next compile segfaults. Evicted closures free their executables.
+STEP_CACHE_SIZE = 4
+train_step = functools.lru_cache(maxsize=STEP_CACHE_SIZE)(make_train_step)
+ppo_fns = functools.lru_cache(maxsize=STEP_CACHE_SIZE)(make_ppo_fns)
 
 
 def _epochs(config, cfg, arrays: dict) -> tuple[BatchIterator, int]:
@@ -362,7 +367,9 @@ def run_ppo(
     ppo_overrides: dict | None = None,
 ) -> dict:
     """PPO with a token reward: the policy starts from `models['ref']` (pi_sft), the critic from the
-    reward model; the frozen models loaded are exactly those the token reward reads.
+    reward model (none under a critic-free `ppo.estimator`); the frozen models loaded are exactly those
+    the token reward reads. Each rollout answers rollout_batch_size / samples_per_prompt prompts
+    samples_per_prompt times.
 
     token_reward: `fn(logps, score, mask, **coefficients)` (rto_jax.objectives.token_rewards).
     models: {name: model path} of the frozen language models a recipe offers ('ref' required).
@@ -389,6 +396,7 @@ def run_ppo(
     if missing:
         raise ValueError(f"token reward {name!r} reads the models {missing}, which the recipe does not give")
     txs = (common.optimizer(cfg, total), common.optimizer(cfg, total, learning_rate=cfg.critic_lr))
+    with_critic = needs_critic(ppo.estimator)
     if common.lora_config(cfg) is not None:
         state = _shared_base_state(config, stage, token_reward, models, reward, txs, mesh)
     else:
@@ -398,7 +406,9 @@ def run_ppo(
         }
         # The critic starts as the reward model with its head rescaled to the normalized score
         # (r - mean) / std, the scale of the rewards it learns to predict (not the raw score's).
-        critic = _critic(common.load_model(reward["model_path"], "scalar", config, mesh), reward)
+        critic = None
+        if with_critic:
+            critic = _critic(common.load_model(reward["model_path"], "scalar", config, mesh), reward)
         reward_model = None
         if needs_reward_model(token_reward):
             reward_model = common.load_model(reward["model_path"], "scalar", config, mesh)
@@ -413,11 +423,13 @@ def run_ppo(
         )
     state, shardings = common.shard_state(state, mesh)
     _, _, iteration_fn = ppo_fns(ppo, shardings=shardings)
-    prompts = BatchIterator(task.prompts_train, cfg.rollout_batch_size, seed=config.seed, **process_slice())
+    per_step = cfg.rollout_batch_size // ppo.samples_per_prompt  # prompts; each answered samples_per_prompt times
+    prompts = BatchIterator(task.prompts_train, per_step, seed=config.seed, **process_slice())
+    trained = ("policy", "critic") if with_critic else ("policy",)
     policy_and_critic = Checkpointed(
-        tree=lambda state: {"policy": state.policy, "critic": state.critic},
-        restore=lambda state, tree: state.replace(policy=tree["policy"], critic=tree["critic"]),
-        trained=lambda state: (state.policy.params, state.critic.params),
+        tree=lambda state: {name: getattr(state, name) for name in trained},
+        restore=lambda state, tree: state.replace(**{name: tree[name] for name in trained}),
+        trained=lambda state: tuple(getattr(state, name).params for name in trained),
     )
     evaluate = None
     if task.gold_reward is not None and cfg.eval_every > 0:
@@ -434,8 +446,10 @@ def run_ppo(
     values = done.last_metrics
     folder = common.stage_dir(workdir, stage)
     path = common.export_trained(state.policy_model(state.policy.params), folder, task, base_model=models["ref"])
-    critic_base = models["ref"] if state.base is not None else reward["model_path"]
-    common.export_trained(state.critic_model(state.critic.params), folder, task, base_model=critic_base, name="critic")
+    if with_critic:
+        critic_base = models["ref"] if state.base is not None else reward["model_path"]
+        critic = state.critic_model(state.critic.params)
+        common.export_trained(critic, folder, task, base_model=critic_base, name="critic")
     keys = ("score", "kl_to_ref", "response_length", "eos_rate", "loss")
     return {
         "model_path": path,
@@ -500,7 +514,7 @@ def _shared_base_state(config, stage: str, token_reward, models: dict, reward: d
     return create_shared_base_ppo_state(
         base,
         policy_lora,
-        _critic(reward_model, reward),
+        _critic(reward_model, reward) if needs_critic(config.ppo.estimator) else None,
         *txs,
         frozen=frozen,
         reward_model=reward_model if needs_reward_model(token_reward) else None,

@@ -37,7 +37,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, lora
+from rto_jax.objectives.advantages import needs_critic
 from rto_jax.train import sharding
+from rto_jax.train.ppo import PPOConfig
 from rto_jax.train.state import OptimizerConfig, make_optimizer
 
 GIB = 1024**3
@@ -111,6 +113,7 @@ class Workload:
     dpo_accum: int = 1
     rollout_batch: int = 512
     ppo_minibatches: int = 1
+    critic: bool = True  # False: a critic-free estimator (ppo.estimator other than "gae"): no critic held or trained
 
 
 def _abstract_mesh(shape) -> AbstractMesh:
@@ -202,8 +205,8 @@ def plan_memory(
     """Per-device bytes of every stage: {stage: {params, optimizer, frozen, kv_cache, activations, total}}.
 
     SFT trains the LM; the reward model a scalar-head model; DPO the LM with its frozen reference;
-    PPO/RTO the policy and critic with the reference, reward model and DPO policy frozen (float32
-    master weights everywhere), plus the rollout's KV cache.
+    PPO/RTO the policy and critic (none when `workload.critic` is False) with the reference, reward
+    model and DPO policy frozen (float32 master weights everywhere), plus the rollout's KV cache.
 
     adapters: every stage trains low-rank adapters (`config.<stage>.lora.rank` > 0): `params` and
     `optimizer` are the adapters' (and scalar heads'), float32; `frozen` is the base, stored in the
@@ -227,6 +230,7 @@ def plan_memory(
         config if not head_only else config.replace(vocab_size=1), rows, length, w.response_len, mesh_shape
     )
     minibatch = w.rollout_batch // w.ppo_minibatches
+    critic = 1 if w.critic else 0  # the critic: a trained scalar-head model, or none
     stages = {
         "sft": {"params": lm_params, "optimizer": lm_opt, "frozen": 0, "kv_cache": 0, "activations": act(w.sft_batch // w.sft_accum)},
         "reward_model": {
@@ -238,9 +242,10 @@ def plan_memory(
             "activations": act(2 * w.dpo_batch // w.dpo_accum),
         },
         "ppo": {
-            "params": lm_params + head_params, "optimizer": lm_opt + head_opt, "frozen": 2 * lm_params + head_params,
+            "params": lm_params + critic * head_params, "optimizer": lm_opt + critic * head_opt,
+            "frozen": 2 * lm_params + head_params,
             "kv_cache": kv_cache_bytes_per_device(config, w.rollout_batch, length, mesh_shape),
-            "activations": act(minibatch) + act(minibatch, head_only=True),
+            "activations": act(minibatch) + critic * act(minibatch, head_only=True),
         },
     }  # fmt: skip
     if adapters is not None:  # the frozen base under the adapters, held once per stage
@@ -371,6 +376,7 @@ def workload_from_config(config) -> Workload:
         dpo_accum=_get(dpo, "grad_accum_steps", 1),
         rollout_batch=_get(ppo, "rollout_batch_size", w.rollout_batch),
         ppo_minibatches=_get(ppo, "num_minibatches", 1),
+        critic=needs_critic(_get(ppo, "estimator", PPOConfig.estimator)),
     )
 
 

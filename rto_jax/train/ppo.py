@@ -1,6 +1,6 @@
 """PPO over the token MDP with a token reward passed in (docs/algorithm.md#4-ppo-with-rto-token-rewards), as pure jitted functions.
 
-    make_experience(state, prompts, rng) -> Experience      rollout, scoring, token rewards, GAE
+    make_experience(state, prompts, rng) -> Experience      rollout, scoring, token rewards, advantages
     ppo_update(state, experience, rng) -> (state, metrics)   epochs x minibatches in lax.scan
     ppo_iteration(state, prompts, rng) -> (state, metrics)   both, in one jit
 
@@ -9,6 +9,12 @@ turns the per-token log-probs of named models and the reward model's score into 
 The frozen language models it reads (reference, DPO policy, ...) share the policy's graphdef; they,
 the critic, the reward model and its score normalization are fields of `PPOState`, so a step needs
 nothing but its arguments.
+
+`PPOConfig.estimator` (rto_jax/objectives/advantages.py) turns the token rewards into advantages: GAE
+with the critic, or a critic-free estimator (GRPO, Dr. GRPO, RLOO, REINFORCE++), for which the state
+holds no critic (`PPOState.critic` is None) and the update has no value loss. With
+`samples_per_prompt` n > 1 each prompt is answered n times in one rollout; rows of one prompt share a
+group id, which the group estimators compare.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import optax
 from flax import nnx, struct
 
 from rto_jax.models import LoraConfig, lora, with_adapters
-from rto_jax.objectives import gae, masked_mean, masked_whiten, policy_loss, value_loss
+from rto_jax.objectives import masked_mean, policy_loss, value_loss
+from rto_jax.objectives.advantages import estimate, needs_critic
 from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import (
     GOLD,
@@ -44,6 +51,12 @@ class PPOConfig:
     sampling: SamplingConfig  # rollout: max_new_tokens R, temperature tau (also applied when training)
     # token_reward(logps, score, mask) -> (rewards, parts): a BoundReward (hashable: static under jit)
     token_reward: BoundReward = BoundReward(rto)
+    # The advantage estimator (rto_jax.objectives.advantages.ESTIMATORS): "gae" reads a critic; "grpo",
+    # "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline" need none (the state holds none).
+    estimator: str = "gae"
+    # Responses sampled per prompt in one rollout (a group); the rollout batch holds batch / n prompts.
+    # The group estimators need n > 1 for a baseline; GAE and REINFORCE++ take any n.
+    samples_per_prompt: int = 1
     gamma: float = 1.0
     lam: float = 0.95
     ppo_epochs: int = 4  # N+: 4
@@ -54,7 +67,7 @@ class PPOConfig:
     entropy_coef: float = 0.0
     score_clip: float = 10.0  # the normalized reward-model score is clipped to [-score_clip, score_clip]
     missing_eos_penalty: float = 1.0  # subtracted from the score of responses that never emit EOS (N+: -1)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # GAE's advantages over the batch (REINFORCE++ always whitens; GRPO/RLOO never)
     # How the policy and value losses average over a ragged batch: "token" (every valid token of the
     # minibatch weighs the same) or "sequence" (each response's token mean, then the mean over
     # responses, as the RTO authors' code does).
@@ -88,7 +101,7 @@ class PPOState(struct.PyTreeNode):
     """
 
     policy: TrainState
-    critic: TrainState
+    critic: TrainState | None  # None under a critic-free estimator
     frozen: dict
     base: Any = None
     reward_graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
@@ -119,9 +132,10 @@ class Experience(NamedTuple):
     positions: jax.Array  # [B, P+R]
     response_mask: jax.Array  # [B, R]
     logp_old: jax.Array  # [B, R]
-    values: jax.Array  # [B, R]
+    values: jax.Array | None  # [B, R]; None without a critic
     advantages: jax.Array  # [B, R]
-    returns: jax.Array  # [B, R]
+    returns: jax.Array | None  # [B, R], the critic's target; None without a critic
+    group_ids: jax.Array  # [B] int32: rows answering one prompt share it
 
 
 def _has_eos(tokens, mask, eos_id):
@@ -129,9 +143,10 @@ def _has_eos(tokens, mask, eos_id):
 
 
 def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> tuple[Experience, dict]:
-    """Rollout with the jitted sampler, then every model's view of it, the token rewards and GAE.
+    """Rollout with the jitted sampler, then every model's view of it, the token rewards and the advantages.
 
-    prompts: `prompt_ids`, `prompt_mask` `[B, P]` (left-padded). The token reward reads every model's
+    prompts: `prompt_ids`, `prompt_mask` `[B / n, P]` (left-padded), each answered n =
+    `config.samples_per_prompt` times (rows i*n .. i*n + n - 1, group id i). The token reward reads every model's
     log-probs at the rollout temperature and at temperature 1 (`token_reward_logprobs`; the policy's
     from the sampler unless `recompute_policy_logprobs`); the importance ratio uses the rollout
     temperature's. Metrics include each part of the token reward as `reward/<part>` (per-sequence sums).
@@ -144,22 +159,28 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
         raise ValueError(f"token reward {reward_fn.name!r} uses {missing}, which the PPOState does not hold")
     if needs_gold(reward_fn) and config.gold_credit is None:
         raise ValueError(f"token reward {reward_fn.name!r} uses {GOLD!r}: PPOConfig.gold_credit is None")
+    if (state.critic is None) == needs_critic(config.estimator):
+        held_critic = "holds no critic" if state.critic is None else "holds a critic"
+        raise ValueError(f"estimator {config.estimator!r}: the PPOState {held_critic} (create it with critic=None iff critic-free)")
     policy_params = state.lm_params(state.policy.params)
-    samples = generate(
-        state.policy.graphdef, policy_params, prompts["prompt_ids"], prompts["prompt_mask"], rng, config.sampling
-    )
-    input_ids, attention_mask, positions = response_inputs(prompts["prompt_ids"], prompts["prompt_mask"], samples)
+    n = config.samples_per_prompt
+    prompt_ids, prompt_mask = (jnp.repeat(prompts[k], n, axis=0) for k in ("prompt_ids", "prompt_mask"))
+    group_ids = jnp.repeat(jnp.arange(prompt_ids.shape[0] // n, dtype=jnp.int32), n)
+    samples = generate(state.policy.graphdef, policy_params, prompt_ids, prompt_mask, rng, config.sampling)
+    input_ids, attention_mask, positions = response_inputs(prompt_ids, prompt_mask, samples)
     mask = samples.response_mask
     inputs = (input_ids, attention_mask, positions)
     logps = _frozen_logprobs(state, inputs, mask, config, with_ref="ref" in frozen_models(reward_fn))
     if not config.recompute_policy_logprobs:
         logps.update({"policy": samples.logprobs, untempered("policy"): samples.untempered_logprobs})
     if needs_gold(reward_fn):
-        credit = config.gold_credit(prompts["prompt_ids"], prompts["prompt_mask"], samples.tokens, mask)
+        credit = config.gold_credit(prompt_ids, prompt_mask, samples.tokens, mask)
         logps[GOLD] = jnp.where(mask > 0, jnp.asarray(credit, jnp.float32), 0.0)
     logp_old = logps["policy"]
-    critic = state.critic_model(state.critic.params)
-    values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
+    values = None
+    if state.critic is not None:
+        critic = state.critic_model(state.critic.params)
+        values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
     has_eos = _has_eos(samples.tokens, mask, config.sampling.eos_id)
     metrics = {}
     score = None
@@ -176,9 +197,10 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
         )
         metrics.update(score=jnp.mean(raw_score), score_normalized=jnp.mean(score))
     rewards, parts = reward_fn(logps, score, mask)
-    advantages, returns = gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
-    if config.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+    advantages, returns = estimate(
+        config.estimator, rewards, values, mask, group_ids,
+        gamma=config.gamma, lam=config.lam, whiten=config.whiten_advantages,
+    )  # fmt: skip
     per_sequence = lambda x: jnp.mean(jnp.sum(x, axis=1))
     metrics.update({f"reward/{name}": per_sequence(part) for name, part in parts.items()})
     metrics.update(
@@ -187,12 +209,18 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
             "entropy": masked_mean(samples.entropy, mask),
             "response_length": jnp.mean(jnp.sum(mask, axis=1)),
             "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
-            "value_mean": masked_mean(values, mask),
+            "advantage_abs": masked_mean(jnp.abs(advantages), mask),
         }
     )
+    if values is not None:
+        metrics["value_mean"] = masked_mean(values, mask)
+    if n > 1:  # groups whose n responses all have one return give a zero group-baseline advantage
+        whole = jnp.sum(rewards, axis=1).reshape(-1, n)
+        metrics["group_reward_std"] = jnp.mean(jnp.std(whole, axis=1))
     if "ref" in logps:
         metrics["kl_to_ref"] = per_sequence(jnp.where(mask > 0, logp_old - logps["ref"], 0.0))
-    return Experience(input_ids, attention_mask, positions, mask, logp_old, values, advantages, returns), metrics
+    experience = Experience(input_ids, attention_mask, positions, mask, logp_old, values, advantages, returns, group_ids)
+    return experience, metrics
 
 
 def _frozen_logprobs(state: PPOState, inputs, mask, config: PPOConfig, with_ref: bool) -> dict:
@@ -225,25 +253,25 @@ def _minibatch_loss(params, batch: Experience, state: PPOState, config: PPOConfi
     pg_loss, pg_metrics = policy_loss(
         logp, batch.logp_old, batch.advantages, batch.response_mask, config.clip_eps, config.loss_average
     )
-    critic = state.critic_model(critic_params)
-    values = response_scalars(critic, *inputs, batch.response_mask.shape[1])
-    vf_loss, vf_metrics = value_loss(
-        values, batch.values, batch.returns, batch.response_mask, config.value_clip_eps, config.loss_average
-    )
     entropy = masked_mean(entropy, batch.response_mask)
-    loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy
-    return loss, {
-        "loss": loss,
-        "policy_loss": pg_loss,
-        "value_loss": vf_loss,
-        "entropy_train": entropy,
-        **pg_metrics,
-        **vf_metrics,
-    }
+    loss = pg_loss - config.entropy_coef * entropy
+    metrics = {"policy_loss": pg_loss, "entropy_train": entropy, **pg_metrics}
+    if critic_params is not None:
+        critic = state.critic_model(critic_params)
+        values = response_scalars(critic, *inputs, batch.response_mask.shape[1])
+        vf_loss, vf_metrics = value_loss(
+            values, batch.values, batch.returns, batch.response_mask, config.value_clip_eps, config.loss_average
+        )
+        loss = loss + config.vf_coef * vf_loss
+        metrics.update(value_loss=vf_loss, **vf_metrics)
+    return loss, {"loss": loss, **metrics}
 
 
 def ppo_update(state: PPOState, experience: Experience, rng, config: PPOConfig) -> tuple[PPOState, dict]:
-    """`ppo_epochs` passes over `num_minibatches` shuffled minibatches; policy and critic updated together.
+    """`ppo_epochs` passes over `num_minibatches` shuffled minibatches; policy and critic (if any) updated together.
+
+    Minibatches are shuffled rows, not whole groups: every estimator computed its advantages over the
+    whole rollout in `make_experience`, so no loss here reads a group.
 
     Metrics are means over all minibatch updates, plus `first/*` from the very first one, whose
     importance ratio must be 1 (rollout and training log-probs agree).
@@ -257,11 +285,14 @@ def ppo_update(state: PPOState, experience: Experience, rng, config: PPOConfig) 
     def minibatch_step(carry, indices):
         policy, critic = carry
         batch = jax.tree.map(lambda x: x[indices], experience)
+        critic_params = None if critic is None else critic.params
         (_, metrics), (policy_grads, critic_grads) = grad_fn(
-            (policy.params, critic.params), batch, state.replace(policy=policy, critic=critic), config
+            (policy.params, critic_params), batch, state.replace(policy=policy, critic=critic), config
         )
         # Gradient norms (before clipping): exactly 0 means training has collapsed (pipeline.loop warns).
         metrics = {**metrics, "policy_grad_norm": optax.tree.norm(policy_grads)}
+        if critic is None:
+            return (policy.apply_gradients(policy_grads), None), metrics
         metrics["critic_grad_norm"] = optax.tree.norm(critic_grads)
         return (policy.apply_gradients(policy_grads), critic.apply_gradients(critic_grads)), metrics
 
@@ -311,7 +342,7 @@ def _copy(tree):
 
 def create_ppo_state(
     policy: nnx.Module,
-    critic: nnx.Module,
+    critic: nnx.Module | None,
     policy_tx,
     critic_tx,
     *,
@@ -320,7 +351,8 @@ def create_ppo_state(
     reward_mean: float = 0.0,
     reward_std: float = 1.0,
 ) -> PPOState:
-    """PPO state from the policy (usually pi_sft), the critic (usually the reward model) and the frozen models.
+    """PPO state from the policy (usually pi_sft), the critic (usually the reward model; None for a
+    critic-free estimator, and then `critic_tx` is unused) and the frozen models.
 
     frozen: {name: params with the policy's graphdef}, the language models the token reward reads
       (`frozen_models(token_reward)`, e.g. {'ref': pi_sft, 'dpo': pi_dpo}); default {'ref': a copy of
@@ -337,15 +369,14 @@ def create_ppo_state(
         tree.update(
             reward=_copy(reward_params), reward_mean=jnp.float32(reward_mean), reward_std=jnp.float32(reward_std)
         )
-    return PPOState(
-        policy=policy_state, critic=TrainState.create(critic, critic_tx), frozen=tree, reward_graphdef=reward_graphdef
-    )
+    critic_state = None if critic is None else TrainState.create(critic, critic_tx)
+    return PPOState(policy=policy_state, critic=critic_state, frozen=tree, reward_graphdef=reward_graphdef)
 
 
 def create_shared_base_ppo_state(
     base: nnx.Module,
     policy_lora: LoraConfig,
-    critic: nnx.Module,
+    critic: nnx.Module | None,
     policy_tx,
     critic_tx,
     *,
@@ -360,7 +391,8 @@ def create_shared_base_ppo_state(
     the reference is `base` itself (the policy with its adapters off), and `critic`, `reward_model`
     (scalar-head models with adapters) and `frozen` ({name: language model with adapters}, e.g. the
     DPO policy) must be adapter models on the same base weights: only their adapters and heads are
-    kept. Only the policy's and critic's adapters (and the critic's head) have optimizer state.
+    kept. Only the policy's and critic's adapters (and the critic's head) have optimizer state. critic
+    None: a critic-free estimator's state.
 
     base_dtype: the base's storage dtype (e.g. bfloat16 for a bfloat16 compute run: the forward casts
     the weights to it anyway); None keeps it. The base's arrays become the state's (the update donates
@@ -381,8 +413,10 @@ def create_shared_base_ppo_state(
             raise ValueError(f"{type(model).__name__}: its frozen weights are not shaped like the shared base")
         return graphdef, trained
 
-    adapters_on_base(critic, backbone)
-    critic_state = TrainState.create(critic, critic_tx, trainable=lora.TRAINABLE)
+    critic_state = None
+    if critic is not None:
+        adapters_on_base(critic, backbone)
+        critic_state = TrainState.create(critic, critic_tx, trainable=lora.TRAINABLE).replace(base=None)
     tree = {"models": {}}
     graphdefs = []
     for name, model in (frozen or {}).items():
@@ -397,7 +431,7 @@ def create_shared_base_ppo_state(
         )
     return PPOState(
         policy=policy_state.replace(base=None),
-        critic=critic_state.replace(base=None),
+        critic=critic_state,
         frozen=tree,
         base=shared,
         reward_graphdef=reward_graphdef,
