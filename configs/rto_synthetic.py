@@ -96,9 +96,11 @@ def get_config(preset: str = "demo"):
         set_recipe(c, "experiments/synthetic_tune.py")
         c.ppo.reward_args.beta_kl = 0.2  # the shared value stays where the grid does not set it
         c.tune = config_dict.ConfigDict()
-        # 8 runs each: PPO over its KL coefficient and learning rate; RTO over its three coefficients.
+        # 8 runs each: PPO over its KL coefficient and learning rate; RTO over its three coefficients;
+        # the critic-free RLOO rows over the same points as the reward they use (PPO's, RTO's).
         c.tune.grid = (
-            "ppo: beta_kl=0.02|0.05|0.1|0.2, lr=1e-4|3e-4; rto: beta_dpo=0.05|0.2, dpo_clip=0.05|0.2, beta_kl=0.05|0.2"
+            "ppo: beta_kl=0.02|0.05|0.1|0.2, lr=1e-4|3e-4; rto: beta_dpo=0.05|0.2, dpo_clip=0.05|0.2, beta_kl=0.05|0.2; "
+            "rloo: beta_kl=0.02|0.05|0.1|0.2, lr=1e-4|3e-4; rto_rloo: beta_dpo=0.05|0.2, dpo_clip=0.05|0.2, beta_kl=0.05|0.2"
         )
     elif preset == "tuned":
         c.seeds = "1,2,3"  # never used for tuning

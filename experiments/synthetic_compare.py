@@ -1,5 +1,6 @@
-"""The synthetic comparison (`make demo`): SFT, DPO, PPO, RTO and RTO's two ablations, all from one
-SFT policy, reward model and DPO policy, judged by the synthetic task's hidden gold reward.
+"""The synthetic comparison (`make demo`): SFT, DPO, PPO, RTO, RTO's two ablations and the critic-free
+RLOO with PPO's and with RTO's reward, all from one SFT policy, reward model and DPO policy, judged
+by the synthetic task's hidden gold reward.
 
 Every PPO-family method is the same PPO stage given another token reward, with the same prompts,
 episodes and shared hyperparameters; `config.ppo.reward_args` are shared and each reward takes the
@@ -18,9 +19,13 @@ from rto_jax.pipeline import Pipeline, model_path, stages
 from rto_jax.pipeline.config import parse_per_method
 from rto_jax.pipeline.evaluate import run_best_of_n
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
+from rto_jax.pipeline.recipes import method
 from rto_jax.pipeline.tasks import with_preferences
 
-METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
+# PPO's and RTO's rewards without a critic: RLOO over 4 responses per prompt (the same episodes).
+rloo = method(ppo, "rloo", estimator="rloo", samples_per_prompt=4)
+rto_rloo = method(rto, "rto_rloo", estimator="rloo", samples_per_prompt=4)
+METHODS = (ppo, rto, rto_sequence_end, rto_no_rm, rloo, rto_rloo)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold (RTO takes all of them)
 
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import itertools
 
-from experiments.synthetic_compare import shared_models
+from experiments.synthetic_compare import METHODS, shared_models
 
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
-from rto_jax.objectives.token_rewards import ppo, rto, rto_no_rm, rto_sequence_end
+from rto_jax.objectives.token_rewards import rto
 from rto_jax.pipeline import Pipeline, model_path
 from rto_jax.pipeline.config import check_method_args, parse_method_values
 
-METHODS = (ppo, rto, rto_sequence_end, rto_no_rm)
+__all__ = ["METHODS", "grid", "run", "tuning_table", "validate"]  # METHODS: the comparison's, tuned here
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
 
 

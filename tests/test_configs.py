@@ -20,6 +20,8 @@ from tests.conftest import SHARED_FILES, shared_data_skip_reason
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "rto_tldr": ["1b", "2.8b", "6.9b", "tiny"],
+    "rto_rloo_tldr": ["1b", "2.8b", "6.9b", "tiny"],
+    "rto_grpo_tldr": ["1b", "2.8b", "6.9b", "tiny"],
     "ppo_tldr": ["1b", "tiny"],
     "dpo_tldr": ["1b", "tiny"],
     "rto_ultrafeedback": ["llama3_8b", "smollm2", "tiny"],

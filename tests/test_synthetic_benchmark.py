@@ -16,6 +16,8 @@ from rto_jax.pipeline.logging import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"ppo": {"kl", "score"}, "rto": {"dpo", "kl", "score"}, "rto_sequence_end": {"dpo", "kl", "score"}}
 METHODS["rto_no_rm"] = {"dpo", "kl"}
+METHODS.update(rloo={"kl", "score"}, rto_rloo={"dpo", "kl", "score"})  # the critic-free rows: RLOO, n = 4
+CRITIC_FREE = ("rloo", "rto_rloo")
 
 
 def _config(preset):
@@ -72,9 +74,19 @@ def test_each_method_trains_with_its_own_token_reward(smoke):
             assert abs(r["reward/total"] - total) < 1e-4 * max(1.0, abs(total)), (method, r)
         if "dpo" in expected:  # the DPO policy differs from the reference: its reward is not 0
             assert any(abs(r["reward/dpo"]) > 1e-6 for r in records), method
-    # The same prompts and rollout keys for every method: their first rollouts are identical.
+    # The same prompts and rollout keys for every method with a critic: their first rollouts are identical.
     first = {m: parts[f"ppo_{m}"][0] for m in METHODS}
-    assert len({round(r["response_length"], 6) for r in first.values()}) == 1
+    assert len({round(r["response_length"], 6) for m, r in first.items() if m not in CRITIC_FREE}) == 1
+    # The RLOO rows train without a critic, on groups of 4 responses (16 rows: 4 prompts x 4).
+    for method in METHODS:
+        has_critic = method not in CRITIC_FREE
+        for r in parts[f"ppo_{method}"]:
+            assert ("value_loss" in r) == has_critic and ("group_reward_std" in r) == (not has_critic), method
+    for method in CRITIC_FREE:
+        assert not (workdir / f"ppo_{method}" / "critic").exists()
+    assert (workdir / "ppo_rto" / "critic").exists()
+    # RTO's reward with RLOO is RTO's reward: the same DPO-term scale in its first rollout.
+    assert first["rto_rloo"]["reward/dpo"] == pytest.approx(first["rto"]["reward/dpo"], rel=0.5)
     # ppo.per_method: rto_no_rm's beta_dpo 0.1 against rto's shared 0.05, both unclipped.
     assert first["rto_no_rm"]["reward/dpo"] == pytest.approx(2 * first["rto"]["reward/dpo"], rel=1e-4)
 

@@ -335,12 +335,45 @@ def check_method_args(key: str, methods: dict, values: dict[str, dict[str, float
                 )
 
 
+def check_estimator(estimator, samples_per_prompt, rollout_batch_size: int, where: str = "") -> None:
+    """ConfigError naming `ppo.estimator` / `ppo.samples_per_prompt` (`where`: whose values, e.g. a
+    recipe's method) unless the estimator exists and its groups fit the rollout batch."""
+    if estimator not in ESTIMATORS:
+        raise ConfigError("ppo.estimator", f"{where}must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+        raise ConfigError("ppo.samples_per_prompt", f"{where}must be an integer >= 1, got {samples_per_prompt!r}")
+    if rollout_batch_size % samples_per_prompt:
+        raise ConfigError(
+            "ppo.samples_per_prompt",
+            f"{where}{samples_per_prompt} does not divide rollout_batch_size {rollout_batch_size} "
+            "(the rollout holds rollout_batch_size / samples_per_prompt prompts)",
+        )
+    if estimator in GROUP_ESTIMATORS and samples_per_prompt < 2:
+        raise ConfigError(
+            "ppo.samples_per_prompt",
+            f"{where}estimator {estimator!r} compares the responses to one prompt: set samples_per_prompt >= 2",
+        )
+
+
+def method_ppo_settings(config, fn) -> dict:
+    """The config.ppo values a recipe's method trains with (`recipes.method`), checked: {} for a plain token reward."""
+    settings = dict(getattr(fn, "ppo_settings", {}))
+    unknown = sorted(set(settings) - set(config.ppo))
+    if unknown:
+        raise ConfigError("recipe", f"{config.recipe}: method {fn.__name__!r} sets {unknown}, which config.ppo has not")
+    merged = {k: settings.get(k, config.ppo[k]) for k in ("estimator", "samples_per_prompt", "rollout_batch_size")}
+    check_estimator(*merged.values(), where=f"method {fn.__name__!r} of {config.recipe}: ")
+    return settings
+
+
 def method_settings(config, fn, args: dict[str, float]) -> tuple[dict, dict]:
     """(config.ppo overrides, reward coefficients) of token reward `fn` in a run of several methods:
-    the shared `ppo.reward_args` it takes, then its own `args` (from `parse_per_method`)."""
+    the method's own PPO settings (`recipes.method`: e.g. a critic-free estimator), the shared
+    `ppo.reward_args` it takes, then its own `args` (from `parse_per_method`)."""
     coefficients = {k: v for k, v in config.ppo.reward_args.to_dict().items() if k in reward_args(fn)}
     coefficients.update({k: v for k, v in args.items() if k not in PER_METHOD_PPO_KEYS})
-    return {k: v for k, v in args.items() if k in PER_METHOD_PPO_KEYS}, coefficients
+    overrides = {**method_ppo_settings(config, fn), **{k: v for k, v in args.items() if k in PER_METHOD_PPO_KEYS}}
+    return overrides, coefficients
 
 
 def looks_local(path: str) -> bool:
@@ -495,6 +528,8 @@ def _check_recipe(config):
     if per_method and not hasattr(recipe, "METHODS"):
         raise ConfigError("ppo.per_method", f"{config.recipe} trains one token reward: set its values in ppo.*")
     check_method_args("ppo.per_method", {m.__name__: m for m in getattr(recipe, "METHODS", ())}, per_method)
+    for method in getattr(recipe, "METHODS", ()):
+        method_ppo_settings(config, method)
     if hasattr(recipe, "validate"):  # the recipe's own keys
         recipe.validate(config)
     return fn
@@ -773,21 +808,7 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
             "ppo.num_minibatches",
             f"{config.ppo.num_minibatches} does not divide rollout_batch_size {config.ppo.rollout_batch_size}",
         )
-    if config.ppo.estimator not in ESTIMATORS:
-        raise ConfigError("ppo.estimator", f"must be one of {', '.join(ESTIMATORS)}, got {config.ppo.estimator!r}")
-    if not isinstance(config.ppo.samples_per_prompt, int) or config.ppo.samples_per_prompt < 1:
-        raise ConfigError("ppo.samples_per_prompt", f"must be an integer >= 1, got {config.ppo.samples_per_prompt!r}")
-    if config.ppo.rollout_batch_size % config.ppo.samples_per_prompt:
-        raise ConfigError(
-            "ppo.samples_per_prompt",
-            f"{config.ppo.samples_per_prompt} does not divide rollout_batch_size {config.ppo.rollout_batch_size} "
-            "(the rollout holds rollout_batch_size / samples_per_prompt prompts)",
-        )
-    if config.ppo.estimator in GROUP_ESTIMATORS and config.ppo.samples_per_prompt < 2:
-        raise ConfigError(
-            "ppo.samples_per_prompt",
-            f"estimator {config.ppo.estimator!r} compares the responses to one prompt: set samples_per_prompt >= 2",
-        )
+    check_estimator(config.ppo.estimator, config.ppo.samples_per_prompt, config.ppo.rollout_batch_size)
     if config.ppo.total_episodes < config.ppo.rollout_batch_size:
         raise ConfigError(
             "ppo.total_episodes", f"{config.ppo.total_episodes} < one rollout batch ({config.ppo.rollout_batch_size})"

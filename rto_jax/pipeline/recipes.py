@@ -10,7 +10,9 @@ Its coefficients are the config's `ppo.reward_args`, which start from the reward
 (`set_recipe`). Optionally:
 
     METHODS = (ppo, rto, ...)             # a recipe training several token rewards: config.ppo.per_method
-                                          # may give each its own lr and coefficients
+                                          # may give each its own lr and coefficients; an entry
+                                          # `method(rto, "rto_rloo", estimator="rloo", samples_per_prompt=4)`
+                                          # is a token reward trained with its own config.ppo values
     def validate(config): ...             # checks of the recipe's own config keys (ConfigError), run by
                                           # config.validate before any work
 
@@ -145,3 +147,18 @@ def set_recipe(config, ref: str, *, name: str | None = None) -> None:
         config.recipe = str(ref)
         config.name = name
         config.ppo.reward_args = config_dict.ConfigDict(reward_args(fn))
+
+
+def method(fn, name: str, **ppo_settings):
+    """Token reward `fn` as a method of its own `name` that trains with `ppo_settings` (config.ppo
+    keys, e.g. estimator="rloo", samples_per_prompt=4): RTO's reward with a critic-free estimator as one
+    more row of a comparison. The same reward, coefficients and `uses`; config.validate checks the
+    settings (rto_jax.pipeline.config.method_ppo_settings) and each PPO run of the method applies them."""
+
+    @functools.wraps(fn)  # the signature (so its coefficients) and `uses` are fn's
+    def renamed(logps, score, mask, **coefficients):
+        return fn(logps, score, mask, **coefficients)
+
+    renamed.__name__ = renamed.__qualname__ = name
+    renamed.ppo_settings = dict(ppo_settings)
+    return renamed
