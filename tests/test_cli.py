@@ -125,6 +125,20 @@ def test_a_coefficient_set_in_a_config_file_that_the_reward_does_not_take_is_one
     assert "set_recipe" in line
 
 
+def test_a_value_of_the_wrong_type_in_a_config_file_is_one_line(tmp_path):
+    bad = tmp_path / "half_groups.py"
+    bad.write_text(
+        "from configs import rto_rloo_tldr\n\n\n"
+        "def get_config(preset='tiny'):\n"
+        "    c = rto_rloo_tldr.get_config(preset)\n"
+        "    c.ppo.samples_per_prompt = 2.5  # an int field\n"
+        "    return c\n"
+    )
+    done = _run(f"--config={bad}", f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
+    _one_line_error(done, f"{bad}:6", "c.ppo.samples_per_prompt = 2.5", "float")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.needs_shared_data
 def test_a_malformed_column_map_is_one_line(tmp_path):
     done = _run(TINY, f"--workdir={tmp_path / 'run'}", "--config.data.sft.column_map=foo")

@@ -76,8 +76,8 @@ def override_keys(argv: Sequence[str]) -> list[str]:
 
 def _config_file_error(path: str, e: Exception) -> UserError | None:
     """A locked-config mistake in a config file (a key ml_collections refuses, such as a coefficient
-    the recipe's reward does not take) as one line naming the file, line and statement; None for
-    anything else (a bug keeps its traceback)."""
+    the recipe's reward does not take, or a value of another type than the key's) as one line naming
+    the file, line and statement; None for anything else (a bug keeps its traceback)."""
     frames = traceback.extract_tb(e.__traceback__)
     if not frames or "ml_collections" not in frames[-1].filename:
         return None
@@ -119,7 +119,7 @@ def load_config_arg(value: str):
         return config_from_file(path, preset or None)
     except UserError:
         raise
-    except (AttributeError, KeyError) as e:
+    except (AttributeError, KeyError, TypeError) as e:  # TypeError: a value of another type than the key's
         error = _config_file_error(path, e)
         if error is None:
             raise
