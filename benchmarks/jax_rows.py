@@ -10,6 +10,7 @@ from flax import nnx
 from benchmarks.timing import measure
 from benchmarks.workloads import FIRST_TOKEN, SHAPES
 from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, default_positions, with_adapters
+from rto_jax.objectives.advantages import needs_critic
 from rto_jax.objectives.token_rewards import bind, ppo, rto
 from rto_jax.sampling import SamplingConfig, generate_jit
 from rto_jax.train import (
@@ -126,6 +127,7 @@ def train(row: dict, measure=measure) -> dict:
             values=jnp.asarray(rng.normal(size=(seqs, response)), jnp.float32),
             advantages=jnp.asarray(rng.normal(size=(seqs, response)), jnp.float32),
             returns=jnp.asarray(rng.normal(size=(seqs, response)), jnp.float32),
+            group_ids=jnp.arange(seqs, dtype=jnp.int32),  # one prompt per row (GAE's update does not read them)
         )
         step = update_fn
     else:
@@ -144,12 +146,22 @@ def train(row: dict, measure=measure) -> dict:
 BENCH_ADAPTERS = LoraConfig(rank=16, alpha=32.0)
 
 
-def _ppo_setup(cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: bool = True, adapters=None):
+def _ppo_setup(
+    cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: bool = True, adapters=None, ppo_config=None
+):
     """PPO state (policy, critic, reward model, reference; DPO policy when beta_dpo != 0) and jitted fns.
-    adapters: PPO on one shared base instead (policy, critic, reward model and DPO policy as adapters)."""
+    adapters: PPO on one shared base instead (policy, critic, reward model and DPO policy as adapters).
+    ppo_config: PPOConfig fields a row sets (e.g. {"estimator": "rloo", "samples_per_prompt": 4}); under a
+    critic-free estimator the state holds no critic, so neither its weights nor its optimizer state exist."""
+    # EOS = vocab_size: an id the model can never emit, so every rollout runs all `response` tokens.
+    sampling = SamplingConfig(max_new_tokens=response, eos_id=cfg.vocab_size, pad_id=PAD, greedy=greedy)
+    token_reward = bind(rto, beta_dpo=beta_dpo) if beta_dpo else bind(ppo)
+    # The rows measure one epoch.
+    config = PPOConfig(sampling=sampling, token_reward=token_reward, ppo_epochs=1, **(ppo_config or {}))
+    with_critic = needs_critic(config.estimator)
     if adapters is None:
         policy = CausalLM(cfg, nnx.Rngs(0))
-        critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(1))
+        critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(1)) if with_critic else None
         reward = ScalarHeadModel(cfg, nnx.Rngs(2))
         frozen = {"ref": nnx.split(policy)[1]}
         if beta_dpo:
@@ -159,15 +171,12 @@ def _ppo_setup(cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: b
         base = CausalLM(cfg, nnx.Rngs(0))
         reward = with_adapters(ScalarHeadModel(cfg, nnx.Rngs(2), decoder=base.decoder), adapters, nnx.Rngs(4))
         frozen = {"dpo": with_adapters(base, adapters, nnx.Rngs(3))} if beta_dpo else {}
+        critic = reward.with_affine_output(1.0, 0.0) if with_critic else None
         state = create_shared_base_ppo_state(
-            base, adapters, reward.with_affine_output(1.0, 0.0), _optimizer(), _optimizer(),
+            base, adapters, critic, _optimizer(), _optimizer(),
             frozen=frozen, reward_model=reward, rngs=nnx.Rngs(1),
         )  # fmt: skip
-    # EOS = vocab_size: an id the model can never emit, so every rollout runs all `response` tokens.
-    sampling = SamplingConfig(max_new_tokens=response, eos_id=cfg.vocab_size, pad_id=PAD, greedy=greedy)
-    token_reward = bind(rto, beta_dpo=beta_dpo) if beta_dpo else bind(ppo)
-    config = PPOConfig(sampling=sampling, token_reward=token_reward, ppo_epochs=1)  # the rows measured one epoch
-    return state, make_ppo_fns(config), sampling
+    return state, make_ppo_fns(config), config
 
 
 def _rollout_model(row: dict):
@@ -228,32 +237,39 @@ def _split_rollout(full: dict, one: dict, new: int, weights: str) -> dict:
 
 def ppo_split(row: dict, measure=measure) -> dict:
     """One RTO PPO iteration at rollout batch B, timed in pieces with the jitted functions PPO uses:
-    the sampler alone, `make_experience` (sampler + 5 scoring forwards + rewards + GAE), `ppo_update`.
+    the sampler alone, `make_experience` (sampler + the scoring forwards + rewards + advantages), `ppo_update`.
     Scoring = make_experience - sampler. Sampling is non-greedy (temperature 1), as in training.
-    impl "jax-lora": the same iteration on one shared base (`BENCH_ADAPTERS`)."""
+    impl "jax-lora": the same iteration on one shared base (`BENCH_ADAPTERS`). A row's `ppo_config` sets
+    PPOConfig fields: "jax-rloo" is the iteration with a critic-free estimator, B / n prompts answered n
+    times each (the same B responses, without the critic's forward, backward and optimizer state)."""
     cfg = _config(row)
     batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
     adapters = BENCH_ADAPTERS if row["impl"] == "jax-lora" else None
-    state, (experience_fn, update_fn, _), sampling = _ppo_setup(
-        cfg, new, beta_dpo=0.05, greedy=False, adapters=adapters
+    state, (experience_fn, update_fn, _), config = _ppo_setup(
+        cfg, new, beta_dpo=0.05, greedy=False, adapters=adapters, ppo_config=row.get("ppo_config")
     )
+    n = config.samples_per_prompt
+    if batch % n:
+        raise ValueError(f"{row['id']}: batch {batch} is not a multiple of samples_per_prompt {n}")
     policy_params = state.lm_params(state.policy.params)  # on a shared base: the adapters with the base
     rng = np.random.default_rng(0)
     prompts = {
-        "prompt_ids": _token_ids(rng, (batch, prompt), cfg.vocab_size),
-        "prompt_mask": jnp.ones((batch, prompt), jnp.int32),
+        "prompt_ids": _token_ids(rng, (batch // n, prompt), cfg.vocab_size),
+        "prompt_mask": jnp.ones((batch // n, prompt), jnp.int32),
     }
+    # The sampler alone runs on the rows make_experience samples: each prompt repeated n times, [B, P].
+    rollout_ids, rollout_mask = (jnp.repeat(prompts[k], n, axis=0) for k in ("prompt_ids", "prompt_mask"))
     key = jax.random.key(0)
     sampler = measure(
-        lambda: generate_jit(
-            state.policy.graphdef, policy_params, prompts["prompt_ids"], prompts["prompt_mask"], key, sampling
-        ),
+        lambda: generate_jit(state.policy.graphdef, policy_params, rollout_ids, rollout_mask, key, config.sampling),
         row["warmup"],
         row["reps"],
         _sync,
     )
     experience = measure(lambda: experience_fn(state, prompts, key), row["warmup"], row["reps"], _sync)
     exp, _ = experience_fn(state, prompts, key)
+    if exp.input_ids.shape[0] != batch:
+        raise RuntimeError(f"{row['id']}: make_experience returned {exp.input_ids.shape[0]} rows, expected {batch}")
     holder = {"state": state}
 
     def update():
@@ -272,6 +288,10 @@ def ppo_split(row: dict, measure=measure) -> dict:
         "split_s": {"rollout": rollout_s, "scoring": scoring_s, "update": update_s},
         "split_share": {"rollout": rollout_s / total, "scoring": scoring_s / total, "update": update_s / total},
         "make_experience_s": experience["median_s"],
+        # What ran (benchmarks.run counts the FLOPs from it): the estimator, and whether a critic was trained.
+        "estimator": config.estimator,
+        "samples_per_prompt": n,
+        "critic": state.critic is not None,
     }
 
 

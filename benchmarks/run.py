@@ -149,11 +149,14 @@ def _metrics(row: dict, result: dict, ceiling_gflops: float | None, bandwidth_gb
         shape = SHAPES[row["shape"]]
         batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
         length = prompt + new
+        # 1 with a critic, 0 under a critic-free estimator (results files from before the field: every row had one).
+        critics = int(result.get("critic", True))
         flops = {
             "rollout": prefill_flops(shape, batch, prompt) + decode_flops(shape, batch, prompt, new),
-            # reference and DPO policy log-probs (the policy's come from the sampler); critic values, reward score.
-            "scoring": 2 * forward_flops(shape, batch, length, new) + 2 * forward_flops(shape, batch, length, 0, False),
-            "update": train_flops(shape, batch, length, new) + train_flops(shape, batch, length, 0, False),
+            # reference and DPO policy log-probs (the policy's come from the sampler); reward score, critic values.
+            "scoring": 2 * forward_flops(shape, batch, length, new)
+            + (1 + critics) * forward_flops(shape, batch, length, 0, False),
+            "update": train_flops(shape, batch, length, new) + critics * train_flops(shape, batch, length, 0, False),
         }
         if row["impl"] == "jax-lora":  # frozen base: no weight gradients, so the backward is one forward, not two
             flops["update"] *= 2 / 3  # (rank-16 adapters add ~4% to the 135M projections' FLOPs: left out)

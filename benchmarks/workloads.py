@@ -7,9 +7,12 @@ A row is a plain dict (it travels as JSON to a worker process):
               tunix rows run in tunix's own environment, .venv-tunix)
     kind      "ceiling" | "train" | "rollout" | "ppo_split"
     task      train: "sft" | "rm" | "dpo" | "ppo" | "trl_dpo"; otherwise the kind
-    impl      "jax-loop" | "jax-scan" | "torch" | "torch-compile" | "hf-generate" | "trl" | "tunix"
+    impl      "jax-loop" | "jax-scan" | "jax-lora" | "jax-rloo" | "torch" | "torch-compile" | "hf-generate" | "trl"
+              | "tunix"
     shape     key of SHAPES; batch, seq (prompt + response), prompt (P); rollout: new_tokens (R)
     warmup, reps
+    ppo_config  ppo_split rows of ours only, when set: PPOConfig fields (the critic-free "jax-rloo" row's estimator
+              and samples_per_prompt)
 A training row's batch counts sequences: a preference row of batch 4 is 2 chosen/rejected pairs,
 so every training row at "4x256" pushes the same 1024 tokens through the policy.
 """
@@ -138,7 +141,7 @@ def _backend(impl: str) -> str:
 
 def _layout(impl: str) -> str | None:
     """Our layer layout of a jax impl ("loop" or "scan"); None for a peer."""
-    return {"jax-loop": "loop", "jax-scan": "scan", "jax-lora": "loop"}.get(impl)
+    return {"jax-loop": "loop", "jax-scan": "scan", "jax-lora": "loop", "jax-rloo": "loop"}.get(impl)
 
 
 def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prompt=None):
@@ -192,8 +195,14 @@ def _ceiling(impl, sizes, reps):
     }
 
 
-def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps):
-    return {
+def critic_free(samples_per_prompt: int) -> dict:
+    """The PPOConfig fields of a "jax-rloo" row: RLOO's leave-one-out baseline over `samples_per_prompt`
+    responses to each prompt instead of a critic (the rollout batch holds batch / samples_per_prompt prompts)."""
+    return {"estimator": "rloo", "samples_per_prompt": samples_per_prompt}
+
+
+def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps, ppo_config=None):
+    row = {
         "id": f"ppo/iteration/{shape}/b{batch}/{impl}",
         "group": "ppo",
         "backend": _backend(impl),
@@ -209,11 +218,14 @@ def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps):
         "warmup": 1,
         "reps": reps,
     }
+    if ppo_config is not None:
+        row["ppo_config"] = dict(ppo_config)
+    return row
 
 
 def full_rows() -> list[dict]:
     """The real benchmark: about 55 minutes on a quiet 2-core machine (50 min measured on 2026-12-03 for the
-    56 rows then, plus ~4 for the shared-base PPO iteration row). `--only` runs a subset.
+    56 rows then, plus ~4 each for the shared-base and the critic-free PPO iteration rows). `--only` runs a subset.
     """
     big, tiny = "smollm2-135m", "tiny"
     rows = [_ceiling("jax", (2048, 4096), reps=5), _ceiling("torch", (2048, 4096), reps=5)]
@@ -235,11 +247,14 @@ def full_rows() -> list[dict]:
     for batch in (1, 8, 32):
         rows += [_rollout(tiny, batch, impl, prompt=64, new_tokens=128, reps=5) for impl in ("jax-loop", "hf-generate")]
     # One RTO PPO iteration at 135M, split into rollout / scoring / update; PyTorch eager and compiled;
-    # ours also on one shared base with adapters (issue 17: its peak RSS against the separate models').
+    # ours also on one shared base with adapters (issue 17: its peak RSS against the separate models'),
+    # and critic-free: RLOO over 2 prompts x 4 responses, the same 8 responses (its time and peak RSS
+    # against GAE's jax-loop row).
     rows += [
         _ppo_split(big, 8, impl, prompt=64, new_tokens=128, reps=3)
         for impl in ("jax-loop", "jax-lora", "torch", "torch-compile", "tunix")
     ]
+    rows.append(_ppo_split(big, 8, "jax-rloo", prompt=64, new_tokens=128, reps=3, ppo_config=critic_free(4)))
     # Scaling (tiny shape, SFT): sequence length at batch 8, batch size at length 512.
     for seq in (256, 512, 1024):
         rows += [_train("sft", tiny, 8, seq, impl, group="scaling", reps=3) for impl in ("jax-loop", "torch")]
@@ -261,6 +276,8 @@ def smoke_rows() -> list[dict]:
     rows += [
         _ppo_split(s, 2, impl, prompt=8, new_tokens=8, reps=1) for impl in ("jax-loop", "jax-lora", "torch", "tunix")
     ]
+    # Critic-free at the smoke batch of 2: one prompt answered twice (RLOO needs n > 1).
+    rows.append(_ppo_split(s, 2, "jax-rloo", prompt=8, new_tokens=8, reps=1, ppo_config=critic_free(2)))
     rows += [_train("sft", s, 2, 64, impl, group="scaling", reps=1) for impl in ("jax-loop", "torch")]
     return rows
 
@@ -270,6 +287,8 @@ def peer_of(row: dict, rows_by_id: dict) -> list[dict]:
     if row["backend"] != "jax" or row["kind"] not in ("train", "rollout", "ppo_split"):
         return []
     if row["impl"] == "jax-lora":  # adapters on one base: not the peers' full fine-tune (docs/results/lora.md#memory-of-the-rto-iteration-at-the-smollm2-135m-shape sets it beside ours)
+        return []
+    if row.get("ppo_config"):  # another estimator (no critic): the peers run GAE's; jax-loop's row is its pair
         return []
     peers = []
     base = row["id"].rsplit("/", 1)[0]

@@ -51,13 +51,19 @@ def test_smoke_run_writes_json(tmp_path):
     if rollout["decode_tokens_per_s"]:
         assert rollout["bandwidth_fraction"] > 0
     ppo = {row["impl"]: row for row in rows.values() if row["group"] == "ppo"}
-    assert set(ppo) == {"jax-loop", "jax-lora", "torch", "tunix"}
-    for impl in ("jax-loop", "jax-lora", "torch"):  # tunix's iteration is timed whole (when its environment exists)
+    assert set(ppo) == {"jax-loop", "jax-lora", "jax-rloo", "torch", "tunix"}
+    for impl in ("jax-loop", "jax-lora", "jax-rloo", "torch"):  # tunix's iteration is timed whole (when it exists)
         split = ppo[impl]["split_s"]
         assert set(split) == {"rollout", "scoring", "update"} and all(t >= 0 for t in split.values())
     assert "torch" in ppo["jax-loop"]["ratios"]  # the PyTorch iteration is our iteration's peer
     assert not ppo["jax-lora"].get("ratios")  # an adapter run has no full-fine-tune peer
     assert ppo["jax-lora"]["peak_rss_mb"] > 0
+    # The critic-free row ran RLOO without a critic on one prompt answered twice, and has no peer (they run GAE).
+    # Its peak RSS is not compared here: the smoke rows share one process, so theirs is cumulative.
+    rloo = ppo["jax-rloo"]
+    assert (rloo["estimator"], rloo["samples_per_prompt"], rloo["critic"]) == ("rloo", 2, False)
+    assert (ppo["jax-loop"]["estimator"], ppo["jax-loop"]["critic"]) == ("gae", True)
+    assert not rloo.get("ratios") and rloo["peak_rss_mb"] > 0 and rloo["tokens_per_s"] > 0
     assert "| row" in proc.stdout and "PPO iteration" in proc.stdout
 
 
@@ -100,6 +106,51 @@ def test_decode_bytes_count_every_weight_and_the_mean_kv_cache():
     # smoke shape: blocks 2 x (64*16*(2*4 + 2*2) + 3*64*128) = 73,728 weights, tied head 256*64 = 16,384;
     # K and V: 2 layers x 2 kv heads x 16 dims x 2 = 128 values per token, mean context 8 + 9/2 = 12.5 tokens.
     assert decode_bytes(SHAPES["smoke"], batch=2, prompt=8, new_tokens=8) == 4 * (73_728 + 16_384 + 2 * 128 * 12.5)
+
+
+def test_critic_free_iteration_counts_no_critic_flops():
+    """The smoke shape's FLOPs written out from the equations (forward: 2 per matmul weight per token, the
+    LM head on the 8 response positions, 4 L H hd T^2 attention; training 3x forward)."""
+    from benchmarks.run import _metrics
+    from benchmarks.workloads import _ppo_split, critic_free
+
+    # blocks 73,728 weights, tied head 256 x 64 = 16,384; batch 2, length 8 + 8, attention 4 x 2 x 4 x 16 x 16^2.
+    body = 2 * (2 * 73_728 * 16 + 4 * 2 * 4 * 16 * 16**2)
+    lm_forward = body + 2 * 2 * 16_384 * 8  # reference / DPO policy (and the policy in the update)
+    scalar_forward = body  # reward model, critic: no LM head
+    one_second = {"rollout": 1.0, "scoring": 1.0, "update": 1.0}
+    result = {"status": "ok", "median_s": 3.0, "split_s": one_second}
+    flops = lambda row, res: {k: mfu * 1e9 for k, mfu in _metrics(row, res, ceiling_gflops=1.0)["split_mfu"].items()}
+
+    gae = flops(_ppo_split("smoke", 2, "jax-loop", prompt=8, new_tokens=8, reps=1), {**result, "critic": True})
+    rloo_row = _ppo_split("smoke", 2, "jax-rloo", prompt=8, new_tokens=8, reps=1, ppo_config=critic_free(2))
+    rloo = flops(rloo_row, {**result, "critic": False})
+    assert gae["scoring"] == pytest.approx(2 * lm_forward + 2 * scalar_forward)
+    assert gae["update"] == pytest.approx(3 * (lm_forward + scalar_forward))
+    assert rloo["scoring"] == pytest.approx(2 * lm_forward + scalar_forward)  # no critic values
+    assert rloo["update"] == pytest.approx(3 * lm_forward)  # no critic trained
+    assert rloo["rollout"] == pytest.approx(gae["rollout"])  # the same 2 responses sampled
+    # A results file written before rows reported "critic": its iterations all trained one.
+    assert flops(_ppo_split("smoke", 2, "jax-loop", prompt=8, new_tokens=8, reps=1), result) == gae
+
+
+def test_critic_free_ppo_state_drops_the_critic_and_its_optimizer_state():
+    """The memory a critic-free row saves, counted exactly: the GAE state's critic (weights, Adam's two
+    moments) is all that the RLOO state lacks."""
+    import jax
+
+    from benchmarks.jax_rows import _config, _ppo_setup
+    from benchmarks.workloads import critic_free
+
+    cfg = _config({"shape": "smoke"})
+    nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+    gae, _, gae_config = _ppo_setup(cfg, 8, beta_dpo=0.05)
+    rloo, _, rloo_config = _ppo_setup(cfg, 8, beta_dpo=0.05, ppo_config=critic_free(4))
+    assert (gae_config.estimator, gae.critic is None) == ("gae", False)
+    assert (rloo_config.estimator, rloo_config.samples_per_prompt, rloo.critic) == ("rloo", 4, None)
+    critic_weights = nbytes(gae.critic.params)
+    assert nbytes(gae.critic) >= 3 * critic_weights  # weights + Adam's first and second moments
+    assert nbytes(gae) - nbytes(rloo) == nbytes(gae.critic)
 
 
 def _tunix_python():
