@@ -280,13 +280,15 @@ def ppo_split(row: dict, measure=measure) -> dict:
     rollout_s = sampler["median_s"]
     scoring_s = max(experience["median_s"] - rollout_s, 0.0)
     update_s = upd["median_s"]
-    total = rollout_s + scoring_s + update_s
+    split = {"rollout": rollout_s, "scoring": scoring_s, "update": update_s}
+    total = sum(split.values())
     return {
         "median_s": total,
         "times_s": [],
         "first_s": sampler["first_s"] + experience["first_s"] + upd["first_s"],
-        "split_s": {"rollout": rollout_s, "scoring": scoring_s, "update": update_s},
-        "split_share": {"rollout": rollout_s / total, "scoring": scoring_s / total, "update": update_s / total},
+        "split_s": split,
+        # benchmarks.profile's `measure` only captures the calls and reports 0 s: no shares then.
+        "split_share": {part: seconds / total if total > 0 else 0.0 for part, seconds in split.items()},
         "make_experience_s": experience["median_s"],
         # What ran (benchmarks.run counts the FLOPs from it): the estimator, and whether a critic was trained.
         "estimator": config.estimator,

@@ -153,6 +153,24 @@ def test_critic_free_ppo_state_drops_the_critic_and_its_optimizer_state():
     assert nbytes(gae) - nbytes(rloo) == nbytes(gae.critic)
 
 
+def test_ppo_split_rows_hand_their_calls_to_the_profiler():
+    """benchmarks.profile passes a `measure` that only captures the timed calls (and reports 0 s)."""
+    from benchmarks.jax_rows import ppo_split
+    from benchmarks.workloads import smoke_rows
+
+    row = next(r for r in smoke_rows() if r["impl"] == "jax-rloo")
+    captured = []
+
+    def capture(fn, warmup, reps, sync):
+        captured.append(fn)
+        return {"median_s": 0.0, "times_s": [], "first_s": 0.0}
+
+    result = ppo_split(row, measure=capture)
+    assert len(captured) == 3  # sampler, make_experience, update
+    assert result["split_share"] == {"rollout": 0.0, "scoring": 0.0, "update": 0.0}
+    assert result["critic"] is False
+
+
 def _tunix_python():
     from benchmarks.run import TUNIX_PYTHON
 
