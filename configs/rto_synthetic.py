@@ -31,6 +31,8 @@ PRESETS = ("demo", "full", "smoke", "tune", "tune_methods", "tuned", "study", "s
 
 # Each method's best point of `tune_methods` (seed 1000), frozen for the `tuned` preset.
 TUNED = "ppo:beta_kl=0.05,lr=0.0003;rto:beta_dpo=0.05,dpo_clip=0.2,beta_kl=0.05"
+# The critic-free rows' best points of tune_methods (seed 1000, 2026-12-06), the same 8-run budget.
+TUNED_CRITIC_FREE = "rloo:beta_kl=0.05,lr=0.0003;rto_rloo:beta_dpo=0.05,dpo_clip=0.05,beta_kl=0.05"
 
 
 def _toy_sizes(c) -> None:
@@ -104,7 +106,7 @@ def get_config(preset: str = "demo"):
         )
     elif preset == "tuned":
         c.seeds = "1,2,3"  # never used for tuning
-        c.ppo.per_method = TUNED  # frozen from tune_methods (docs/results/synthetic.md#fair-tuning)
+        c.ppo.per_method = TUNED + ";" + TUNED_CRITIC_FREE  # frozen from tune_methods (docs/results/synthetic.md#fair-tuning)
     elif preset in ("study", "study_smoke"):
         set_recipe(c, "experiments/synthetic_study.py")
         c.seeds = "1,2,3,4,5"  # >= 5 evaluation seeds per cell; never the tuning seed
