@@ -31,8 +31,12 @@ PRESETS = ("demo", "full", "smoke", "tune", "tune_methods", "tuned", "study", "s
 
 # Each method's best point of `tune_methods` (seed 1000), frozen for the `tuned` preset.
 TUNED = "ppo:beta_kl=0.05,lr=0.0003;rto:beta_dpo=0.05,dpo_clip=0.2,beta_kl=0.05"
-# The critic-free rows' best points of tune_methods (seed 1000, 2026-12-06), the same 8-run budget.
-TUNED_CRITIC_FREE = "rloo:beta_kl=0.05,lr=0.0003;rto_rloo:beta_dpo=0.05,dpo_clip=0.05,beta_kl=0.05"
+# The critic-free rows' best points of tune_methods (seed 1000, 2026-12-06), the same 8-run budget;
+# rto_online_prm's 8 runs over beta_dpo x prm_lr at rto_rloo's dpo_clip and beta_kl, "group" labels.
+TUNED_CRITIC_FREE = (
+    "rloo:beta_kl=0.05,lr=0.0003;rto_rloo:beta_dpo=0.05,dpo_clip=0.05,beta_kl=0.05;"
+    "rto_online_prm:beta_dpo=0.2,prm_lr=3e-05,dpo_clip=0.05,beta_kl=0.05"
+)
 
 
 def _toy_sizes(c) -> None:
@@ -82,6 +86,7 @@ def get_config(preset: str = "demo"):
     c.ppo.ppo_epochs, c.ppo.num_minibatches = 2, 2  # 4 updates per batch: enough for a 2-layer policy
     c.ppo.temperature = 1.0  # the source's own distribution: rollouts, pairs and evaluation at T = 1
     c.ppo.reward_args.beta_kl = 0.2  # tuned on seed 1000 for PPO: 0.01, 0.05, 0.2
+    c.ppo.prm_beta = c.dpo.beta  # an online implicit PRM (rto_online_prm) learns on the scale DPO trained it at
     c.ppo.eval_every = 25  # the gold-reward curve (sample efficiency): 4 points per method
     c.evaluate.num_prompts, c.evaluate.batch_size = 512, 256  # one sample per held-out prompt
     c.evaluate.temperature = 1.0  # as the rollouts
@@ -99,10 +104,12 @@ def get_config(preset: str = "demo"):
         c.ppo.reward_args.beta_kl = 0.2  # the shared value stays where the grid does not set it
         c.tune = config_dict.ConfigDict()
         # 8 runs each: PPO over its KL coefficient and learning rate; RTO over its three coefficients;
-        # the critic-free RLOO rows over the same points as the reward they use (PPO's, RTO's).
+        # the critic-free RLOO rows over the same points as the reward they use (PPO's, RTO's); the
+        # online PRM over beta_dpo x its learning rate at rto_rloo's chosen dpo_clip and beta_kl.
         c.tune.grid = (
             "ppo: beta_kl=0.02|0.05|0.1|0.2, lr=1e-4|3e-4; rto: beta_dpo=0.05|0.2, dpo_clip=0.05|0.2, beta_kl=0.05|0.2; "
-            "rloo: beta_kl=0.02|0.05|0.1|0.2, lr=1e-4|3e-4; rto_rloo: beta_dpo=0.05|0.2, dpo_clip=0.05|0.2, beta_kl=0.05|0.2"
+            "rloo: beta_kl=0.02|0.05|0.1|0.2, lr=1e-4|3e-4; rto_rloo: beta_dpo=0.05|0.2, dpo_clip=0.05|0.2, beta_kl=0.05|0.2; "
+            "rto_online_prm: beta_dpo=0.05|0.2, prm_lr=3e-5|1e-4|3e-4|1e-3, dpo_clip=0.05, beta_kl=0.05"
         )
     elif preset == "tuned":
         c.seeds = "1,2,3"  # never used for tuning

@@ -20,7 +20,8 @@ def run(pipeline: Pipeline, token_reward=TOKEN_REWARD) -> dict:
     dpo = pipeline.stage("dpo", stages.run_dpo, sft_path=model_path(sft))
     # The frozen models offered to the reward; the PPO stage loads only those it reads (token_reward.uses).
     models = {"ref": model_path(sft), "dpo": model_path(dpo)}
-    policy = pipeline.stage("ppo", stages.run_ppo, token_reward=token_reward, models=models, reward=reward_model)
+    # A method's own PPO settings (recipes.method: an estimator, an online PRM) apply to this run.
+    policy, _ = pipeline.ppo("ppo", token_reward, models=models, reward=reward_model)
     policies = {"sft": sft, "dpo": dpo, token_reward.__name__: policy}
     evaluation = pipeline.stage(
         "evaluate",

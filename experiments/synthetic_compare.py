@@ -1,6 +1,7 @@
-"""The synthetic comparison (`make demo`): SFT, DPO, PPO, RTO, RTO's two ablations and the critic-free
-RLOO with PPO's and with RTO's reward, all from one SFT policy, reward model and DPO policy, judged
-by the synthetic task's hidden gold reward.
+"""The synthetic comparison (`make demo`): SFT, DPO, PPO, RTO, RTO's two ablations, the critic-free
+RLOO with PPO's and with RTO's reward, and RTO-RLOO with an online implicit PRM (the DPO policy
+trained during PPO, experiments/rto_online_prm.py), all from one SFT policy, reward model and DPO
+policy, judged by the synthetic task's hidden gold reward.
 
 Every PPO-family method is the same PPO stage given another token reward, with the same prompts,
 episodes and shared hyperparameters; `config.ppo.reward_args` are shared and each reward takes the
@@ -12,6 +13,7 @@ seeds (`--config.seeds=0,1,2`) `aggregate` writes the same across seeds (mean ±
 
 from pathlib import Path
 
+from experiments.rto_online_prm import TOKEN_REWARD as rto_online_prm
 from rto_jax.distributed import is_main_process
 from rto_jax.eval import plots, report
 from rto_jax.objectives.token_rewards import bind, ppo, rto, rto_no_rm, rto_sequence_end
@@ -25,7 +27,9 @@ from rto_jax.pipeline.tasks import with_preferences
 # PPO's and RTO's rewards without a critic: RLOO over 4 responses per prompt (the same episodes).
 rloo = method(ppo, "rloo", estimator="rloo", samples_per_prompt=4)
 rto_rloo = method(rto, "rto_rloo", estimator="rloo", samples_per_prompt=4)
-METHODS = (ppo, rto, rto_sequence_end, rto_no_rm, rloo, rto_rloo)
+# RTO-RLOO whose DPO policy keeps training during PPO (PRIME's online implicit PRM): against rto_rloo,
+# what following the policy's distribution does to the dense reward.
+METHODS = (ppo, rto, rto_sequence_end, rto_no_rm, rloo, rto_rloo, rto_online_prm)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold (RTO takes all of them)
 
 

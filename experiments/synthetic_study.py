@@ -303,12 +303,16 @@ def _design_hash(config) -> str:
     for (section, key), value in ADDED_AT_EARLIER_BEHAVIOUR.items():
         if keep.get(section, {}).get(key, value) == value:
             keep[section].pop(key, None)
+    if "online_prm" not in keep.get("ppo", {}):  # no PRM trains: its knobs decide nothing
+        for key in ONLINE_PRM_KNOBS:
+            keep["ppo"].pop(key, None)
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Config keys added after summaries were committed, at the values that reproduce the committed runs:
 # left out of the fingerprint at those values, so a new switch does not void the finished cells.
-ADDED_AT_EARLIER_BEHAVIOUR = {("ppo", "estimator"): "gae", ("ppo", "samples_per_prompt"): 1}
+ADDED_AT_EARLIER_BEHAVIOUR = {("ppo", "estimator"): "gae", ("ppo", "samples_per_prompt"): 1, ("ppo", "online_prm"): ""}
+ONLINE_PRM_KNOBS = ("prm_beta", "prm_labels", "prm_update", "prm_lr")
 
 
 def _cell_names(d: Design, horizon: int) -> list[str]:

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"ppo": {"kl", "score"}, "rto": {"dpo", "kl", "score"}, "rto_sequence_end": {"dpo", "kl", "score"}}
 METHODS["rto_no_rm"] = {"dpo", "kl"}
 METHODS.update(rloo={"kl", "score"}, rto_rloo={"dpo", "kl", "score"})  # the critic-free rows: RLOO, n = 4
-CRITIC_FREE = ("rloo", "rto_rloo")
+METHODS["rto_online_prm"] = {"dpo", "kl", "score"}  # RTO-RLOO with the DPO policy trained during PPO
+CRITIC_FREE = ("rloo", "rto_rloo", "rto_online_prm")
 
 
 def _config(preset):
@@ -87,6 +88,13 @@ def test_each_method_trains_with_its_own_token_reward(smoke):
     assert (workdir / "ppo_rto" / "critic").exists()
     # RTO's reward with RLOO is RTO's reward: the same DPO-term scale in its first rollout.
     assert first["rto_rloo"]["reward/dpo"] == pytest.approx(first["rto"]["reward/dpo"], rel=0.5)
+    # Only the online-PRM row trains its DPO policy (and exports it); rto_rloo's stays the DPO stage's.
+    for method in METHODS:
+        assert all(("prm/loss" in r) == (method == "rto_online_prm") for r in parts[f"ppo_{method}"]), method
+        assert (workdir / f"ppo_{method}" / "prm").exists() == (method == "rto_online_prm"), method
+    # Same prompts, keys and PRM before its first update: with prm_update "before" its first DPO term
+    # differs from rto_rloo's only by that one update.
+    assert first["rto_online_prm"]["response_length"] == pytest.approx(first["rto_rloo"]["response_length"])
     # ppo.per_method: rto_no_rm's beta_dpo 0.1 against rto's shared 0.05, both unclipped.
     assert first["rto_no_rm"]["reward/dpo"] == pytest.approx(2 * first["rto"]["reward/dpo"], rel=1e-4)
 
@@ -184,7 +192,7 @@ def test_tuning_runs_every_point_and_freezes_each_methods_best(tuning):
     "grid,message",
     [
         ("ppo: lr=1e-4|3e-4; rto: beta_dpo=0.05", "every method needs the same number of runs"),
-        ("ppo: beta_dpo=0.1", "ppo: 'beta_dpo' is not one of lr, critic_lr, beta_kl, beta_rm"),
+        ("ppo: beta_dpo=0.1", "ppo: 'beta_dpo' is not one of lr, critic_lr, prm_lr, beta_kl, beta_rm"),
         ("sft: lr=1e-4", "no method 'sft'"),
         ("ppo: lr=fast", "expected 'key=number|number...'"),
     ],

@@ -20,7 +20,7 @@ from rto_jax.errors import ConfigError
 from rto_jax.models.lora import PROJECTIONS, LoraConfig, parse_targets
 from rto_jax.objectives.advantages import ESTIMATORS, GROUP_ESTIMATORS
 from rto_jax.objectives.masked import LOSS_AVERAGES
-from rto_jax.objectives.token_rewards import bind, frozen_models, reward_args, rto
+from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model, reward_args, rto
 from rto_jax.train.ppo import PPOConfig
 from rto_jax.train.state import OptimizerConfig
 from rto_jax.train.steps import DPOLoss
@@ -198,6 +198,14 @@ def base_config() -> config_dict.ConfigDict:
     c.ppo.vocab_chunk = ppo["vocab_chunk"]  # LM head over vocab slices of this size (no [B, R, V] logits); 0 = whole
     c.ppo.stack_frozen = ppo["stack_frozen"]  # score the frozen LMs in one pass vmapped over stacked parameters
     c.ppo.recompute_policy_logprobs = ppo["recompute_policy_logprobs"]  # False: the sampler's log-probs are pi_old's
+    # Online implicit PRM (PRIME; rto_jax/objectives/implicit_prm.py): the model of this name the token
+    # reward reads (e.g. "dpo") keeps training during PPO on each rollout, by the cross-entropy of its
+    # implicit reward against outcome labels from the reward model's score.
+    c.ppo.online_prm = ppo["online_prm"]  # the reward's model trained online as the PRM, e.g. "dpo"; '' = all frozen
+    c.ppo.prm_beta = ppo["prm_beta"]  # the implicit reward's scale in the PRM's loss
+    c.ppo.prm_labels = ppo["prm_labels"]  # labels from the normalized score s: "soft" sigmoid(s), "binary" [s > 0], "group" vs the prompt's mean
+    c.ppo.prm_update = ppo["prm_update"]  # "before": train the PRM, then score the rollout with it; "after": the reverse
+    c.ppo.prm_lr = config_dict.placeholder(float)  # the online PRM's learning rate; None = ppo.lr
     c.ppo.eval_every = 0  # > 0: gold reward on the held-out prompts every this many iterations (gold tasks)
     c.ppo.critic_lr = config_dict.placeholder(float)  # critic learning rate; None = ppo.lr
     # Recipes that train several token rewards (experiments/synthetic_compare.py): each method's own
@@ -288,7 +296,7 @@ def parse_policies(value: str) -> dict[str, str]:
     return out
 
 
-PER_METHOD_PPO_KEYS = ("lr", "critic_lr")  # config.ppo keys a method may set for itself
+PER_METHOD_PPO_KEYS = ("lr", "critic_lr", "prm_lr")  # config.ppo keys a method may set for itself
 
 
 def parse_method_values(value: str, *, several: bool = False) -> dict[str, dict]:
@@ -355,6 +363,44 @@ def check_estimator(estimator, samples_per_prompt, rollout_batch_size: int, wher
         )
 
 
+ONLINE_PRM_KEYS = ("online_prm", "prm_beta", "prm_labels", "prm_update", "prm_lr")
+
+
+def check_online_prm(fn, values: dict, lora_rank: int, where: str = "") -> None:
+    """ConfigError naming the `ppo.*` key unless `values` (ONLINE_PRM_KEYS) make an online implicit PRM of
+    token reward `fn` possible: a language model it reads other than pi_ref, which it reads too, labels
+    from the reward model's score it reads, and full models (not adapters on a shared base)."""
+    from rto_jax.objectives.implicit_prm import LABELS
+
+    name = values["online_prm"]
+    if not name:
+        return
+    models = frozen_models(fn)
+    if name == "ref" or name not in models:
+        readable = [m for m in models if m != "ref"]
+        raise ConfigError(
+            "ppo.online_prm",
+            f"{where}token reward {fn.__name__!r} reads {readable or 'no model but pi_ref'}: the online PRM must be "
+            f"one of them, got {name!r}",
+        )
+    if "ref" not in models or not needs_reward_model(fn):
+        raise ConfigError(
+            "ppo.online_prm",
+            f"{where}token reward {fn.__name__!r} must read pi_ref ('ref', the implicit reward's reference) and the "
+            "reward model (the outcome labels)",
+        )
+    if lora_rank > 0:
+        raise ConfigError("ppo.online_prm", f"{where}needs full models: set ppo.lora.rank=0 (adapters on a shared base are not supported)")
+    if values["prm_labels"] not in LABELS:
+        raise ConfigError("ppo.prm_labels", f"{where}must be one of {', '.join(LABELS)}, got {values['prm_labels']!r}")
+    if values["prm_update"] not in ("before", "after"):
+        raise ConfigError("ppo.prm_update", f"{where}must be 'before' or 'after', got {values['prm_update']!r}")
+    for key in ("prm_beta", "prm_lr"):
+        value = values[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"ppo.{key}", f"{where}must be > 0, got {value!r}")
+
+
 def method_ppo_settings(config, fn) -> dict:
     """The config.ppo values a recipe's method trains with (`recipes.method`), checked: {} for a plain token reward."""
     settings = dict(getattr(fn, "ppo_settings", {}))
@@ -362,7 +408,10 @@ def method_ppo_settings(config, fn) -> dict:
     if unknown:
         raise ConfigError("recipe", f"{config.recipe}: method {fn.__name__!r} sets {unknown}, which config.ppo has not")
     merged = {k: settings.get(k, config.ppo[k]) for k in ("estimator", "samples_per_prompt", "rollout_batch_size")}
-    check_estimator(*merged.values(), where=f"method {fn.__name__!r} of {config.recipe}: ")
+    where = f"method {fn.__name__!r} of {config.recipe}: " if settings else ""
+    check_estimator(*merged.values(), where=where)
+    online = {k: settings.get(k, config.ppo[k]) for k in ONLINE_PRM_KEYS}
+    check_online_prm(fn, online, config.ppo.lora.rank, where=f"token reward {fn.__name__!r} of {config.recipe}: ")
     return settings
 
 
@@ -528,7 +577,7 @@ def _check_recipe(config):
     if per_method and not hasattr(recipe, "METHODS"):
         raise ConfigError("ppo.per_method", f"{config.recipe} trains one token reward: set its values in ppo.*")
     check_method_args("ppo.per_method", {m.__name__: m for m in getattr(recipe, "METHODS", ())}, per_method)
-    for method in getattr(recipe, "METHODS", ()):
+    for method in getattr(recipe, "METHODS", ()) or (fn,):
         method_ppo_settings(config, method)
     if hasattr(recipe, "validate"):  # the recipe's own keys
         recipe.validate(config)

@@ -313,7 +313,7 @@ def _credit_of_samples(state, config, task, ppo: PPOConfig, rows: dict) -> dict:
         out = token_reward_parts(
             state.policy.graphdef,
             state.policy.params,
-            state.frozen["models"],
+            state.reward_lms(),
             reward_graphdef,
             state.frozen.get("reward"),
             *(batch[k] for k in SEQUENCE_KEYS),
@@ -397,6 +397,9 @@ def run_ppo(
         raise ValueError(f"token reward {name!r} reads the models {missing}, which the recipe does not give")
     txs = (common.optimizer(cfg, total), common.optimizer(cfg, total, learning_rate=cfg.critic_lr))
     with_critic = needs_critic(ppo.estimator)
+    online_prm = None  # PRIME: one of the reward's models trains during PPO (checked by config.validate)
+    if ppo.online_prm:
+        online_prm = (ppo.online_prm, common.optimizer(cfg, total, learning_rate=cfg.prm_lr))
     if common.lora_config(cfg) is not None:
         state = _shared_base_state(config, stage, token_reward, models, reward, txs, mesh)
     else:
@@ -420,12 +423,13 @@ def run_ppo(
             reward_model=reward_model,
             reward_mean=reward["reward_mean"],
             reward_std=reward["reward_std"],
+            online_prm=online_prm,
         )
     state, shardings = common.shard_state(state, mesh)
     _, _, iteration_fn = ppo_fns(ppo, shardings=shardings)
     per_step = cfg.rollout_batch_size // ppo.samples_per_prompt  # prompts; each answered samples_per_prompt times
     prompts = BatchIterator(task.prompts_train, per_step, seed=config.seed, **process_slice())
-    trained = ("policy", "critic") if with_critic else ("policy",)
+    trained = ("policy",) + (("critic",) if with_critic else ()) + (("prm",) if online_prm else ())
     policy_and_critic = Checkpointed(
         tree=lambda state: {name: getattr(state, name) for name in trained},
         restore=lambda state, tree: state.replace(**{name: tree[name] for name in trained}),
@@ -450,6 +454,10 @@ def run_ppo(
         critic_base = models["ref"] if state.base is not None else reward["model_path"]
         critic = state.critic_model(state.critic.params)
         common.export_trained(critic, folder, task, base_model=critic_base, name="critic")
+    prm_path = {}
+    if online_prm:  # the implicit PRM as it ended: a language model like the DPO policy it started from
+        prm_model = nnx.merge(state.policy.graphdef, state.prm.params)
+        prm_path["prm_path"] = common.export_trained(prm_model, folder, task, base_model=models["ref"], name="prm")
     keys = ("score", "kl_to_ref", "response_length", "eos_rate", "loss")
     return {
         "model_path": path,
@@ -457,6 +465,7 @@ def run_ppo(
         "token_reward": name,
         "steps": total,
         "resumed_from": done.resumed_from,
+        **prm_path,
         **{k: values[k] for k in keys if k in values},
         # The final policy on the held-out prompts (gold tasks with ppo.eval_every > 0).
         **({"held_out": dict(done.last_eval)} if done.last_eval else {}),

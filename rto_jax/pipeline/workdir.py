@@ -181,7 +181,7 @@ def check_config(config, workdir: str | os.PathLike) -> dict:
 # workdir loads its own models.
 
 
-PATH_KEYS = ("model_path", "path")  # the summary fields of done.json that hold a file or folder
+PATH_KEYS = ("model_path", "path", "prm_path")  # the summary fields of done.json that hold a file or folder
 
 
 def relative_to(obj, workdir: Path, keys=PATH_KEYS):

@@ -9,7 +9,10 @@ from rto_jax.train.ppo import (
     create_shared_base_ppo_state,
     make_experience,
     make_ppo_fns,
+    online_prm_experience,
     ppo_update,
+    prm_update,
+    rollout,
 )
 from rto_jax.train.state import OptimizerConfig, TrainState, accumulate_gradients, make_optimizer
 from rto_jax.train.steps import (
@@ -30,7 +33,10 @@ __all__ = [
     "create_shared_base_ppo_state",
     "make_experience",
     "make_ppo_fns",
+    "online_prm_experience",
     "ppo_update",
+    "prm_update",
+    "rollout",
     "OptimizerConfig",
     "TrainState",
     "accumulate_gradients",

@@ -15,6 +15,12 @@ with the critic, or a critic-free estimator (GRPO, Dr. GRPO, RLOO, REINFORCE++),
 holds no critic (`PPOState.critic` is None) and the update has no value loss. With
 `samples_per_prompt` n > 1 each prompt is answered n times in one rollout; rows of one prompt share a
 group id, which the group estimators compare.
+
+`PPOConfig.online_prm` (PRIME, rto_jax/objectives/implicit_prm.py) names one of the models the token
+reward reads (e.g. "dpo") that keeps training during PPO as an implicit process reward model: on
+each rollout, by the cross-entropy of its implicit reward against outcome labels from the reward
+model's score. The state holds it as `PPOState.prm` (a TrainState) instead of among the frozen models;
+`online_prm_experience` trains it and scores the rollout with it (in the order `prm_update` says).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from flax import nnx, struct
 from rto_jax.models import LoraConfig, lora, with_adapters
 from rto_jax.objectives import masked_mean, policy_loss, value_loss
 from rto_jax.objectives.advantages import estimate, needs_critic
+from rto_jax.objectives.implicit_prm import implicit_prm_loss, outcome_labels
 from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import (
     GOLD,
@@ -87,6 +94,18 @@ class PPOConfig:
     # per-token gold credit (rto_jax.pipeline.tasks.GoldCredit), given to a token reward that lists
     # GOLD as logps[GOLD]: positive controls on a task whose true reward is known. Hashable (static).
     gold_credit: Any = None
+    # Online implicit PRM (PRIME): the model of this name the token reward reads (e.g. "dpo") trains
+    # during PPO on each rollout, by the cross-entropy of its implicit reward
+    # prm_beta * sum_t log(pi / pi_ref) against outcome labels from the reward model's score; "" keeps
+    # every model the reward reads frozen.
+    online_prm: str = ""
+    prm_beta: float = 0.05  # the implicit reward's scale in the PRM's loss (PRIME's beta_train)
+    # Outcome labels from the normalized score s: "soft" sigmoid(s), "binary" [s > 0], "group" (default)
+    # sigmoid(s - the mean s of the prompt's responses) (rto_jax/objectives/implicit_prm.py).
+    prm_labels: str = "group"
+    # "before": train the PRM on the rollout, then score the rollout with it (PRIME's default: a second
+    # forward pass); "after": score with the PRM as it was, then train it (the reward one rollout behind).
+    prm_update: str = "before"
 
 
 class PPOState(struct.PyTreeNode):
@@ -104,6 +123,8 @@ class PPOState(struct.PyTreeNode):
     critic: TrainState | None  # None under a critic-free estimator
     frozen: dict
     base: Any = None
+    prm: TrainState | None = None  # the online implicit PRM (PPOConfig.online_prm), on the policy's graphdef
+    prm_name: str = struct.field(pytree_node=False, default="")  # the token reward's name for it
     reward_graphdef: nnx.GraphDef = struct.field(pytree_node=False, default=None)
     # ((name, graphdef), ...) of frozen adapter models whose graphdef is not the policy's.
     frozen_graphdefs: tuple = struct.field(pytree_node=False, default=())
@@ -116,6 +137,13 @@ class PPOState(struct.PyTreeNode):
         """A scalar-head model's variables: `params` (whole, or adapters and head completed with the shared
         base's decoder: its backbone)."""
         return params if self.base is None else nnx.merge_state(params, nnx.State({"decoder": self.base["decoder"]}))
+
+    def reward_lms(self) -> dict:
+        """{name: params} of the language models the token reward reads, the online PRM among them."""
+        models = dict(self.frozen["models"])
+        if self.prm is not None:
+            models[self.prm_name] = self.prm.params
+        return models
 
     def policy_model(self, params) -> nnx.Module:
         return nnx.merge(self.policy.graphdef, self.lm_params(params))
@@ -142,17 +170,27 @@ def _has_eos(tokens, mask, eos_id):
     return jnp.any((tokens == eos_id) & (mask > 0), axis=1)
 
 
-def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> tuple[Experience, dict]:
-    """Rollout with the jitted sampler, then every model's view of it, the token rewards and the advantages.
+class Rollout(NamedTuple):
+    """One sampled batch with every model's view of it, before token rewards; arrays `[B, ...]`."""
 
-    prompts: `prompt_ids`, `prompt_mask` `[B / n, P]` (left-padded), each answered n =
-    `config.samples_per_prompt` times (rows i*n .. i*n + n - 1, group id i). The token reward reads every model's
-    log-probs at the rollout temperature and at temperature 1 (`token_reward_logprobs`; the policy's
-    from the sampler unless `recompute_policy_logprobs`); the importance ratio uses the rollout
-    temperature's. Metrics include each part of the token reward as `reward/<part>` (per-sequence sums).
-    """
+    input_ids: jax.Array  # [B, P+R]
+    attention_mask: jax.Array  # [B, P+R]
+    positions: jax.Array  # [B, P+R]
+    response_mask: jax.Array  # [B, R]
+    group_ids: jax.Array  # [B] int32
+    logps: dict  # {key: [B, R]}: the token reward's `logps` (policy, frozen models, untempered(...), GOLD)
+    values: jax.Array | None  # [B, R] the critic's; None without a critic
+    score: jax.Array | None  # [B] the normalized reward-model score; None unless the reward reads it
+    metrics: dict  # scalars of the rollout itself (entropy, length, EOS rate, score)
+
+    @property
+    def inputs(self):
+        return self.input_ids, self.attention_mask, self.positions
+
+
+def _check_state(state: PPOState, config: PPOConfig) -> None:
     reward_fn = config.token_reward
-    held = set(state.frozen["models"]) | ({"ref"} if state.base is not None else set())  # the base is pi_ref
+    held = set(state.reward_lms()) | ({"ref"} if state.base is not None else set())  # the base is pi_ref
     missing = [m for m in frozen_models(reward_fn) if m not in held]
     if missing or (needs_reward_model(reward_fn) and "reward" not in state.frozen):
         missing += ["reward"] if needs_reward_model(reward_fn) else []
@@ -162,6 +200,25 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
     if (state.critic is None) == needs_critic(config.estimator):
         held_critic = "holds no critic" if state.critic is None else "holds a critic"
         raise ValueError(f"estimator {config.estimator!r}: the PPOState {held_critic} (create it with critic=None iff critic-free)")
+    if config.online_prm and config.prm_update not in ("before", "after"):
+        raise ValueError(f"PPOConfig.prm_update must be 'before' or 'after', got {config.prm_update!r}")
+    if (state.prm_name or "") != config.online_prm:
+        raise ValueError(
+            f"PPOConfig.online_prm={config.online_prm!r} but the PPOState trains {state.prm_name or 'no PRM'!r} "
+            "(create it with online_prm=(name, tx))"
+        )
+
+
+def rollout(state: PPOState, prompts: dict, rng, config: PPOConfig) -> Rollout:
+    """Sample with the jitted sampler, then every model's view of the samples (no token rewards yet).
+
+    prompts: `prompt_ids`, `prompt_mask` `[B / n, P]` (left-padded), each answered n =
+    `config.samples_per_prompt` times (rows i*n .. i*n + n - 1, group id i). Every model the token reward
+    reads is scored at the rollout temperature and at temperature 1 (`token_reward_logprobs`; the policy's
+    from the sampler unless `recompute_policy_logprobs`).
+    """
+    _check_state(state, config)
+    reward_fn = config.token_reward
     policy_params = state.lm_params(state.policy.params)
     n = config.samples_per_prompt
     prompt_ids, prompt_mask = (jnp.repeat(prompts[k], n, axis=0) for k in ("prompt_ids", "prompt_mask"))
@@ -176,13 +233,16 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
     if needs_gold(reward_fn):
         credit = config.gold_credit(prompt_ids, prompt_mask, samples.tokens, mask)
         logps[GOLD] = jnp.where(mask > 0, jnp.asarray(credit, jnp.float32), 0.0)
-    logp_old = logps["policy"]
     values = None
     if state.critic is not None:
         critic = state.critic_model(state.critic.params)
         values = jnp.where(mask > 0, response_scalars(critic, *inputs, mask.shape[1]), 0.0)
     has_eos = _has_eos(samples.tokens, mask, config.sampling.eos_id)
-    metrics = {}
+    metrics = {
+        "entropy": masked_mean(samples.entropy, mask),
+        "response_length": jnp.mean(jnp.sum(mask, axis=1)),
+        "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
+    }
     score = None
     if needs_reward_model(reward_fn):
         reward_model = nnx.merge(state.reward_graphdef, state.scalar_params(state.frozen["reward"]))
@@ -196,31 +256,91 @@ def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> t
             missing_eos_penalty=config.missing_eos_penalty,
         )
         metrics.update(score=jnp.mean(raw_score), score_normalized=jnp.mean(score))
-    rewards, parts = reward_fn(logps, score, mask)
+    return Rollout(input_ids, attention_mask, positions, mask, group_ids, logps, values, score, metrics)
+
+
+def experience_of(rollout: Rollout, config: PPOConfig) -> tuple[Experience, dict]:
+    """The token rewards and advantages of a rollout. Metrics: the rollout's, each part of the token
+    reward as `reward/<part>` (per-sequence sums), the total, the mean |advantage|, the KL to pi_ref."""
+    mask, logps = rollout.response_mask, rollout.logps
+    rewards, parts = config.token_reward(logps, rollout.score, mask)
     advantages, returns = estimate(
-        config.estimator, rewards, values, mask, group_ids,
+        config.estimator, rewards, rollout.values, mask, rollout.group_ids,
         gamma=config.gamma, lam=config.lam, whiten=config.whiten_advantages,
     )  # fmt: skip
     per_sequence = lambda x: jnp.mean(jnp.sum(x, axis=1))
+    metrics = dict(rollout.metrics)
     metrics.update({f"reward/{name}": per_sequence(part) for name, part in parts.items()})
-    metrics.update(
-        {
-            "reward/total": per_sequence(rewards),
-            "entropy": masked_mean(samples.entropy, mask),
-            "response_length": jnp.mean(jnp.sum(mask, axis=1)),
-            "eos_rate": jnp.mean(has_eos.astype(jnp.float32)),
-            "advantage_abs": masked_mean(jnp.abs(advantages), mask),
-        }
-    )
-    if values is not None:
-        metrics["value_mean"] = masked_mean(values, mask)
+    metrics["reward/total"] = per_sequence(rewards)
+    metrics["advantage_abs"] = masked_mean(jnp.abs(advantages), mask)
+    if rollout.values is not None:
+        metrics["value_mean"] = masked_mean(rollout.values, mask)
+    n = config.samples_per_prompt
     if n > 1:  # groups whose n responses all have one return give a zero group-baseline advantage
         whole = jnp.sum(rewards, axis=1).reshape(-1, n)
         metrics["group_reward_std"] = jnp.mean(jnp.std(whole, axis=1))
+    logp_old = logps["policy"]
     if "ref" in logps:
         metrics["kl_to_ref"] = per_sequence(jnp.where(mask > 0, logp_old - logps["ref"], 0.0))
-    experience = Experience(input_ids, attention_mask, positions, mask, logp_old, values, advantages, returns, group_ids)
+    experience = Experience(
+        *rollout.inputs, mask, logp_old, rollout.values, advantages, returns, rollout.group_ids
+    )  # fmt: skip
     return experience, metrics
+
+
+def make_experience(state: PPOState, prompts: dict, rng, config: PPOConfig) -> tuple[Experience, dict]:
+    """`rollout` then `experience_of`: samples, every model's view of them, token rewards, advantages.
+    An online PRM scores as it is here (`online_prm_experience` trains it too)."""
+    return experience_of(rollout(state, prompts, rng, config), config)
+
+
+def prm_update(state: PPOState, rollout: Rollout, rng, config: PPOConfig) -> tuple[PPOState, dict]:
+    """One pass of the online implicit PRM over the rollout in `num_minibatches` shuffled minibatches:
+    PRIME's cross-entropy (`implicit_prm_loss`) of its implicit reward against the outcome labels of
+    the rollout's normalized score. The reference's log-probs are the rollout's (pi_ref is frozen)."""
+    labels = outcome_labels(rollout.score, config.prm_labels, rollout.group_ids)
+    data = (rollout.inputs, rollout.response_mask, rollout.logps[untempered("ref")], labels)
+    batch_size = rollout.input_ids.shape[0]
+    size = batch_size // config.num_minibatches
+
+    def loss_fn(params, batch):
+        inputs, mask, logp_ref, batch_labels = batch
+        model = nnx.merge(state.prm.graphdef, params)
+        logp, _ = response_logprobs(model, *inputs, mask, 1.0, config.vocab_chunk)  # its own distribution
+        return implicit_prm_loss(logp, logp_ref, mask, batch_labels, beta=config.prm_beta)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def minibatch_step(prm, indices):
+        (_, metrics), grads = grad_fn(prm.params, jax.tree.map(lambda x: x[indices], data))
+        return prm.apply_gradients(grads), {**metrics, "prm/grad_norm": optax.tree.norm(grads)}
+
+    order = jax.random.permutation(rng, batch_size).reshape(config.num_minibatches, size)
+    prm, metrics = jax.lax.scan(minibatch_step, state.prm, order)
+    return state.replace(prm=prm), {k: jnp.mean(v) for k, v in metrics.items()}
+
+
+def online_prm_experience(state: PPOState, prompts: dict, rng, config: PPOConfig):
+    """-> (state, Experience, metrics): `rollout`, the online PRM trained on it (`prm_update`) and the
+    experience whose token rewards read the PRM: after its update (`prm_update="before"`: the rollout is
+    scored again by it) or before it ("after")."""
+    if not config.online_prm or state.prm is None:
+        raise ValueError("online_prm_experience needs PPOConfig.online_prm and a PPOState with a PRM")
+    # The rollout samples with `rng` itself, as make_experience does: the same keys as a run whose
+    # DPO policy stays frozen (common random numbers across methods).
+    prm_rng = jax.random.fold_in(rng, 1)
+    batch = rollout(state, prompts, rng, config)
+    if config.prm_update == "after":
+        experience, metrics = experience_of(batch, config)
+        state, prm_metrics = prm_update(state, batch, prm_rng, config)
+        return state, experience, {**metrics, **prm_metrics}
+    state, prm_metrics = prm_update(state, batch, prm_rng, config)
+    rescored = token_reward_logprobs(
+        state.policy.graphdef, {state.prm_name: state.prm.params}, *batch.inputs, batch.response_mask,
+        config.sampling.temperature, vocab_chunk=config.vocab_chunk,
+    )  # fmt: skip
+    experience, metrics = experience_of(batch._replace(logps={**batch.logps, **rescored}), config)
+    return state, experience, {**metrics, **prm_metrics}
 
 
 def _frozen_logprobs(state: PPOState, inputs, mask, config: PPOConfig, with_ref: bool) -> dict:
@@ -232,7 +352,7 @@ def _frozen_logprobs(state: PPOState, inputs, mask, config: PPOConfig, with_ref:
     )
     policy = {"policy": state.lm_params(state.policy.params)} if config.recompute_policy_logprobs else {}
     if state.base is None:
-        return score(state.policy.graphdef, {**policy, **state.frozen["models"]}, stacked=config.stack_frozen)
+        return score(state.policy.graphdef, {**policy, **state.reward_lms()}, stacked=config.stack_frozen)
     logps = score(state.policy.graphdef, policy) if policy else {}
     if with_ref:
         with lora.disabled():
@@ -310,6 +430,7 @@ def ppo_update(state: PPOState, experience: Experience, rng, config: PPOConfig) 
 
 def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None):
     """Jitted `make_experience`, `ppo_update` and `ppo_iteration` (state donated) for a fixed config.
+    With `config.online_prm` the iteration trains the PRM as well (`online_prm_experience`).
 
     With `shardings` (`step_shardings(ppo_state, mesh)`) every function has explicit in/out shardings:
     prompts and the Experience split over data x fsdp, the sampler's KV cache split by batch and kv
@@ -324,7 +445,10 @@ def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None):
 
     def iteration_fn(state, prompts, rng):
         rollout_rng, update_rng = jax.random.split(rng)
-        experience, rollout_metrics = make_experience(state, prompts, rollout_rng, config)
+        if config.online_prm:
+            state, experience, rollout_metrics = online_prm_experience(state, prompts, rollout_rng, config)
+        else:
+            experience, rollout_metrics = make_experience(state, prompts, rollout_rng, config)
         state, update_metrics = ppo_update(state, experience, update_rng, config)
         return state, {**rollout_metrics, **update_metrics}
 
@@ -350,6 +474,7 @@ def create_ppo_state(
     reward_model: nnx.Module | None = None,
     reward_mean: float = 0.0,
     reward_std: float = 1.0,
+    online_prm: tuple[str, optax.GradientTransformation] | None = None,
 ) -> PPOState:
     """PPO state from the policy (usually pi_sft), the critic (usually the reward model; None for a
     critic-free estimator, and then `critic_tx` is unused) and the frozen models.
@@ -357,6 +482,8 @@ def create_ppo_state(
     frozen: {name: params with the policy's graphdef}, the language models the token reward reads
       (`frozen_models(token_reward)`, e.g. {'ref': pi_sft, 'dpo': pi_dpo}); default {'ref': a copy of
       the policy}. reward_model: the scorer, when the token reward uses one (`needs_reward_model`).
+    online_prm: (name, optimizer): the model `frozen[name]` trains online as the implicit PRM
+      (`PPOConfig.online_prm`): a copy of it becomes `PPOState.prm`, a TrainState on the policy's graphdef.
     The policy's and critic's arrays become the train states' (donated by the jitted update); the
     frozen models are copied.
     """
@@ -370,7 +497,19 @@ def create_ppo_state(
             reward=_copy(reward_params), reward_mean=jnp.float32(reward_mean), reward_std=jnp.float32(reward_std)
         )
     critic_state = None if critic is None else TrainState.create(critic, critic_tx)
-    return PPOState(policy=policy_state, critic=critic_state, frozen=tree, reward_graphdef=reward_graphdef)
+    prm, prm_name = None, ""
+    if online_prm is not None:
+        prm_name, prm_tx = online_prm
+        if prm_name not in tree["models"] or prm_name == "ref":
+            raise ValueError(f"online PRM {prm_name!r}: not among the frozen models {sorted(tree['models'])} (or pi_ref)")
+        params = tree["models"].pop(prm_name)
+        prm = TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=prm_tx.init(params),
+            graphdef=policy_state.graphdef, tx=prm_tx,
+        )  # fmt: skip
+    return PPOState(
+        policy=policy_state, critic=critic_state, frozen=tree, reward_graphdef=reward_graphdef, prm=prm, prm_name=prm_name
+    )
 
 
 def create_shared_base_ppo_state(
