@@ -257,11 +257,11 @@ def ppo_split(row: dict, measure=measure) -> dict:
         "prompt_ids": _token_ids(rng, (batch // n, prompt), cfg.vocab_size),
         "prompt_mask": jnp.ones((batch // n, prompt), jnp.int32),
     }
-    # The sampler alone runs on the rows make_experience samples: each prompt repeated n times, [B, P].
-    rollout_ids, rollout_mask = (jnp.repeat(prompts[k], n, axis=0) for k in ("prompt_ids", "prompt_mask"))
+    # The sampler alone as make_experience calls it: B / n prompts, each prefilled once and answered n times.
     key = jax.random.key(0)
+    ids, mask = prompts["prompt_ids"], prompts["prompt_mask"]
     sampler = measure(
-        lambda: generate_jit(state.policy.graphdef, policy_params, rollout_ids, rollout_mask, key, config.sampling),
+        lambda: generate_jit(state.policy.graphdef, policy_params, ids, mask, key, config.sampling, n),
         row["warmup"],
         row["reps"],
         _sync,

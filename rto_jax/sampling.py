@@ -92,20 +92,29 @@ def _next_token(logits, rng, config: SamplingConfig):
     return token.astype(jnp.int32), pick(logp), untempered, entropy
 
 
-def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> Samples:
-    """Samples up to R tokens after each left-padded prompt. Pure; jit with graphdef and config static.
+def generate(
+    graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, config: SamplingConfig, repeats: int = 1
+) -> Samples:
+    """Samples up to R tokens after each left-padded prompt. Pure; jit with graphdef, config and repeats static.
 
-    prompt_ids, prompt_mask: `[B, P]` (left-padded). Returns `Samples` of `[B, R]` arrays.
+    prompt_ids, prompt_mask: `[B / n, P]` (left-padded), each answered n = `repeats` times (rows i*n ..
+    i*n + n - 1 of the output). The prompts are prefilled once and their KV cache repeated, so n
+    answers cost one prefill: the same samples as `repeats=1` on the prompts repeated n times.
+    Returns `Samples` of `[B, R]` arrays.
     """
     model = nnx.merge(graphdef, params)
-    batch, prompt_len = prompt_ids.shape
-    new = config.max_new_tokens
-    cache = _constrain_cache(model.init_cache(batch, prompt_len + new, compute_dtype(model.config)))
-    key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((batch, new), jnp.int32)], axis=1)
+    prompts, prompt_len = prompt_ids.shape
+    batch, new = prompts * repeats, config.max_new_tokens
+    cache = _constrain_cache(model.init_cache(prompts, prompt_len + new, compute_dtype(model.config)))
+    key_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((prompts, new), jnp.int32)], axis=1)
     # Prefill: only the last prompt position needs the vocabulary projection.
     hidden, cache = model.decoder(prompt_ids, key_mask, default_positions(prompt_mask), cache, 0)
     logits = model.logits_from_hidden(hidden[:, -1:])
     prompt_lengths = jnp.sum(prompt_mask.astype(jnp.int32), axis=1)
+    if repeats > 1:  # every array with a batch axis, prompt i's row repeated n times in place
+        logits, key_mask, prompt_lengths = (jnp.repeat(x, repeats, axis=0) for x in (logits, key_mask, prompt_lengths))
+        # the cache `[L?, B, K, S, D]`: batch is the fourth axis from the end
+        cache = _constrain_cache(jax.tree.map(lambda c: jnp.repeat(c, repeats, axis=c.ndim - 4), cache))
 
     def cond(carry):
         t, done = carry[0], carry[1]
@@ -141,13 +150,13 @@ def generate(graphdef: nnx.GraphDef, params, prompt_ids, prompt_mask, rng, confi
     return Samples(tokens, stats[0], mask, steps, untempered_logprobs=stats[1], entropy=stats[2])
 
 
-generate_jit = jax.jit(generate, static_argnums=(0, 5))
+generate_jit = jax.jit(generate, static_argnums=(0, 5, 6))
 
 
-def sample(model: nnx.Module, prompt_ids, prompt_mask, rng, config: SamplingConfig) -> Samples:
+def sample(model: nnx.Module, prompt_ids, prompt_mask, rng, config: SamplingConfig, repeats: int = 1) -> Samples:
     """Convenience wrapper: splits `model` and calls the jitted `generate`."""
     graphdef, params = nnx.split(model)
-    return generate_jit(graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), rng, config)
+    return generate_jit(graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), rng, config, repeats)
 
 
 def response_inputs(prompt_ids, prompt_mask, samples: Samples):

@@ -123,7 +123,8 @@ def _place_batch(batch, shardings):
         return jax.tree.map(jnp.asarray, batch)
     if jax.process_count() > 1:
         # Each process loads only its rows of the global batch, then the global array is assembled.
-        local = next(BatchIterator(batch, BATCH, shuffle=False, **distributed.process_slice()))
+        rows = len(next(iter(batch.values())))
+        local = next(BatchIterator(batch, rows, shuffle=False, **distributed.process_slice()))
         return distributed.host_local_batch_to_global(local, shardings.batch)
     return jax.device_put(batch, shardings.batch)
 
@@ -191,15 +192,22 @@ def run_dpo_lora(mesh=None) -> dict:
     return _dpo_case(state if mesh is None else sharding.shard_tree(state, mesh), mesh)
 
 
-def ppo_config() -> PPOConfig:
+def ppo_config(**fields) -> PPOConfig:
     sampling_config = SamplingConfig(max_new_tokens=R, eos_id=EOS, pad_id=PAD, greedy=True)
     # vocab_chunk 6 of 16: the sliced LM head (the last slice overlapping) on every mesh, vocab-split ones included.
-    return PPOConfig(sampling=sampling_config, token_reward=bind(rto), ppo_epochs=1, num_minibatches=2, vocab_chunk=6)
+    return PPOConfig(
+        sampling=sampling_config, token_reward=bind(rto), ppo_epochs=1, num_minibatches=2, vocab_chunk=6, **fields
+    )
 
 
-def ppo_state(mesh=None):
+# Critic-free, each prompt answered twice: one prefill per prompt, its KV cache repeated inside the step
+# (REINFORCE++: batch-whitened returns, so greedy twin answers still get non-zero advantages).
+GROUPS = {"estimator": "reinforce_pp", "samples_per_prompt": 2}
+
+
+def ppo_state(mesh=None, with_critic=True):
     policy = CausalLM(model_config(True), nnx.Rngs(2))
-    critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(3))
+    critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(3)) if with_critic else None
     reward_model = ScalarHeadModel(model_config(False), nnx.Rngs(5))
     dpo_params = nnx.split(CausalLM(model_config(True), nnx.Rngs(4)))[1]
     ref_params = nnx.split(policy)[1]
@@ -248,19 +256,27 @@ def shared_base_ppo_state(mesh=None):
     return state if mesh is None else sharding.shard_tree(state, mesh)
 
 
-def _ppo_case(state, mesh) -> dict:
+def _ppo_case(state, mesh, config=None, prompts=None) -> dict:
     shardings = None if mesh is None else sharding.step_shardings(state, mesh)
-    experience_fn, update_fn, _ = make_ppo_fns(ppo_config(), shardings=shardings)
-    experience, rollout_metrics = experience_fn(state, _place_batch(prompt_batch(), shardings), jax.random.key(0))
+    experience_fn, update_fn, _ = make_ppo_fns(config or ppo_config(), shardings=shardings)
+    prompts = prompts or prompt_batch()
+    experience, rollout_metrics = experience_fn(state, _place_batch(prompts, shardings), jax.random.key(0))
     experience_host = to_host(experience)
     state, metrics = update_fn(state, experience, jax.random.key(1))
+    trained = state.policy.params if state.critic is None else (state.policy.params, state.critic.params)
     return {
         "tokens": experience_host[0],
         "advantages": experience_host[6],
         "score": float(rollout_metrics["score"]),
         "loss": float(metrics["loss"]),
-        "params": to_host((state.policy.params, state.critic.params)),
+        "params": to_host(trained),
     }
+
+
+def run_ppo_groups(mesh=None) -> dict:
+    """Critic-free PPO on BATCH / 2 prompts answered twice each (the sampler's shared prefill)."""
+    half = {k: v[: BATCH // 2] for k, v in prompt_batch().items()}
+    return _ppo_case(ppo_state(mesh, with_critic=False), mesh, ppo_config(**GROUPS), half)
 
 
 def run_ppo_lora(mesh=None) -> dict:
@@ -280,6 +296,7 @@ CASES = {
     "dpo_lora": run_dpo_lora,
     "ppo": run_ppo,
     "ppo_lora": run_ppo_lora,
+    "ppo_groups": run_ppo_groups,
 }
 
 

@@ -179,6 +179,30 @@ def test_left_padded_batch_equals_single_rows():
         np.testing.assert_allclose(np.asarray(single.logprobs[0]), np.asarray(batch.logprobs[row]), atol=1e-5)
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_prompt_answered_n_times_is_prefilled_once_with_the_same_samples(scan_layers):
+    """`repeats=n` (one prefill per prompt, its KV cache repeated) samples what the prompts repeated n
+    times do, row for row, and the n answers to a prompt are n different samples."""
+    model = _model(scan_layers=scan_layers)
+    prompt_ids, prompt_mask = _prompts([6, 2, 4], 6)
+    config = SamplingConfig(max_new_tokens=NEW, eos_id=1, pad_id=PAD, temperature=1.3)
+    shared = sample(model, prompt_ids, prompt_mask, jax.random.key(3), config, repeats=4)
+    repeated = sample(
+        model, jnp.repeat(prompt_ids, 4, axis=0), jnp.repeat(prompt_mask, 4, axis=0), jax.random.key(3), config
+    )
+    assert shared.tokens.shape == (12, NEW)
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+    for field in ("logprobs", "untempered_logprobs", "entropy", "response_mask"):
+        np.testing.assert_allclose(np.asarray(getattr(shared, field)), np.asarray(getattr(repeated, field)), atol=1e-5)
+    # The answers continue their own prompt: teacher-forced on the repeated prompts, the same log-probs.
+    forced = _teacher_forced_logprobs(
+        model, jnp.repeat(prompt_ids, 4, axis=0), jnp.repeat(prompt_mask, 4, axis=0), shared, 1.3
+    )
+    np.testing.assert_allclose(np.asarray(forced), np.asarray(shared.logprobs), atol=1e-4)
+    tokens = np.asarray(shared.tokens).reshape(3, 4, NEW)
+    assert all(len({row.tobytes() for row in group}) > 1 for group in tokens)
+
+
 def test_filter_logits_against_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(4, 20)).astype(np.float32)

@@ -150,7 +150,7 @@ def _check_steps(summary) -> list[str]:
     """One step of SFT, reward model, DPO and a PPO rollout + update (full, and with adapters on a shared base)
     on each mesh equals one device."""
     failures = []
-    assert set(summary["cases"]) == {"sft", "reward_model", "dpo", "dpo_lora", "ppo", "ppo_lora"}
+    assert set(summary["cases"]) == {"sft", "reward_model", "dpo", "dpo_lora", "ppo", "ppo_lora", "ppo_groups"}
     for case, results in summary["cases"].items():
         for mesh in MESHES:
             for key, value in results[mesh].items():

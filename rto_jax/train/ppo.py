@@ -221,9 +221,12 @@ def rollout(state: PPOState, prompts: dict, rng, config: PPOConfig) -> Rollout:
     reward_fn = config.token_reward
     policy_params = state.lm_params(state.policy.params)
     n = config.samples_per_prompt
+    # One prefill per prompt, its KV cache repeated for its n answers (`generate`'s `repeats`).
+    samples = generate(
+        state.policy.graphdef, policy_params, prompts["prompt_ids"], prompts["prompt_mask"], rng, config.sampling, n
+    )
     prompt_ids, prompt_mask = (jnp.repeat(prompts[k], n, axis=0) for k in ("prompt_ids", "prompt_mask"))
     group_ids = jnp.repeat(jnp.arange(prompt_ids.shape[0] // n, dtype=jnp.int32), n)
-    samples = generate(state.policy.graphdef, policy_params, prompt_ids, prompt_mask, rng, config.sampling)
     input_ids, attention_mask, positions = response_inputs(prompt_ids, prompt_mask, samples)
     mask = samples.response_mask
     inputs = (input_ids, attention_mask, positions)
