@@ -479,3 +479,27 @@ def test_a_new_run_starts_without_the_stop_request_an_earlier_run_honoured():
             assert stage["signal"] == "SIGTERM"
     with loop.stop_requests() as next_run:
         assert next_run["signal"] is None
+
+
+def test_a_finished_evaluation_runs_again_when_the_recipe_asks_for_a_policy_it_lacks(tmp_path):
+    """A comparison resumed with one more method (`resume_with_changes`): its finished evaluation did not
+    cover the new policy, so it runs again; asked for the policies it covered, it stays skipped."""
+    from tests.test_pipeline import load_config
+
+    config = with_seed(load_config("rto_synthetic", "smoke"), 0)
+    calls = []
+
+    def evaluate(config, workdir, task, run_log, *, policies):
+        calls.append(sorted(policies))
+        return {"num_prompts": 4, "policies": {name: {"score": 0.0} for name in policies}}
+
+    def run_stage(policies):
+        with open_pipeline(config, tmp_path) as pipeline:
+            return pipeline.stage("evaluate", evaluate, policies=dict.fromkeys(policies, "path"))
+
+    run_stage(["sft", "ppo"])
+    run_stage(["ppo", "sft"])  # the same policies: skipped
+    result = run_stage(["sft", "ppo", "rloo"])
+    assert calls == [["ppo", "sft"], ["ppo", "rloo", "sft"]]
+    assert set(result["policies"]) == {"sft", "ppo", "rloo"}
+    assert set(json.loads((tmp_path / "evaluate" / "done.json").read_text())["policies"]) == {"sft", "ppo", "rloo"}

@@ -78,7 +78,11 @@ class Pipeline:
         task: this stage's task if not the pipeline's (e.g. DPO on a subset of the preference pairs).
         """
         section = section or name
-        if name in self.finished:
+        missing = _policies_missing(self.finished.get(name), inputs)
+        if name in self.finished and missing and is_main_process():
+            # A recipe that gained a method (resumed with changes): the evaluation must cover it too.
+            print(f"[{name}] finished in {self.workdir} without the policies {missing}: run again")
+        if name in self.finished and not missing:
             self.done[name] = self.finished[name]
             if section in self.wanted and is_main_process():
                 print(f"[{name}] already finished in {self.workdir}: skipped")
@@ -214,6 +218,14 @@ def _run(config, workdir: Path, task) -> dict:
 def _run_one(config, workdir: Path, config_json: dict, recipe, task, tokenizer=None) -> dict:
     with open_pipeline(config, workdir, config_json, task, tokenizer) as pipeline:
         return recipe.run(pipeline)
+
+
+def _policies_missing(finished: dict | None, inputs: dict) -> list[str]:
+    """The policies a stage is asked to evaluate (`inputs['policies']`) that its finished summary
+    (`finished['policies']`, as an evaluation stage writes it) does not cover."""
+    if not finished or not isinstance(finished.get("policies"), dict) or "policies" not in inputs:
+        return []
+    return sorted(set(inputs["policies"]) - set(finished["policies"]))
 
 
 @contextlib.contextmanager
