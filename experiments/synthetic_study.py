@@ -68,7 +68,7 @@ from rto_jax.objectives.token_rewards import (
     token_reward,
 )
 from rto_jax.pipeline import Pipeline, common, model_path, stages
-from rto_jax.pipeline.config import parse_per_method, parse_seeds
+from rto_jax.pipeline.config import ONLINE_PRM_KNOBS, parse_per_method, parse_seeds
 from rto_jax.pipeline.evaluate import held_out_rows, run_best_of_n
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
@@ -312,7 +312,6 @@ def _design_hash(config) -> str:
 # Config keys added after summaries were committed, at the values that reproduce the committed runs:
 # left out of the fingerprint at those values, so a new switch does not void the finished cells.
 ADDED_AT_EARLIER_BEHAVIOUR = {("ppo", "estimator"): "gae", ("ppo", "samples_per_prompt"): 1, ("ppo", "online_prm"): ""}
-ONLINE_PRM_KNOBS = ("prm_beta", "prm_labels", "prm_update", "prm_lr")
 
 
 def _cell_names(d: Design, horizon: int) -> list[str]:

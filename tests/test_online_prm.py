@@ -308,9 +308,9 @@ def test_bad_online_prm_settings_name_the_key(values, key, message):
 
 
 def test_a_reward_without_a_dpo_model_cannot_train_one_online():
-    config = load_config("ppo_tldr", "tiny")
-    config.ppo.online_prm = "dpo"
-    with pytest.raises(ConfigError, match="token reward 'ppo' .* reads no model but pi_ref"):
+    config = online_config()  # the synthetic task: no data files to find first
+    set_recipe(config, "experiments/ppo.py")
+    with pytest.raises(ConfigError, match="experiments/ppo.py: token reward 'ppo' reads no model but pi_ref"):
         validate(config)
 
 

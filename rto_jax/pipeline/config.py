@@ -21,7 +21,7 @@ from rto_jax.models.lora import PROJECTIONS, LoraConfig, parse_targets
 from rto_jax.objectives.advantages import ESTIMATORS, GROUP_ESTIMATORS
 from rto_jax.objectives.masked import LOSS_AVERAGES
 from rto_jax.objectives.token_rewards import bind, frozen_models, needs_reward_model, reward_args, rto
-from rto_jax.train.ppo import PPOConfig
+from rto_jax.train.ppo import PRM_UPDATES, PPOConfig
 from rto_jax.train.state import OptimizerConfig
 from rto_jax.train.steps import DPOLoss
 
@@ -363,7 +363,8 @@ def check_estimator(estimator, samples_per_prompt, rollout_batch_size: int, wher
         )
 
 
-ONLINE_PRM_KEYS = ("online_prm", "prm_beta", "prm_labels", "prm_update", "prm_lr")
+ONLINE_PRM_KNOBS = ("prm_beta", "prm_labels", "prm_update", "prm_lr")  # what an online PRM trains with
+ONLINE_PRM_KEYS = ("online_prm", *ONLINE_PRM_KNOBS)
 
 
 def check_online_prm(fn, values: dict, lora_rank: int, where: str = "") -> None:
@@ -393,8 +394,8 @@ def check_online_prm(fn, values: dict, lora_rank: int, where: str = "") -> None:
         raise ConfigError("ppo.online_prm", f"{where}needs full models: set ppo.lora.rank=0 (adapters on a shared base are not supported)")
     if values["prm_labels"] not in LABELS:
         raise ConfigError("ppo.prm_labels", f"{where}must be one of {', '.join(LABELS)}, got {values['prm_labels']!r}")
-    if values["prm_update"] not in ("before", "after"):
-        raise ConfigError("ppo.prm_update", f"{where}must be 'before' or 'after', got {values['prm_update']!r}")
+    if values["prm_update"] not in PRM_UPDATES:
+        raise ConfigError("ppo.prm_update", f"{where}must be {' or '.join(map(repr, PRM_UPDATES))}, got {values['prm_update']!r}")
     for key in ("prm_beta", "prm_lr"):
         value = values[key]
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
@@ -411,7 +412,7 @@ def method_ppo_settings(config, fn) -> dict:
     where = f"method {fn.__name__!r} of {config.recipe}: " if settings else ""
     check_estimator(*merged.values(), where=where)
     online = {k: settings.get(k, config.ppo[k]) for k in ONLINE_PRM_KEYS}
-    check_online_prm(fn, online, config.ppo.lora.rank, where=f"token reward {fn.__name__!r} of {config.recipe}: ")
+    check_online_prm(fn, online, config.ppo.lora.rank, where=f"{config.recipe}: ")
     return settings
 
 

@@ -53,6 +53,9 @@ from rto_jax.train.state import TrainState
 from rto_jax.scoring import response_logprobs, response_scalars, sequence_scores, token_reward_logprobs
 
 
+PRM_UPDATES = ("before", "after")  # PPOConfig.prm_update: train the online PRM before or after it scores
+
+
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     sampling: SamplingConfig  # rollout: max_new_tokens R, temperature tau (also applied when training)
@@ -200,9 +203,9 @@ def _check_state(state: PPOState, config: PPOConfig) -> None:
     if (state.critic is None) == needs_critic(config.estimator):
         held_critic = "holds no critic" if state.critic is None else "holds a critic"
         raise ValueError(f"estimator {config.estimator!r}: the PPOState {held_critic} (create it with critic=None iff critic-free)")
-    if config.online_prm and config.prm_update not in ("before", "after"):
-        raise ValueError(f"PPOConfig.prm_update must be 'before' or 'after', got {config.prm_update!r}")
-    if (state.prm_name or "") != config.online_prm:
+    if config.online_prm and config.prm_update not in PRM_UPDATES:
+        raise ValueError(f"PPOConfig.prm_update must be {' or '.join(map(repr, PRM_UPDATES))}, got {config.prm_update!r}")
+    if state.prm_name != config.online_prm:
         raise ValueError(
             f"PPOConfig.online_prm={config.online_prm!r} but the PPOState trains {state.prm_name or 'no PRM'!r} "
             "(create it with online_prm=(name, tx))"
