@@ -33,7 +33,10 @@ PAD = 0
 
 def _config(row: dict) -> ModelConfig:
     return ModelConfig(
-        **SHAPES[row["shape"]], scan_layers=row.get("layout") == "scan", dtype=row.get("dtype", "float32")
+        **SHAPES[row["shape"]],
+        scan_layers=row.get("layout") == "scan",
+        dtype=row.get("dtype", "float32"),
+        attention=row.get("attention", "auto"),
     )
 
 

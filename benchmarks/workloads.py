@@ -141,11 +141,22 @@ def _backend(impl: str) -> str:
 
 def _layout(impl: str) -> str | None:
     """Our layer layout of a jax impl ("loop" or "scan"); None for a peer."""
-    return {"jax-loop": "loop", "jax-scan": "scan", "jax-lora": "loop", "jax-rloo": "loop"}.get(impl)
+    return {
+        "jax-loop": "loop",
+        "jax-scan": "scan",
+        "jax-lora": "loop",
+        "jax-rloo": "loop",
+        "jax-xla": "loop",
+        "jax-blockwise": "loop",
+    }.get(impl)
+
+
+# Our impls that pin `ModelConfig.attention` (every other jax row runs the default, "auto").
+ATTENTION_IMPLS = {"jax-xla": "xla", "jax-blockwise": "blockwise"}
 
 
 def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prompt=None):
-    return {
+    row = {
         "id": f"{group}/{task}/{shape}/{batch}x{seq}/{impl}",
         "group": group,
         "backend": _backend(impl),
@@ -160,6 +171,9 @@ def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prom
         "warmup": warmup,
         "reps": reps,
     }
+    if impl in ATTENTION_IMPLS:
+        row["attention"] = ATTENTION_IMPLS[impl]
+    return row
 
 
 def _rollout(shape, batch, impl, *, prompt, new_tokens, reps, warmup=1):
@@ -260,7 +274,20 @@ def full_rows() -> list[dict]:
         rows += [_train("sft", tiny, 8, seq, impl, group="scaling", reps=3) for impl in ("jax-loop", "torch")]
     for batch in (2, 4, 16):
         rows += [_train("sft", tiny, batch, 512, impl, group="scaling", reps=3) for impl in ("jax-loop", "torch")]
+    rows += attention_rows()
     return rows
+
+
+def attention_rows(reps: int = 3) -> list[dict]:
+    """Attention implementations (docs/performance.md#attention): the tiny SFT step and PPO update at batch 8
+    and 512/1024/2048 tokens with `xla` (the scores `[B, K, G, T, S]` in float32) and `blockwise` (no T x S
+    array) pinned, the PyTorch peer beside them (its `sdpa` attention)."""
+    return [
+        _train(task, "tiny", 8, seq, impl, group="attention", reps=reps)
+        for task in ("sft", "ppo")
+        for seq in (512, 1024, 2048)
+        for impl in ("jax-xla", "jax-blockwise", "torch")
+    ]
 
 
 def smoke_rows() -> list[dict]:
@@ -279,6 +306,7 @@ def smoke_rows() -> list[dict]:
     # Critic-free at the smoke batch of 2: one prompt answered twice (RLOO needs n > 1).
     rows.append(_ppo_split(s, 2, "jax-rloo", prompt=8, new_tokens=8, reps=1, ppo_config=critic_free(2)))
     rows += [_train("sft", s, 2, 64, impl, group="scaling", reps=1) for impl in ("jax-loop", "torch")]
+    rows += [_train("sft", s, 2, 64, impl, group="attention", reps=1) for impl in ("jax-xla", "jax-blockwise")]
     return rows
 
 

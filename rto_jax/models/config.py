@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from rto_jax.errors import ModelError
+from rto_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from rto_jax.models.lora import LoraConfig
 
 ARCHITECTURES = ("llama", "gpt_neox")
@@ -135,6 +136,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; params stay float32.
     scan_layers: bool = False  # stack layers and lax.scan over them (flat compile time in depth).
     remat: str = "none"  # rematerialization per block: "none", "full" or "dots".
+    # Attention implementation (rto_jax.models.attention): "auto", "xla", "blockwise" or "cudnn".
+    attention: str = "auto"
     # Low-rank adapters on the projections (rto_jax.models.lora); None: none. Not part of the base checkpoint:
     # adapters are exported in PEFT's format, or merged.
     lora: LoraConfig | None = None
@@ -150,6 +153,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.dtype={self.dtype!r}: expected 'float32' or 'bfloat16'")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"ModelConfig.remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"ModelConfig.attention={self.attention!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
         if self.lora is not None:
             self.lora.target_names(self.arch)  # raises on a projection this architecture does not have
 

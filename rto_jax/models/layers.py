@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoders: dense layers, norms, RoPE and masked attention.
+"""Building blocks shared by the decoders: dense layers, norms, RoPE and the KV cache's layout (attention
+itself: rto_jax.models.attention).
 
 Every parameter carries `axes`, its logical axis names (`embed`, `mlp`, `heads`, `kv_heads`,
 `vocab`, `layers`), which `rto_jax.train.sharding` maps onto a device mesh. Parameters are float32;
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 
 import jax
 import jax.numpy as jnp
@@ -189,36 +189,6 @@ def apply_rope(x, positions, inv_freq):
     half1, half2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
     rotated = x_rot * cos + jnp.concatenate([-half2, half1], axis=-1) * sin
     return jnp.concatenate([rotated.astype(x.dtype), x_pass], axis=-1)
-
-
-def make_attention_mask(query_slots, key_mask):
-    """Boolean `[B, 1, Tq, S]`: key slot s is visible from query slot q iff s <= q and key_mask[b, s].
-
-    query_slots `[Tq]` are the query tokens' indices in the key sequence (the cache), key_mask `[B, S]`.
-    """
-    key_slots = jnp.arange(key_mask.shape[1])
-    causal = key_slots[None, :] <= query_slots[:, None]  # [Tq, S]
-    return causal[None, None] & (key_mask[:, None, None, :] > 0)
-
-
-def dot_product_attention(q, k, v, mask):
-    """Grouped-query attention. q `[B, T, H, D]`, k/v `[B, K, S, D]` with H % K == 0, mask `[B, 1, T, S]`.
-
-    Returns `[B, T, H, D]`. Softmax in float32; fully masked rows (padding queries) stay finite.
-    k and v are kv-head major (the KV cache's layout): both matmuls then have their batch dims (B, K)
-    leading, so XLA feeds the cache to them as it is; with `[B, S, K, D]` it copied the whole cache into
-    this order at every decode step (17% of a batch-32 decode; docs/results/benchmarks.md#decode).
-    """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    # Output in the matmul's natural order, then moved: asking einsum for `btkgd` directly made XLA:CPU
-    # pick a slow matmul (4.9x the decode attention's time at batch 32).
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
 def kv_head_major(x):

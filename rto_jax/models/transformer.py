@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rto_jax.models import lora as lora_lib
+from rto_jax.models import attention as attention_lib
 from rto_jax.models.config import ModelConfig
 from rto_jax.models.layers import (
     Dense,
@@ -20,9 +21,7 @@ from rto_jax.models.layers import (
     RMSNorm,
     apply_rope,
     compute_dtype,
-    dot_product_attention,
     kv_head_major,
-    make_attention_mask,
     matmul,
     rope_inverse_frequencies,
     update_cache,
@@ -63,6 +62,7 @@ class LlamaBlock(nnx.Module):
         self.up_proj = _projection(cfg, "up_proj", d, mlp, ("embed", "mlp"), use_bias=False, rngs=rngs)
         self.down_proj = _projection(cfg, "down_proj", mlp, d, ("mlp", "embed"), use_bias=False, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.attention = cfg.attention
 
     def __call__(self, x, positions, mask, inv_freq, kv=None, cache_index=None):
         batch, length, _ = x.shape
@@ -72,7 +72,7 @@ class LlamaBlock(nnx.Module):
         v = self.v_proj(h).reshape(batch, length, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k, v, kv = _with_cache(k, v, kv, cache_index)
-        attn = dot_product_attention(q, k, v, mask).reshape(batch, length, -1)
+        attn = attention_lib.attention(q, k, v, mask, self.attention).reshape(batch, length, -1)
         x = x + self.o_proj(attn)
         h = self.post_attention_layernorm(x)
         x = x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -96,6 +96,7 @@ class GPTNeoXBlock(nnx.Module):
         self.dense_4h_to_h = _projection(cfg, "dense_4h_to_h", mlp, d, ("mlp", "embed"), use_bias=True, rngs=rngs)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.parallel_residual = cfg.use_parallel_residual
+        self.attention = cfg.attention
 
     def __call__(self, x, positions, mask, inv_freq, kv=None, cache_index=None):
         batch, length, _ = x.shape
@@ -103,7 +104,7 @@ class GPTNeoXBlock(nnx.Module):
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k, v, kv = _with_cache(k, v, kv, cache_index)
-        attn = self.dense(dot_product_attention(q, k, v, mask).reshape(batch, length, -1))
+        attn = self.dense(attention_lib.attention(q, k, v, mask, self.attention).reshape(batch, length, -1))
         mlp = lambda h: self.dense_4h_to_h(jax.nn.gelu(self.dense_h_to_4h(h), approximate=False))
         if self.parallel_residual:
             return x + attn + mlp(self.post_attention_layernorm(x)), kv
@@ -170,7 +171,7 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = default_positions(attention_mask)
         start = 0 if cache is None else cache_index
-        mask = make_attention_mask(jnp.arange(length) + start, attention_mask)
+        mask = attention_lib.Mask(jnp.arange(length) + start, attention_mask)
         inv_freq = rope_inverse_frequencies(cfg)
         x = self.embed(input_ids)
 

@@ -50,7 +50,12 @@ def resolve_model_path(name: str) -> Path:
 
 
 def execution_overrides(config) -> dict:
-    return dict(dtype=config.model.dtype, scan_layers=config.model.scan_layers, remat=config.model.remat)
+    return dict(
+        dtype=config.model.dtype,
+        scan_layers=config.model.scan_layers,
+        remat=config.model.remat,
+        attention=config.model.attention,
+    )
 
 
 def load_model(name: str, kind: str, config, mesh=None):

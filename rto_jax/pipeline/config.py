@@ -17,6 +17,7 @@ from ml_collections import config_dict
 
 from rto_jax.data.synthetic import SyntheticTaskConfig
 from rto_jax.errors import ConfigError
+from rto_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from rto_jax.models.lora import PROJECTIONS, LoraConfig, parse_targets
 from rto_jax.objectives.advantages import ESTIMATORS, GROUP_ESTIMATORS
 from rto_jax.objectives.masked import LOSS_AVERAGES
@@ -109,6 +110,7 @@ def base_config() -> config_dict.ConfigDict:
     c.model.dtype = "float32"  # compute dtype 'float32' or 'bfloat16' (params stay float32)
     c.model.scan_layers = False  # lax.scan over stacked layers (flat compile time in depth)
     c.model.remat = "none"  # rematerialization per block: 'none', 'full' or 'dots'
+    c.model.attention = "auto"  # 'auto' (per backend and length), 'xla', 'blockwise' or 'cudnn' (docs/performance.md#attention)
 
     c.tokenizer = config_dict.ConfigDict()
     c.tokenizer.path = ""  # HF folder/hub id/.gguf; '' = the first given of model.init_from, sft/rm/dpo/ppo.init_from
@@ -745,6 +747,8 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
         raise ConfigError("model.dtype", f"expected 'float32' or 'bfloat16', got {config.model.dtype!r}")
     if config.model.remat not in ("none", "full", "dots"):
         raise ConfigError("model.remat", f"expected 'none', 'full' or 'dots', got {config.model.remat!r}")
+    if config.model.attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError("model.attention", f"expected one of {ATTENTION_IMPLEMENTATIONS}, got {config.model.attention!r}")
     if random_init:
         _positive(config, "model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads")
         if config.model.num_heads % config.model.num_kv_heads:

@@ -1,0 +1,240 @@
+"""Attention implementations behind one switch, `ModelConfig.attention`.
+
+Every implementation takes q `[B, T, H, D]`, k and v `[B, K, S, D]` (kv-head major: the KV cache's
+layout; H % K == 0, grouped-query attention when K < H) and a `Mask`, and returns `[B, T, H, D]`:
+
+  xla        the scores `[B, K, G, T, S]` in float32, masked, softmax, weighted sum (G = H / K). Plain
+             XLA, every backend; its memory grows with T x S per head.
+  blockwise  FlashAttention's recurrence (Dao et al. 2022; Dao 2023) in jax.numpy: query blocks x key
+             blocks with an online softmax, and a custom VJP that recomputes each block's scores from
+             the saved log-sum-exp. No T x S array exists in the forward or the backward, and key
+             blocks wholly in the future of a query block are never visited (at T = S about half the
+             blocks of a causal mask). Exact up to float32 rounding. Every backend.
+  cudnn      `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused kernel (NVIDIA GPUs,
+             bfloat16 or float16 inputs).
+  auto       chosen per backend, dtype and shape by `resolve` (the choices and their measurements:
+             docs/performance.md#attention).
+
+A query row that sees no key (a left-padding position) is padding: `xla` gives it the mean of v
+(a uniform softmax), `blockwise` gives it 0. No loss, score or cache entry reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
+# `auto` on CPU: blockwise from this many key slots on (docs/performance.md#attention).
+CPU_BLOCKWISE_MIN_KEYS = 256
+BLOCK_SIZE = 128  # query and key block length of `blockwise` (shorter inputs are one block)
+
+
+class Mask(NamedTuple):
+    """Key slot s is visible from query t iff s <= query_slots[t] and key_mask[b, s].
+
+    query_slots `[T]` int: each query token's slot in the key sequence (its position in the cache);
+    key_mask `[B, S]`: the key slots that hold tokens (0: padding or an unwritten cache slot)."""
+
+    query_slots: jax.Array
+    key_mask: jax.Array
+
+    def dense(self) -> jax.Array:
+        """Boolean `[B, 1, T, S]`."""
+        key_slots = jnp.arange(self.key_mask.shape[1])
+        causal = key_slots[None, :] <= self.query_slots[:, None]  # [T, S]
+        return causal[None, None] & (self.key_mask[:, None, None, :] > 0)
+
+
+def resolve(implementation: str, *, backend: str, dtype, num_keys: int, num_queries: int) -> str:
+    """The implementation `auto` stands for on `backend` with inputs of `dtype` and these lengths."""
+    if implementation != "auto":
+        return implementation
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and num_queries > 1:
+        return "cudnn"
+    if backend == "cpu" and num_keys >= CPU_BLOCKWISE_MIN_KEYS and num_queries > 1:
+        return "blockwise"
+    return "xla"
+
+
+def attention(q, k, v, mask: Mask, implementation: str = "xla"):
+    """Grouped-query attention with `implementation` (see the module docstring): `[B, T, H, D]`."""
+    implementation = resolve(
+        implementation, backend=jax.default_backend(), dtype=q.dtype, num_keys=k.shape[2], num_queries=q.shape[1]
+    )
+    if implementation == "xla":
+        return xla_attention(q, k, v, mask.dense())
+    if implementation == "blockwise":
+        return blockwise_attention(q, k, v, mask, BLOCK_SIZE)  # read here, so a test can shorten it
+    if implementation == "cudnn":
+        return fused_attention(q, k, v, mask, "cudnn")
+    raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# xla
+
+
+def xla_attention(q, k, v, mask):
+    """q `[B, T, H, D]`, k/v `[B, K, S, D]`, boolean mask `[B, 1, T, S]` -> `[B, T, H, D]`.
+
+    Softmax in float32; fully masked rows stay finite. Both matmuls have their batch dims (B, K)
+    leading, so XLA feeds the cache to them as it is; with `[B, S, K, D]` it copied the whole cache into
+    this order at every decode step (17% of a batch-32 decode; docs/results/benchmarks.md#decode).
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    # Output in the matmul's natural order, then moved: asking einsum for `btkgd` directly made XLA:CPU
+    # pick a slow matmul (4.9x the decode attention's time at batch 32).
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# cudnn (and any other implementation of jax.nn.dot_product_attention)
+
+
+def fused_attention(q, k, v, mask: Mask, implementation: str | None):
+    """`jax.nn.dot_product_attention` with `implementation` ("cudnn"; "xla"/None elsewhere, which the
+    tests use on CPU to check this wrapper's layouts and mask): `[B, T, H, D]`."""
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, D], jax.nn's layout
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation=implementation)
+
+
+# ----------------------------------------------------------------------------------------------
+# blockwise
+
+
+def blockwise_attention(q, k, v, mask: Mask, block_size: int = BLOCK_SIZE):
+    """FlashAttention's blockwise online softmax, exact, with a recomputing backward: `[B, T, H, D]`."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
+    block_q, block_k = min(block_size, length), min(block_size, num_keys)
+    # [B, K, G, T, D]: the query heads of each kv head together, as k and v are laid out.
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    pad_q, pad_k = -length % block_q, -num_keys % block_k
+    qg = jnp.pad(qg, ((0, 0),) * 3 + ((0, pad_q), (0, 0)))
+    slots = jnp.pad(mask.query_slots.astype(jnp.int32), (0, pad_q), constant_values=-1)  # padding sees nothing
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, pad_k), (0, 0)))
+    key_mask = jnp.pad(mask.key_mask > 0, ((0, 0), (0, pad_k)))
+    out = _flash(qg, k, v, slots, key_mask, block_q, block_k)[:, :, :, :length]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _block(x, index, size, axis):
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+
+
+def _scores(qi, kj, slots_i, key_mask_j, j, block_k):
+    """Block (i, j)'s scaled scores `[B, K, G, bq, bk]` (float32) and visibility (broadcastable)."""
+    s = jnp.einsum("bkgtd,bksd->bkgts", qi, kj, preferred_element_type=jnp.float32) / math.sqrt(qi.shape[-1])
+    key_slots = j * block_k + jnp.arange(block_k)
+    visible = (key_slots[None, :] <= slots_i[:, None])[None, None, None] & key_mask_j[:, None, None, None, :]
+    return s, visible
+
+
+def _last_block_seen(slots, block_q, block_k, num_key_blocks):
+    """Per query block, one past the last key block any of its queries sees: `[nq]` int32."""
+    latest = jnp.max(slots.reshape(-1, block_q), axis=1)  # -1 for a block of padding queries
+    return jnp.clip(latest // block_k + 1, 0, num_key_blocks)
+
+
+def _forward(qg, k, v, slots, key_mask, block_q, block_k):
+    """Output `[B, K, G, Tp, D]` (q's dtype) and the rows' log-sum-exp `[B, K, G, Tp]` (float32)."""
+    num_q_blocks, num_k_blocks = qg.shape[3] // block_q, k.shape[2] // block_k
+    stop = _last_block_seen(slots, block_q, block_k, num_k_blocks)
+
+    def query_block(i):
+        qi, slots_i = _block(qg, i, block_q, 3), _block(slots, i, block_q, 0)
+        b, kh, g, _, d = qi.shape
+
+        def key_block(j, carry):
+            acc, row_max, row_sum = carry
+            kj, vj, key_mask_j = _block(k, j, block_k, 2), _block(v, j, block_k, 2), _block(key_mask, j, block_k, 1)
+            s, visible = _scores(qi, kj, slots_i, key_mask_j, j, block_k)
+            new_max = jnp.maximum(row_max, jnp.max(jnp.where(visible, s, _NEG), axis=-1))
+            p = jnp.where(visible, jnp.exp(s - new_max[..., None]), 0.0)
+            rescale = jnp.exp(row_max - new_max)
+            pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+            return acc * rescale[..., None] + pv, new_max, row_sum * rescale + jnp.sum(p, axis=-1)
+
+        init = (
+            jnp.zeros((b, kh, g, block_q, d), jnp.float32),
+            jnp.full((b, kh, g, block_q), _NEG, jnp.float32),
+            jnp.zeros((b, kh, g, block_q), jnp.float32),
+        )
+        acc, row_max, row_sum = jax.lax.fori_loop(0, stop[i], key_block, init)
+        seen = row_sum > 0
+        out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
+        lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), 0.0)
+        return out.astype(qg.dtype), lse
+
+    out, lse = jax.lax.map(query_block, jnp.arange(num_q_blocks))  # [nq, B, K, G, bq, ...]
+    out = jnp.moveaxis(out, 0, 3).reshape(qg.shape)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(qg.shape[:-1])
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(qg, k, v, slots, key_mask, block_q, block_k):
+    return _forward(qg, k, v, slots, key_mask, block_q, block_k)[0]
+
+
+def _flash_fwd(qg, k, v, slots, key_mask, block_q, block_k):
+    out, lse = _forward(qg, k, v, slots, key_mask, block_q, block_k)
+    return out, (qg, k, v, slots, key_mask, out, lse)
+
+
+def _flash_bwd(block_q, block_k, residuals, d_out):
+    """FlashAttention-2's backward: per key block j, over the query blocks that see it, recompute
+    p = exp(s - lse); dv_j += p^T do; ds = p (do v_j^T - rowsum(do o)); dk_j += ds^T q; dq_i += ds k_j."""
+    qg, k, v, slots, key_mask, out, lse = residuals
+    scale = 1.0 / math.sqrt(qg.shape[-1])
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [B, K, G, Tp]
+    num_q_blocks, num_k_blocks = qg.shape[3] // block_q, k.shape[2] // block_k
+    # The first query block that sees key block j: query blocks before it see none of its keys. (The
+    # running max keeps this right for any order of query slots; ours ascend.)
+    latest = jax.lax.cummax(jnp.max(slots.reshape(-1, block_q), axis=1))  # [nq]
+    start = jnp.sum(latest[None, :] < (jnp.arange(num_k_blocks) * block_k)[:, None], axis=1)  # [nk]
+
+    def key_block(dq, j):
+        kj, vj, key_mask_j = _block(k, j, block_k, 2), _block(v, j, block_k, 2), _block(key_mask, j, block_k, 1)
+
+        def query_block(i, carry):
+            dq, dk_j, dv_j = carry
+            qi, slots_i = _block(qg, i, block_q, 3), _block(slots, i, block_q, 0)
+            doi, lse_i, delta_i = _block(d_out, i, block_q, 3), _block(lse, i, block_q, 3), _block(delta, i, block_q, 3)
+            s, visible = _scores(qi, kj, slots_i, key_mask_j, j, block_k)
+            p = jnp.where(visible, jnp.exp(s - lse_i[..., None]), 0.0)  # [B, K, G, bq, bk]
+            dv_j = dv_j + jnp.einsum("bkgts,bkgtd->bksd", p, doi)
+            dp = jnp.einsum("bkgtd,bksd->bkgts", doi, vj, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_i[..., None]) * scale
+            dk_j = dk_j + jnp.einsum("bkgts,bkgtd->bksd", ds, qi, preferred_element_type=jnp.float32)
+            dq_i = jnp.einsum("bkgts,bksd->bkgtd", ds, kj, preferred_element_type=jnp.float32)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, _block(dq, i, block_q, 3) + dq_i, i * block_q, axis=3)
+            return dq, dk_j, dv_j
+
+        zeros = jnp.zeros(kj.shape, jnp.float32)
+        dq, dk_j, dv_j = jax.lax.fori_loop(start[j], num_q_blocks, query_block, (dq, zeros, zeros))
+        return dq, (dk_j, dv_j)
+
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qg.shape, jnp.float32), jnp.arange(num_k_blocks))
+    dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)  # [nk, B, K, bk, D] -> [B, K, S, D]
+    dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
+    return dq.astype(qg.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
