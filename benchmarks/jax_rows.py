@@ -9,6 +9,7 @@ from flax import nnx
 
 from benchmarks.timing import measure
 from benchmarks.workloads import FIRST_TOKEN, SHAPES
+from rto_jax.models import attention
 from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, default_positions, with_adapters
 from rto_jax.objectives.advantages import needs_critic
 from rto_jax.objectives.token_rewards import bind, ppo, rto
@@ -142,7 +143,13 @@ def train(row: dict, measure=measure) -> dict:
         holder["state"], metrics = step(holder["state"], batch, key)
         return holder["state"], metrics
 
-    return measure(one_step, row["warmup"], row["reps"], _sync)
+    result = measure(one_step, row["warmup"], row["reps"], _sync)
+    # What the step's attention ran as (`auto` resolved for this backend, dtype and length).
+    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    result["attention_impl"] = attention.resolve(
+        cfg.attention, backend=jax.default_backend(), dtype=dtype, num_keys=length, num_queries=length
+    )
+    return result
 
 
 # The adapters of the "jax-lora" rows: rank 16 on every projection (alpha 32).

@@ -238,8 +238,9 @@ def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps, ppo_config=None)
 
 
 def full_rows() -> list[dict]:
-    """The real benchmark: about 55 minutes on a quiet 2-core machine (50 min measured on 2026-12-03 for the
-    56 rows then, plus ~4 each for the shared-base and the critic-free PPO iteration rows). `--only` runs a subset.
+    """The real benchmark: about 65 minutes on a quiet 2-core machine (50 min measured on 2026-12-03 for the
+    56 rows then, plus ~4 each for the shared-base and the critic-free PPO iteration rows and ~8 for the 18
+    attention rows, measured on 2026-12-06). `--only` runs a subset.
     """
     big, tiny = "smollm2-135m", "tiny"
     rows = [_ceiling("jax", (2048, 4096), reps=5), _ceiling("torch", (2048, 4096), reps=5)]

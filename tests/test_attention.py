@@ -186,3 +186,16 @@ def test_unknown_implementation_is_refused_by_the_model():
     # The config's check (config.model.attention) is one of test_configs' bad values.
     with pytest.raises(ValueError, match="ModelConfig.attention='flash'"):
         _config("llama", "flash")
+
+
+def test_the_memory_planner_counts_no_scores_for_attention_without_them():
+    """remat 'none': `xla` keeps 8 h T float32 bytes of scores and probs per token and layer, `blockwise`
+    only the 4 h bytes of its log-sum-exp (rto_jax.tools.plan.activation_bytes_per_device)."""
+    from rto_jax.tools import plan
+
+    cfg = _config("llama", "xla")
+    rows, length = 4, 64
+    xla = plan.activation_bytes_per_device(cfg, rows, length, 8, (1, 1, 1))
+    blockwise = plan.activation_bytes_per_device(cfg.replace(attention="blockwise"), rows, length, 8, (1, 1, 1))
+    per_token = cfg.num_layers * (8 * cfg.num_heads * length - 4 * cfg.num_heads)
+    assert xla - blockwise == rows * length * per_token

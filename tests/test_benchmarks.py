@@ -35,7 +35,10 @@ def test_smoke_run_writes_json(tmp_path):
     assert {"cpu", "cores", "versions"} <= set(payload["machine"])
     rows = {row["id"]: row for row in payload["rows"]}
     groups = {row["group"] for row in rows.values()}
-    assert groups == {"ceiling", "train", "rollout", "ppo", "scaling"}
+    assert groups == {"ceiling", "train", "rollout", "ppo", "scaling", "attention"}
+    pinned = {row["impl"]: row["attention_impl"] for row in rows.values() if row["group"] == "attention"}
+    assert pinned == {"jax-xla": "xla", "jax-blockwise": "blockwise"}
+    assert rows["train/sft/smoke/4x32/jax-loop"]["attention_impl"] == "xla"  # `auto` on CPU at 32 tokens
     for row in rows.values():
         # TRL is an optional peer: it may be absent, and then says why.
         assert row["status"] == "ok" or (row["status"] == "unavailable" and row["reason"]), row

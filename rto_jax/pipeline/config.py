@@ -110,7 +110,7 @@ def base_config() -> config_dict.ConfigDict:
     c.model.dtype = "float32"  # compute dtype 'float32' or 'bfloat16' (params stay float32)
     c.model.scan_layers = False  # lax.scan over stacked layers (flat compile time in depth)
     c.model.remat = "none"  # rematerialization per block: 'none', 'full' or 'dots'
-    c.model.attention = "auto"  # 'auto' (per backend and length), 'xla', 'blockwise' or 'cudnn' (docs/performance.md#attention)
+    c.model.attention = "auto"  # 'auto' (per backend, length), 'xla', 'blockwise', 'cudnn' (docs/performance.md)
 
     c.tokenizer = config_dict.ConfigDict()
     c.tokenizer.path = ""  # HF folder/hub id/.gguf; '' = the first given of model.init_from, sft/rm/dpo/ppo.init_from
@@ -748,7 +748,8 @@ def validate(config, workdir=None, num_devices: int | None = None) -> None:
     if config.model.remat not in ("none", "full", "dots"):
         raise ConfigError("model.remat", f"expected 'none', 'full' or 'dots', got {config.model.remat!r}")
     if config.model.attention not in ATTENTION_IMPLEMENTATIONS:
-        raise ConfigError("model.attention", f"expected one of {ATTENTION_IMPLEMENTATIONS}, got {config.model.attention!r}")
+        got = config.model.attention
+        raise ConfigError("model.attention", f"expected one of {ATTENTION_IMPLEMENTATIONS}, got {got!r}")
     if random_init:
         _positive(config, "model.hidden_size", "model.intermediate_size", "model.num_layers", "model.num_heads")
         if config.model.num_heads % config.model.num_kv_heads:

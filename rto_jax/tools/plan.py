@@ -8,7 +8,8 @@ presets fit on which TPU / GPU slices.
 Config fields read (all optional, so configs of other layouts work too):
   model       `preset` (a PRESETS name), `init_from` (a hub id of a preset, e.g. EleutherAI/pythia-1b-deduped),
               or random-init dims `arch, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
-              head_dim, tie_word_embeddings, vocab_size` (else `tokenizer.bpe_vocab_size`); `dtype`, `remat`
+              head_dim, tie_word_embeddings, vocab_size` (else `tokenizer.bpe_vocab_size`); `dtype`, `remat`,
+              `attention`
   mesh        `data` (-1: the remaining devices), `fsdp`, `tensor`
   data        `max_prompt_len` P, `max_response_len` R
   sft, reward_model, dpo   `batch_size`, `grad_accum_steps`
@@ -182,17 +183,20 @@ def activation_bytes_per_device(config: ModelConfig, rows: int, length: int, log
     """Estimate of a training micro-batch's activations on one device (`rows` sequences of `length` tokens).
 
     Per layer and token (e = compute bytes; d, f, heads h, kv heads k, head dim c, split by tensor):
-      remat 'none': e * (6d + 3(h + 2k)c + 3f) + 8 h T   (norms, q/k/v/o, MLP, float32 scores + probs)
+      remat 'none': e * (6d + 3(h + 2k)c + 3f) + a       (norms, q/k/v/o, MLP, attention's saved state a)
       remat 'dots': e * ((h + 2k)c + d + 3f)            (matmul outputs only; one layer recomputed)
       remat 'full': e * d                               (the block input; one layer recomputed)
     plus float32 logits, log-softmax and their gradient over the response (3 x 4 bytes x vocab / tensor).
+    a = 8 h T (float32 scores + probs) with attention `xla` or `auto` (what `auto` is on TPU); 4 h (the
+    float32 log-sum-exp per query and head) with `blockwise` or `cudnn`, which keep no T x S array.
     """
     data, fsdp, tensor = mesh_shape
     tokens = math.ceil(rows / (data * fsdp)) * length
     e = 2 if config.dtype == "bfloat16" else 4
     d, f, hd = config.hidden_size, config.intermediate_size / tensor, config.head_dim
     h, k = config.num_heads / tensor, config.num_kv_heads / tensor
-    full_layer = e * (6 * d + 3 * (h + 2 * k) * hd + 3 * f) + 8 * h * length
+    saved_attention = 4 * h if config.attention in ("blockwise", "cudnn") else 8 * h * length
+    full_layer = e * (6 * d + 3 * (h + 2 * k) * hd + 3 * f) + saved_attention
     per_layer = {"none": full_layer, "dots": e * ((h + 2 * k) * hd + d + 3 * f), "full": e * d}[config.remat]
     layers = config.num_layers * per_layer + (full_layer if config.remat != "none" else 0)
     logits = 3 * 4 * config.vocab_size / tensor * math.ceil(rows / (data * fsdp)) * logits_length
@@ -359,7 +363,11 @@ def model_from_config(config) -> ModelConfig:
             kw = {f: _get(model, f) for f in fields if _get(model, f) is not None}
             kw["tie_word_embeddings"] = bool(_get(model, "tie_word_embeddings", False))
             base = ModelConfig(vocab_size=int(vocab), **kw)
-    return base.replace(dtype=_get(model, "dtype", base.dtype), remat=_get(model, "remat", base.remat))
+    return base.replace(
+        dtype=_get(model, "dtype", base.dtype),
+        remat=_get(model, "remat", base.remat),
+        attention=_get(model, "attention", base.attention),
+    )
 
 
 def workload_from_config(config) -> Workload:
@@ -430,13 +438,18 @@ def main(argv: list[str] | None = None) -> int:
         model = PRESETS[args.model] if args.model else model_from_config(config if config is not None else {})
         if args.model and config is not None:
             model = model.replace(
-                dtype=_get(config.model, "dtype", "float32"), remat=_get(config.model, "remat", "none")
+                dtype=_get(config.model, "dtype", "float32"),
+                remat=_get(config.model, "remat", "none"),
+                attention=_get(config.model, "attention", "auto"),
             )
         if args.mesh:
             mesh_shape = sharding.mesh_shape(*(int(x) for x in args.mesh.split(",")), num_devices=args.num_devices)
         else:
             mesh_shape = mesh_from_config(config, args.num_devices)
-        title = f"{args.model or args.config or 'default model'} (dtype {model.dtype}, remat {model.remat})"
+        title = (
+            f"{args.model or args.config or 'default model'} "
+            f"(dtype {model.dtype}, remat {model.remat}, attention {model.attention})"
+        )
         print(format_plan(plan_memory(model, mesh_shape, workload), mesh_shape, title))
         if adapters is not None:
             print(format_plan(plan_memory(model, mesh_shape, workload, adapters), mesh_shape, f"With {lora_title}"))
