@@ -13,6 +13,23 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
+# One persistent XLA compilation cache for the whole run: the test workers and every process a test
+# starts (they inherit the environment) share it. Many modules compile the same small programs (the
+# same tiny model's steps, a study's PPO programs across seeds) and each module drops its compiled
+# programs when it ends (below), so later modules read them from disk instead of compiling again. The
+# process that makes the folder (pytest's main process, before it starts workers) removes it at exit;
+# a JAX_COMPILATION_CACHE_DIR set by the caller is used as it is and kept.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="rto_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+# Programs that compile in under a tenth of a second cost more to look up than to compile.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
 # ----------------------------------------------------------------------------------------------
 # The offline sample data (../shared/data beside the repository, or $RTO_JAX_SHARED_DATA): tests
 # marked `@pytest.mark.needs_shared_data` (e.g. everything that builds a `:tiny` TL;DR preset, which
