@@ -199,3 +199,50 @@ def test_the_memory_planner_counts_no_scores_for_attention_without_them():
     blockwise = plan.activation_bytes_per_device(cfg.replace(attention="blockwise"), rows, length, 8, (1, 1, 1))
     per_token = cfg.num_layers * (8 * cfg.num_heads * length - 4 * cfg.num_heads)
     assert xla - blockwise == rows * length * per_token
+
+
+_SHARDED_SCRIPT = r"""
+import json, os
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rto_jax.models import attention as A
+
+batch, length, heads, kv_heads, dim = 4, 40, 4, 2, 8
+keys = jax.random.split(jax.random.key(0), 4)
+q = jax.random.normal(keys[0], (batch, length, heads, dim))
+k = jax.random.normal(keys[1], (batch, kv_heads, length, dim))
+v = jax.random.normal(keys[2], (batch, kv_heads, length, dim))
+w = jax.random.normal(keys[3], (batch, length, heads, dim))
+key_mask = jnp.ones((batch, length), jnp.int32).at[1, :9].set(0)
+mask = A.Mask(jnp.arange(length), key_mask)
+
+def loss(q, k, v):
+    return jnp.sum(A.blockwise_attention(q, k, v, mask, 16) * w * key_mask[:, :, None, None])
+
+grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+expected = jax.device_get(grad(q, k, v))
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+got = grad(put(q, P(("data", "fsdp"), None, "tensor")), put(k, P(("data", "fsdp"), "tensor")),
+           put(v, P(("data", "fsdp"), "tensor")))
+errors = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected))]
+print("RESULT " + json.dumps({"devices": len(jax.devices()), "errors": errors}))
+"""
+
+
+def test_blockwise_attention_sharded_over_batch_and_heads_equals_one_device():
+    """8 simulated devices (a subprocess: the device count is fixed when JAX starts), batch split over
+    data x fsdp and kv heads over tensor: the loss and its gradients equal the unsharded ones."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result["devices"] == 8
+    assert max(result["errors"]) < 1e-4, result
