@@ -9,8 +9,9 @@ from flax import nnx
 
 from benchmarks.timing import measure
 from benchmarks.workloads import FIRST_TOKEN, SHAPES
-from rto_jax.models import attention
 from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, default_positions, with_adapters
+from rto_jax.models import attention
+from rto_jax.models.layers import compute_dtype
 from rto_jax.objectives.advantages import needs_critic
 from rto_jax.objectives.token_rewards import bind, ppo, rto
 from rto_jax.sampling import SamplingConfig, generate_jit
@@ -145,9 +146,8 @@ def train(row: dict, measure=measure) -> dict:
 
     result = measure(one_step, row["warmup"], row["reps"], _sync)
     # What the step's attention ran as (`auto` resolved for this backend, dtype and length).
-    dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     result["attention_impl"] = attention.resolve(
-        cfg.attention, backend=jax.default_backend(), dtype=dtype, num_keys=length, num_queries=length
+        cfg.attention, backend=jax.default_backend(), dtype=compute_dtype(cfg), num_keys=length, num_queries=length
     )
     return result
 

@@ -45,9 +45,14 @@ class Mask(NamedTuple):
 
     def dense(self) -> jax.Array:
         """Boolean `[B, 1, T, S]`."""
-        key_slots = jnp.arange(self.key_mask.shape[1])
-        causal = key_slots[None, :] <= self.query_slots[:, None]  # [T, S]
-        return causal[None, None] & (self.key_mask[:, None, None, :] > 0)
+        return _visible(self.query_slots, jnp.arange(self.key_mask.shape[1]), self.key_mask)
+
+
+def _visible(query_slots, key_slots, key_mask):
+    """Boolean `[B, 1, T, S']`: key slot `key_slots[s]` is visible from query t (the rule of `Mask`), for
+    query_slots `[T]`, key_slots `[S']` and their key_mask `[B, S']`."""
+    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S']
+    return causal[None, None] & (key_mask[:, None, None, :] > 0)
 
 
 def resolve(implementation: str, *, backend: str, dtype, num_keys: int, num_queries: int) -> str:
@@ -147,15 +152,18 @@ def _block(x, index, size, axis):
 def _scores(qi, kj, slots_i, key_mask_j, j, block_k):
     """Block (i, j)'s scaled scores `[B, K, G, bq, bk]` (float32) and visibility (broadcastable)."""
     s = jnp.einsum("bkgtd,bksd->bkgts", qi, kj, preferred_element_type=jnp.float32) / math.sqrt(qi.shape[-1])
-    key_slots = j * block_k + jnp.arange(block_k)
-    visible = (key_slots[None, :] <= slots_i[:, None])[None, None, None] & key_mask_j[:, None, None, None, :]
+    visible = _visible(slots_i, j * block_k + jnp.arange(block_k), key_mask_j)[:, :, None]  # [B, 1, 1, bq, bk]
     return s, visible
+
+
+def _latest_slot(slots, block_q):
+    """Per query block, the latest key slot any of its queries may see: `[nq]` (-1: a block of padding)."""
+    return jnp.max(slots.reshape(-1, block_q), axis=1)
 
 
 def _last_block_seen(slots, block_q, block_k, num_key_blocks):
     """Per query block, one past the last key block any of its queries sees: `[nq]` int32."""
-    latest = jnp.max(slots.reshape(-1, block_q), axis=1)  # -1 for a block of padding queries
-    return jnp.clip(latest // block_k + 1, 0, num_key_blocks)
+    return jnp.clip(_latest_slot(slots, block_q) // block_k + 1, 0, num_key_blocks)
 
 
 def _forward(qg, k, v, slots, key_mask, block_q, block_k):
@@ -214,7 +222,7 @@ def _flash_bwd(block_q, block_k, residuals, d_out):
     num_q_blocks, num_k_blocks = qg.shape[3] // block_q, k.shape[2] // block_k
     # The first query block that sees key block j: query blocks before it see none of its keys. (The
     # running max keeps this right for any order of query slots; ours ascend.)
-    latest = jax.lax.cummax(jnp.max(slots.reshape(-1, block_q), axis=1))  # [nq]
+    latest = jax.lax.cummax(_latest_slot(slots, block_q))  # [nq]
     start = jnp.sum(latest[None, :] < (jnp.arange(num_k_blocks) * block_k)[:, None], axis=1)  # [nk]
 
     def key_block(dq, j):
