@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/rto_jax
 export RTO_JAX_CACHE := $(CACHE)
 
-.PHONY: test test-fast demo smollm2 chat bench tunix-env clean
+.PHONY: test test-fast demo smollm2 chat bench device-wheels tunix-env clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,13 @@ bench: $(VENV)/.installed
 	@# Best effort: without tunix's environment its rows are reported as unavailable.
 	-$(MAKE) tunix-env
 	RTO_BENCH_TUNIX_PYTHON=$(TUNIX_VENV)/bin/python $(PY) -m benchmarks.run
+
+# For `bash benchmarks/device.sh` on a GPU machine that cannot reach a package index: our flax and optax as
+# wheels in .whl/ (the device image's own versions may differ; everything else we import is there).
+device-wheels: $(VENV)/.installed
+	rm -rf .whl && $(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl \
+		flax==$$($(PY) -c "from importlib.metadata import version; print(version('flax'))") \
+		optax==$$($(PY) -c "from importlib.metadata import version; print(version('optax'))")
 
 clean:
 	rm -rf $(VENV) .pytest_cache

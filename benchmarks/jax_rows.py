@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.timing import measure
+from benchmarks.timing import Unavailable, measure
 from benchmarks.workloads import FIRST_TOKEN, SHAPES
 from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, default_positions, with_adapters
 from rto_jax.models import attention
@@ -34,6 +34,8 @@ PAD = 0
 
 
 def _config(row: dict) -> ModelConfig:
+    if row.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+        raise Unavailable(f"cuDNN attention needs a GPU (JAX's backend here: {jax.default_backend()})")
     return ModelConfig(
         **SHAPES[row["shape"]],
         scan_layers=row.get("layout") == "scan",
@@ -46,18 +48,25 @@ def _sync(tree):
     return jax.block_until_ready(tree)
 
 
+def device_peak_mb() -> float | None:
+    """Peak bytes in use on the first device so far (MB); None where the backend keeps no such count (CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
+
+
 def ceiling(row: dict) -> dict:
-    """Best float32 matmul rate over the sizes: jitted `jnp.dot` of two n x n matrices."""
+    """Best matmul rate over the sizes (float32, or the row's dtype): jitted `jnp.dot` of two n x n matrices."""
     out = {"by_size": {}}
     dot = jax.jit(jnp.dot)
+    dtype = jnp.dtype(row.get("dtype", "float32"))
     for n in row["sizes"]:
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), dtype)
         timing = measure(lambda a=a, b=b: dot(a, b), row["warmup"], row["reps"], _sync)
         out["by_size"][str(n)] = 2 * n**3 / timing["median_s"] / 1e9
         out["median_s"] = timing["median_s"]  # of the largest size, the last one
     out["gflops"] = max(out["by_size"].values())
-    out["bandwidth_gbs"] = _read_bandwidth(row["warmup"], row["reps"])
+    out["bandwidth_gbs"] = _read_bandwidth(row["warmup"], row["reps"], row.get("read_mb", 1024))
     return out
 
 
@@ -146,6 +155,7 @@ def train(row: dict, measure=measure) -> dict:
 
     result = measure(one_step, row["warmup"], row["reps"], _sync)
     # What the step's attention ran as (`auto` resolved for this backend, dtype and length).
+    result["compute_dtype"] = jnp.dtype(compute_dtype(cfg)).name  # what the row's dtype reached
     result["attention_impl"] = attention.resolve(
         cfg.attention, backend=jax.default_backend(), dtype=compute_dtype(cfg), num_keys=length, num_queries=length
     )

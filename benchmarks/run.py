@@ -1,11 +1,15 @@
-"""Run the benchmark table: `python -m benchmarks.run [--smoke] [--only ROWS] [--out DIR]`.
+"""Run the benchmark table: `python -m benchmarks.run [--smoke] [--suite cpu|device] [--only ROWS] [--out DIR]`.
 
 Every row runs in its own worker process (`benchmarks.worker`), so its peak resident memory is its own
 (`ru_maxrss` of that child) and no row's compile cache or allocator state leaks into the next. With
 `--smoke` (tiny shapes, one rep) all rows of a backend share one process to finish in seconds; its
 memory figures are then cumulative and its speeds meaningless: it only checks the harness.
 
-Prints a table, the PPO iteration split, and writes `<out>/<date>.json` (`<date>-smoke.json`) atomically.
+`--suite device` is the accelerator's table (bf16, 135M and 1B, decode, long-sequence attention; run it with
+`bash benchmarks/device.sh`); `--budget S` records the rows not started within S seconds as skipped, so a
+run that must end inside a device lease still writes its file.
+
+Prints a table, the PPO iteration split, and writes `<out>/<date>[-device][-smoke].json` atomically.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from benchmarks.workloads import (
     SHAPES,
     decode_bytes,
     decode_flops,
+    device_rows,
     forward_flops,
     full_rows,
     peer_of,
@@ -144,7 +149,9 @@ def _metrics(row: dict, result: dict, ceiling_gflops: float | None, bandwidth_gb
         out["mfu"] = mfu(per_step, step) if step > 0 else None
         out["prefill_mfu"] = mfu(prefill_flops(shape, batch, prompt), result["prefill_s"])
         if bandwidth_gbs and step > 0:  # the fraction of the machine's read rate a decode step reaches
-            out["bandwidth_fraction"] = decode_bytes(shape, batch, prompt, new) / step / 1e9 / bandwidth_gbs
+            # A bf16 row counts 2 bytes per weight and cache value: what a decode step must read at that dtype.
+            width = 2 if row.get("dtype") == "bfloat16" else 4
+            out["bandwidth_fraction"] = decode_bytes(shape, batch, prompt, new, width) / step / 1e9 / bandwidth_gbs
     elif row["kind"] == "ppo_split":
         shape = SHAPES[row["shape"]]
         batch, prompt, new = row["batch"], row["prompt"], row["new_tokens"]
@@ -172,13 +179,15 @@ def _fmt(value, spec: str, empty: str = "-") -> str:
 
 
 def print_table(records: list[dict], file=sys.stdout) -> None:
-    header = ["row", "tok/s", "prefill tok/s", "median s", "MFU", "peak RSS GB", "ours/peer"]
+    device_memory = any(rec.get("device_peak_mb") for rec in records)
+    header = ["row", "tok/s", "prefill tok/s", "median s", "MFU", "peak RSS GB"]
+    header += ["device peak GB"] * device_memory + ["ours/peer"]
     lines = []
     for rec in records:
         if rec["kind"] == "ceiling":
             continue
         if rec["status"] != "ok":
-            lines.append([rec["id"], rec["status"], "", "", "", "", (rec.get("reason") or "")[:80]])
+            lines.append([rec["id"], rec["status"], "", "", "", ""] + [""] * device_memory + [(rec.get("reason") or "")[:80]])
             continue
         ratios = " ".join(f"{k}={v:.2f}x" for k, v in rec.get("ratios", {}).items())
         lines.append(
@@ -189,8 +198,9 @@ def print_table(records: list[dict], file=sys.stdout) -> None:
                 _fmt(rec.get("median_s"), ".3f"),
                 _fmt(rec.get("mfu") and 100 * rec["mfu"], ".1f", "-") + ("%" if rec.get("mfu") else ""),
                 _fmt(rec.get("peak_rss_mb") and rec["peak_rss_mb"] / 1024, ".2f"),
-                ratios,
             ]
+            + [_fmt(rec.get("device_peak_mb") and rec["device_peak_mb"] / 1024, ".2f")] * device_memory
+            + [ratios]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
     fmt_line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
@@ -222,9 +232,17 @@ def _machine() -> dict:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit = None
+    try:  # the accelerator, where there is one (nvidia-smi's name and memory of each GPU)
+        gpus = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            check=True, capture_output=True, text=True, timeout=30,
+        ).stdout.strip().splitlines()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        gpus = []
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "gpus": gpus,
         "memory_gb": round(mem_gb, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -262,12 +280,15 @@ def run(
     log=sys.stderr,
     progress: Path | None = None,
     commit: str | None = None,
+    budget: float | None = None,
 ) -> list[dict]:
     """Runs every row (ceilings first) and returns one record per row: the row, its result and metrics.
 
     With `progress`, each finished row is saved there (atomically) and a row already saved by an interrupted
-    run of the same commit, with the same definition, is not measured again.
+    run of the same commit, with the same definition, is not measured again. With `budget` (seconds), a row
+    not started within it is recorded as skipped, and the row running when it ends is cut off there.
     """
+    deadline = time.monotonic() + budget if budget else None
     rows = sorted(rows, key=lambda r: r["group"] != "ceiling")  # stable: ceilings first, then as listed
     results: dict[str, dict] = {}
     saved = load_progress(progress, commit)
@@ -297,9 +318,14 @@ def run(
                         flush=True,
                     )
                     continue
+                left = deadline - time.monotonic() if deadline else timeout
+                if left <= 0:
+                    results[row["id"]] = {"id": row["id"], "status": "skipped", "reason": f"not started within --budget {budget:.0f} s"}
+                    print(f"[{i + 1}/{len(rows)}] {row['id']}: skipped (budget spent)", file=log, flush=True)
+                    continue
                 load_before = os.getloadavg()[0]
                 start = time.perf_counter()
-                (res,), peak = _run_worker([row], timeout, Path(tmp))
+                (res,), peak = _run_worker([row], min(timeout, left), Path(tmp))
                 res["peak_rss_mb"] = peak
                 res["loadavg_1m"] = [load_before, os.getloadavg()[0]]
                 # This row alone keeps about `cores` threads busy; a higher load means other work shared the CPU.
@@ -347,9 +373,11 @@ def summary(records: list[dict], file=sys.stdout) -> None:
         if rec["kind"] == "ceiling":
             sizes = ", ".join(f"{n}^2: {g:.0f}" for n, g in rec.get("by_size", {}).items())
             text = f"{rec['gflops']:.0f} GFLOP/s ({sizes})" if rec["status"] == "ok" else rec.get("reason")
-            print(f"ceiling {rec['impl']} float32 matmul: {text}", file=file)
+            print(f"ceiling {rec['impl']} {rec.get('dtype', 'float32')} matmul: {text}", file=file)
             if rec.get("bandwidth_gbs"):
-                print(f"ceiling {rec['impl']} memory read (sum over 1 GiB): {rec['bandwidth_gbs']:.1f} GB/s", file=file)
+                mb = rec.get("read_mb", 1024)
+                size = f"{mb / 1024:g} GiB" if mb >= 1024 else f"{mb} MB"
+                print(f"ceiling {rec['impl']} memory read (sum over {size}): {rec['bandwidth_gbs']:.1f} GB/s", file=file)
     ceiling = next((r["ceiling_gflops"] for r in records if r.get("ceiling_gflops")), None)
     print(f"MFU is against the best of those: {_fmt(ceiling, '.0f')} GFLOP/s\n", file=file)
     print_table(records, file)
@@ -378,6 +406,13 @@ def summary(records: list[dict], file=sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, one rep, one process per backend (seconds)")
+    ap.add_argument(
+        "--suite",
+        choices=("cpu", "device"),
+        default="cpu",
+        help="cpu: the table `make bench` runs; device: the accelerator's (bf16, 135M and 1B, decode, attention)",
+    )
+    ap.add_argument("--budget", type=float, default=None, help="seconds: rows not started by then are skipped")
     ap.add_argument("--only", default=None, help="comma-separated row-id globs or prefixes, e.g. 'train/sft,rollout'")
     ap.add_argument(
         "--out",
@@ -390,7 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="print the selected row ids and exit")
     args = ap.parse_args(argv)
 
-    rows = select(smoke_rows() if args.smoke else full_rows(), args.only)
+    if args.suite == "device":
+        rows = device_rows(smoke=args.smoke)
+    else:
+        rows = smoke_rows() if args.smoke else full_rows()
+    rows = select(rows, args.only)
     if args.reps is not None:
         rows = [{**r, "reps": args.reps} for r in rows]
     if args.list:
@@ -401,12 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(rows)} rows on {machine['cpu']} ({machine['cores']} cores, {machine['memory_gb']} GB)", file=sys.stderr
     )
-    name = started.strftime("%Y-%m-%d") + ("-smoke" if args.smoke else "") + ".json"
+    name = started.strftime("%Y-%m-%d") + ("-device" if args.suite == "device" else "") + ("-smoke" if args.smoke else "") + ".json"
     out = Path(args.out) if args.out else SMOKE_OUT if args.smoke else DEFAULT_OUT
     path = out / name
     # An interrupted full run (killed, machine taken back) resumes from here on the next call.
     progress = None if args.smoke else out / ".progress.json"
-    records = run(rows, smoke=args.smoke, timeout=args.timeout, progress=progress, commit=machine["commit"])
+    records = run(
+        rows, smoke=args.smoke, timeout=args.timeout, progress=progress, commit=machine["commit"], budget=args.budget
+    )
     summary(records)
     write_json(
         path,
@@ -414,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": started.isoformat(timespec="seconds"),
             "elapsed_s": (datetime.datetime.now() - started).total_seconds(),
             "smoke": args.smoke,
+            "suite": args.suite,
             "only": args.only,
             "machine": machine,
             "ceiling_gflops": next((r["ceiling_gflops"] for r in records if r.get("ceiling_gflops")), None),
@@ -423,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     if progress is not None:
         progress.unlink(missing_ok=True)
     print(f"\nwrote {path}", file=sys.stderr)
-    return 0 if all(r["status"] in ("ok", "unavailable") for r in records) else 1
+    return 0 if all(r["status"] in ("ok", "unavailable", "skipped") for r in records) else 1
 
 
 if __name__ == "__main__":

@@ -24,3 +24,8 @@ def measure(fn: Callable[[], object], warmup: int, reps: int, sync: Callable[[ob
         if i >= max(warmup, 1):
             times.append(elapsed)
     return {"first_s": first, "times_s": times, "median_s": statistics.median(times)}
+
+
+class Unavailable(Exception):
+    """A row this machine cannot run (e.g. cuDNN attention without a GPU): reported as `unavailable`, as an
+    optional peer that is not installed, rather than as an error."""

@@ -1,7 +1,9 @@
 """Peer rows: transformers' PyTorch Llama on the same shapes and objectives, HF `generate`, TRL's DPO trainer.
 
 Every peer runs the same workload as our row: full-length random rows, the LM head only on the response
-positions (`logits_to_keep`), AdamW after global-norm clipping at 1.0, float32, torch threads = cores.
+positions (`logits_to_keep`), AdamW after global-norm clipping at 1.0, float32, torch threads = cores; on a
+GPU (the device suite) on the GPU, and a bfloat16 row under `torch.autocast` (float32 weights, bf16 compute:
+what ModelConfig.dtype="bfloat16" does in ours).
 The peers' models and TRL's trainer are built by third_party/torch_peers; this file defines the
 workloads and times them.
 """
@@ -23,23 +25,50 @@ from third_party import torch_peers
 
 PAD = 0
 torch.set_num_threads(os.cpu_count() or 1)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(result):
+    """Waits for the GPU's queued work (CUDA runs asynchronously); nothing to wait for on a CPU."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    return result
+
+
+def _measure(fn, row: dict) -> dict:
+    return measure(fn, row["warmup"], row["reps"], _sync)
+
+
+def _autocast(row: dict):
+    """A fresh context for the row's compute dtype: bf16 autocast on the row's device, or nothing (float32)."""
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=row.get("dtype") == "bfloat16")
+
+
+def _tensor(array) -> torch.Tensor:
+    return torch.from_numpy(array).float().to(DEVICE)
+
+
+def device_peak_mb() -> float | None:
+    """Peak bytes allocated on the GPU so far (MB); None on a CPU."""
+    return torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None
 
 
 def _causal_lm(shape_name: str):
     """transformers' LlamaForCausalLM of the shape, float32, seed 0."""
-    return torch_peers.causal_lm(SHAPES[shape_name], pad_token_id=PAD, seed=0)
+    return torch_peers.causal_lm(SHAPES[shape_name], pad_token_id=PAD, seed=0).to(DEVICE)
 
 
 def _value_model(shape_name: str):
     """LlamaModel + a bias-free scalar head on every position: our ScalarHeadModel (critic, reward model)."""
-    return torch_peers.ValueModel(SHAPES[shape_name], pad_token_id=PAD)
+    return torch_peers.ValueModel(SHAPES[shape_name], pad_token_id=PAD).to(DEVICE)
 
 
 def ceiling(row: dict) -> dict:
     out = {"by_size": {}}
+    dtype = getattr(torch, row.get("dtype", "float32"))
     for n in row["sizes"]:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        timing = measure(lambda a=a, b=b: torch.matmul(a, b), row["warmup"], row["reps"])
+        a, b = (torch.randn(n, n, device=DEVICE, dtype=dtype) for _ in range(2))
+        timing = _measure(lambda a=a, b=b: torch.matmul(a, b), row)
         out["by_size"][str(n)] = 2 * n**3 / timing["median_s"] / 1e9
         out["median_s"] = timing["median_s"]  # of the largest size, the last one
     out["gflops"] = max(out["by_size"].values())
@@ -47,7 +76,7 @@ def ceiling(row: dict) -> dict:
 
 
 def _ids(rng, seqs, length, vocab):
-    return torch.from_numpy(rng.integers(FIRST_TOKEN, vocab, (seqs, length))).long()
+    return torch.from_numpy(rng.integers(FIRST_TOKEN, vocab, (seqs, length))).long().to(DEVICE)
 
 
 def _response_logps(model, input_ids, response: int):
@@ -76,10 +105,11 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
 
 
-def _train_step(loss_fn, params, optimizer):
+def _train_step(loss_fn, params, optimizer, row: dict):
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
+        with _autocast(row):
+            loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -128,10 +158,10 @@ def train(row: dict) -> dict:
         params = list(model.parameters())
     elif task == "ppo":
         model, critic = _causal_lm(row["shape"]).train(), _value_model(row["shape"]).train()
-        logp_old = torch.from_numpy(-rng.exponential(1.0, (seqs, response))).float()
-        old_values = torch.from_numpy(rng.normal(size=(seqs, response))).float()
-        advantages = torch.from_numpy(rng.normal(size=(seqs, response))).float()
-        returns = torch.from_numpy(rng.normal(size=(seqs, response))).float()
+        logp_old = _tensor(-rng.exponential(1.0, (seqs, response)))
+        old_values = _tensor(rng.normal(size=(seqs, response)))
+        advantages = _tensor(rng.normal(size=(seqs, response)))
+        returns = _tensor(rng.normal(size=(seqs, response)))
 
         def loss_fn():
             return _ppo_loss(model, critic, ids, response, logp_old, old_values, advantages, returns, vf_coef=0.5)
@@ -140,7 +170,7 @@ def train(row: dict) -> dict:
     else:
         raise ValueError(f"{row['id']}: unknown task {task!r}")
     # One AdamW over policy and critic: the same update as our two optimizers with equal settings.
-    return measure(_train_step(loss_fn, params, _optimizer(params)), row["warmup"], row["reps"])
+    return _measure(_train_step(loss_fn, params, _optimizer(params), row), row)
 
 
 def trl_dpo(row: dict) -> dict:
@@ -213,18 +243,18 @@ def rollout(row: dict) -> dict:
 
     def call(max_new):
         def run():
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast(row):
                 return model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, use_cache=True
                 )
 
         return run
 
-    full = measure(call(new), row["warmup"], row["reps"])
+    full = _measure(call(new), row)
     out = call(new)()
     if tuple(out.shape) != (batch, prompt + new):
         raise RuntimeError(f"{row['id']}: generate returned {tuple(out.shape)}, expected {(batch, prompt + new)}")
-    one = measure(call(1), row["warmup"], row["reps"])
+    one = _measure(call(1), row)
     step_s = max(full["median_s"] - one["median_s"], 0.0) / max(new - 1, 1)
     return {
         "median_s": full["median_s"],
@@ -240,8 +270,8 @@ def rollout(row: dict) -> dict:
 def _gae(rewards, values, gamma: float = 1.0, lam: float = 0.95):
     """GAE over full-length rows `[B, R]` (every token valid), as a reverse loop over time."""
     advantages = torch.zeros_like(rewards)
-    next_adv = torch.zeros(rewards.shape[0])
-    next_value = torch.zeros(rewards.shape[0])
+    next_adv = torch.zeros(rewards.shape[0], device=rewards.device)
+    next_value = torch.zeros(rewards.shape[0], device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
         next_adv = delta + gamma * lam * next_adv
@@ -269,7 +299,7 @@ def ppo_iteration(row: dict) -> dict:
     policy.generation_config.eos_token_id = None
     policy.generation_config.pad_token_id = PAD
     reference = _causal_lm(row["shape"]).eval().requires_grad_(False)  # seed 0: a copy of the policy
-    dpo = torch_peers.causal_lm(shape, pad_token_id=PAD, seed=3).eval().requires_grad_(False)
+    dpo = torch_peers.causal_lm(shape, pad_token_id=PAD, seed=3).to(DEVICE).eval().requires_grad_(False)
     torch.manual_seed(1)
     critic = _value_model(row["shape"])
     reward = _value_model(row["shape"]).eval().requires_grad_(False)
@@ -284,7 +314,7 @@ def ppo_iteration(row: dict) -> dict:
     mask = torch.ones_like(ids)
 
     def rollout():
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(row):
             out = policy.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -304,11 +334,11 @@ def ppo_iteration(row: dict) -> dict:
         return out.sequences, logp, entropy
 
     def scoring(sequences, logp_old, beta_dpo=0.05, dpo_clip=0.05, beta_kl=0.01):
-        with torch.inference_mode():
+        with torch.inference_mode(), _autocast(row):
             ref, _ = _response_logps(reference, sequences, new)
             dpo_logp, _ = _response_logps(dpo, sequences, new)
-            values = critic(sequences)[:, length - new - 1 : -1]
-            score = reward(sequences)[:, -1]
+            values = critic(sequences)[:, length - new - 1 : -1].float()  # float32 returns, as ours
+            score = reward(sequences)[:, -1].float()
             rewards = (beta_dpo * (dpo_logp - ref)).clamp(-dpo_clip, dpo_clip) - beta_kl * (logp_old - ref)
             rewards[:, -1] += score
             advantages, returns = _gae(rewards, values)
@@ -317,7 +347,8 @@ def ppo_iteration(row: dict) -> dict:
 
     def update(sequences, logp_old, old_values, advantages, returns):
         optimizer.zero_grad(set_to_none=True)
-        loss = _ppo_loss(train_step, critic, sequences, new, logp_old, old_values, advantages, returns, vf_coef=0.1)
+        with _autocast(row):
+            loss = _ppo_loss(train_step, critic, sequences, new, logp_old, old_values, advantages, returns, vf_coef=0.1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -328,10 +359,10 @@ def ppo_iteration(row: dict) -> dict:
         raise RuntimeError(f"{row['id']}: generate returned {tuple(sequences.shape)}, expected {(batch, length)}")
     logp_old = logp_old.clone()
     sequences = sequences.clone()
-    rollout_t = measure(rollout, row["warmup"], row["reps"])
-    scoring_t = measure(lambda: scoring(sequences, logp_old), row["warmup"], row["reps"])
+    rollout_t = _measure(rollout, row)
+    scoring_t = _measure(lambda: scoring(sequences, logp_old), row)
     experience = scoring(sequences, logp_old)
-    update_t = measure(lambda: update(sequences, logp_old, *experience), row["warmup"], row["reps"])
+    update_t = _measure(lambda: update(sequences, logp_old, *experience), row)
     split = {"rollout": rollout_t["median_s"], "scoring": scoring_t["median_s"], "update": update_t["median_s"]}
     total = sum(split.values())
     return {

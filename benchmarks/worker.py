@@ -29,17 +29,18 @@ def main(argv: list[str]) -> int:
     if len(backends) != 1:
         raise ValueError(f"one backend per worker, got {sorted(backends)}")
     if backends == {"jax"}:
-        from benchmarks.jax_rows import RUNNERS
+        from benchmarks import jax_rows as runner
     elif backends == {"tunix"}:
-        from benchmarks.tunix_rows import RUNNERS
+        from benchmarks import tunix_rows as runner
     else:
-        from benchmarks.torch_rows import RUNNERS
+        from benchmarks import torch_rows as runner
+    from benchmarks.timing import Unavailable
     results = []
     for row in rows:
         start = time.perf_counter()
         try:
-            result = {"status": "ok", **RUNNERS[row["kind"]](row)}
-        except ModuleNotFoundError as e:  # an optional peer (TRL, tunix) that is not installed
+            result = {"status": "ok", **runner.RUNNERS[row["kind"]](row)}
+        except (ModuleNotFoundError, Unavailable) as e:  # an optional peer (TRL, tunix) not installed; no GPU
             result = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}
         except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
             tail = traceback.format_exc().strip().splitlines()[-6:]
@@ -48,6 +49,9 @@ def main(argv: list[str]) -> int:
         result["wall_s"] = time.perf_counter() - start
         # ru_maxrss is in KiB on Linux: the peak of this process so far (so of this row when it runs alone).
         result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # On an accelerator: the device memory's peak (of this process so far; None on a CPU).
+        device_peak = getattr(runner, "device_peak_mb", None)
+        result["device_peak_mb"] = device_peak() if device_peak is not None else None
         results.append(result)
         _write(out_path, results)
     return 0

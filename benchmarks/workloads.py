@@ -2,7 +2,7 @@
 
 A row is a plain dict (it travels as JSON to a worker process):
     id        unique name, e.g. "train/sft/smollm2-135m/4x256/jax-loop"
-    group     "ceiling" | "train" | "rollout" | "ppo" | "scaling"
+    group     "ceiling" | "train" | "rollout" | "ppo" | "scaling" | "attention" | "device"
     backend   "jax" | "torch" | "tunix" (which worker runs it; no other framework is imported there;
               tunix rows run in tunix's own environment, .venv-tunix)
     kind      "ceiling" | "train" | "rollout" | "ppo_split"
@@ -13,6 +13,8 @@ A row is a plain dict (it travels as JSON to a worker process):
     warmup, reps
     ppo_config  ppo_split rows of ours only, when set: PPOConfig fields (the critic-free "jax-rloo" row's estimator
               and samples_per_prompt)
+    dtype     "float32" (absent) or "bfloat16": the compute dtype (ours: ModelConfig.dtype, float32 params;
+              the PyTorch peers: float32 weights under torch.autocast), and for a ceiling the matmul's dtype
 A training row's batch counts sequences: a preference row of batch 4 is 2 chosen/rejected pairs,
 so every training row at "4x256" pushes the same 1024 tokens through the policy.
 """
@@ -43,6 +45,20 @@ SHAPES = {
         "num_kv_heads": 2,
         "head_dim": 32,
         "rope_theta": 10000.0,
+        "norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    # Llama-3.2-1B's architecture (random init; its llama3 RoPE frequency scaling is left out: the
+    # same FLOPs and bytes): the device suite's larger model (GQA 32/8, vocab 128256, tied).
+    "llama-3.2-1b": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_layers": 16,
+        "num_heads": 32,
+        "num_kv_heads": 8,
+        "head_dim": 64,
+        "rope_theta": 500000.0,
         "norm_eps": 1e-5,
         "tie_word_embeddings": True,
     },
@@ -148,14 +164,15 @@ def _layout(impl: str) -> str | None:
         "jax-rloo": "loop",
         "jax-xla": "loop",
         "jax-blockwise": "loop",
+        "jax-cudnn": "loop",
     }.get(impl)
 
 
 # Our impls that pin `ModelConfig.attention` (every other jax row runs the default, "auto").
-ATTENTION_IMPLS = {"jax-xla": "xla", "jax-blockwise": "blockwise"}
+ATTENTION_IMPLS = {"jax-xla": "xla", "jax-blockwise": "blockwise", "jax-cudnn": "cudnn"}
 
 
-def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prompt=None):
+def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prompt=None, dtype=None):
     row = {
         "id": f"{group}/{task}/{shape}/{batch}x{seq}/{impl}",
         "group": group,
@@ -173,13 +190,20 @@ def _train(task, shape, batch, seq, impl, *, group="train", reps, warmup=1, prom
     }
     if impl in ATTENTION_IMPLS:
         row["attention"] = ATTENTION_IMPLS[impl]
+    return _with_dtype(row, dtype)
+
+
+def _with_dtype(row: dict, dtype: str | None) -> dict:
+    """The row with its compute dtype set (absent = float32, as every CPU row)."""
+    if dtype is not None:
+        row["dtype"] = dtype
     return row
 
 
-def _rollout(shape, batch, impl, *, prompt, new_tokens, reps, warmup=1):
-    return {
-        "id": f"rollout/{shape}/b{batch}/{impl}",
-        "group": "rollout",
+def _rollout(shape, batch, impl, *, prompt, new_tokens, reps, warmup=1, group="rollout", dtype=None):
+    row = {
+        "id": f"{group}/rollout/{shape}/b{batch}/{impl}" if group != "rollout" else f"rollout/{shape}/b{batch}/{impl}",
+        "group": group,
         "backend": _backend(impl),
         "kind": "rollout",
         "task": "rollout",
@@ -193,20 +217,25 @@ def _rollout(shape, batch, impl, *, prompt, new_tokens, reps, warmup=1):
         "warmup": warmup,
         "reps": reps,
     }
+    return _with_dtype(row, dtype)
 
 
-def _ceiling(impl, sizes, reps):
-    return {
-        "id": f"ceiling/matmul/{impl}",
+def _ceiling(impl, sizes, reps, dtype=None, read_mb=1024):
+    """The matmul rate (float32, or `dtype`) every row's MFU is against; ours also measures the memory read
+    rate over `read_mb` MB (a decode step's bandwidth fraction is against it)."""
+    row = {
+        "id": f"ceiling/matmul/{impl}" + (f"-{dtype}" if dtype else ""),
         "group": "ceiling",
         "backend": "jax" if impl == "jax" else "torch",
         "kind": "ceiling",
         "task": "matmul",
         "impl": impl,
         "sizes": list(sizes),
+        "read_mb": read_mb,
         "warmup": 1,
         "reps": reps,
     }
+    return _with_dtype(row, dtype)
 
 
 def critic_free(samples_per_prompt: int) -> dict:
@@ -215,10 +244,10 @@ def critic_free(samples_per_prompt: int) -> dict:
     return {"estimator": "rloo", "samples_per_prompt": samples_per_prompt}
 
 
-def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps, ppo_config=None):
+def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps, ppo_config=None, group="ppo", dtype=None):
     row = {
-        "id": f"ppo/iteration/{shape}/b{batch}/{impl}",
-        "group": "ppo",
+        "id": f"{group}/iteration/{shape}/b{batch}/{impl}",
+        "group": group,
         "backend": _backend(impl),
         "kind": "ppo_split",
         "task": "ppo_iteration",
@@ -234,7 +263,7 @@ def _ppo_split(shape, batch, impl, *, prompt, new_tokens, reps, ppo_config=None)
     }
     if ppo_config is not None:
         row["ppo_config"] = dict(ppo_config)
-    return row
+    return _with_dtype(row, dtype)
 
 
 def full_rows() -> list[dict]:
@@ -289,6 +318,48 @@ def attention_rows(reps: int = 3) -> list[dict]:
         for seq in (512, 1024, 2048)
         for impl in ("jax-xla", "jax-blockwise", "torch")
     ]
+
+
+def device_rows(smoke: bool = False) -> list[dict]:
+    """The accelerator suite (`bash benchmarks/device.sh` on a GPU machine; docs/performance.md#on-an-accelerator),
+    bfloat16 compute throughout, in the order it is worth measuring when the device time runs out first:
+    the bf16 matmul and memory-read ceilings; SmolLM2-135M SFT and DPO at 8 x 1024, decode at batch 1 and 32
+    (prompt 128, 128 new tokens; the bandwidth fraction against the read ceiling), the RTO PPO iteration at
+    batch 32; the attention implementations on the 135M SFT step at 4 x 2048 and 1 x 8192 (`xla`,
+    `blockwise`, `cudnn` pinned, PyTorch's sdpa beside them); then the same training, decode and iteration
+    rows at Llama-3.2-1B's shape (4 x 1024, PPO batch 16). Every row of ours has its PyTorch peer (eager,
+    float32 weights under bf16 autocast, on the same device).
+
+    smoke=True: the same kinds of rows on the `smoke` shape at toy lengths, one model, one rep (the harness
+    on a CPU: `python -m benchmarks.run --smoke --suite device`)."""
+    bf16, group = "bfloat16", "device"
+    size = lambda full, toy: toy if smoke else full
+    reps = size(3, 1)
+    models = [("smoke", size(0, 4), 32, 2)] if smoke else [("smollm2-135m", 8, 1024, 32), ("llama-3.2-1b", 4, 1024, 16)]
+    prompt, new = size(128, 8), size(128, 8)
+    rows = [
+        _ceiling("jax", size((4096, 8192), (256,)), reps=size(5, 1), dtype=bf16, read_mb=size(4096, 64)),
+        _ceiling("torch", size((4096, 8192), (256,)), reps=size(5, 1), dtype=bf16),
+    ]
+    for i, (shape, batch, seq, ppo_batch) in enumerate(models):
+        for task in ("sft", "dpo"):
+            rows += [_train(task, shape, batch, seq, impl, group=group, reps=reps, dtype=bf16) for impl in ("jax-loop", "torch")]
+        for decode_batch in (1, 32) if not smoke else (1, 2):
+            rows += [
+                _rollout(shape, decode_batch, impl, prompt=prompt, new_tokens=new, reps=reps, group=group, dtype=bf16)
+                for impl in ("jax-loop", "hf-generate")
+            ]
+        rows += [
+            _ppo_split(shape, ppo_batch, impl, prompt=prompt, new_tokens=new, reps=size(2, 1), group=group, dtype=bf16)
+            for impl in ("jax-loop", "torch")
+        ]
+        if i == 0:  # attention at long sequences: the small model, so that the 8k row fits beside xla's scores
+            for batch_long, seq_long in size(((4, 2048), (1, 8192)), ((2, 64), (1, 128))):
+                rows += [
+                    _train("sft", shape, batch_long, seq_long, impl, group=group, reps=reps, dtype=bf16)
+                    for impl in ("jax-xla", "jax-blockwise", "jax-cudnn", "torch")
+                ]
+    return rows
 
 
 def smoke_rows() -> list[dict]:

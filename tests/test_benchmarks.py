@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end in --smoke mode and writes valid JSON. Never asserts a speed."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,104 @@ def test_profile_of_a_smoke_row_names_the_matmuls(tmp_path):
     assert "| matmul |" in proc.stdout
     bad = _module("benchmarks.profile", "--smoke", "rollout/smoke/b2/hf-generate", timeout=120)
     assert bad.returncode == 2 and "is not one of our rows" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_device_suite_runs_its_rows_in_bf16_at_toy_sizes(tmp_path):
+    """The accelerator's table (`--suite device`, run on a GPU by benchmarks/device.sh), its smoke form on this
+    CPU: bf16 ceilings and rows, the decode bandwidth fraction at 2 bytes a value, cuDNN attention reported as
+    unavailable (no GPU) rather than failing the run."""
+    from benchmarks.workloads import SHAPES, decode_bytes
+
+    only = "device/sft/smoke/1x128,device/rollout/smoke/b2"
+    proc = _module("benchmarks.run", "--smoke", "--suite", "device", "--only", only, "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("*-device-smoke.json")
+    payload = json.loads(path.read_text())
+    assert payload["suite"] == "device" and "gpus" in payload["machine"]
+    rows = {row["id"]: row for row in payload["rows"]}
+    assert set(rows) == {
+        "ceiling/matmul/jax-bfloat16",
+        "ceiling/matmul/torch-bfloat16",
+        *(f"device/sft/smoke/1x128/{impl}" for impl in ("jax-xla", "jax-blockwise", "jax-cudnn", "torch")),
+        *(f"device/rollout/smoke/b2/{impl}" for impl in ("jax-loop", "hf-generate")),
+    }
+    assert all(row.get("dtype") == "bfloat16" for row in rows.values())
+    for impl in ("xla", "blockwise"):
+        ours = rows[f"device/sft/smoke/1x128/jax-{impl}"]
+        assert ours["status"] == "ok" and (ours["attention_impl"], ours["compute_dtype"]) == (impl, "bfloat16")
+        assert "torch" in ours["ratios"]
+    cudnn = rows["device/sft/smoke/1x128/jax-cudnn"]
+    assert cudnn["status"] == "unavailable" and "needs a GPU" in cudnn["reason"]
+    rollout = rows["device/rollout/smoke/b2/jax-loop"]
+    ceiling = rows["ceiling/matmul/jax-bfloat16"]
+    assert ceiling["status"] == "ok" and ceiling["read_mb"] == 64 and "bfloat16 matmul" in proc.stdout
+    if rollout["decode_tokens_per_s"]:  # one rep cannot always resolve a decode step
+        bytes_bf16 = decode_bytes(SHAPES["smoke"], 2, 8, 8, bytes_per_value=2)
+        expected = bytes_bf16 / rollout["decode_step_s"] / 1e9 / ceiling["bandwidth_gbs"]
+        assert rollout["bandwidth_fraction"] == pytest.approx(expected)
+
+
+def test_device_rows_cover_both_models_decode_and_the_attention_implementations():
+    from benchmarks.workloads import SHAPES, device_rows, peer_of
+
+    rows = device_rows()
+    by_id = {row["id"]: row for row in rows}
+    assert len(by_id) == len(rows)
+    assert rows[0]["group"] == rows[1]["group"] == "ceiling"  # first: every MFU and bandwidth is against them
+    ours = [row for row in rows if row["backend"] == "jax" and row["kind"] != "ceiling"]
+    assert all(row["dtype"] == "bfloat16" for row in rows)
+    for shape in ("smollm2-135m", "llama-3.2-1b"):
+        assert shape in SHAPES
+        kinds = {(row["kind"], row["task"], row.get("batch")) for row in ours if row["shape"] == shape}
+        assert {("train", "sft"), ("train", "dpo"), ("ppo_split", "ppo_iteration")} <= {k[:2] for k in kinds}
+        assert {("rollout", "rollout", 1), ("rollout", "rollout", 32)} <= kinds
+    long = {(row["seq"], row.get("attention")) for row in ours if row["seq"] >= 2048}
+    assert long == {(seq, impl) for seq in (2048, 8192) for impl in ("xla", "blockwise", "cudnn")}
+    for row in ours:  # every row of ours has its PyTorch peer
+        assert peer_of(row, by_id), row["id"]
+    # The 1B rows come after every 135M row: what a lease that runs out first still measures.
+    first_1b = next(i for i, row in enumerate(rows) if row.get("shape") == "llama-3.2-1b")
+    assert all(row.get("shape") != "smollm2-135m" for row in rows[first_1b:])
+
+
+def test_a_budget_skips_the_rows_it_leaves_no_time_for(tmp_path, monkeypatch):
+    import time
+
+    import benchmarks.run as bench
+    from benchmarks.workloads import smoke_rows
+
+    rows = [r for r in smoke_rows() if r["group"] == "train"][:3]
+    timeouts = []
+
+    def fake_worker(group, timeout, log_dir, extra_env=None):
+        timeouts.append(timeout)
+        time.sleep(0.3)
+        return [{"id": group[0]["id"], "status": "ok", "median_s": 1.0}], 100.0
+
+    monkeypatch.setattr(bench, "_run_worker", fake_worker)
+    records = bench.run(rows, smoke=False, timeout=300, budget=0.2, log=open(tmp_path / "log", "w"))
+    assert [r["status"] for r in records] == ["ok", "skipped", "skipped"]
+    assert "--budget" in records[1]["reason"]
+    assert timeouts[0] <= 0.2  # the row that ran was cut off at the budget, not at --timeout
+    records = bench.run(rows, smoke=False, timeout=300, log=open(tmp_path / "log", "w"))  # no budget: every row
+    assert [r["status"] for r in records] == ["ok"] * 3 and timeouts[-1] == 300
+
+
+def test_device_script_lists_the_device_suite(tmp_path):
+    """benchmarks/device.sh, as a device session runs it, up to the point where it would start measuring."""
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "device.sh"), "--list"],
+        cwd=tmp_path,  # the script finds the repository itself
+        env={**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    from benchmarks.workloads import device_rows
+
+    assert [line for line in proc.stdout.splitlines() if line.startswith(("ceiling/", "device/"))] == [
+        row["id"] for row in device_rows()
+    ]
+    assert "jax devices" in (tmp_path / "out" / "device-log.txt").read_text()
