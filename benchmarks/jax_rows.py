@@ -157,7 +157,12 @@ def train(row: dict, measure=measure) -> dict:
     # What the step's attention ran as (`auto` resolved for this backend, dtype and length).
     result["compute_dtype"] = jnp.dtype(compute_dtype(cfg)).name  # what the row's dtype reached
     result["attention_impl"] = attention.resolve(
-        cfg.attention, backend=jax.default_backend(), dtype=compute_dtype(cfg), num_keys=length, num_queries=length
+        cfg.attention,
+        backend=jax.default_backend(),
+        dtype=compute_dtype(cfg),
+        num_keys=length,
+        num_queries=length,
+        batch_heads=seqs * cfg.num_heads,
     )
     return result
 

@@ -113,17 +113,36 @@ def test_blockwise_keeps_no_queries_by_keys_array():
     assert temp_bytes(lambda q, k, v: A.blockwise_attention(q, k, v, mask, 128)) < scores_bytes / 4
 
 
-def test_auto_resolves_per_backend_dtype_and_length():
-    cpu_long = A.CPU_BLOCKWISE_MIN_KEYS
-    assert A.resolve("auto", backend="gpu", dtype=jnp.bfloat16, num_keys=64, num_queries=64) == "cudnn"
-    assert A.resolve("auto", backend="gpu", dtype=jnp.float32, num_keys=4096, num_queries=64) == "xla"
-    assert A.resolve("auto", backend="gpu", dtype=jnp.bfloat16, num_keys=4096, num_queries=1) == "xla"  # decode
-    assert A.resolve("auto", backend="cpu", dtype=jnp.float32, num_keys=cpu_long, num_queries=64) == "blockwise"
-    assert A.resolve("auto", backend="cpu", dtype=jnp.float32, num_keys=cpu_long - 1, num_queries=64) == "xla"
-    assert A.resolve("auto", backend="cpu", dtype=jnp.float32, num_keys=4096, num_queries=1) == "xla"
-    assert A.resolve("auto", backend="tpu", dtype=jnp.bfloat16, num_keys=4096, num_queries=64) == "xla"
+def test_auto_resolves_per_backend_dtype_and_size():
+    def auto(backend, dtype, keys, queries, batch_heads=32):
+        return A.resolve("auto", backend=backend, dtype=dtype, num_keys=keys, num_queries=queries, batch_heads=batch_heads)
+
+    assert auto("gpu", jnp.bfloat16, 64, 64) == "cudnn"
+    assert auto("gpu", jnp.float32, 4096, 64) == "xla"
+    assert auto("gpu", jnp.bfloat16, 4096, 1) == "xla"  # decode
+    # CPU: blockwise once xla's float32 scores [B, H, T, S] would exceed 8 MiB: batch 8 x 4 heads x 256^2 x 4 bytes
+    # is exactly 8 MiB (xla), one more key slot is over it; batch 64 x 4 heads passes it at 91 tokens.
+    assert A.CPU_SCORE_BYTES == 8 * 2**20
+    assert auto("cpu", jnp.float32, 256, 256) == "xla"
+    assert auto("cpu", jnp.float32, 257, 256) == "blockwise"
+    assert auto("cpu", jnp.float32, 91, 91, batch_heads=256) == "blockwise"
+    assert auto("cpu", jnp.float32, 90, 90, batch_heads=256) == "xla"
+    assert auto("cpu", jnp.float32, 4096, 1) == "xla"  # decode
+    assert auto("tpu", jnp.bfloat16, 4096, 64) == "xla"
     for pinned in ("xla", "blockwise", "cudnn"):
-        assert A.resolve(pinned, backend="cpu", dtype=jnp.float32, num_keys=8, num_queries=8) == pinned
+        assert A.resolve(pinned, backend="cpu", dtype=jnp.float32, num_keys=8, num_queries=8, batch_heads=1) == pinned
+
+
+def test_block_size_is_the_longest_whose_score_tile_fits_with_three_blocks():
+    """The choices measured fastest (docs/performance.md#attention): tiny rows (batch 8 x 4 heads) 128 at 294-512
+    tokens and 256 from 1024; SmolLM2-135M (8 x 9 heads) 64 at 256 and 128 above (256's tile is 18.9 MB);
+    the synthetic study (64 x 4) 64 at every length, also 102 (two blocks: nothing shorter than 64)."""
+    expected = {
+        (294, 32): 128, (512, 32): 128, (1024, 32): 256, (2048, 32): 256,
+        (256, 72): 64, (294, 72): 128, (512, 72): 128, (2048, 72): 128,
+        (102, 256): 64, (294, 256): 64, (2048, 256): 64,
+    }  # fmt: skip
+    assert {key: A.block_size_for(*key) for key in expected} == expected
 
 
 def _config(arch, attention, **changes):

@@ -363,3 +363,14 @@ def test_device_script_lists_the_device_suite(tmp_path):
         row["id"] for row in device_rows()
     ]
     assert "jax devices" in (tmp_path / "out" / "device-log.txt").read_text()
+
+
+def test_attention_block_sweep_prints_every_column_and_autos_choice():
+    proc = _module(
+        "benchmarks.attention_blocks", "--shapes", "study", "--lengths", "102", "--blocks", "32,64", "--reps", "1"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = [row for row in proc.stdout.splitlines() if row.startswith("| study | 102 |")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert len(cells) == 6 and all(float(c.rstrip("*")) > 0 for c in cells[2:5])
+    assert cells[5] == "blockwise 64"  # batch 64 x 4 heads x 102^2 float32 scores are 10.6 MB: over 8 MiB

@@ -29,9 +29,12 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
-# `auto` on CPU: blockwise from this many key slots on (docs/performance.md#attention).
-CPU_BLOCKWISE_MIN_KEYS = 256
-BLOCK_SIZE = 128  # the longest query and key block of `blockwise` (blocks are fitted to the length)
+# On CPU (docs/performance.md#attention, measured with `python -m benchmarks.attention_blocks`): `auto` is
+# blockwise once xla's float32 scores `[B, H, T, S]` would exceed this many bytes, and blockwise's block is the
+# longest whose float32 score tile `[B, H, block, block]` stays within it.
+CPU_SCORE_BYTES = 8 * 2**20
+BLOCK_SIZE = 256  # the longest query and key block of `blockwise` (blocks are then fitted to the length)
+MIN_BLOCK_SIZE = 64  # shorter blocks were never the fastest measured
 
 
 class Mask(NamedTuple):
@@ -55,26 +58,45 @@ def _visible(query_slots, key_slots, key_mask):
     return causal[None, None] & (key_mask[:, None, None, :] > 0)
 
 
-def resolve(implementation: str, *, backend: str, dtype, num_keys: int, num_queries: int) -> str:
-    """The implementation `auto` stands for on `backend` with inputs of `dtype` and these lengths."""
+def resolve(implementation: str, *, backend: str, dtype, num_keys: int, num_queries: int, batch_heads: int) -> str:
+    """The implementation `auto` stands for on `backend` with inputs of `dtype`, these lengths and batch x query
+    heads `batch_heads` (global shapes)."""
     if implementation != "auto":
         return implementation
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and num_queries > 1:
         return "cudnn"
-    if backend == "cpu" and num_keys >= CPU_BLOCKWISE_MIN_KEYS and num_queries > 1:
+    if backend == "cpu" and num_queries > 1 and 4 * batch_heads * num_queries * num_keys > CPU_SCORE_BYTES:
         return "blockwise"
     return "xla"
 
 
+def block_size_for(num_keys: int, batch_heads: int) -> int:
+    """The longest query/key block `blockwise` uses over `num_keys` key slots with batch x heads `batch_heads`
+    (blocks are then fitted to the length): halved from BLOCK_SIZE down to MIN_BLOCK_SIZE until its float32
+    score tile fits CPU_SCORE_BYTES and the keys span at least 3 blocks. On 2 CPU cores that was within 6% of
+    the fastest of 32/64/128/256 at every measured shape (docs/performance.md#attention). BLOCK_SIZE is read at
+    call time, so a test can shorten it."""
+    block = BLOCK_SIZE
+    while block > MIN_BLOCK_SIZE and (4 * batch_heads * block * block > CPU_SCORE_BYTES or -(-num_keys // block) < 3):
+        block //= 2
+    return block
+
+
 def attention(q, k, v, mask: Mask, implementation: str = "xla"):
     """Grouped-query attention with `implementation` (see the module docstring): `[B, T, H, D]`."""
+    batch_heads = q.shape[0] * q.shape[2]
     implementation = resolve(
-        implementation, backend=jax.default_backend(), dtype=q.dtype, num_keys=k.shape[2], num_queries=q.shape[1]
+        implementation,
+        backend=jax.default_backend(),
+        dtype=q.dtype,
+        num_keys=k.shape[2],
+        num_queries=q.shape[1],
+        batch_heads=batch_heads,
     )
     if implementation == "xla":
         return xla_attention(q, k, v, mask.dense())
     if implementation == "blockwise":
-        return blockwise_attention(q, k, v, mask, BLOCK_SIZE)  # read here, so a test can shorten it
+        return blockwise_attention(q, k, v, mask, block_size_for(k.shape[2], batch_heads))
     if implementation == "cudnn":
         return fused_attention(q, k, v, mask, "cudnn")
     raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
