@@ -130,7 +130,7 @@ def train(row: dict, measure=measure) -> dict:
             reference = jax.tree.map(jnp.copy, nnx.split(policy)[1])
             state = TrainState.create(policy, _optimizer()).replace(frozen={"ref": reference})
     elif task == "ppo":
-        state, (_, update_fn, _), _ = _ppo_setup(cfg, response)
+        state, (_, update_fn, _), _ = _ppo_setup(cfg, response, update_only=True)
         data = _sequences(rng, seqs, length, response, cfg.vocab_size)
         batch = Experience(
             input_ids=data["input_ids"],
@@ -172,12 +172,20 @@ BENCH_ADAPTERS = LoraConfig(rank=16, alpha=32.0)
 
 
 def _ppo_setup(
-    cfg: ModelConfig, response: int, beta_dpo: float = 0.0, greedy: bool = True, adapters=None, ppo_config=None
+    cfg: ModelConfig,
+    response: int,
+    beta_dpo: float = 0.0,
+    greedy: bool = True,
+    adapters=None,
+    ppo_config=None,
+    update_only: bool = False,
 ):
     """PPO state (policy, critic, reward model, reference; DPO policy when beta_dpo != 0) and jitted fns.
     adapters: PPO on one shared base instead (policy, critic, reward model and DPO policy as adapters).
     ppo_config: PPOConfig fields a row sets (e.g. {"estimator": "rloo", "samples_per_prompt": 4}); under a
-    critic-free estimator the state holds no critic, so neither its weights nor its optimizer state exist."""
+    critic-free estimator the state holds no critic, so neither its weights nor its optimizer state exist.
+    update_only: the state holds only what `ppo_update` reads (policy and critic: no reference or reward model),
+    as the PyTorch peer of the PPO update row holds; such a state cannot make experience."""
     # EOS = vocab_size: an id the model can never emit, so every rollout runs all `response` tokens.
     sampling = SamplingConfig(max_new_tokens=response, eos_id=cfg.vocab_size, pad_id=PAD, greedy=greedy)
     token_reward = bind(rto, beta_dpo=beta_dpo) if beta_dpo else bind(ppo)
@@ -187,8 +195,8 @@ def _ppo_setup(
     if adapters is None:
         policy = CausalLM(cfg, nnx.Rngs(0))
         critic = ScalarHeadModel.from_causal_lm(policy, nnx.Rngs(1)) if with_critic else None
-        reward = ScalarHeadModel(cfg, nnx.Rngs(2))
-        frozen = {"ref": nnx.split(policy)[1]}
+        reward = None if update_only else ScalarHeadModel(cfg, nnx.Rngs(2))
+        frozen = {} if update_only else {"ref": nnx.split(policy)[1]}
         if beta_dpo:
             frozen["dpo"] = nnx.split(CausalLM(cfg, nnx.Rngs(3)))[1]
         state = create_ppo_state(policy, critic, _optimizer(), _optimizer(), frozen=frozen, reward_model=reward)
