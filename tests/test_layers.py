@@ -13,8 +13,8 @@ PACKAGE = ROOT / "rto_jax"
 
 # Lowest first. A module may import modules of its own layer and of the layers below it, never above.
 LAYERS = (
-    # what everything may use: errors, file writing, process topology, the package root
-    ("base", ("__init__", "errors", "files", "distributed")),
+    # what everything may use: errors, file writing, process topology and runtime, the package root
+    ("base", ("__init__", "errors", "files", "distributed", "runtime")),
     # losses and token rewards: pure functions of arrays
     ("objectives", ("objectives",)),
     # models, what runs them (sampling, scoring, chat) and the data they read
