@@ -48,6 +48,11 @@ def _sync(tree):
     return jax.block_until_ready(tree)
 
 
+def device_kind() -> str:
+    """Where the rows run ("cpu", "gpu", "tpu"): a ratio is only taken between rows on the same kind."""
+    return jax.default_backend()
+
+
 def device_peak_mb() -> float | None:
     """Peak bytes in use on the first device so far (MB); None where the backend keeps no such count (CPU)."""
     stats = jax.local_devices()[0].memory_stats()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import fnmatch
+import hashlib
 import json
 import os
 import platform
@@ -210,6 +211,25 @@ def print_table(records: list[dict], file=sys.stdout) -> None:
         print(fmt_line(cells), file=file)
 
 
+def code_version() -> str | None:
+    """git's short commit hash; in a copy of the working tree without git (as on the device machines) a hash
+    of the code the rows run ("tree-" + 12 hex digits of every .py file under rto_jax/, benchmarks/ and
+    third_party/), so that `.progress.json` still knows which code measured its rows."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    digest = hashlib.sha256()
+    for folder in ("rto_jax", "benchmarks", "third_party"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return "tree-" + digest.hexdigest()[:12]
+
+
 def _machine() -> dict:
     cpu = platform.processor()
     try:
@@ -226,12 +246,7 @@ def _machine() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        commit = None
+    commit = code_version()
     try:  # the accelerator, where there is one (nvidia-smi's name and memory of each GPU)
         gpus = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -267,8 +282,8 @@ def load_progress(path: Path | None, commit: str | None) -> dict[str, dict]:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SystemExit(f"{path}: unreadable benchmark progress file ({err}); delete it to start afresh") from err
-    if saved.get("commit") != commit:
-        return {}  # other code: its timings do not describe this commit
+    if commit is None or saved.get("commit") != commit:
+        return {}  # other code (or code of no known version): its timings do not describe this one
     return saved.get("rows", {})
 
 
@@ -288,7 +303,7 @@ def run(
     run of the same commit, with the same definition, is not measured again. With `budget` (seconds), a row
     not started within it is recorded as skipped, and the row running when it ends is cut off there.
     """
-    deadline = time.monotonic() + budget if budget else None
+    deadline = time.monotonic() + budget if budget is not None else None
     rows = sorted(rows, key=lambda r: r["group"] != "ceiling")  # stable: ceilings first, then as listed
     results: dict[str, dict] = {}
     saved = load_progress(progress, commit)
@@ -318,7 +333,7 @@ def run(
                         flush=True,
                     )
                     continue
-                left = deadline - time.monotonic() if deadline else timeout
+                left = deadline - time.monotonic() if deadline is not None else timeout
                 if left <= 0:
                     results[row["id"]] = {"id": row["id"], "status": "skipped", "reason": f"not started within --budget {budget:.0f} s"}
                     print(f"[{i + 1}/{len(rows)}] {row['id']}: skipped (budget spent)", file=log, flush=True)
@@ -326,12 +341,15 @@ def run(
                 load_before = os.getloadavg()[0]
                 start = time.perf_counter()
                 (res,), peak = _run_worker([row], min(timeout, left), Path(tmp))
+                if res["status"] == "error" and left < timeout and time.monotonic() >= deadline:
+                    # Cut off by the budget, not by its own timeout: not measured, and not kept as measured.
+                    res = {"id": row["id"], "status": "skipped", "reason": f"cut off by --budget {budget:.0f} s"}
                 res["peak_rss_mb"] = peak
                 res["loadavg_1m"] = [load_before, os.getloadavg()[0]]
                 # This row alone keeps about `cores` threads busy; a higher load means other work shared the CPU.
                 res["noisy"] = max(res["loadavg_1m"]) > (os.cpu_count() or 1) + 1
                 results[row["id"]] = res
-                if progress is not None:
+                if progress is not None and res["status"] != "skipped":
                     saved[row["id"]] = {"row": row, "result": res}
                     write_json(progress, {"commit": commit, "rows": saved})
                 print(
@@ -356,6 +374,7 @@ def run(
             if (
                 rec["status"] == "ok"
                 and peer["status"] == "ok"
+                and rec.get("device") == peer.get("device")  # never a GPU row against a CPU one
                 and rec.get("tokens_per_s")
                 and peer.get("tokens_per_s")
             ):
@@ -462,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             "rows": records,
         },
     )
-    if progress is not None:
-        progress.unlink(missing_ok=True)
+    if progress is not None and not any(r["status"] == "skipped" for r in records):
+        progress.unlink(missing_ok=True)  # kept while rows are left: the next call measures only those
     print(f"\nwrote {path}", file=sys.stderr)
     return 0 if all(r["status"] in ("ok", "unavailable", "skipped") for r in records) else 1
 

@@ -48,6 +48,11 @@ def _tensor(array) -> torch.Tensor:
     return torch.from_numpy(array).float().to(DEVICE)
 
 
+def device_kind() -> str:
+    """Where the rows run, in JAX's words ("gpu" for CUDA, else "cpu"): ratios pair rows of one kind only."""
+    return "gpu" if DEVICE.type == "cuda" else "cpu"
+
+
 def device_peak_mb() -> float | None:
     """Peak bytes allocated on the GPU so far (MB); None on a CPU."""
     return torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None

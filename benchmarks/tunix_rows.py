@@ -79,4 +79,9 @@ def ppo_iteration(row: dict) -> dict:
     return {"first_s": times[0], "times_s": times[warm:], "median_s": statistics.median(times[warm:])}
 
 
+def device_kind() -> str:
+    """Where the rows run ("cpu", "gpu", "tpu"): a ratio is only taken between rows on the same kind."""
+    return jax.default_backend()
+
+
 RUNNERS = {"train": train, "ppo_split": ppo_iteration}

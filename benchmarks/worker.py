@@ -21,6 +21,11 @@ def _write(path: str, results: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """XLA's RESOURCE_EXHAUSTED or torch's CUDA out-of-memory error."""
+    return "RESOURCE_EXHAUSTED" in str(error) or type(error).__name__ == "OutOfMemoryError"
+
+
 def main(argv: list[str]) -> int:
     rows_path, out_path = argv
     with open(rows_path) as f:
@@ -43,9 +48,13 @@ def main(argv: list[str]) -> int:
         except (ModuleNotFoundError, Unavailable) as e:  # an optional peer (TRL, tunix) not installed; no GPU
             result = {"status": "unavailable", "reason": f"{type(e).__name__}: {e}"}
         except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
-            tail = traceback.format_exc().strip().splitlines()[-6:]
-            result = {"status": "error", "reason": f"{type(e).__name__}: {e}", "traceback": tail}
+            if _out_of_memory(e):  # a row that does not fit the device is a finding (xla's scores at 8k tokens)
+                result = {"status": "unavailable", "reason": f"out of memory: {type(e).__name__}: {str(e)[:300]}"}
+            else:
+                tail = traceback.format_exc().strip().splitlines()[-6:]
+                result = {"status": "error", "reason": f"{type(e).__name__}: {e}", "traceback": tail}
         result["id"] = row["id"]
+        result["device"] = runner.device_kind()
         result["wall_s"] = time.perf_counter() - start
         # ru_maxrss is in KiB on Linux: the peak of this process so far (so of this row when it runs alone).
         result["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

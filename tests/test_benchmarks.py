@@ -322,27 +322,80 @@ def test_device_rows_cover_both_models_decode_and_the_attention_implementations(
     assert all(row.get("shape") != "smollm2-135m" for row in rows[first_1b:])
 
 
-def test_a_budget_skips_the_rows_it_leaves_no_time_for(tmp_path, monkeypatch):
+def _fake_worker(calls, seconds=0.3, device=lambda row: "cpu"):
+    """A stand-in for benchmarks.run._run_worker: each row takes `seconds`; one given less is killed (an error)."""
     import time
 
+    def worker(group, timeout, log_dir, extra_env=None):
+        calls.append((group[0]["id"], timeout))
+        time.sleep(min(seconds, timeout))
+        if timeout < seconds:
+            return [{"id": group[0]["id"], "status": "error", "reason": f"timed out after {timeout:.0f} s"}], 100.0
+        return [{"id": group[0]["id"], "status": "ok", "median_s": 1.0, "device": device(group[0])}], 100.0
+
+    return worker
+
+
+def test_a_budget_skips_the_rows_it_leaves_no_time_for_and_never_keeps_them(tmp_path, monkeypatch):
     import benchmarks.run as bench
     from benchmarks.workloads import smoke_rows
 
     rows = [r for r in smoke_rows() if r["group"] == "train"][:3]
-    timeouts = []
-
-    def fake_worker(group, timeout, log_dir, extra_env=None):
-        timeouts.append(timeout)
-        time.sleep(0.3)
-        return [{"id": group[0]["id"], "status": "ok", "median_s": 1.0}], 100.0
-
-    monkeypatch.setattr(bench, "_run_worker", fake_worker)
-    records = bench.run(rows, smoke=False, timeout=300, budget=0.2, log=open(tmp_path / "log", "w"))
+    calls = []
+    monkeypatch.setattr(bench, "_run_worker", _fake_worker(calls))
+    progress = tmp_path / ".progress.json"
+    log = open(tmp_path / "log", "w")
+    records = bench.run(rows, smoke=False, timeout=300, budget=0.45, progress=progress, commit="abc1234", log=log)
+    # The first row fits; the budget cuts the second off (not an error, not kept); the third never starts.
     assert [r["status"] for r in records] == ["ok", "skipped", "skipped"]
-    assert "--budget" in records[1]["reason"]
-    assert timeouts[0] <= 0.2  # the row that ran was cut off at the budget, not at --timeout
-    records = bench.run(rows, smoke=False, timeout=300, log=open(tmp_path / "log", "w"))  # no budget: every row
-    assert [r["status"] for r in records] == ["ok"] * 3 and timeouts[-1] == 300
+    assert "cut off by --budget" in records[1]["reason"] and "not started" in records[2]["reason"]
+    assert calls[0][1] <= 0.45 and len(calls) == 2  # the budget, not --timeout, bounds a row
+    assert set(json.loads(progress.read_text())["rows"]) == {rows[0]["id"]}
+    # Without a budget, every row; --budget 0 is a budget (nothing starts), not "no budget".
+    assert [r["status"] for r in bench.run(rows, smoke=False, timeout=300, log=log)] == ["ok"] * 3
+    assert calls[-1][1] == 300
+    assert {r["status"] for r in bench.run(rows, smoke=False, timeout=300, budget=0, log=log)} == {"skipped"}
+
+
+def test_a_run_cut_off_by_its_budget_resumes_with_only_the_rows_left(tmp_path, monkeypatch):
+    import benchmarks.run as bench
+    from benchmarks.workloads import smoke_rows
+
+    rows = [r for r in smoke_rows() if r["group"] == "train"][:2]
+    calls = []
+    monkeypatch.setattr(bench, "_run_worker", _fake_worker(calls))
+    monkeypatch.setattr(bench, "full_rows", lambda: rows)
+    assert bench.main(["--budget", "0.45", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / ".progress.json").exists()  # kept: a row is left
+    first = [row_id for row_id, _ in calls]
+    assert bench.main(["--out", str(tmp_path)]) == 0
+    assert [row_id for row_id, _ in calls[len(first) :]] == [rows[1]["id"]]  # only the row left
+    assert not (tmp_path / ".progress.json").exists()  # complete: removed
+
+
+def test_without_git_the_code_version_is_a_hash_of_the_code(monkeypatch):
+    import benchmarks.run as bench
+
+    def no_git(*args, **kwargs):
+        raise OSError("no git here")
+
+    monkeypatch.setattr(bench.subprocess, "run", no_git)
+    version = bench.code_version()
+    assert version.startswith("tree-") and len(version) == len("tree-") + 12 and version == bench.code_version()
+    assert bench.load_progress(None, None) == {}
+
+
+def test_no_ratio_between_rows_on_different_devices(tmp_path, monkeypatch):
+    import benchmarks.run as bench
+    from benchmarks.workloads import smoke_rows
+
+    rows = [r for r in smoke_rows() if r["id"].startswith("train/sft/smoke/4x32/") and r["impl"] in ("jax-loop", "torch")]
+    log = open(tmp_path / "log", "w")
+    for torch_device, paired in (("cpu", True), ("gpu", False)):
+        device = lambda row: torch_device if row["backend"] == "torch" else "cpu"
+        monkeypatch.setattr(bench, "_run_worker", _fake_worker([], seconds=0.0, device=device))
+        ours = next(r for r in bench.run(rows, smoke=False, timeout=300, log=log) if r["impl"] == "jax-loop")
+        assert ("torch" in ours.get("ratios", {})) == paired
 
 
 def test_device_script_lists_the_device_suite(tmp_path):

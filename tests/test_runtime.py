@@ -7,9 +7,12 @@ import pytest
 from rto_jax import runtime
 
 
-def test_compiling_records_the_event_the_release_listens_for():
+def test_compiling_records_the_event_the_release_listens_for(monkeypatch):
     """A JAX that renamed its compile event would silently stop the release: its name is checked here."""
+    from jax._src import monitoring
+
     seen = []
+    monkeypatch.setattr(monitoring, "_event_duration_secs_listeners", [])  # this test's listener only, for now
     jax.monitoring.register_event_duration_secs_listener(lambda event, secs, **kw: seen.append(event))
     jax.jit(lambda x: jnp.sin(x) * 3.0 + 0.25).lower(jnp.ones(7)).compile()
     assert runtime.COMPILE_EVENT in seen
