@@ -211,7 +211,7 @@ def print_table(records: list[dict], file=sys.stdout) -> None:
         print(fmt_line(cells), file=file)
 
 
-def code_version() -> str | None:
+def code_version() -> str:
     """git's short commit hash; in a copy of the working tree without git (as on the device machines) a hash
     of the code the rows run ("tree-" + 12 hex digits of every .py file under rto_jax/, benchmarks/ and
     third_party/), so that `.progress.json` still knows which code measured its rows."""

@@ -13,6 +13,8 @@ import sys
 import time
 import traceback
 
+from benchmarks.timing import Unavailable  # framework-free: safe before the backend's import
+
 
 def _write(path: str, results: list[dict]) -> None:
     tmp = path + ".tmp"
@@ -39,7 +41,6 @@ def main(argv: list[str]) -> int:
         from benchmarks import tunix_rows as runner
     else:
         from benchmarks import torch_rows as runner
-    from benchmarks.timing import Unavailable
     results = []
     for row in rows:
         start = time.perf_counter()
