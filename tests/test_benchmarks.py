@@ -427,3 +427,33 @@ def test_attention_block_sweep_prints_every_column_and_autos_choice():
     cells = [cell.strip() for cell in line.strip("|").split("|")]
     assert len(cells) == 6 and all(float(c.rstrip("*")) > 0 for c in cells[2:5])
     assert cells[5] == "blockwise 64"  # batch 64 x 4 heads x 102^2 float32 scores are 10.6 MB: over 8 MiB
+
+
+def test_decode_kernels_cover_the_models_projections_and_time_both_frameworks():
+    import jax
+    from flax import nnx
+
+    from benchmarks import decode_kernels
+    from benchmarks.workloads import SHAPES
+    from rto_jax.models.config import ModelConfig
+    from rto_jax.models.transformer import CausalLM
+
+    # The timed weights are the model's: every parameter but the norms' scales and the tied embedding.
+    model = CausalLM(ModelConfig(**SHAPES["tiny"]), nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    sizes = {jax.tree_util.keystr(path): leaf.size for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    projections = sum(n for name, n in sizes.items() if "norm" not in name and "embed" not in name)
+    m = decode_kernels._dims("tiny")
+    assert decode_kernels.projection_bytes(m) == 4 * projections
+    assert sum(sizes.values()) == projections + m["vocab"] * m["d"] + sum(n for k, n in sizes.items() if "norm" in k)
+
+    proc = _module("benchmarks.decode_kernels", "--shape", "tiny", "--batches", "1,2", "--reps", "1", "--cache", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2
+    for row in rows:  # every part timed on both sides: ours / torch's
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        for cell in cells[1:5]:
+            ours, theirs = (float(x) for x in cell.split(" / "))
+            assert ours > 0 and theirs > 0
+    assert "Memory read rate" in proc.stdout
