@@ -1,15 +1,15 @@
 """One decode step's kernels, ours (XLA) against PyTorch's on the same shapes:
 `python -m benchmarks.decode_kernels [--shape smollm2-135m] [--batches 1,8,32] [--cache 192]`.
 
-The evidence behind the decode limit in docs/results/benchmarks.md#decode: a decode step at batch B is
-every layer's seven projections of `[B, d]` rows (q, k, v, o, gate, up, down), the LM head's
-`[B, d] x [d, V]` and the attention of one query per head over the KV cache. Each part is timed alone,
-with every layer's weights distinct (the whole model's projection weights, far larger than the caches,
-streamed once per step as decode streams them): ours as one jitted program, PyTorch's eagerly (the
-kernels HF `generate` calls, with its per-op dispatch but none of its Python around the step). The
-columns say whether a gap to the peer's whole step is in the kernels or around them. Prints one table
-(milliseconds per step, the median of `--reps`) and the machine's memory read rate; run it on an
-otherwise idle machine.
+The evidence behind docs/results/benchmarks.md#decode-against-the-peers-kernels-2026-12-07. A decode
+step at batch B is every layer's seven projections of `[B, d]` rows (q, k, v, o, gate, up, down), the
+LM head's `[B, d] x [d, V]` and the attention of one query per head over the KV cache. Each part is
+timed alone, every layer's weights distinct (the whole model's projection weights, far larger than the
+caches, streamed once per step as decode streams them) and the layers chained as a step chains them:
+ours as one jitted program, PyTorch's eagerly in nn.Linear's weight layout (the kernels HF `generate`
+calls, with their per-op dispatch but none of the Python around the step). The columns say whether a
+gap to the peer's whole step is in the kernels or around them. Prints one table (milliseconds per step,
+the median of `--reps`) and the machine's memory read rate; run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -66,26 +66,34 @@ def jax_times(m: dict, batches: list[int], cache: int, reps: int) -> dict:
     caches = [(normal((1, m["kv_heads"], cache, m["head_dim"])),) * 2 for _ in range(m["layers"])]
 
     @jax.jit
-    def projections(rows, weights):
-        # each layer's seven products, each of rows of its input width: the kernels, not the model's math
-        return [[matmul(rows[wi.shape[0]], wi) for wi in w] for w in weights]
+    def projections(x, weights):
+        # the layers chained as a decode step chains them (q, k, v of the same rows; o of q; gate and up of
+        # the sum; down of their product): the kernels and their order, not the model's math
+        keys_values = []
+        for wq, wk, wv, wo, wg, wu, wd in weights:
+            q = matmul(x, wq)
+            keys_values += [matmul(x, wk), matmul(x, wv)]
+            x = x + matmul(q, wo)
+            x = x + matmul(matmul(x, wg) * matmul(x, wu), wd)
+        return x, keys_values
 
     head = jax.jit(lambda x, e: matmul(x, e.T))
 
     @jax.jit
     def attend(q, caches, mask):
-        return [attention.xla_attention(q, k, v, mask) for k, v in caches]
+        for k, v in caches:  # each layer's query from the one before: the layers in sequence
+            q = attention.xla_attention(q, k, v, mask)
+        return q
 
     out = {}
     for b in batches:
-        rows = {n: normal((b, n)) for n in {i for i, _ in _weight_shapes(m)}}  # [B, in] per input width
-        x = rows[m["d"]]
+        x = normal((b, m["d"]))
         q = normal((b, 1, m["heads"], m["head_dim"]))
         kv = [tuple(jnp.broadcast_to(c, (b,) + c.shape[1:]) + 0.0 for c in pair) for pair in caches]
         mask = jnp.ones((b, 1, 1, cache), bool)
         time_ms = lambda fn: 1e3 * measure(fn, 1, reps, jax.block_until_ready)["median_s"]  # noqa: E731
         out[b] = {
-            "projections": time_ms(lambda: projections(rows, weights)),
+            "projections": time_ms(lambda: projections(x, weights)),
             "head": time_ms(lambda: head(x, embedding)),
             "attention": time_ms(lambda: attend(q, kv, mask)),
         }
@@ -98,28 +106,37 @@ def torch_times(m: dict, batches: list[int], cache: int, reps: int) -> dict:
 
     torch.manual_seed(0)
     normal = lambda *shape: 0.02 * torch.randn(*shape)  # noqa: E731
-    weights = [[normal(*s) for s in _weight_shapes(m)] for _ in range(m["layers"])]
+    linear, sdpa = torch.nn.functional.linear, torch.nn.functional.scaled_dot_product_attention
+    # nn.Linear's layout, [out, in], as HF's layers hold their weights
+    weights = [[normal(b, a) for a, b in _weight_shapes(m)] for _ in range(m["layers"])]
     embedding = normal(m["vocab"], m["d"])
     caches = [(normal(1, m["kv_heads"], cache, m["head_dim"]),) * 2 for _ in range(m["layers"])]
 
-    def projections(rows):
-        return [[rows[w.shape[0]] @ w for w in layer] for layer in weights]
+    def projections(x):
+        keys_values = []
+        for wq, wk, wv, wo, wg, wu, wd in weights:  # chained as in jax_times
+            q = linear(x, wq)
+            keys_values += [linear(x, wk), linear(x, wv)]
+            x = x + linear(q, wo)
+            x = x + linear(linear(x, wg) * linear(x, wu), wd)
+        return x, keys_values
 
     def attend(q, kv):
         # HF's default ("sdpa") Llama attention for one query: PyTorch's fused kernel, kv heads shared by groups
-        return [torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True) for k, v in kv]
+        for k, v in kv:
+            q = sdpa(q, k, v, enable_gqa=True)
+        return q
 
     out = {}
     with torch.inference_mode():
         for b in batches:
-            rows = {n: normal(b, n) for n in {i for i, _ in _weight_shapes(m)}}
-            x = rows[m["d"]]
+            x = normal(b, m["d"])
             q = normal(b, m["heads"], 1, m["head_dim"])
             kv = [tuple(c.expand(b, -1, -1, -1).clone() for c in pair) for pair in caches]
             time_ms = lambda fn: 1e3 * measure(fn, 1, reps)["median_s"]  # noqa: E731
             out[b] = {
-                "projections": time_ms(lambda: projections(rows)),
-                "head": time_ms(lambda: x @ embedding.T),
+                "projections": time_ms(lambda: projections(x)),
+                "head": time_ms(lambda: linear(x, embedding)),
                 "attention": time_ms(lambda: attend(q, kv)),
             }
     return out
@@ -156,11 +173,14 @@ def main(argv=None) -> int:
         return 0
     try:  # PyTorch in a child process: its thread pool never shares a process with XLA's
         proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.decode_kernels", "--torch-child", *(argv or sys.argv[1:])],
+            [sys.executable, "-m", "benchmarks.decode_kernels", "--torch-child", *(sys.argv[1:] if argv is None else argv)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         peer = {int(b): parts for b, parts in json.loads(proc.stdout.splitlines()[-1]).items()}
-    except (subprocess.CalledProcessError, ModuleNotFoundError, json.JSONDecodeError, IndexError) as e:
+    except subprocess.CalledProcessError as e:
+        print(f"PyTorch's side unavailable: {e}\n{e.stderr[-2000:]}", file=sys.stderr)
+        peer = None
+    except (json.JSONDecodeError, IndexError) as e:
         print(f"PyTorch's side unavailable: {e}", file=sys.stderr)
         peer = None
     ours = jax_times(m, batches, args.cache, args.reps)
