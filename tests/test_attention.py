@@ -129,8 +129,37 @@ def test_auto_resolves_per_backend_dtype_and_size():
     assert auto("cpu", jnp.float32, 90, 90, batch_heads=256) == "xla"
     assert auto("cpu", jnp.float32, 4096, 1) == "xla"  # decode
     assert auto("tpu", jnp.bfloat16, 4096, 64) == "xla"
-    for pinned in ("xla", "blockwise", "cudnn"):
+    for pinned in ("xla", "blockwise", "cudnn", "splash"):
         assert A.resolve(pinned, backend="cpu", dtype=jnp.float32, num_keys=8, num_queries=8, batch_heads=1) == pinned
+    # splash is self-attention only: a call against a KV cache (prefill, decode) takes what auto would
+    assert A.resolve("splash", backend="tpu", dtype=jnp.bfloat16, num_keys=96, num_queries=64, batch_heads=8) == "xla"
+    assert A.resolve("splash", backend="cpu", dtype=jnp.float32, num_keys=4096, num_queries=1, batch_heads=8) == "xla"
+    assert A.resolve("splash", backend="cpu", dtype=jnp.float32, num_keys=512, num_queries=300, batch_heads=32) == (
+        "blockwise"
+    )
+
+
+def test_splash_equals_xla_in_values_and_gradients_in_the_pallas_interpreter():
+    """Pallas's TPU splash kernel, interpreted on CPU: GQA 4/2, left padding, a length (40) it pads to its
+    128-slot blocks. Padding queries differ by design (splash: they see padding), so only tokens are compared."""
+    pads = [0, 7]
+    q, k, v, weights = _inputs(len(pads), 40, 40, 4, 2, 8, seed=3)
+    mask = _mask(len(pads), 40, 40, 0, pads)
+    live = jnp.asarray(_sees_a_key(mask), jnp.float32)[:, :, None, None]
+
+    def loss(impl):
+        return jax.value_and_grad(lambda q, k, v: (jnp.sum(impl(q, k, v) * weights * live), impl(q, k, v)),
+                                  argnums=(0, 1, 2), has_aux=True)  # fmt: skip
+
+    (_, expected), expected_grads = loss(lambda q, k, v: A.xla_attention(q, k, v, mask.dense()))(q, k, v)
+    (_, got), grads = jax.jit(loss(lambda q, k, v: A.attention(q, k, v, mask, "splash")))(q, k, v)
+    seen = _sees_a_key(mask)
+    np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(expected)[seen], atol=2e-6, rtol=1e-5)
+    for name, g, e in zip("qkv", grads, expected_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=5e-6, rtol=1e-4, err_msg=f"d{name}")
+    # A second trace at the same shape reuses the cached kernel (its tables built outside any trace)
+    again = jax.jit(lambda q, k, v: A.attention(q, k, v, mask, "splash"))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(got))
 
 
 def test_block_size_is_the_longest_whose_score_tile_fits_with_three_blocks():
@@ -167,12 +196,13 @@ def _left_padded(lengths, total, seed=0):
 
 @pytest.mark.parametrize("arch,scan_layers", [("llama", False), ("llama", True), ("gpt_neox", False)])
 def test_models_give_the_same_logits_and_gradients_with_either_implementation(arch, scan_layers, monkeypatch):
+    """blockwise everywhere; splash (in Pallas's interpreter: slow) in the GQA Llama with its layers as a list."""
     monkeypatch.setattr(A, "BLOCK_SIZE", 8)  # several blocks at this length
     ids, mask = _left_padded([30, 17, 4], 30)
     live = mask.astype(jnp.float32)[..., None]
     results = {}
-    for impl in ("xla", "blockwise"):
-        model = CausalLM(_config(arch, impl, scan_layers=scan_layers), nnx.Rngs(3))  # same weights for both
+    for impl in ("xla", "blockwise") + (("splash",) if (arch, scan_layers) == ("llama", False) else ()):
+        model = CausalLM(_config(arch, impl, scan_layers=scan_layers), nnx.Rngs(3))  # same weights for all
         graph, params = nnx.split(model)
 
         def loss(params):
@@ -181,11 +211,12 @@ def test_models_give_the_same_logits_and_gradients_with_either_implementation(ar
 
         (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         results[impl] = (np.asarray(logits), jax.tree.leaves(grads))
-    (xla_logits, xla_grads), (bw_logits, bw_grads) = results["xla"], results["blockwise"]
+    xla_logits, xla_grads = results.pop("xla")
     valid = np.asarray(mask, bool)
-    np.testing.assert_allclose(bw_logits[valid], xla_logits[valid], atol=2e-5)
-    for g, e in zip(bw_grads, xla_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=2e-5, rtol=1e-3)
+    for impl, (logits, grads) in results.items():
+        np.testing.assert_allclose(logits[valid], xla_logits[valid], atol=2e-5, err_msg=impl)
+        for g, e in zip(grads, xla_grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=2e-5, rtol=1e-3, err_msg=impl)
 
 
 def test_sampler_decodes_the_same_tokens_with_either_implementation(monkeypatch):
@@ -218,6 +249,8 @@ def test_the_memory_planner_counts_no_scores_for_attention_without_them():
     blockwise = plan.activation_bytes_per_device(cfg.replace(attention="blockwise"), rows, length, 8, (1, 1, 1))
     per_token = cfg.num_layers * (8 * cfg.num_heads * length - 4 * cfg.num_heads)
     assert xla - blockwise == rows * length * per_token
+    for fused in ("cudnn", "splash"):
+        assert plan.activation_bytes_per_device(cfg.replace(attention=fused), rows, length, 8, (1, 1, 1)) == blockwise
 
 
 _SHARDED_SCRIPT = r"""

@@ -12,11 +12,17 @@ layout; H % K == 0, grouped-query attention when K < H) and a `Mask`, and return
              blocks of a causal mask). Exact up to float32 rounding. Every backend.
   cudnn      `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused kernel (NVIDIA GPUs,
              bfloat16 or float16 inputs).
+  splash     Pallas's splash attention (jax.experimental.pallas.ops.tpu), the TPU kernel MaxText
+             trains with: for self-attention over the whole sequence (T = S: training and
+             scoring); a call with a KV cache (prefill into longer cache, decode) takes what `auto`
+             would. Off TPU it runs in Pallas's interpreter (slow: for tests). Not in shard_map: on
+             a mesh XLA gathers its inputs (docs/scaling.md).
   auto       chosen per backend, dtype and shape by `resolve` (the choices and their measurements:
              docs/performance.md#attention).
 
 A query row that sees no key (a left-padding position) is padding: `xla` gives it the mean of v
-(a uniform softmax), `blockwise` gives it 0. No loss, score or cache entry reads it.
+(a uniform softmax), `blockwise` gives it 0, `splash` what the padding at or before it holds (it sees
+padding only, right padding included). No loss, score or cache entry reads it.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 # On CPU (docs/performance.md#attention, measured with `python -m benchmarks.attention_blocks`): `auto` is
 # blockwise once xla's float32 scores `[B, H, T, S]` would exceed this many bytes, and blockwise's block is the
 # longest whose float32 score tile `[B, H, block, block]` stays within it.
@@ -61,6 +67,8 @@ def _visible(query_slots, key_slots, key_mask):
 def resolve(implementation: str, *, backend: str, dtype, num_keys: int, num_queries: int, batch_heads: int) -> str:
     """The implementation `auto` stands for on `backend` with inputs of `dtype`, these lengths and batch x query
     heads `batch_heads` (global shapes)."""
+    if implementation == "splash" and num_queries != num_keys:  # a cache: splash's masks are static
+        implementation = "auto"
     if implementation != "auto":
         return implementation
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and num_queries > 1:
@@ -99,6 +107,8 @@ def attention(q, k, v, mask: Mask, implementation: str = "xla"):
         return blockwise_attention(q, k, v, mask, block_size_for(k.shape[2], batch_heads))
     if implementation == "cudnn":
         return fused_attention(q, k, v, mask, "cudnn")
+    if implementation == "splash":
+        return splash_attention(q, k, v, mask)
     raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
 
 
@@ -134,6 +144,53 @@ def fused_attention(q, k, v, mask: Mask, implementation: str | None):
     tests use on CPU to check this wrapper's layouts and mask): `[B, T, H, D]`."""
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, S, K, D], jax.nn's layout
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation=implementation)
+
+
+# ----------------------------------------------------------------------------------------------
+# splash (Pallas, TPU)
+
+SPLASH_BLOCK = 128  # splash's query and key blocks must be multiples of 128 (a TPU vector's lanes)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(length: int, groups: int, interpret: bool):
+    """Splash's multi-query kernel for `groups` query heads sharing one kv head, causal over `length`
+    slots (a multiple of SPLASH_BLOCK); built once per shape (its block-sparsity tables are static)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    causal = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(groups)])
+    with jax.ensure_compile_time_eval():  # concrete tables even when first built inside a traced step (cached)
+        made = kernel.make_splash_mqa_single_device(
+            causal, block_sizes=kernel.BlockSizes.get_default(), interpret=interpret
+        )
+    return made, kernel.SegmentIds
+
+
+def splash_attention(q, k, v, mask: Mask):
+    """Splash attention of queries at slots 0..T-1 over the same T slots (q `[B, T, H, D]`, k/v `[B, K, T, D]`):
+    `[B, T, H, D]`.
+
+    Causality is splash's static mask; padding is its segment ids: a slot's segment is its key_mask
+    (1 a token, 0 padding), so a token sees the tokens at or before it, and a padding query sees padding
+    (it reads no token; no loss reads it). The length is padded to a multiple of SPLASH_BLOCK with padding
+    slots. One multi-query kernel call per (row, kv head): the group's G query heads share its keys.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if k.shape[2] != length:
+        raise ValueError(f"splash attention needs as many key slots as queries: {k.shape[2]} vs {length}")
+    groups = heads // kv_heads
+    padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+    extra = padded - length
+    kernel, segment_ids = _splash_kernel(padded, groups, jax.default_backend() != "tpu")
+    q = (q / math.sqrt(head_dim)).reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))  # [B, K, G, T', D]
+    k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (k, v))  # [B, K, T', D]
+    segments = jnp.pad(mask.key_mask.astype(jnp.int32) > 0, ((0, 0), (0, extra))).astype(jnp.int32)  # [B, T']
+    per_head = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=segment_ids(seg, seg)), (0, 0, 0, None))
+    out = jax.vmap(per_head)(q, k, v, segments)  # [B, K, G, T', D]
+    return out[:, :, :, :length].transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

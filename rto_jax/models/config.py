@@ -136,7 +136,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: "float32" or "bfloat16"; params stay float32.
     scan_layers: bool = False  # stack layers and lax.scan over them (flat compile time in depth).
     remat: str = "none"  # rematerialization per block: "none", "full" or "dots".
-    # Attention implementation (rto_jax.models.attention): "auto", "xla", "blockwise" or "cudnn".
+    # Attention implementation (rto_jax.models.attention): "auto", "xla", "blockwise", "cudnn" or "splash".
     attention: str = "auto"
     # Low-rank adapters on the projections (rto_jax.models.lora); None: none. Not part of the base checkpoint:
     # adapters are exported in PEFT's format, or merged.

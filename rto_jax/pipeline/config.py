@@ -110,7 +110,7 @@ def base_config() -> config_dict.ConfigDict:
     c.model.dtype = "float32"  # compute dtype 'float32' or 'bfloat16' (params stay float32)
     c.model.scan_layers = False  # lax.scan over stacked layers (flat compile time in depth)
     c.model.remat = "none"  # rematerialization per block: 'none', 'full' or 'dots'
-    c.model.attention = "auto"  # 'auto' (per backend, length), 'xla', 'blockwise', 'cudnn' (docs/performance.md)
+    c.model.attention = "auto"  # 'auto' (per backend, length), 'xla', 'blockwise', 'cudnn', 'splash' (docs/performance.md)
 
     c.tokenizer = config_dict.ConfigDict()
     c.tokenizer.path = ""  # HF folder/hub id/.gguf; '' = the first given of model.init_from, sft/rm/dpo/ppo.init_from

@@ -188,14 +188,14 @@ def activation_bytes_per_device(config: ModelConfig, rows: int, length: int, log
       remat 'full': e * d                               (the block input; one layer recomputed)
     plus float32 logits, log-softmax and their gradient over the response (3 x 4 bytes x vocab / tensor).
     a = 8 h T (float32 scores + probs) with attention `xla` or `auto` (what `auto` is on TPU); 4 h (the
-    float32 log-sum-exp per query and head) with `blockwise` or `cudnn`, which keep no T x S array.
+    float32 log-sum-exp per query and head) with `blockwise`, `cudnn` or `splash`, which keep no T x S array.
     """
     data, fsdp, tensor = mesh_shape
     tokens = math.ceil(rows / (data * fsdp)) * length
     e = 2 if config.dtype == "bfloat16" else 4
     d, f, hd = config.hidden_size, config.intermediate_size / tensor, config.head_dim
     h, k = config.num_heads / tensor, config.num_kv_heads / tensor
-    saved_attention = 4 * h if config.attention in ("blockwise", "cudnn") else 8 * h * length
+    saved_attention = 4 * h if config.attention in ("blockwise", "cudnn", "splash") else 8 * h * length
     full_layer = e * (6 * d + 3 * (h + 2 * k) * hd + 3 * f) + saved_attention
     per_layer = {"none": full_layer, "dots": e * ((h + 2 * k) * hd + d + 3 * f), "full": e * d}[config.remat]
     layers = config.num_layers * per_layer + (full_layer if config.remat != "none" else 0)
