@@ -93,7 +93,7 @@ def _tiny():
         ),
         ("data.preference.format", "tldr_sft", "config.data.preference.format: 'tldr_sft' is a sft format"),
         ("dpo.loss_type", "kto", "config.dpo.loss_type: expected"),
-        ("model.attention", "flash", "config.model.attention: expected one of ('auto', 'xla', 'blockwise', 'cudnn')"),
+        ("model.attention", "flash", "config.model.attention: expected one of ('auto', 'xla', 'blockwise', 'cudnn', 'splash')"),
         ("ppo.total_episodes", 8, "config.ppo.total_episodes: 8 < one rollout batch"),
         ("tokenizer.bpe_vocab_size", 100, "config.tokenizer.bpe_vocab_size: 100 < 300"),
         ("ppo.loss_average", "row", "config.ppo.loss_average: must be one of token, sequence"),
