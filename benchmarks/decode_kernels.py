@@ -143,7 +143,7 @@ def torch_times(m: dict, batches: list[int], cache: int, reps: int) -> dict:
 
 
 def table(m: dict, ours: dict, peer: dict | None, read_gbs: float | None) -> str:
-    """The markdown table: per batch and part, ours / torch's milliseconds and their ratio."""
+    """The markdown table: per batch and part, ours / torch's milliseconds, their sums and our projections' read rate."""
     lines = ["| batch | " + " | ".join(f"{p} ours / torch ms" for p in PARTS) + " | sum ours / torch ms | projections GB/s |"]
     lines.append("|" + "---|" * (len(PARTS) + 3))
     for b, parts in ours.items():

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
+# The implementations that keep no T x S scores (a float32 log-sum-exp per query and head instead).
+WITHOUT_SCORES = ("blockwise", "cudnn", "splash")
 # On CPU (docs/performance.md#attention, measured with `python -m benchmarks.attention_blocks`): `auto` is
 # blockwise once xla's float32 scores `[B, H, T, S]` would exceed this many bytes, and blockwise's block is the
 # longest whose float32 score tile `[B, H, block, block]` stays within it.
@@ -161,10 +163,9 @@ def _splash_kernel(length: int, groups: int, interpret: bool):
 
     causal = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(groups)])
     with jax.ensure_compile_time_eval():  # concrete tables even when first built inside a traced step (cached)
-        made = kernel.make_splash_mqa_single_device(
+        return kernel.make_splash_mqa_single_device(
             causal, block_sizes=kernel.BlockSizes.get_default(), interpret=interpret
         )
-    return made, kernel.SegmentIds
 
 
 def splash_attention(q, k, v, mask: Mask):
@@ -183,12 +184,14 @@ def splash_attention(q, k, v, mask: Mask):
     groups = heads // kv_heads
     padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
     extra = padded - length
-    kernel, segment_ids = _splash_kernel(padded, groups, jax.default_backend() != "tpu")
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    kernel = _splash_kernel(padded, groups, jax.default_backend() != "tpu")
     q = (q / math.sqrt(head_dim)).reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0)))  # [B, K, G, T', D]
     k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (k, v))  # [B, K, T', D]
     segments = jnp.pad(mask.key_mask.astype(jnp.int32) > 0, ((0, 0), (0, extra))).astype(jnp.int32)  # [B, T']
-    per_head = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=segment_ids(seg, seg)), (0, 0, 0, None))
+    per_head = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=SegmentIds(seg, seg)), (0, 0, 0, None))
     out = jax.vmap(per_head)(q, k, v, segments)  # [B, K, G, T', D]
     return out[:, :, :, :length].transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim).astype(v.dtype)
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, lora
+from rto_jax.models import CausalLM, LoraConfig, ModelConfig, ScalarHeadModel, attention, lora
 from rto_jax.objectives.advantages import needs_critic
 from rto_jax.train import sharding
 from rto_jax.train.ppo import PPOConfig
@@ -195,7 +195,7 @@ def activation_bytes_per_device(config: ModelConfig, rows: int, length: int, log
     e = 2 if config.dtype == "bfloat16" else 4
     d, f, hd = config.hidden_size, config.intermediate_size / tensor, config.head_dim
     h, k = config.num_heads / tensor, config.num_kv_heads / tensor
-    saved_attention = 4 * h if config.attention in ("blockwise", "cudnn", "splash") else 8 * h * length
+    saved_attention = 4 * h if config.attention in attention.WITHOUT_SCORES else 8 * h * length
     full_layer = e * (6 * d + 3 * (h + 2 * k) * hd + 3 * f) + saved_attention
     per_layer = {"none": full_layer, "dots": e * ((h + 2 * k) * hd + d + 3 * f), "full": e * d}[config.remat]
     layers = config.num_layers * per_layer + (full_layer if config.remat != "none" else 0)
