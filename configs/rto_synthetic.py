@@ -11,8 +11,9 @@ Presets (`--config=configs/rto_synthetic.py:PRESET`):
   tuned           the frozen per-method values of tune_methods on seeds 1, 2, 3 (never used for tuning)
   study           when does RTO help: PPO, RTO and two gold-reward positive controls with the tuned
                   values over horizons 8 / 32 / 96, DPO trained on 1024 / 4096 / 16384 pairs, three
-                  KL coefficients and RTO's beta_dpo 0.2 / 0.5 unclipped, seeds 1-5, resumable across
-                  sessions (experiments/synthetic_study.py; docs/results/synthetic_study.md)
+                  KL coefficients, RTO's beta_dpo 0.2 / 0.5 unclipped and RLOO / RTO-RLOO at horizon 8,
+                  seeds 1-5, resumable across sessions (experiments/synthetic_study.py;
+                  docs/results/synthetic_study.md)
   study_smoke     the study's every cell and output in about a minute (tiny budgets, 2 seeds)
 Seeds: `--config.seeds=3,4,5`.
 
@@ -33,10 +34,8 @@ PRESETS = ("demo", "full", "smoke", "tune", "tune_methods", "tuned", "study", "s
 TUNED = "ppo:beta_kl=0.05,lr=0.0003;rto:beta_dpo=0.05,dpo_clip=0.2,beta_kl=0.05"
 # The critic-free rows' best points of tune_methods (seed 1000, 2026-12-06), the same 8-run budget;
 # rto_online_prm's 8 runs over beta_dpo x prm_lr at rto_rloo's dpo_clip and beta_kl, "group" labels.
-TUNED_CRITIC_FREE = (
-    "rloo:beta_kl=0.05,lr=0.0003;rto_rloo:beta_dpo=0.05,dpo_clip=0.05,beta_kl=0.05;"
-    "rto_online_prm:beta_dpo=0.2,prm_lr=3e-05,dpo_clip=0.05,beta_kl=0.05"
-)
+TUNED_RLOO = "rloo:beta_kl=0.05,lr=0.0003;rto_rloo:beta_dpo=0.05,dpo_clip=0.05,beta_kl=0.05"
+TUNED_CRITIC_FREE = TUNED_RLOO + ";rto_online_prm:beta_dpo=0.2,prm_lr=3e-05,dpo_clip=0.05,beta_kl=0.05"
 
 
 def _toy_sizes(c) -> None:
@@ -117,7 +116,7 @@ def get_config(preset: str = "demo"):
     elif preset in ("study", "study_smoke"):
         set_recipe(c, "experiments/synthetic_study.py")
         c.seeds = "1,2,3,4,5"  # >= 5 evaluation seeds per cell; never the tuning seed
-        c.ppo.per_method = TUNED  # each method's values from tune_methods, frozen before the study
+        c.ppo.per_method = TUNED + ";" + TUNED_RLOO  # each method's values from tune_methods, frozen before the study
         c.study = config_dict.ConfigDict()
         c.study.tuning_seed = 1000  # refused among the seeds
         # 8 = the center task's target_length; R = 3 H. Horizon 96 is ~40 min of base stages per seed on
@@ -128,6 +127,8 @@ def get_config(preset: str = "demo"):
         c.study.beta_kl = "0.01,0.2"  # every method; the tuned value (0.05) is the center's
         # RTO's DPO term is ~5% of the reward at the tuned beta_dpo 0.05 (clip 0.2): cells where it is not.
         c.study.beta_dpo, c.study.beta_dpo_horizons, c.study.wide_clip = "0.2,0.5", "8,32,96", 0.0  # 0: no clip
+        # PPO's and RTO's rewards without a critic (RLOO, 4 responses per prompt), beside the horizon's PPO / RTO.
+        c.study.critic_free_horizons = "8"
         # Each finished (seed, cell), committed: the next session resumes from them (and `make study-report`).
         c.study.summaries = "docs/results/synthetic_study/summaries"
         c.synthetic.preference_pairs = 16384 + 256  # the most DPO pairs + the held-out pairs
@@ -146,6 +147,7 @@ def get_config(preset: str = "demo"):
         c.study.horizons, c.study.reward_pairs, c.study.dpo_pairs = "8,12", 48, "24,48,96"  # every kind of cell
         c.study.beta_kl = "0.2"  # one KL cell
         c.study.beta_dpo, c.study.beta_dpo_horizons = "0.5", "12"  # one DPO-weight cell (no clip)
+        c.study.critic_free_horizons = "8"  # the critic-free cell where the horizon's runs are made too
         c.study.summaries = ""  # in the workdir, never the committed folder
         c.synthetic.preference_pairs = 96 + 16  # the most DPO pairs + the held-out pairs
         c.dpo.num_epochs, c.dpo.max_steps = 1, 0  # one epoch: 24, 48 and 96 pairs are 1, 3 and 6 steps

@@ -21,6 +21,9 @@ The cells change one thing at a time around the tuned setting (the "center"):
   DPO weight config.study.beta_dpo at config.study.beta_dpo_horizons: RTO with a larger beta_dpo and
              config.study.wide_clip (0 = no clip), so the dense term is not ~5% of the reward, and
              oracle_dense scaled to match it; PPO's and oracle_rm's runs are the horizon's.
+  no critic  critic_free_h<H> at config.study.critic_free_horizons: PPO's and RTO's rewards under the
+             critic-free RLOO estimator (4 responses per prompt, the same episodes; each with the
+             values its tuning chose, per_method's rloo / rto_rloo) beside the horizon's PPO and RTO.
 
 Before PPO, a `credit` stage per DPO model measures on pi_sft's samples how RTO's DPO term and the
 reward model's score correlate with the gold credit (rto_jax.eval.credit); during PPO every run logs
@@ -29,7 +32,8 @@ the same for its own reward parts at each gold evaluation (`credit/*` in the eva
 Each finished (seed, cell) is one small JSON summary (`cell_summary`) in config.study.summaries
 (default <workdir>/summaries; the `study` preset: docs/results/synthetic_study/summaries, committed,
 so the study resumes across sessions and machines: a horizon whose cells are all there with the same
-design is not run again). `aggregate` hands every summary to experiments/synthetic_study_report.py,
+design is not run again; a horizon with some cells there runs only the others, and the runs they
+compare with in its own workdir). `aggregate` hands every summary to experiments/synthetic_study_report.py,
 which writes the tables and figures; `make study-report` regenerates them from the committed
 summaries alone. Stages are skip-if-done: the same command resumes.
 """
@@ -53,6 +57,7 @@ from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
 from rto_jax.eval.credit import credit_correlations, token_scale
+from experiments.synthetic_compare import rloo, rto_rloo
 from rto_jax.eval.policy_eval import SEQUENCE_KEYS, fixed_size_batches, score_arrays, sequences
 from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import (
@@ -109,10 +114,12 @@ def oracle_rm(logps, score, mask, *, gold_mean=0.0, gold_std=1.0, beta_kl=0.01, 
     )
 
 
-METHODS = (ppo, rto, oracle_dense, oracle_rm)
+HORIZON_METHODS = (ppo, rto, oracle_dense, oracle_rm)  # every horizon's own cell
+CRITIC_FREE = (rloo, rto_rloo)  # the critic_free_h<H> cells': PPO's and RTO's rewards under RLOO
+METHODS = HORIZON_METHODS + CRITIC_FREE  # every token reward the study trains (config.ppo.per_method's)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
 # The controls are PPO plus what they know: they train with PPO's tuned values (per_method's "ppo").
-TUNED_AS = {"ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo"}
+TUNED_AS = {"ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo", "rloo": "rloo", "rto_rloo": "rto_rloo"}
 
 
 class Design(NamedTuple):  # (a dataclass needs its module in sys.modules; a recipe's is not)
@@ -126,6 +133,7 @@ class Design(NamedTuple):  # (a dataclass needs its module in sys.modules; a rec
     beta_dpo: tuple[float, ...]  # RTO's DPO weights besides its tuned one (with wide_clip)
     beta_dpo_horizons: tuple[int, ...]  # where the beta_dpo cells run
     wide_clip: float  # RTO's dpo_clip in the beta_dpo cells (0: no clip)
+    critic_free_horizons: tuple[int, ...]  # where the critic_free cells run
     tuning_seed: int
     summaries: str  # the folder of per seed-cell summaries ("": <workdir>/summaries)
 
@@ -155,6 +163,9 @@ def design(config) -> Design:
         beta_dpo=_numbers("study.beta_dpo", study.get("beta_dpo", ""), float, allow_empty=True),
         beta_dpo_horizons=_numbers("study.beta_dpo_horizons", study.get("beta_dpo_horizons", ""), int, allow_empty=True),
         wide_clip=float(study.get("wide_clip", 0.0)),
+        critic_free_horizons=_numbers(
+            "study.critic_free_horizons", study.get("critic_free_horizons", ""), int, allow_empty=True
+        ),
         tuning_seed=int(study.tuning_seed),
         summaries=str(study.get("summaries", "")),
     )
@@ -190,6 +201,10 @@ def validate(config) -> None:
         raise ConfigError("study.dpo_pairs", f"must hold study.reward_pairs ({d.reward_pairs}): {d.dpo_pairs}")
     if not set(d.beta_dpo_horizons) <= set(d.horizons):
         raise ConfigError("study.beta_dpo_horizons", f"{d.beta_dpo_horizons} must be among study.horizons {d.horizons}")
+    if not set(d.critic_free_horizons) <= set(d.horizons):
+        raise ConfigError(
+            "study.critic_free_horizons", f"{d.critic_free_horizons} must be among study.horizons {d.horizons}"
+        )
     if d.wide_clip < 0:
         raise ConfigError("study.wide_clip", f"expected >= 0 (0: no clip), got {d.wide_clip}")
     if d.tuning_seed in parse_seeds(config.seeds):
@@ -206,7 +221,7 @@ def validate(config) -> None:
     if config.ppo.eval_every <= 0:
         raise ConfigError("ppo.eval_every", "the study's curves are the held-out gold reward during PPO: set > 0")
     per_method = parse_per_method(config.ppo.per_method)
-    for method in ("ppo", "rto"):
+    for method in ("ppo", "rto") + (tuple(fn.__name__ for fn in CRITIC_FREE) if d.critic_free_horizons else ()):
         if method not in per_method:
             raise ConfigError("ppo.per_method", f"give {method}'s tuned values (docs/results/synthetic.md#fair-tuning)")
     for horizon in d.horizons:
@@ -294,10 +309,16 @@ def _setting(config, values: dict) -> tuple[float, float]:
     return float(args["beta_dpo"]), float(args["dpo_clip"])
 
 
-def _design_hash(config) -> str:
+def _design_hash(config, cell: str = "") -> str:
     """A fingerprint of everything that decides a horizon's numbers but the seed and the study's
-    list of cells: summaries with the same hash come from the same design."""
+    list of cells: summaries with the same hash come from the same design. The critic-free methods'
+    per_method values are only in the critic_free cells' fingerprint (only those cells train them)."""
     keep = config.to_dict()
+    entries = [e for e in str(keep["ppo"].get("per_method", "")).split(";") if e.strip()]
+    critic_free = [e for e in entries if e.split(":", 1)[0].strip() in {fn.__name__ for fn in CRITIC_FREE}]
+    keep["ppo"]["per_method"] = ";".join(e for e in entries if e not in critic_free)
+    if cell.startswith("critic_free_"):
+        keep["critic_free_per_method"] = critic_free
     for key in ("name", "seed", "seeds", "study", "resume_with_changes", "reuse_models_from", "checkpoint", "logging"):
         keep.pop(key, None)
     for (section, key), value in ADDED_AT_EARLIER_BEHAVIOUR.items():
@@ -328,6 +349,8 @@ def _cell_names(d: Design, horizon: int) -> list[str]:
         names += [f"beta_kl_{b:g}" for b in d.beta_kl]
     if horizon in d.beta_dpo_horizons:
         names += [f"beta_dpo_{b:g}_h{horizon}" for b in d.beta_dpo]
+    if horizon in d.critic_free_horizons:
+        names.append(f"critic_free_h{horizon}")
     return names
 
 
@@ -338,24 +361,27 @@ def summaries_dir(pipeline_workdir: Path, d: Design, seeds: int) -> Path:
     return (pipeline_workdir.parent if seeds > 1 else pipeline_workdir) / "summaries"
 
 
-def _committed(folder: Path, seed: int, names: list[str], fingerprint: str) -> list[dict] | None:
-    """The summaries of `names` for `seed` in `folder` if every one is there with this design, else None."""
-    found = []
+def _committed(folder: Path, seed: int, names: list[str], config) -> dict[str, dict]:
+    """{name: summary} of the cells among `names` whose summary for `seed` is in `folder` with this
+    design (`_design_hash`); a summary of another design is not taken (its cell runs again)."""
+    found = {}
     for name in names:
         path = folder / f"seed_{seed}" / f"{name}.json"
-        if not path.exists():
-            return None
-        summary = json.loads(path.read_text())
-        if summary.get("design") != fingerprint:
-            return None
-        found.append(summary)
+        if path.exists():
+            summary = json.loads(path.read_text())
+            if summary.get("design") == _design_hash(config, name):
+                found[name] = summary
     return found
 
 
-def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
-    """Every cell run at one horizon, as summaries (`cell_summary`)."""
+def _horizon_cells(p: Pipeline, d: Design, horizon: int, wanted: list[str]) -> list[dict]:
+    """The cells `wanted` (of `_cell_names`) at one horizon, as summaries (`cell_summary`), training
+    only what they need. A cell's methods always come from this workdir's models: a cell added to a
+    committed horizon trains its own runs and the horizon runs it compares with (the same stages the
+    horizon's cell would run), never pairs new runs with committed ones."""
     config = p.config
     center = horizon == d.center
+    here = f"horizon_{horizon}"
     per_method = parse_per_method(config.ppo.per_method)
     sft = p.stage("sft", stages.run_sft)
     pairs = p.stage("preferences", stages.run_preferences, sft_path=model_path(sft))
@@ -363,23 +389,33 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
     reward_model = p.stage(
         "reward_model", stages.run_reward_model, task=_first_pairs(p.task, d.reward_pairs), sft_path=model_path(sft)
     )
+    # The DPO models: the reward model's pairs (RTO's everywhere), and each DPO-data cell's own.
+    dpo_pairs = [d.reward_pairs] + [n for n in d.dpo_pairs if center and f"dpo_{n}_pairs" in wanted]
     dpo = {}
-    for n in d.dpo_pairs if center else (d.reward_pairs,):
+    for n in dpo_pairs:
         name = "dpo" if n == d.reward_pairs else f"dpo_{n}_pairs"
         dpo[n] = p.stage(
             name, stages.run_dpo, section="dpo", task=_first_pairs(p.task, n), sft_path=model_path(sft), stage=name
         )
-    policies = {"sft": model_path(sft)} | {f"dpo_{n}": model_path(r) for n, r in dpo.items()}
-    held_out = p.stage(
-        "gold_eval", stages.run_gold_eval, section="evaluate", policies=policies, ref_path=model_path(sft)
-    )
+    # pi_sft's and the DPO policies' held-out gold: one stage per DPO-data cell (a cell added later
+    # adds a stage, it does not change a finished one).
+    held_out = {}
+    for n in dpo_pairs:
+        policies = {f"dpo_{n}": model_path(dpo[n])} | ({"sft": model_path(sft)} if n == d.reward_pairs else {})
+        name = "gold_eval" if n == d.reward_pairs else f"gold_eval_dpo_{n}_pairs"
+        held_out |= p.stage(
+            name, stages.run_gold_eval, section="evaluate", policies=policies, ref_path=model_path(sft)
+        )
     frontier = p.stage("best_of_n", run_best_of_n, section="evaluate", sft_path=model_path(sft))
 
     # RTO's DPO term at each setting this horizon trains with, on pi_sft's samples: the tuned setting
-    # with each DPO model, each wider setting with the center's (one stage each: a cell added later
-    # adds a stage, it does not change a finished one).
+    # with each DPO model, each wider setting with the reward model's pairs' (one stage each).
     tuned = _setting(config, per_method.get("rto", {}))
-    wide = {f"beta_dpo_{b:g}": (b, d.wide_clip) for b in (d.beta_dpo if horizon in d.beta_dpo_horizons else ())}
+    wide = {
+        f"beta_dpo_{b:g}": (b, d.wide_clip)
+        for b in d.beta_dpo
+        if horizon in d.beta_dpo_horizons and f"beta_dpo_{b:g}_h{horizon}" in wanted
+    }
     measured = {(n, "tuned"): ("credit" if n == d.reward_pairs else f"credit_dpo_{n}_pairs", tuned) for n in dpo}
     measured.update({(d.reward_pairs, label): (f"credit_{label}", setting) for label, setting in wide.items()})
     credit = {}
@@ -397,7 +433,12 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
         credit[n, "score"] = done["score"]
     center_credit = credit[d.reward_pairs, "tuned"]
 
-    def train(name: str, fn, dpo_pairs: int = d.reward_pairs, **values) -> dict:
+    trained = {}  # stage -> its run: each PPO run once, whichever cells read it
+
+    def train(fn, suffix: str = "", dpo_pairs: int = d.reward_pairs, **values) -> dict:
+        name = f"ppo_{fn.__name__}{suffix}"
+        if name in trained:
+            return trained[name]
         merged = dict(per_method.get(TUNED_AS[fn.__name__], {}))
         merged.update(values)
         if fn is oracle_dense and "beta_gold" not in merged:
@@ -406,35 +447,39 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
             merged.update(gold_mean=center_credit["gold_mean"], gold_std=center_credit["gold_std"])
         models = {"ref": model_path(sft), "dpo": model_path(dpo[dpo_pairs])}
         result, args = p.ppo(name, fn, models=models, reward=reward_model, values=merged)
-        return {
+        trained[name] = {
             "stage": str(Path(p.workdir.name if not center else "") / name),
             "gold_reward": result["held_out"]["gold_reward"],
             "kl_to_ref": result["held_out"]["kl_to_ref"],
             "reward_args": args,
         }
+        return trained[name]
 
-    def run_name(fn, suffix: str = "") -> str:
-        return f"ppo_{fn.__name__}{suffix}"
+    def horizon_runs(*methods) -> dict:
+        """The horizon cell's runs of `methods`, marked shared where that cell is made here too."""
+        shared = {"shared_from": here} if here in wanted else {}
+        return {fn.__name__: {**train(fn), **shared} for fn in methods}
 
-    base = {fn.__name__: train(run_name(fn), fn) for fn in METHODS}
-    shared = lambda methods, cell: {m: {**base[m], "shared_from": cell} for m in methods}  # noqa: E731
-    here = f"horizon_{horizon}"
-    layout = {here: (base, {}, d.reward_pairs)}  # cell -> (its runs, what it varies, its DPO pairs)
-    if center:
-        for n in d.dpo_pairs:
-            if n != d.reward_pairs:  # only RTO reads the DPO model: the others' runs are the center's
-                methods = {**shared(("ppo", "oracle_dense", "oracle_rm"), here)}
-                methods["rto"] = train(run_name(rto, f"_dpo_{n}_pairs"), rto, dpo_pairs=n)
-                layout[f"dpo_{n}_pairs"] = (methods, {}, n)
-        for beta in d.beta_kl:
-            methods = {fn.__name__: train(run_name(fn, f"_kl_{beta:g}"), fn, beta_kl=beta) for fn in METHODS}
+    layout = {}  # cell -> (its runs, what it varies, its DPO pairs)
+    if here in wanted:
+        layout[here] = ({fn.__name__: train(fn) for fn in HORIZON_METHODS}, {}, d.reward_pairs)
+    for n in dpo_pairs[1:]:  # only RTO reads the DPO model: the others' runs are the horizon's
+        methods = horizon_runs(ppo, oracle_dense, oracle_rm)
+        methods["rto"] = train(rto, f"_dpo_{n}_pairs", dpo_pairs=n)
+        layout[f"dpo_{n}_pairs"] = (methods, {}, n)
+    for beta in d.beta_kl if center else ():
+        if f"beta_kl_{beta:g}" in wanted:
+            methods = {fn.__name__: train(fn, f"_kl_{beta:g}", beta_kl=beta) for fn in HORIZON_METHODS}
             layout[f"beta_kl_{beta:g}"] = (methods, {"beta_kl": beta}, d.reward_pairs)
     for label, (beta, clip) in wide.items():
-        methods = {**shared(("ppo", "oracle_rm"), here)}
-        methods["rto"] = train(run_name(rto, f"_{label}"), rto, beta_dpo=beta, dpo_clip=clip)
+        methods = horizon_runs(ppo, oracle_rm)
+        methods["rto"] = train(rto, f"_{label}", beta_dpo=beta, dpo_clip=clip)
         gold_weight = credit[d.reward_pairs, label]["oracle_dense_beta_gold"]
-        methods["oracle_dense"] = train(run_name(oracle_dense, f"_{label}"), oracle_dense, beta_gold=gold_weight)
+        methods["oracle_dense"] = train(oracle_dense, f"_{label}", beta_gold=gold_weight)
         layout[f"{label}_h{horizon}"] = (methods, {"beta_dpo": beta, "dpo_clip": clip}, d.reward_pairs)
+    if f"critic_free_h{horizon}" in wanted:
+        methods = horizon_runs(ppo, rto) | {fn.__name__: train(fn) for fn in CRITIC_FREE}
+        layout[f"critic_free_h{horizon}"] = (methods, dict(rloo.ppo_settings), d.reward_pairs)  # rto_rloo's too
 
     # Every run's held-out curves from one read of the metrics, starting at pi_sft's (the same samples' keys).
     records = read_metrics(p.workdir / "metrics.jsonl")
@@ -445,14 +490,14 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int) -> list[dict]:
         "label_agreement": pairs["label_agreement"],
     }
     summaries = []
-    for name, (methods, varies, dpo_pairs) in layout.items():
+    for name, (methods, varies, n) in layout.items():
         label = next((k for k in wide if name.startswith(k)), "tuned")
-        pi_sft = {k: v for k, v in credit[dpo_pairs, label].items() if k != "gold_credit_scale"}
+        pi_sft = {k: v for k, v in credit[n, label].items() if k != "gold_credit_scale"}
         summaries.append(
             cell_summary(
-                name, config, horizon, dpo_pairs, varies, methods, records,
-                {**references, "dpo_gold": held_out[f"dpo_{dpo_pairs}"]["gold_reward"]},
-                {**pi_sft, "score_response": credit[dpo_pairs, "score"]["score_response"]},
+                name, config, horizon, n, varies, methods, records,
+                {**references, "dpo_gold": held_out[f"dpo_{n}"]["gold_reward"]},
+                {**pi_sft, "score_response": credit[n, "score"]["score_response"]},
             )
         )  # fmt: skip
     return summaries
@@ -495,7 +540,7 @@ def cell_summary(name, config, horizon, dpo_pairs, varies, methods, records, ref
         "horizon": horizon,
         "dpo_pairs": dpo_pairs,
         "varies": varies,
-        "design": _design_hash(config),
+        "design": _design_hash(config, name),
         "methods": out_methods,
         "references": references,
         "credit": {k: _finite(v) for k, v in credit.items() if not isinstance(v, dict)},
@@ -519,18 +564,20 @@ def run(pipeline: Pipeline) -> dict:
     for horizon in d.horizons:
         config = pipeline.config if horizon == d.center else horizon_config(pipeline.config, horizon, d.reward_pairs)
         names = _cell_names(d, horizon)
-        done = _committed(folder, pipeline.config.seed, names, _design_hash(config))
-        if done is not None:  # committed by an earlier session: this horizon's work is not redone
-            if is_main_process():
-                print(f"[horizon {horizon}] seed {pipeline.config.seed}: every cell in {folder}: skipped")
-            summaries += done
+        done = _committed(folder, pipeline.config.seed, names, config)
+        summaries += done.values()
+        wanted = [name for name in names if name not in done]
+        if is_main_process() and done:  # committed by an earlier session: their work is not redone
+            left = f"; running {', '.join(wanted)}" if wanted else ""
+            print(f"[horizon {horizon}] seed {pipeline.config.seed}: {', '.join(done)} in {folder}: skipped{left}")
+        if not wanted:
             continue
         if horizon == d.center:
             opened = contextlib.nullcontext(pipeline)
         else:
             opened = pipeline.variant(f"horizon_{horizon}", config)
         with opened as p:
-            cells = _horizon_cells(p, d, horizon)
+            cells = _horizon_cells(p, d, horizon, wanted)
         if is_main_process():
             for cell in cells:
                 path = folder / f"seed_{cell['seed']}" / f"{cell['cell']}.json"

@@ -8,7 +8,8 @@ study_minus_ppo.png, study_gold_vs_kl.png and study_episodes_to_reach.png. Every
 the summaries alone, so the page regenerates without any run. results.md holds, per cell:
 
   gold      the final policy's held-out gold reward per method (mean, 95% t-interval over the cell's
-            seeds), the paired difference to PPO seed by seed with wins k/n, and the KL means
+            seeds), the paired difference to PPO seed by seed with wins k/n (RTO-RLOO's also to
+            RLOO), and the KL means
   credit    how DPO's token credit and the reward model's score correlate with the gold credit, on
             pi_sft's samples and at the first and last evaluation of the RTO / PPO runs
   reach     episodes to first reach the same seed's PPO final gold (the paper's "1/8 of the data")
@@ -37,13 +38,19 @@ from rto_jax.eval.report import mean_ci, paired_difference
 from rto_jax.eval.rollout_eval import episodes_to_reach
 
 BASELINE = "ppo"
-METHOD_ORDER = ("ppo", "rto", "oracle_dense", "oracle_rm")  # any other method follows, by name
+METHOD_ORDER = ("ppo", "rto", "oracle_dense", "oracle_rm", "rloo", "rto_rloo")  # any other method follows, by name
+# A dense reward's own baseline where it trains with another estimator: RTO's reward under RLOO
+# against PPO's reward under RLOO (the critic_free cells), seed by seed as every difference.
+SPARSE_TWIN = {"rto_rloo": "rloo"}
 REACH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of PPO's final gain over pi_sft (the reach figure)
 PAPER_DATA_FRACTION = 1 / 8  # the paper: RTO reaches PPO's level with 1/8 of the data
 CREDIT_KEYS = ("dpo_token", "dpo_quality", "dpo_response", "score_response")  # summary["credit"]
 TRAINING_CREDIT = {"rto": ("dpo_token", "dpo_response"), "ppo": ("score_response",)}  # along credit_curve
-# horizons, then DPO data, then KL coefficients, then DPO weights (grouped by horizon), each by value.
-_CELL_PATTERNS = (r"horizon_(\d+)", r"dpo_(\d+)_pairs", r"beta_kl_([0-9.e+-]+)", r"beta_dpo_([0-9.e+-]+)_h(\d+)")
+# horizons, then DPO data, then KL coefficients, then DPO weights (grouped by horizon), each by value,
+# then the critic-free cells by horizon.
+_CELL_PATTERNS = (
+    r"horizon_(\d+)", r"dpo_(\d+)_pairs", r"beta_kl_([0-9.e+-]+)", r"beta_dpo_([0-9.e+-]+)_h(\d+)", r"critic_free_h(\d+)"
+)
 FIGURES = ("study_gold_vs_episodes.png", "study_minus_ppo.png", "study_gold_vs_kl.png", "study_episodes_to_reach.png")
 
 
@@ -223,6 +230,9 @@ def _method(rows: list[dict], method: str) -> dict:
             {"episodes": float(curves[0, i, 0]), **paired_difference(curves[:, i, 1], ppo_curves[:, i, 1])}
             for i in range(curves.shape[1])
         ]
+    twin = SPARSE_TWIN.get(method)
+    if twin in rows[0]["methods"]:
+        out[f"minus_{twin}"] = paired_difference(gold, [r["methods"][twin]["gold_reward"] for r in rows])
     for key in TRAINING_CREDIT.get(method, ()):  # the run's own reward parts vs the gold credit
         points = [run["credit_curve"] for run in runs]
         out[f"credit_{key}"] = {
@@ -343,9 +353,11 @@ def study_tables(results: dict) -> str:
             return "-"
         return _ci(run["gold_reward"]) + (f" ({run['shared_from']}'s run)" if run["shared_from"] else "")
 
-    def diff(c, m):
-        d = get(c, m, f"minus_{BASELINE}")
+    def diff(c, m, baseline=BASELINE):
+        d = get(c, m, f"minus_{baseline}")
         return "-" if d is None else f"{_ci(d, sign='+')} ({d['wins']}/{d['n']})"
+
+    twins = [(m, t) for m, t in SPARSE_TWIN.items() if m in methods and t in methods]
 
     def reach(c, m):
         r = get(c, m, "reach")
@@ -368,11 +380,14 @@ def study_tables(results: dict) -> str:
     lines = _section(
         "Gold reward of the final policy",
         "Means over the cell's n seeds with 95% t-intervals (one seed: the mean alone); differences are "
-        f"paired seed by seed (wins: seeds where the method beat {BASELINE}); KL to pi_sft means.",
+        f"paired seed by seed (wins: seeds where the method beat {BASELINE}; RTO's reward under RLOO also "
+        "against PPO's reward under RLOO); KL to pi_sft means.",
         ["cell", "H", "DPO pairs", "varies", "n", "SFT", "DPO policy", *methods,
-         *(f"{m} - {BASELINE} (wins)" for m in others), "KL " + " / ".join(methods)],
+         *(f"{m} - {BASELINE} (wins)" for m in others), *(f"{m} - {t} (wins)" for m, t in twins),
+         "KL " + " / ".join(methods)],
         [[name, c["horizon"], c["dpo_pairs"], ", ".join(f"{k} {v}" for k, v in c["varies"].items()) or "-", c["n"],
           _ci(c["sft_gold"]), _ci(c["dpo_gold"]), *(gold(c, m) for m in methods), *(diff(c, m) for m in others),
+          *(diff(c, m, t) for m, t in twins),
           " / ".join("-" if get(c, m, "kl_to_ref") is None else f"{get(c, m, 'kl_to_ref')['mean']:.1f}"
                      for m in methods)]
          for name, c in cells.items()],

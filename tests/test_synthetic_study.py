@@ -17,8 +17,9 @@ from rto_jax.pipeline.recipes import load_recipe
 from experiments import synthetic_study_report
 from tests.test_synthetic_benchmark import _config
 
-CELLS = {"horizon_8", "dpo_24_pairs", "dpo_96_pairs", "beta_kl_0.2", "horizon_12", "beta_dpo_0.5_h12"}
+CELLS = {"horizon_8", "dpo_24_pairs", "dpo_96_pairs", "beta_kl_0.2", "horizon_12", "beta_dpo_0.5_h12", "critic_free_h8"}
 METHODS = {"ppo", "rto", "oracle_dense", "oracle_rm"}
+CRITIC_FREE_CELL = {"ppo", "rto", "rloo", "rto_rloo"}  # the horizon's PPO and RTO, both rewards under RLOO
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_every_cell_and_output_for_every_seed(study):
     table = (workdir / "results.md").read_text()
     for name, cell in results["cells"].items():
         assert name in table and cell["n"] == 2
-        assert set(cell["methods"]) == METHODS
+        assert set(cell["methods"]) == (CRITIC_FREE_CELL if name.startswith("critic_free") else METHODS)
         for m in cell["methods"].values():
             assert len(m["gold_per_seed"]) == 2 and m["gold_reward"]["n"] == 2
             assert m["curve"][0]["episodes"] == 0 and len(m["curve"]) == 4  # pi_sft + 3 iterations
@@ -107,9 +108,36 @@ def test_the_dpo_weight_cell_trains_rto_unclipped_and_rescales_the_oracle(study)
     assert wide["gold_mean"] == credit["gold_mean"]  # the same pi_sft samples
 
 
+def test_the_critic_free_cell_trains_both_rewards_under_rloo_without_a_critic(study):
+    """critic_free_h8: PPO's and RTO's rewards under RLOO (4 responses per prompt, no critic), each with
+    its own tuned values (per_method's rloo / rto_rloo), beside the horizon's PPO and RTO runs."""
+    _, workdir, results = study
+    cell, center = _summary(workdir, 1, "critic_free_h8"), _summary(workdir, 1, "horizon_8")
+    assert cell["varies"] == {"estimator": "rloo", "samples_per_prompt": 4}
+    for method in ("ppo", "rto"):  # made in the same run: the horizon's own runs
+        assert cell["methods"][method]["shared_from"] == "horizon_8"
+        assert cell["methods"][method]["gold_reward"] == center["methods"][method]["gold_reward"]
+    rloo, rto_rloo = cell["methods"]["rloo"], cell["methods"]["rto_rloo"]
+    assert "shared_from" not in rloo and "shared_from" not in rto_rloo
+    # configs/rto_synthetic.py's TUNED_RLOO: rto_rloo clips the DPO term at 0.05 where RTO (with GAE) clips at 0.2.
+    assert rto_rloo["reward_args"]["dpo_clip"] == 0.05 and cell["methods"]["rto"]["reward_args"]["dpo_clip"] == 0.2
+    assert set(rloo["parts"]) == {"kl", "score"} and set(rto_rloo["parts"]) == {"dpo", "kl", "score"}
+    seed = workdir / "seed_1"
+    for method in ("rloo", "rto_rloo"):  # no critic trained, none exported
+        assert "value_loss" not in _first_train_record(seed, f"ppo_{method}")
+        assert not (seed / f"ppo_{method}" / "critic").exists()
+    assert "value_loss" in _first_train_record(seed, "ppo_rto") and (seed / "ppo_rto" / "critic").exists()
+    # The report pairs RTO's reward under RLOO with PPO's reward under RLOO, seed by seed.
+    reported = results["cells"]["critic_free_h8"]["methods"]["rto_rloo"]["minus_rloo"]
+    golds = [_summary(workdir, s, "critic_free_h8")["methods"] for s in (1, 2)]
+    assert reported["mean"] == pytest.approx(np.mean([g["rto_rloo"]["gold_reward"] - g["rloo"]["gold_reward"] for g in golds]))
+    assert " rto_rloo - rloo (wins) |" in (workdir / "results.md").read_text()
+
+
 def test_committed_summaries_are_not_run_again(study, tmp_path):
     """A fresh workdir with study.summaries pointing at finished summaries runs no stage at all; a
-    summary from another design is not taken (that horizon runs)."""
+    horizon with some cells committed runs only the others, with the runs they compare with, in its
+    own workdir (never pairing new runs with committed ones); a summary of another design is not taken."""
     config, workdir, _ = study
     committed = tmp_path / "committed"
     shutil.copytree(workdir / "summaries", committed)
@@ -120,10 +148,26 @@ def test_committed_summaries_are_not_run_again(study, tmp_path):
     fresh = tmp_path / "fresh"
     run(again, fresh)
     assert not (fresh / "sft").exists() and not (fresh / "horizon_12").exists()
+    kept = {p.name: p.read_text() for p in (committed / "seed_1").glob("*.json")}
+    (committed / "seed_1" / "critic_free_h8.json").unlink()  # a cell added to a finished horizon
     stale = committed / "seed_1" / "horizon_12.json"
     stale.write_text(json.dumps({**json.loads(stale.read_text()), "design": "another"}))
     run(again, fresh)
-    assert (fresh / "horizon_12" / "ppo_rto" / "done.json").exists() and not (fresh / "sft").exists()
+    made = {p.name for p in fresh.iterdir() if (p / "done.json").exists()}
+    assert {"sft", "reward_model", "dpo", "ppo_ppo", "ppo_rto", "ppo_rloo", "ppo_rto_rloo"} <= made
+    assert not made & {"dpo_24_pairs", "ppo_oracle_dense", "ppo_ppo_kl_0.2"}, made  # the committed cells' own
+    made_12 = {p.name for p in (fresh / "horizon_12").iterdir() if (p / "done.json").exists()}
+    assert {"ppo_ppo", "ppo_oracle_rm"} <= made_12 and "ppo_rto_beta_dpo_0.5" not in made_12
+    # The same seed, code and machine: the retrained cell is the one the study made (rows, not bits, on
+    # another machine); it compares with this workdir's PPO and RTO runs, not the committed cell's.
+    remade = json.loads((committed / "seed_1" / "critic_free_h8.json").read_text())
+    original = _summary(workdir, 1, "critic_free_h8")
+    for method in CRITIC_FREE_CELL:
+        assert remade["methods"][method]["gold_reward"] == pytest.approx(original["methods"][method]["gold_reward"])
+    assert "shared_from" not in remade["methods"]["ppo"] and remade["methods"]["ppo"]["stage"] == "ppo_ppo"
+    for name, text in kept.items():  # the committed cells' summaries are untouched
+        if name not in ("critic_free_h8.json", "horizon_12.json"):
+            assert (committed / "seed_1" / name).read_text() == text, name
 
 
 def test_the_horizon_cell_runs_the_scaled_task(study):
@@ -235,7 +279,16 @@ def test_the_committed_summaries_match_the_study_design_as_it_is_now():
     assert len(committed) >= 25, committed  # horizon 8's five cells, seeds 1-5
     for path in committed:
         summary = json.loads(path.read_text())
-        assert summary["design"] == fingerprints[summary["horizon"]], path
+        assert summary["design"] == recipe._design_hash(at(summary["horizon"]), summary["cell"]), path
+        if not summary["cell"].startswith("critic_free_"):
+            assert summary["design"] == fingerprints[summary["horizon"]], path
+    # The critic-free methods' tuned values are in their cells' fingerprint only.
+    assert recipe._design_hash(config, "critic_free_h8") != fingerprints[d.center]
+    changed = config.copy_and_resolve_references()
+    with changed.unlocked():
+        changed.ppo.per_method = changed.ppo.per_method.replace("rloo:beta_kl=0.05", "rloo:beta_kl=0.1")
+    assert recipe._design_hash(changed) == fingerprints[d.center]
+    assert recipe._design_hash(changed, "critic_free_h8") != recipe._design_hash(config, "critic_free_h8")
     # A key added since, at the value that reproduces the committed runs, is left out; any other value is not.
     for key, same, other in (("estimator", "gae", "rloo"), ("samples_per_prompt", 1, 4)):
         changed = config.copy_and_resolve_references()
@@ -257,6 +310,8 @@ def test_the_committed_summaries_match_the_study_design_as_it_is_now():
         ("study.beta_kl", "0.1,-1", "distinct positive numbers"),
         ("study.beta_dpo_horizons", "32,48", "must be among study.horizons"),
         ("study.wide_clip", -1.0, "expected >= 0"),
+        ("study.critic_free_horizons", "12", "must be among study.horizons"),
+        ("ppo.per_method", "ppo:beta_kl=0.05;rto:beta_kl=0.05", "give rloo's tuned values"),
     ],
 )
 def test_a_bad_design_is_refused_before_any_work(key, value, message):
