@@ -148,6 +148,8 @@ def get_config(preset: str = "demo"):
         c.study.beta_kl = "0.2"  # one KL cell
         c.study.beta_dpo, c.study.beta_dpo_horizons = "0.5", "12"  # one DPO-weight cell (no clip)
         c.study.critic_free_horizons = "8"  # the critic-free cell where the horizon's runs are made too
+        # rloo's own KL coefficient (not PPO's 0.05): a test sees per_method's rloo entry reach its runs.
+        c.ppo.per_method = TUNED + ";" + TUNED_RLOO.replace("rloo:beta_kl=0.05", "rloo:beta_kl=0.1")
         c.study.summaries = ""  # in the workdir, never the committed folder
         c.synthetic.preference_pairs = 96 + 16  # the most DPO pairs + the held-out pairs
         c.dpo.num_epochs, c.dpo.max_steps = 1, 0  # one epoch: 24, 48 and 96 pairs are 1, 3 and 6 steps

@@ -119,7 +119,9 @@ CRITIC_FREE = (rloo, rto_rloo)  # the critic_free_h<H> cells': PPO's and RTO's r
 METHODS = HORIZON_METHODS + CRITIC_FREE  # every token reward the study trains (config.ppo.per_method's)
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
 # The controls are PPO plus what they know: they train with PPO's tuned values (per_method's "ppo").
-TUNED_AS = {"ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo", "rloo": "rloo", "rto_rloo": "rto_rloo"}
+TUNED_AS = {"ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo"} | {
+    fn.__name__: fn.__name__ for fn in CRITIC_FREE  # each its own tune_methods row
+}
 
 
 class Design(NamedTuple):  # (a dataclass needs its module in sys.modules; a recipe's is not)
@@ -460,26 +462,29 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int, wanted: list[str]) -> l
         shared = {"shared_from": here} if here in wanted else {}
         return {fn.__name__: {**train(fn), **shared} for fn in methods}
 
-    layout = {}  # cell -> (its runs, what it varies, its DPO pairs)
+    # cell -> (its runs, what it varies, its DPO pairs, its credit setting: the RTO term its pi_sft credit is of)
+    layout = {}
     if here in wanted:
-        layout[here] = ({fn.__name__: train(fn) for fn in HORIZON_METHODS}, {}, d.reward_pairs)
+        layout[here] = ({fn.__name__: train(fn) for fn in HORIZON_METHODS}, {}, d.reward_pairs, "tuned")
     for n in dpo_pairs[1:]:  # only RTO reads the DPO model: the others' runs are the horizon's
         methods = horizon_runs(ppo, oracle_dense, oracle_rm)
         methods["rto"] = train(rto, f"_dpo_{n}_pairs", dpo_pairs=n)
-        layout[f"dpo_{n}_pairs"] = (methods, {}, n)
+        layout[f"dpo_{n}_pairs"] = (methods, {}, n, "tuned")
     for beta in d.beta_kl if center else ():
         if f"beta_kl_{beta:g}" in wanted:
             methods = {fn.__name__: train(fn, f"_kl_{beta:g}", beta_kl=beta) for fn in HORIZON_METHODS}
-            layout[f"beta_kl_{beta:g}"] = (methods, {"beta_kl": beta}, d.reward_pairs)
+            layout[f"beta_kl_{beta:g}"] = (methods, {"beta_kl": beta}, d.reward_pairs, "tuned")
     for label, (beta, clip) in wide.items():
         methods = horizon_runs(ppo, oracle_rm)
         methods["rto"] = train(rto, f"_{label}", beta_dpo=beta, dpo_clip=clip)
         gold_weight = credit[d.reward_pairs, label]["oracle_dense_beta_gold"]
         methods["oracle_dense"] = train(oracle_dense, f"_{label}", beta_gold=gold_weight)
-        layout[f"{label}_h{horizon}"] = (methods, {"beta_dpo": beta, "dpo_clip": clip}, d.reward_pairs)
-    if f"critic_free_h{horizon}" in wanted:
+        layout[f"{label}_h{horizon}"] = (methods, {"beta_dpo": beta, "dpo_clip": clip}, d.reward_pairs, label)
+    if f"critic_free_h{horizon}" in wanted:  # its pi_sft credit: RTO's tuned term (rto_rloo clips it at its own value)
         methods = horizon_runs(ppo, rto) | {fn.__name__: train(fn) for fn in CRITIC_FREE}
-        layout[f"critic_free_h{horizon}"] = (methods, dict(rloo.ppo_settings), d.reward_pairs)  # rto_rloo's too
+        settings = dict(rloo.ppo_settings)  # rto_rloo's are the same: estimator, samples_per_prompt
+        layout[f"critic_free_h{horizon}"] = (methods, settings, d.reward_pairs, "tuned")
+    assert set(layout) == set(wanted), (sorted(layout), wanted)  # _cell_names and the cells made here agree
 
     # Every run's held-out curves from one read of the metrics, starting at pi_sft's (the same samples' keys).
     records = read_metrics(p.workdir / "metrics.jsonl")
@@ -490,8 +495,7 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int, wanted: list[str]) -> l
         "label_agreement": pairs["label_agreement"],
     }
     summaries = []
-    for name, (methods, varies, n) in layout.items():
-        label = next((k for k in wide if name.startswith(k)), "tuned")
+    for name, (methods, varies, n, label) in layout.items():
         pi_sft = {k: v for k, v in credit[n, label].items() if k != "gold_credit_scale"}
         summaries.append(
             cell_summary(

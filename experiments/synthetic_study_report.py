@@ -49,7 +49,11 @@ TRAINING_CREDIT = {"rto": ("dpo_token", "dpo_response"), "ppo": ("score_response
 # horizons, then DPO data, then KL coefficients, then DPO weights (grouped by horizon), each by value,
 # then the critic-free cells by horizon.
 _CELL_PATTERNS = (
-    r"horizon_(\d+)", r"dpo_(\d+)_pairs", r"beta_kl_([0-9.e+-]+)", r"beta_dpo_([0-9.e+-]+)_h(\d+)", r"critic_free_h(\d+)"
+    r"horizon_(\d+)",
+    r"dpo_(\d+)_pairs",
+    r"beta_kl_([0-9.e+-]+)",
+    r"beta_dpo_([0-9.e+-]+)_h(\d+)",
+    r"critic_free_h(\d+)",
 )
 FIGURES = ("study_gold_vs_episodes.png", "study_minus_ppo.png", "study_gold_vs_kl.png", "study_episodes_to_reach.png")
 

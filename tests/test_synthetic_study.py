@@ -119,8 +119,10 @@ def test_the_critic_free_cell_trains_both_rewards_under_rloo_without_a_critic(st
         assert cell["methods"][method]["gold_reward"] == center["methods"][method]["gold_reward"]
     rloo, rto_rloo = cell["methods"]["rloo"], cell["methods"]["rto_rloo"]
     assert "shared_from" not in rloo and "shared_from" not in rto_rloo
-    # configs/rto_synthetic.py's TUNED_RLOO: rto_rloo clips the DPO term at 0.05 where RTO (with GAE) clips at 0.2.
+    # Each its own per_method entry: rto_rloo clips the DPO term at 0.05 where RTO (with GAE) clips at 0.2
+    # (TUNED_RLOO); study_smoke gives rloo beta_kl 0.1 where PPO has 0.05.
     assert rto_rloo["reward_args"]["dpo_clip"] == 0.05 and cell["methods"]["rto"]["reward_args"]["dpo_clip"] == 0.2
+    assert rloo["reward_args"]["beta_kl"] == 0.1 and cell["methods"]["ppo"]["reward_args"]["beta_kl"] == 0.05
     assert set(rloo["parts"]) == {"kl", "score"} and set(rto_rloo["parts"]) == {"dpo", "kl", "score"}
     seed = workdir / "seed_1"
     for method in ("rloo", "rto_rloo"):  # no critic trained, none exported
@@ -130,8 +132,14 @@ def test_the_critic_free_cell_trains_both_rewards_under_rloo_without_a_critic(st
     # The report pairs RTO's reward under RLOO with PPO's reward under RLOO, seed by seed.
     reported = results["cells"]["critic_free_h8"]["methods"]["rto_rloo"]["minus_rloo"]
     golds = [_summary(workdir, s, "critic_free_h8")["methods"] for s in (1, 2)]
-    assert reported["mean"] == pytest.approx(np.mean([g["rto_rloo"]["gold_reward"] - g["rloo"]["gold_reward"] for g in golds]))
-    assert " rto_rloo - rloo (wins) |" in (workdir / "results.md").read_text()
+    differences = [g["rto_rloo"]["gold_reward"] - g["rloo"]["gold_reward"] for g in golds]
+    assert reported["mean"] == pytest.approx(np.mean(differences)) and reported["n"] == 2
+    table = (workdir / "results.md").read_text().split("\n## ")[0].splitlines()
+    header = next(line for line in table if line.startswith("| cell |"))
+    column = header.split(" | ").index("rto_rloo - rloo (wins)")
+    row = next(line for line in table if line.startswith("| critic_free_h8 |"))
+    assert row.split(" | ")[column].startswith(f"{reported['mean']:+.3f} [")
+    assert all(line.count(" | ") == header.count(" | ") for line in table if line.startswith("| "))
 
 
 def test_committed_summaries_are_not_run_again(study, tmp_path):
@@ -190,6 +198,10 @@ def test_dpo_cells_train_on_nested_subsets_and_share_the_center_ppo(study):
     steps = {n: json.loads((seed / stage / "done.json").read_text())["steps"] for n, stage in
              ((24, "dpo_24_pairs"), (48, "dpo"), (96, "dpo_96_pairs"))}  # fmt: skip
     assert steps == {24: 1, 48: 3, 96: 6}
+    # Each DPO-data cell's DPO policy is the one its own gold evaluation measured.
+    fewer_gold = json.loads((seed / "gold_eval_dpo_24_pairs" / "done.json").read_text())["dpo_24"]["gold_reward"]
+    assert _summary(workdir, 1, "dpo_24_pairs")["references"]["dpo_gold"] == fewer_gold
+    assert fewer_gold != _summary(workdir, 1, "horizon_8")["references"]["dpo_gold"]
     cells = results["cells"]
     for cell in ("dpo_24_pairs", "dpo_96_pairs"):  # only RTO reads the DPO model: the others are the center's runs
         for method in METHODS - {"rto"}:

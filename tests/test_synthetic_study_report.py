@@ -192,10 +192,13 @@ def test_results_md_has_every_cell_in_study_order_and_every_method(tmp_path):
              "horizon_96": 96}  # fmt: skip
     shared = {"dpo_1024_pairs": ("ppo", "oracle_dense", "oracle_rm"), "dpo_16384_pairs": ("ppo",)}
     rows = [summary(c, s, finals, horizon=h, shared=shared.get(c, ())) for c, h in cells.items() for s in (1, 2)]
+    critic_free = {"ppo": 0.2, "rto": 0.2, "rloo": 0.1, "rto_rloo": 0.15}  # the critic-free cells' methods, by horizon
+    rows += [summary(f"critic_free_h{h}", s, critic_free, horizon=h) for h in (32, 8) for s in (1, 2)]
     study_report.aggregate_summaries(rows, tmp_path)
     table = (tmp_path / "results.md").read_text()
     order = ["horizon_8", "horizon_32", "horizon_96", "dpo_1024_pairs", "dpo_16384_pairs", "beta_kl_0.01",
-             "beta_kl_0.2", "beta_dpo_0.2_h32", "beta_dpo_0.5_h32", "beta_dpo_0.2_h96"]  # fmt: skip
+             "beta_kl_0.2", "beta_dpo_0.2_h32", "beta_dpo_0.5_h32", "beta_dpo_0.2_h96", "critic_free_h8",
+             "critic_free_h32"]  # fmt: skip
     gold_table = table.split("## Token credit")[0]
     assert [line.split(" | ")[0].removeprefix("| ") for line in gold_table.strip().splitlines()[6:]] == order
     for section in table.split("\n## ")[1:]:  # every table has every cell
@@ -203,6 +206,11 @@ def test_results_md_has_every_cell_in_study_order_and_every_method(tmp_path):
     header = gold_table.splitlines()[4]
     assert all(f" {m} |" in header for m in METHODS) and all(f"{m} - ppo (wins)" in header for m in METHODS[1:])
     assert gold_table.count("(horizon_8's run)") == 4
+    # RTO's reward under RLOO against PPO's reward under RLOO, where a cell has both; "-" elsewhere.
+    column = header.split(" | ").index("rto_rloo - rloo (wins)")
+    rows_by_cell = {line.split(" | ")[0].removeprefix("| "): line.split(" | ") for line in gold_table.splitlines()[6:]}
+    assert rows_by_cell["critic_free_h8"][column] == "+0.050 [+0.050, +0.050] (2/2)"
+    assert rows_by_cell["horizon_8"][column] == "-"
     assert json.loads((tmp_path / "results.json").read_text())["cell_order"] == order
     for figure in study_report.FIGURES:
         assert (tmp_path / figure).stat().st_size > 0
