@@ -23,7 +23,8 @@ The cells change one thing at a time around the tuned setting (the "center"):
              oracle_dense scaled to match it; PPO's and oracle_rm's runs are the horizon's.
   no critic  critic_free_h<H> at config.study.critic_free_horizons: PPO's and RTO's rewards under the
              critic-free RLOO estimator (4 responses per prompt, the same episodes; each with the
-             values its tuning chose, per_method's rloo / rto_rloo) beside the horizon's PPO and RTO.
+             values its tuning chose, per_method's rloo / rto_rloo), both positive controls under
+             RLOO (oracle_dense_rloo sized as rto_rloo's DPO term), beside the horizon's PPO and RTO.
 
 Before PPO, a `credit` stage per DPO model measures on pi_sft's samples how RTO's DPO term and the
 reward model's score correlate with the gold credit (rto_jax.eval.credit); during PPO every run logs
@@ -74,6 +75,7 @@ from rto_jax.objectives.token_rewards import (
 )
 from rto_jax.pipeline import Pipeline, common, model_path, stages
 from rto_jax.pipeline.config import ONLINE_PRM_KNOBS, parse_per_method, parse_seeds
+from rto_jax.pipeline.recipes import method
 from rto_jax.pipeline.evaluate import held_out_rows, run_best_of_n
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
 from rto_jax.pipeline.tasks import with_preferences
@@ -116,11 +118,14 @@ def oracle_rm(logps, score, mask, *, gold_mean=0.0, gold_std=1.0, beta_kl=0.01, 
 
 HORIZON_METHODS = (ppo, rto, oracle_dense, oracle_rm)  # every horizon's own cell
 CRITIC_FREE = (rloo, rto_rloo)  # the critic_free_h<H> cells': PPO's and RTO's rewards under RLOO
-METHODS = HORIZON_METHODS + CRITIC_FREE  # every token reward the study trains (config.ppo.per_method's)
+# ... and the positive controls under RLOO: oracle_dense_rloo's gold term sized as rto_rloo's DPO term.
+CRITIC_FREE_CONTROLS = tuple(method(fn, f"{fn.__name__}_rloo", **rloo.ppo_settings) for fn in (oracle_dense, oracle_rm))
+METHODS = HORIZON_METHODS + CRITIC_FREE + CRITIC_FREE_CONTROLS  # every token reward the study trains
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
-# The controls are PPO plus what they know: they train with PPO's tuned values (per_method's "ppo").
-TUNED_AS = {"ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo"} | {
-    fn.__name__: fn.__name__ for fn in CRITIC_FREE  # each its own tune_methods row
+# The controls are the sparse baseline plus what they know: they train with its tuned values
+# (per_method's "ppo", or "rloo" without a critic); rloo and rto_rloo have their own tune_methods rows.
+TUNED_AS = {"ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo", "rloo": "rloo"} | {
+    "rto_rloo": "rto_rloo", "oracle_dense_rloo": "rloo", "oracle_rm_rloo": "rloo"
 }
 
 
@@ -420,6 +425,8 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int, wanted: list[str]) -> l
     }
     measured = {(n, "tuned"): ("credit" if n == d.reward_pairs else f"credit_dpo_{n}_pairs", tuned) for n in dpo}
     measured.update({(d.reward_pairs, label): (f"credit_{label}", setting) for label, setting in wide.items()})
+    if f"critic_free_h{horizon}" in wanted:  # rto_rloo's own setting (its tuned clip)
+        measured[d.reward_pairs, "rto_rloo"] = ("credit_rto_rloo", _setting(config, per_method["rto_rloo"]))
     credit = {}
     for (n, label), (name, setting) in measured.items():
         done = p.stage(
@@ -443,9 +450,10 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int, wanted: list[str]) -> l
             return trained[name]
         merged = dict(per_method.get(TUNED_AS[fn.__name__], {}))
         merged.update(values)
-        if fn is oracle_dense and "beta_gold" not in merged:
+        reward = getattr(fn, "__wrapped__", fn)  # a control under another estimator (recipes.method) is the control
+        if reward is oracle_dense and "beta_gold" not in merged:
             merged["beta_gold"] = center_credit["oracle_dense_beta_gold"]
-        if fn is oracle_rm:
+        if reward is oracle_rm:
             merged.update(gold_mean=center_credit["gold_mean"], gold_std=center_credit["gold_std"])
         models = {"ref": model_path(sft), "dpo": model_path(dpo[dpo_pairs])}
         result, args = p.ppo(name, fn, models=models, reward=reward_model, values=merged)
@@ -480,10 +488,14 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int, wanted: list[str]) -> l
         gold_weight = credit[d.reward_pairs, label]["oracle_dense_beta_gold"]
         methods["oracle_dense"] = train(oracle_dense, f"_{label}", beta_gold=gold_weight)
         layout[f"{label}_h{horizon}"] = (methods, {"beta_dpo": beta, "dpo_clip": clip}, d.reward_pairs, label)
-    if f"critic_free_h{horizon}" in wanted:  # its pi_sft credit: RTO's tuned term (rto_rloo clips it at its own value)
+    if f"critic_free_h{horizon}" in wanted:  # its pi_sft credit: rto_rloo's DPO term (its own clip)
         methods = horizon_runs(ppo, rto) | {fn.__name__: train(fn) for fn in CRITIC_FREE}
-        settings = dict(rloo.ppo_settings)  # rto_rloo's are the same: estimator, samples_per_prompt
-        layout[f"critic_free_h{horizon}"] = (methods, settings, d.reward_pairs, "tuned")
+        dense_rloo, rm_rloo = CRITIC_FREE_CONTROLS
+        gold_weight = credit[d.reward_pairs, "rto_rloo"]["oracle_dense_beta_gold"]
+        methods[dense_rloo.__name__] = train(dense_rloo, beta_gold=gold_weight)
+        methods[rm_rloo.__name__] = train(rm_rloo)
+        settings = dict(rloo.ppo_settings)  # every critic-free method's: estimator, samples_per_prompt
+        layout[f"critic_free_h{horizon}"] = (methods, settings, d.reward_pairs, "rto_rloo")
     assert set(layout) == set(wanted), (sorted(layout), wanted)  # _cell_names and the cells made here agree
 
     # Every run's held-out curves from one read of the metrics, starting at pi_sft's (the same samples' keys).

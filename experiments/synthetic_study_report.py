@@ -8,8 +8,8 @@ study_minus_ppo.png, study_gold_vs_kl.png and study_episodes_to_reach.png. Every
 the summaries alone, so the page regenerates without any run. results.md holds, per cell:
 
   gold      the final policy's held-out gold reward per method (mean, 95% t-interval over the cell's
-            seeds), the paired difference to PPO seed by seed with wins k/n (RTO-RLOO's also to
-            RLOO), and the KL means
+            seeds), the paired difference to PPO seed by seed with wins k/n (the critic-free
+            methods' also to RLOO), and the KL means
   credit    how DPO's token credit and the reward model's score correlate with the gold credit, on
             pi_sft's samples and at the first and last evaluation of the RTO / PPO runs
   reach     episodes to first reach the same seed's PPO final gold (the paper's "1/8 of the data")
@@ -38,10 +38,10 @@ from rto_jax.eval.report import mean_ci, paired_difference
 from rto_jax.eval.rollout_eval import episodes_to_reach
 
 BASELINE = "ppo"
-METHOD_ORDER = ("ppo", "rto", "oracle_dense", "oracle_rm", "rloo", "rto_rloo")  # any other method follows, by name
-# A dense reward's own baseline where it trains with another estimator: RTO's reward under RLOO
-# against PPO's reward under RLOO (the critic_free cells), seed by seed as every difference.
-SPARSE_TWIN = {"rto_rloo": "rloo"}
+METHOD_ORDER = ("ppo", "rto", "oracle_dense", "oracle_rm", "rloo", "rto_rloo", "oracle_dense_rloo", "oracle_rm_rloo")
+# Any other method follows, by name. The critic-free methods are also compared with PPO's reward under
+# the same estimator (the critic_free cells), seed by seed as every difference.
+SAME_ESTIMATOR_BASELINE = {"rto_rloo": "rloo", "oracle_dense_rloo": "rloo", "oracle_rm_rloo": "rloo"}
 REACH_FRACTIONS = (0.25, 0.5, 0.75, 1.0)  # of PPO's final gain over pi_sft (the reach figure)
 PAPER_DATA_FRACTION = 1 / 8  # the paper: RTO reaches PPO's level with 1/8 of the data
 CREDIT_KEYS = ("dpo_token", "dpo_quality", "dpo_response", "score_response")  # summary["credit"]
@@ -234,7 +234,7 @@ def _method(rows: list[dict], method: str) -> dict:
             {"episodes": float(curves[0, i, 0]), **paired_difference(curves[:, i, 1], ppo_curves[:, i, 1])}
             for i in range(curves.shape[1])
         ]
-    twin = SPARSE_TWIN.get(method)
+    twin = SAME_ESTIMATOR_BASELINE.get(method)
     if twin in rows[0]["methods"]:
         out[f"minus_{twin}"] = paired_difference(gold, [r["methods"][twin]["gold_reward"] for r in rows])
     for key in TRAINING_CREDIT.get(method, ()):  # the run's own reward parts vs the gold credit
@@ -361,7 +361,7 @@ def study_tables(results: dict) -> str:
         d = get(c, m, f"minus_{baseline}")
         return "-" if d is None else f"{_ci(d, sign='+')} ({d['wins']}/{d['n']})"
 
-    twins = [(m, t) for m, t in SPARSE_TWIN.items() if m in methods and t in methods]
+    twins = [(m, t) for m, t in SAME_ESTIMATOR_BASELINE.items() if m in methods and t in methods]
 
     def reach(c, m):
         r = get(c, m, "reach")
@@ -384,7 +384,7 @@ def study_tables(results: dict) -> str:
     lines = _section(
         "Gold reward of the final policy",
         "Means over the cell's n seeds with 95% t-intervals (one seed: the mean alone); differences are "
-        f"paired seed by seed (wins: seeds where the method beat {BASELINE}; RTO's reward under RLOO also "
+        f"paired seed by seed (wins: seeds where the method beat {BASELINE}; the critic-free methods also "
         "against PPO's reward under RLOO); KL to pi_sft means.",
         ["cell", "H", "DPO pairs", "varies", "n", "SFT", "DPO policy", *methods,
          *(f"{m} - {BASELINE} (wins)" for m in others), *(f"{m} - {t} (wins)" for m, t in twins),

@@ -19,7 +19,8 @@ from tests.test_synthetic_benchmark import _config
 
 CELLS = {"horizon_8", "dpo_24_pairs", "dpo_96_pairs", "beta_kl_0.2", "horizon_12", "beta_dpo_0.5_h12", "critic_free_h8"}
 METHODS = {"ppo", "rto", "oracle_dense", "oracle_rm"}
-CRITIC_FREE_CELL = {"ppo", "rto", "rloo", "rto_rloo"}  # the horizon's PPO and RTO, both rewards under RLOO
+# The horizon's PPO and RTO, both rewards and both positive controls under RLOO.
+CRITIC_FREE_CELL = {"ppo", "rto", "rloo", "rto_rloo", "oracle_dense_rloo", "oracle_rm_rloo"}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,9 @@ def test_the_dpo_weight_cell_trains_rto_unclipped_and_rescales_the_oracle(study)
 
 def test_the_critic_free_cell_trains_both_rewards_under_rloo_without_a_critic(study):
     """critic_free_h8: PPO's and RTO's rewards under RLOO (4 responses per prompt, no critic), each with
-    its own tuned values (per_method's rloo / rto_rloo), beside the horizon's PPO and RTO runs."""
+    its own tuned values (per_method's rloo / rto_rloo), and the positive controls under RLOO with
+    rloo's values, oracle_dense_rloo's gold term sized as rto_rloo's DPO term; beside the horizon's
+    PPO and RTO runs."""
     _, workdir, results = study
     cell, center = _summary(workdir, 1, "critic_free_h8"), _summary(workdir, 1, "horizon_8")
     assert cell["varies"] == {"estimator": "rloo", "samples_per_prompt": 4}
@@ -125,7 +128,14 @@ def test_the_critic_free_cell_trains_both_rewards_under_rloo_without_a_critic(st
     assert rloo["reward_args"]["beta_kl"] == 0.1 and cell["methods"]["ppo"]["reward_args"]["beta_kl"] == 0.05
     assert set(rloo["parts"]) == {"kl", "score"} and set(rto_rloo["parts"]) == {"dpo", "kl", "score"}
     seed = workdir / "seed_1"
-    for method in ("rloo", "rto_rloo"):  # no critic trained, none exported
+    credit = json.loads((seed / "credit_rto_rloo" / "done.json").read_text())
+    dense, oracle = cell["methods"]["oracle_dense_rloo"], cell["methods"]["oracle_rm_rloo"]
+    assert dense["reward_args"]["beta_gold"] == pytest.approx(credit["rto_rloo"]["oracle_dense_beta_gold"])
+    assert cell["credit"]["dpo_scale"] == pytest.approx(credit["rto_rloo"]["dpo_scale"])  # the cell's DPO term
+    assert oracle["reward_args"]["gold_mean"] == pytest.approx(credit["gold_mean"])
+    assert dense["reward_args"]["beta_kl"] == oracle["reward_args"]["beta_kl"] == 0.1  # rloo's values, not PPO's
+    assert set(dense["parts"]) == {"gold", "kl", "score"} and set(oracle["parts"]) == {"gold", "kl"}
+    for method in ("rloo", "rto_rloo", "oracle_dense_rloo", "oracle_rm_rloo"):  # no critic trained, none exported
         assert "value_loss" not in _first_train_record(seed, f"ppo_{method}")
         assert not (seed / f"ppo_{method}" / "critic").exists()
     assert "value_loss" in _first_train_record(seed, "ppo_rto") and (seed / "ppo_rto" / "critic").exists()
@@ -162,7 +172,7 @@ def test_committed_summaries_are_not_run_again(study, tmp_path):
     stale.write_text(json.dumps({**json.loads(stale.read_text()), "design": "another"}))
     run(again, fresh)
     made = {p.name for p in fresh.iterdir() if (p / "done.json").exists()}
-    assert {"sft", "reward_model", "dpo", "ppo_ppo", "ppo_rto", "ppo_rloo", "ppo_rto_rloo"} <= made
+    assert {"sft", "reward_model", "dpo", "ppo_ppo", "ppo_rto", "ppo_rloo", "ppo_rto_rloo", "ppo_oracle_rm_rloo"} <= made
     assert not made & {"dpo_24_pairs", "ppo_oracle_dense", "ppo_ppo_kl_0.2"}, made  # the committed cells' own
     made_12 = {p.name for p in (fresh / "horizon_12").iterdir() if (p / "done.json").exists()}
     assert {"ppo_ppo", "ppo_oracle_rm"} <= made_12 and "ppo_rto_beta_dpo_0.5" not in made_12
