@@ -457,3 +457,50 @@ def test_decode_kernels_cover_the_models_projections_and_time_both_frameworks():
             ours, theirs = (float(x) for x in cell.split(" / "))
             assert ours > 0 and theirs > 0
     assert "Memory read rate" in proc.stdout
+
+
+def _pipeline_folder(root: Path, step_s: float, eval_s: float) -> Path:
+    """A study pipeline's folder as a shortened run leaves it: config.json, one done.json per stage at
+    known times, and train / eval records 10 SFT steps and 4 PPO iterations (2 evaluations) long."""
+    root.mkdir(parents=True)
+    t = 1_000.0
+    (root / "config.json").write_text("{}")
+    os.utime(root / "config.json", (t, t))
+    records = []
+    for stage, steps, evals_every in (("sft", 10, 0), ("gold_eval", 0, 0), ("ppo_rto", 4, 2)):
+        start = t
+        for step in range(1, steps + 1):
+            t += step_s * (5 if step == 1 else 1)  # the first step compiles
+            records.append({"stage": stage, "split": "train", "step": step, "time": t})
+            if evals_every and step % evals_every == 0:
+                t += eval_s * (3 if step == evals_every else 1)  # the first evaluation compiles too
+                records.append({"stage": stage, "split": "eval", "step": step, "time": t})
+        t = max(t, start) + 7.0  # export / sampling time after the last record
+        (root / stage).mkdir()
+        (root / stage / "done.json").write_text("{}")
+        os.utime(root / stage / "done.json", (t, t))
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_study_seed_time_extrapolates_each_stage_from_its_measured_step_and_evaluation(tmp_path):
+    from benchmarks import study_seed_time
+
+    before = _pipeline_folder(tmp_path / "before", step_s=2.0, eval_s=4.0)
+    after = _pipeline_folder(tmp_path / "after", step_s=1.0, eval_s=2.0)
+    full = {"sft": (100, 0), "ppo": (40, 10)}
+    result = study_seed_time.compare(before, after, full)
+    sft, gold, ppo = (result["stages"][s] for s in ("sft", "gold_eval", "ppo_rto"))
+    assert sft["before"]["step_s"] == 2.0 and sft["before"]["steps"] == 10
+    assert sft["before"]["seconds"] == pytest.approx(2.0 * 14 + 7.0)  # 9 steps + a 5x first step + 7 s
+    assert sft["full_before_s"] == pytest.approx(sft["before"]["seconds"] + 90 * 2.0)
+    assert gold["full_before_s"] == gold["before"]["seconds"] == 7.0  # a sampling stage counts as measured
+    assert (ppo["before"]["evals"], ppo["before"]["eval_s"]) == (2, 4.0)  # the compiling first evaluation left out
+    assert ppo["full_after_s"] == pytest.approx(ppo["after"]["seconds"] + 36 * 1.0 + 8 * 2.0)
+    totals = result["totals"]
+    assert totals["full_before_s"] == pytest.approx(sum(r["full_before_s"] for r in result["stages"].values()))
+    # Half the time per step and evaluation, the same 7 s per stage: (sft + gold_eval + ppo_rto) 215 + 7 + 143
+    # before (35 s measured + 90 steps x 2; 7; 39 + 36 x 2 + 8 x 4) against 111 + 7 + 75 after.
+    assert totals["full_before_s"] / totals["full_after_s"] == pytest.approx(365 / 193)
+    proc = _module("benchmarks.study_seed_time", str(before), str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "not a pipeline folder" in proc.stderr and "Traceback" not in proc.stderr
