@@ -65,13 +65,21 @@ def stage_times(folder) -> dict[str, dict]:
 
 
 def full_seconds(stage: str, measured: dict, full: dict) -> float:
-    """The stage's time at the full budget: measured, plus the steps and evaluations it did not run."""
+    """The stage's time at the full budget: measured, plus the steps and evaluations it did not run.
+    Raises ValueError where the shortened run cannot say (a training stage with no full budget given,
+    too few steps or evaluations to time one that did not compile)."""
     kind = "ppo" if stage.startswith("ppo_") else stage
-    if kind not in full or measured["step_s"] is None:
+    if measured["steps"] == 0:
         return measured["seconds"]  # a sampling / evaluation stage: full size already
+    if kind not in full:
+        raise ValueError(f"stage {stage} trained {measured['steps']} steps and has no full budget: --full {kind}=STEPS")
     steps, evals = full[kind]
+    if measured["step_s"] is None:
+        raise ValueError(f"stage {stage}: {measured['steps']} steps are too few to time one (run at least 3)")
     extra = (steps - measured["steps"]) * measured["step_s"]
-    if evals and measured["eval_s"] is not None:
+    if evals > measured["evals"]:
+        if measured["eval_s"] is None:
+            raise ValueError(f"stage {stage}: {measured['evals']} evaluations are too few to time one (run at least 2)")
         extra += (evals - measured["evals"]) * measured["eval_s"]
     return measured["seconds"] + extra
 
@@ -115,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(folder) / "config.json").exists() or not (Path(folder) / "metrics.jsonl").exists():
             print(f"error: {folder}: not a pipeline folder (no config.json / metrics.jsonl)", file=sys.stderr)
             return 2
-    result = compare(args.before, args.after, _parse_full(args.full))
+    try:
+        result = compare(args.before, args.after, _parse_full(args.full))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{'stage':<22} {'before s':>9} {'after s':>9} {'full before':>12} {'full after':>11} {'step before/after s':>22}")
     for stage, r in result["stages"].items():
         steps = "" if r["before"]["step_s"] is None else f"{r['before']['step_s']:.3f} / {r['after']['step_s']:.3f}"

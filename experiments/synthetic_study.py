@@ -368,15 +368,23 @@ def summaries_dir(pipeline_workdir: Path, d: Design, seeds: int) -> Path:
     return (pipeline_workdir.parent if seeds > 1 else pipeline_workdir) / "summaries"
 
 
+def _cell_methods(name: str) -> set[str]:
+    """The methods cell `name` reports (its own runs and those it shares)."""
+    if name.startswith("critic_free_"):
+        return {fn.__name__ for fn in (ppo, rto, *CRITIC_FREE, *CRITIC_FREE_CONTROLS)}
+    return {fn.__name__ for fn in HORIZON_METHODS}
+
+
 def _committed(folder: Path, seed: int, names: list[str], config) -> dict[str, dict]:
     """{name: summary} of the cells among `names` whose summary for `seed` is in `folder` with this
-    design (`_design_hash`); a summary of another design is not taken (its cell runs again)."""
+    design (`_design_hash`) and the methods the cell trains now; any other summary is not taken (its
+    cell runs again: e.g. a cell that gained a method)."""
     found = {}
     for name in names:
         path = folder / f"seed_{seed}" / f"{name}.json"
         if path.exists():
             summary = json.loads(path.read_text())
-            if summary.get("design") == _design_hash(config, name):
+            if summary.get("design") == _design_hash(config, name) and set(summary["methods"]) == _cell_methods(name):
                 found[name] = summary
     return found
 

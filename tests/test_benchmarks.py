@@ -470,7 +470,7 @@ def _pipeline_folder(root: Path, step_s: float, eval_s: float) -> Path:
     for stage, steps, evals_every in (("sft", 10, 0), ("gold_eval", 0, 0), ("ppo_rto", 4, 2)):
         start = t
         for step in range(1, steps + 1):
-            t += step_s * (5 if step == 1 else 1)  # the first step compiles
+            t += step_s * {1: 5, 2: 3}.get(step, 1)  # the first step compiles; the second is slow too
             records.append({"stage": stage, "split": "train", "step": step, "time": t})
             if evals_every and step % evals_every == 0:
                 t += eval_s * (3 if step == evals_every else 1)  # the first evaluation compiles too
@@ -492,15 +492,17 @@ def test_study_seed_time_extrapolates_each_stage_from_its_measured_step_and_eval
     result = study_seed_time.compare(before, after, full)
     sft, gold, ppo = (result["stages"][s] for s in ("sft", "gold_eval", "ppo_rto"))
     assert sft["before"]["step_s"] == 2.0 and sft["before"]["steps"] == 10
-    assert sft["before"]["seconds"] == pytest.approx(2.0 * 14 + 7.0)  # 9 steps + a 5x first step + 7 s
+    assert sft["before"]["seconds"] == pytest.approx(2.0 * 16 + 7.0)  # 8 steps, a 5x and a 3x one, and 7 s
     assert sft["full_before_s"] == pytest.approx(sft["before"]["seconds"] + 90 * 2.0)
     assert gold["full_before_s"] == gold["before"]["seconds"] == 7.0  # a sampling stage counts as measured
     assert (ppo["before"]["evals"], ppo["before"]["eval_s"]) == (2, 4.0)  # the compiling first evaluation left out
     assert ppo["full_after_s"] == pytest.approx(ppo["after"]["seconds"] + 36 * 1.0 + 8 * 2.0)
     totals = result["totals"]
     assert totals["full_before_s"] == pytest.approx(sum(r["full_before_s"] for r in result["stages"].values()))
-    # Half the time per step and evaluation, the same 7 s per stage: (sft + gold_eval + ppo_rto) 215 + 7 + 143
-    # before (35 s measured + 90 steps x 2; 7; 39 + 36 x 2 + 8 x 4) against 111 + 7 + 75 after.
-    assert totals["full_before_s"] / totals["full_after_s"] == pytest.approx(365 / 193)
+    # Half the time per step and evaluation, the same 7 s per stage: (sft + gold_eval + ppo_rto) 219 + 7 + 147
+    # before (39 s measured + 90 steps x 2; 7; 43 + 36 x 2 + 8 x 4) against 113 + 7 + 77 after.
+    assert totals["full_before_s"] / totals["full_after_s"] == pytest.approx(373 / 197)
+    with pytest.raises(ValueError, match="stage sft trained 10 steps and has no full budget"):
+        study_seed_time.compare(before, after, {"ppo": (40, 10)})
     proc = _module("benchmarks.study_seed_time", str(before), str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "not a pipeline folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -155,7 +155,8 @@ def test_the_critic_free_cell_trains_both_rewards_under_rloo_without_a_critic(st
 def test_committed_summaries_are_not_run_again(study, tmp_path):
     """A fresh workdir with study.summaries pointing at finished summaries runs no stage at all; a
     horizon with some cells committed runs only the others, with the runs they compare with, in its
-    own workdir (never pairing new runs with committed ones); a summary of another design is not taken."""
+    own workdir (never pairing new runs with committed ones); a summary of another design, or without
+    a method its cell trains now, is not taken."""
     config, workdir, _ = study
     committed = tmp_path / "committed"
     shutil.copytree(workdir / "summaries", committed)
@@ -167,7 +168,10 @@ def test_committed_summaries_are_not_run_again(study, tmp_path):
     run(again, fresh)
     assert not (fresh / "sft").exists() and not (fresh / "horizon_12").exists()
     kept = {p.name: p.read_text() for p in (committed / "seed_1").glob("*.json")}
-    (committed / "seed_1" / "critic_free_h8.json").unlink()  # a cell added to a finished horizon
+    older = committed / "seed_1" / "critic_free_h8.json"  # a cell that has since gained a method
+    summary = json.loads(older.read_text())
+    del summary["methods"]["oracle_rm_rloo"]
+    older.write_text(json.dumps(summary))
     stale = committed / "seed_1" / "horizon_12.json"
     stale.write_text(json.dumps({**json.loads(stale.read_text()), "design": "another"}))
     run(again, fresh)
