@@ -268,11 +268,15 @@ def test_the_lock_is_released_when_a_run_fails(fixture_data, tmp_path):
 def test_a_full_disk_is_one_line_naming_the_checkpoint_and_the_previous_one_stays_intact(
     fixture_data, reference, tmp_path
 ):
-    """A file-size limit below the checkpoint's largest data file (~230 kB here) but above everything
-    else the run writes: checkpoint 4 fails like a full disk would (EFBIG instead of ENOSPC)."""
+    """A file-size limit below what every checkpoint writes whole (its _METADATA, ~34 kB here; its data
+    files are split by OCDBT in a varying way: checkpoint 4's largest was 335 kB in one run, 213 kB in
+    another, so a limit taken from checkpoint 2's data files did not always stop checkpoint 4) but above
+    everything the resumed run writes before it (config.json ~5.5 kB): checkpoint 4 fails like a full
+    disk would (EFBIG instead of ENOSPC)."""
     workdir = killed_after(fixture_data, tmp_path / "run", 2)
-    largest = largest_data_file(checkpoint_dir(workdir, 2)).stat().st_size
-    limit = largest // 2
+    limit = 16 * 1024
+    assert (checkpoint_dir(workdir, 2) / "state" / "_METADATA").stat().st_size > 2 * limit  # the premise
+    assert (workdir / "config.json").stat().st_size < limit // 2
 
     config_file = _config_file(tmp_path, fixture_data)
     proc = _run_py(config_file, workdir, file_size_limit=limit)
