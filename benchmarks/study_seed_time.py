@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rto_jax.pipeline.logging import read_metrics
+
 FULL = {"sft": (600, 0), "reward_model": (300, 0), "dpo": (320, 0), "ppo": (100, 10)}  # (steps, evaluations)
 
 
@@ -40,14 +42,15 @@ def stage_times(folder) -> dict[str, dict]:
     folder = Path(folder)
     previous = os.path.getmtime(folder / "config.json")
     finished = sorted((os.path.getmtime(p), p.parent.name) for p in folder.glob("*/done.json"))
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(folder / "metrics.jsonl")
     out = {}
     for when, stage in finished:
         steps, step_gaps, evals, last_train, evaluated = 0, [], [], None, False
         for r in (r for r in records if r["stage"] == stage):
             if r["split"] == "train":
                 steps += 1
-                if last_train is not None and steps > 2 and not evaluated:  # not the gap to step 2: a second call may still compile
+                # Not the gap to step 2 (a second call may still compile), nor one holding an evaluation.
+                if last_train is not None and steps > 2 and not evaluated:
                     step_gaps.append(r["time"] - last_train)
                 last_train, evaluated = r["time"], False
             elif r["split"] == "eval" and last_train is not None:  # its cost: from the train record before it

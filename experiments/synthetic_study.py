@@ -54,11 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.synthetic_compare import rloo, rto_rloo
 from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 from rto_jax.distributed import is_main_process
 from rto_jax.errors import ConfigError
 from rto_jax.eval.credit import credit_correlations, token_scale
-from experiments.synthetic_compare import rloo, rto_rloo
 from rto_jax.eval.policy_eval import SEQUENCE_KEYS, fixed_size_batches, score_arrays, sequences
 from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import (
@@ -75,9 +75,9 @@ from rto_jax.objectives.token_rewards import (
 )
 from rto_jax.pipeline import Pipeline, common, model_path, stages
 from rto_jax.pipeline.config import ONLINE_PRM_KNOBS, parse_per_method, parse_seeds
-from rto_jax.pipeline.recipes import method
 from rto_jax.pipeline.evaluate import held_out_rows, run_best_of_n
 from rto_jax.pipeline.logging import read_metrics, write_json_atomic
+from rto_jax.pipeline.recipes import method
 from rto_jax.pipeline.tasks import with_preferences
 from rto_jax.scoring import response_logprobs
 
@@ -124,9 +124,10 @@ METHODS = HORIZON_METHODS + CRITIC_FREE + CRITIC_FREE_CONTROLS  # every token re
 TOKEN_REWARD = rto  # the coefficients `config.ppo.reward_args` may hold
 # The controls are the sparse baseline plus what they know: they train with its tuned values
 # (per_method's "ppo", or "rloo" without a critic); rloo and rto_rloo have their own tune_methods rows.
-TUNED_AS = {"ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo", "rloo": "rloo"} | {
-    "rto_rloo": "rto_rloo", "oracle_dense_rloo": "rloo", "oracle_rm_rloo": "rloo"
-}
+TUNED_AS = {
+    "ppo": "ppo", "rto": "rto", "oracle_dense": "ppo", "oracle_rm": "ppo",
+    "rloo": "rloo", "rto_rloo": "rto_rloo", "oracle_dense_rloo": "rloo", "oracle_rm_rloo": "rloo",
+}  # fmt: skip
 
 
 class Design(NamedTuple):  # (a dataclass needs its module in sys.modules; a recipe's is not)
@@ -504,7 +505,9 @@ def _horizon_cells(p: Pipeline, d: Design, horizon: int, wanted: list[str]) -> l
         methods[rm_rloo.__name__] = train(rm_rloo)
         settings = dict(rloo.ppo_settings)  # every critic-free method's: estimator, samples_per_prompt
         layout[f"critic_free_h{horizon}"] = (methods, settings, d.reward_pairs, "rto_rloo")
-    assert set(layout) == set(wanted), (sorted(layout), wanted)  # _cell_names and the cells made here agree
+    # _cell_names and _cell_methods (what _committed checks a summary against) agree with the cells made here.
+    assert set(layout) == set(wanted), (sorted(layout), wanted)
+    assert all(set(methods) == _cell_methods(name) for name, (methods, *_) in layout.items()), layout
 
     # Every run's held-out curves from one read of the metrics, starting at pi_sft's (the same samples' keys).
     records = read_metrics(p.workdir / "metrics.jsonl")
