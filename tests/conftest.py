@@ -103,7 +103,6 @@ def _release_compiled_programs():
 
     from rto_jax.pipeline import stages  # noqa: PLC0415
 
-    stages.train_step.cache_clear()
-    stages.ppo_fns.cache_clear()
+    stages.clear_step_caches()
     jax.clear_caches()
     gc.collect()

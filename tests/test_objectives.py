@@ -301,6 +301,34 @@ def test_token_rewards_declare_what_they_read_and_bind_checks_coefficients():
         tr.bind(tr.ppo, beta_dpo=0.1)
 
 
+def test_a_bound_rewards_float_coefficients_are_its_pytree_leaves():
+    """A jitted step takes the reward as an argument: its floats are traced (one program for every value),
+    anything else (an int, a bool, a string) is static; `structure()` is what the program depends on."""
+    from rto_jax.objectives import token_rewards as tr
+
+    @tr.token_reward("ref")
+    def knobs(logps, score, mask, *, beta_kl=0.01, window=3, causal=True, label="x"):
+        return tr.ppo(logps, score, mask, beta_kl=beta_kl)
+
+    reward = tr.bind(knobs, beta_kl=0.2, window=4, causal=False, label="y")
+    leaves, treedef = jax.tree.flatten(reward)
+    assert leaves == [0.2]
+    assert jax.tree.unflatten(treedef, [0.5]) == tr.bind(knobs, beta_kl=0.5, window=4, causal=False, label="y")
+    assert reward.structure() == tr.bind(knobs, beta_kl=0.7, window=4, causal=False, label="y").structure()
+    assert reward.structure() != tr.bind(knobs, beta_kl=0.2, window=5, causal=False, label="y").structure()
+    assert reward.structure() != tr.bind(tr.ppo, beta_kl=0.2).structure()
+    with pytest.raises(TypeError):  # the structure holds no value to compute with
+        reward.structure()({"policy": jnp.zeros((1, 2)), "ref": jnp.zeros((1, 2))}, None, jnp.ones((1, 2)))
+
+    # Under jit, one compiled program serves both values, and each call computes with its own.
+    logps = {"policy": jnp.full((1, 3), -1.0), "ref": jnp.full((1, 3), -2.0)}
+    mask, score = jnp.ones((1, 3)), jnp.zeros(1)
+    kl = jax.jit(lambda r: r(logps, score, mask)[1]["kl"])
+    for beta in (0.2, 0.5):
+        np.testing.assert_allclose(kl(tr.bind(knobs, beta_kl=beta)), np.full((1, 3), -beta), rtol=1e-6)
+    assert kl._cache_size() == 1
+
+
 @pytest.mark.parametrize("placement", ["token", "sequence_end"])
 def test_rto_dpo_only_sums_to_sequence_log_ratio(rng, placement):
     lo, lr, ld = logps(rng), logps(rng), logps(rng)

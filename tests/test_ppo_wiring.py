@@ -22,7 +22,14 @@ from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel, default_posit
 from rto_jax.objectives import policy_loss, value_loss
 from rto_jax.objectives.token_rewards import bind, ppo, rto, rto_no_rm
 from rto_jax.sampling import SamplingConfig, sample
-from rto_jax.train import OptimizerConfig, PPOConfig, create_ppo_state, make_optimizer, make_ppo_fns
+from rto_jax.train import (
+    OptimizerConfig,
+    PPOConfig,
+    create_ppo_state,
+    jitted_ppo_fns,
+    make_optimizer,
+    make_ppo_fns,
+)
 
 VOCAB, PAD, EOS, GOOD = 16, 0, 1, 7
 P, R, B = 4, 6, 16
@@ -286,6 +293,27 @@ def test_experience_matches_numpy_rebuild(models, experiences, reward):
         assert "reward/score" not in metrics and "score" not in metrics
     if reward == "ppo":
         assert "reward/dpo" not in metrics
+
+
+def test_runs_that_differ_only_in_coefficients_share_one_compiled_program(models, experiences):
+    """A sweep over a token reward's coefficients (a study's KL cell, each method's own values) compiles
+    PPO's step once: the coefficients are arguments of the program, and each run computes with its own
+    (a half beta_kl halves the KL reward of the same samples; the full one matches the rebuilt fixture)."""
+    cache = functools.lru_cache(jitted_ppo_fns)
+    prompts = _prompts(0, B)
+    runs = {}
+    for beta_kl in (BETA_KL, BETA_KL / 2):
+        reward = bind(rto, beta_dpo=BETA_DPO, dpo_clip=DPO_CLIP, beta_kl=beta_kl, beta_rm=BETA_RM)
+        experience_fn, _, _ = make_ppo_fns(dataclasses.replace(_config("rto"), token_reward=reward), jitted=cache)
+        metrics = experience_fn(_state(models), prompts, jax.random.key(0))[1]
+        runs[beta_kl] = {k: float(v) for k, v in metrics.items()}
+    assert cache.cache_info().misses == 1
+    structure = dataclasses.replace(_config("rto"), token_reward=REWARDS["rto"].structure())
+    assert cache(structure, None)[0]._cache_size() == 1  # one trace and compile for both values
+    full, half = runs[BETA_KL], runs[BETA_KL / 2]
+    assert full["reward/kl"] == pytest.approx(experiences["rto"][2]["reward/kl"], rel=1e-5)
+    assert abs(full["reward/kl"]) > 1e-3 and half["reward/kl"] == pytest.approx(full["reward/kl"] / 2, rel=1e-5)
+    assert half["reward/dpo"] == pytest.approx(full["reward/dpo"], rel=1e-5)  # the same samples
 
 
 # ----------------------------------------------------------------------------------------------

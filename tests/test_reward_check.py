@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rto_jax.errors import ConfigError
-from rto_jax.objectives.token_rewards import TOKEN_REWARDS, reward_args, rto, token_reward
+from rto_jax.objectives.token_rewards import TOKEN_REWARDS, log_ratio, reward_args, rto, token_reward
 from rto_jax.pipeline import base_config, run, set_recipe
 from rto_jax.pipeline.common import NonFiniteError
 from rto_jax.pipeline.config import config_from_file
@@ -170,6 +170,22 @@ def test_fake_inputs_are_what_ppo_gives_a_reward():
         assert np.all((np.asarray(value) < 0) == (np.asarray(mask) > 0))
     assert score.shape == (3,) and fake_inputs(TOKEN_REWARDS["rto_no_rm"])[1] is None
     assert not np.allclose(logps["dpo@T=1"], logps["ref@T=1"])  # a DPO term that is not 0
+
+
+def test_a_reward_branching_in_python_on_a_float_coefficient_is_refused():
+    """Float coefficients are traced in training (one program for a sweep): a Python `if` on one works
+    eagerly only; the check, tracing them as PPO's step does, says so and what to write instead."""
+
+    @token_reward("ref")
+    def switch(logps, score, mask, *, beta_kl=0.01, bonus=0.0):
+        kl = -beta_kl * log_ratio(logps, "policy", "ref", mask)
+        if bonus > 0:  # should be jnp.where(bonus > 0, ...)
+            kl = kl + bonus * mask
+        return kl, {"kl": kl}
+
+    switch(*fake_inputs(switch))  # fine eagerly
+    with pytest.raises(ConfigError, match=r"TracerBoolConversionError.* when traced .* jnp\.where, not a Python if"):
+        check_token_reward(switch, {"beta_kl": 0.01, "bonus": 0.5}, OFFERED, "experiments/rto.py")
 
 
 def _rto_with_parts_off_by(relative: float):

@@ -132,7 +132,7 @@ def over_prompt_batches(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "reward_graphdef", "token_reward", "temperature", "eos_id", "score_clip", "gold_credit"),
+    static_argnames=("graphdef", "reward_graphdef", "temperature", "eos_id", "score_clip", "gold_credit"),
 )
 def token_reward_parts(
     graphdef: nnx.GraphDef,
@@ -162,7 +162,7 @@ def token_reward_parts(
                architecture, as in PPO)
         score  (raw - reward_mean) / reward_std, clipped to +-score_clip, minus missing_eos_penalty
                for a response without EOS; passed to the reward only when it reads the reward model
-        token_reward(logps, score, mask) -> (rewards, parts)   a BoundReward (static: hashable)
+        token_reward(logps, score, mask) -> (rewards, parts)   a BoundReward (float coefficients traced)
         logps[GOLD] gold_credit(prompt_ids, prompt_mask, response_ids, mask), when the reward reads GOLD
                (tasks.GoldCredit; static: hashable)
 

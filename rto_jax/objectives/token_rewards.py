@@ -30,6 +30,9 @@ A token reward is a pure function, passed to PPO's experience maker as it is:
 `@token_reward(*uses)` records which frozen models (and whether the reward model) the run must load;
 a recipe offers "ref" and "dpo" unless it declares its own `MODELS`. The coefficients are
 keyword-only with defaults: a config's `ppo.reward_args` starts from them (`reward_args(fn)`).
+Float coefficients are traced values inside PPO's jitted step (`BoundReward`): runs that differ only in
+them share one compiled program, and a reward branches on one with `jnp.where` (as `clip_symmetric`
+does), not with a Python `if`.
 `config.validate` calls the recipe's rewards on small fake inputs, eagerly and traced, before any
 stage runs (rto_jax/pipeline/reward_check.py): a reward that breaks this contract is one error
 naming it, its file and what was expected.
@@ -41,7 +44,9 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rto_jax.objectives.masked import apply_mask, masked_sum
 
@@ -88,9 +93,33 @@ def reward_args(fn) -> dict:
     return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
 
 
+def is_traced_coefficient(value) -> bool:
+    """Whether a jitted step takes this coefficient value as traced data: a float (or an array, already
+    traced inside a step), not an int (it may be a size or a count) nor a bool or a string (a switch)."""
+    return isinstance(value, float | np.floating | jax.Array)
+
+
+class _Traced:
+    """Stands for a traced coefficient in `BoundReward.structure()`: any arithmetic with it fails."""
+
+    def __repr__(self) -> str:
+        return "<traced>"
+
+
+TRACED = _Traced()
+
+
+@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class BoundReward:
-    """A token reward with its coefficients fixed; hashable, so it can be static in a jitted step."""
+    """A token reward with its coefficients fixed.
+
+    Hashable (a config holding it can key a cache) and a pytree whose leaves are its float
+    coefficients (`is_traced_coefficient`): a jitted step takes it as an argument, so its float
+    coefficients are traced values, not constants of the program, and runs that differ only in them
+    (a sweep of beta_kl, each method's own values, a study's cells) share one compiled program. Its
+    function, the coefficient names and any other value are the pytree's static part.
+    """
 
     fn: Callable
     args: tuple = ()  # sorted (name, value) pairs
@@ -105,6 +134,22 @@ class BoundReward:
 
     def __call__(self, logps, score, mask):
         return self.fn(logps, score, mask, **dict(self.args))
+
+    def structure(self) -> "BoundReward":
+        """This reward with every traced coefficient's value replaced by TRACED: what a step's program
+        depends on (equal for two rewards that differ only in traced coefficients); not callable."""
+        return BoundReward(self.fn, tuple((k, TRACED if is_traced_coefficient(v) else v) for k, v in self.args))
+
+    def tree_flatten(self):
+        traced = tuple(is_traced_coefficient(v) for _, v in self.args)
+        leaves = tuple(v for (_, v), t in zip(self.args, traced, strict=True) if t)
+        return leaves, (self.fn, self.structure().args)
+
+    @classmethod
+    def tree_unflatten(cls, static, leaves):
+        fn, args = static
+        leaves = iter(leaves)
+        return cls(fn, tuple((k, next(leaves) if v is TRACED else v) for k, v in args))
 
 
 def bind(fn, **coefficients) -> BoundReward:

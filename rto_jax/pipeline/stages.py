@@ -50,6 +50,7 @@ from rto_jax.train import (
     SFTLoss,
     create_ppo_state,
     create_shared_base_ppo_state,
+    jitted_ppo_fns,
     loss_metrics,
     make_ppo_fns,
     make_train_step,
@@ -60,13 +61,27 @@ from rto_jax.train.sharding import create_sharded_train_state, step_shardings
 log = logging.getLogger(__name__)
 
 # The step factories return new jitted closures; caching them per (hashable, frozen) config lets a
-# process that runs several pipelines (tests, notebooks, a resumed run) reuse the compiled steps.
-# Bounded: every compiled XLA executable holds ~30 memory maps until its closure is dropped, and a
-# process running a study's hundred PPO runs would reach the kernel's limit (vm.max_map_count, 65530
-# by default), where the next compile segfaults. Evicted closures free their executables.
+# process that runs several pipelines (tests, notebooks, a resumed run, a study) reuse the compiled
+# steps. PPO's are cached per config with its token reward's `structure()` (make_ppo_fns): runs that
+# differ only in the reward's float coefficients (a study's KL or DPO-weight cells, each method's own
+# values) run one compiled program. Bounded: every compiled XLA executable holds ~30 memory maps until
+# its closure is dropped, and a process running a study's hundred PPO runs would reach the kernel's
+# limit (vm.max_map_count, 65530 by default), where the next compile segfaults. Evicted closures free
+# their executables.
 STEP_CACHE_SIZE = 4
 train_step = functools.lru_cache(maxsize=STEP_CACHE_SIZE)(make_train_step)
-ppo_fns = functools.lru_cache(maxsize=STEP_CACHE_SIZE)(make_ppo_fns)
+_jitted_ppo_fns = functools.lru_cache(maxsize=STEP_CACHE_SIZE)(jitted_ppo_fns)
+
+
+def ppo_fns(config: PPOConfig, shardings=None):
+    """`make_ppo_fns(config, shardings)`, its compiled programs kept in the bounded cache above."""
+    return make_ppo_fns(config, shardings, jitted=_jitted_ppo_fns)
+
+
+def clear_step_caches() -> None:
+    """Drops every cached step (and with it its compiled programs)."""
+    train_step.cache_clear()
+    _jitted_ppo_fns.cache_clear()
 
 
 def _epochs(config, cfg, arrays: dict) -> tuple[BatchIterator, int]:

@@ -26,6 +26,7 @@ model's score. The state holds it as `PPOState.prm` (a TrainState) instead of am
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -59,7 +60,8 @@ PRM_UPDATES = ("before", "after")  # PPOConfig.prm_update: train the online PRM 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     sampling: SamplingConfig  # rollout: max_new_tokens R, temperature tau (also applied when training)
-    # token_reward(logps, score, mask) -> (rewards, parts): a BoundReward (hashable: static under jit)
+    # token_reward(logps, score, mask) -> (rewards, parts): a BoundReward (its float coefficients are
+    # arguments of the compiled step: make_ppo_fns)
     token_reward: BoundReward = BoundReward(rto)
     # The advantage estimator (rto_jax.objectives.advantages.ESTIMATORS): "gae" reads a critic; "grpo",
     # "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline" need none (the state holds none).
@@ -434,34 +436,60 @@ def ppo_update(state: PPOState, experience: Experience, rng, config: PPOConfig) 
     return state.replace(policy=policy, critic=critic), summary
 
 
-def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None):
-    """Jitted `make_experience`, `ppo_update` and `ppo_iteration` (state donated) for a fixed config.
-    With `config.online_prm` the iteration trains the PRM as well (`online_prm_experience`).
+def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None, *, jitted=None):
+    """Jitted `make_experience`, `ppo_update` and `ppo_iteration` (state donated) for a fixed config,
+    each `(state, batch, rng) -> (state or experience, metrics)`. With `config.online_prm` the
+    iteration trains the PRM as well (`online_prm_experience`).
+
+    The token reward's float coefficients are arguments of the compiled programs, not constants in
+    them: `jitted` (default `jitted_ppo_fns`; a cache of it, as `stages.ppo_fns` keeps) is called with
+    the config's reward `structure()`, so configs that differ only in those values share its programs.
 
     With `shardings` (`step_shardings(ppo_state, mesh)`) every function has explicit in/out shardings:
     prompts and the Experience split over data x fsdp, the sampler's KV cache split by batch and kv
-    heads, the PPOState by its parameters' rules, rng and metrics replicated.
+    heads, the PPOState by its parameters' rules, rng, the coefficients and metrics replicated.
     """
+    reward = config.token_reward
+    fns = (jitted or jitted_ppo_fns)(dataclasses.replace(config, token_reward=reward.structure()), shardings)
 
-    def experience_fn(state, prompts, rng):
-        return make_experience(state, prompts, rng, config)
+    def with_reward(fn):
+        @functools.wraps(fn)  # `__wrapped__` is the compiled function (its `_cache_size()` in tests)
+        def step(state, batch, rng):
+            return fn(state, batch, rng, reward)
 
-    def update_fn(state, experience, rng):
-        return ppo_update(state, experience, rng, config)
+        return step
 
-    def iteration_fn(state, prompts, rng):
+    return tuple(with_reward(fn) for fn in fns)
+
+
+def jitted_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None):
+    """`make_ppo_fns`'s three functions as compiled, each `(state, batch, rng, token_reward)`: the
+    token reward (a BoundReward whose traced coefficients are this call's values) replaces
+    `config.token_reward`, a `structure()` with no values."""
+
+    def with_reward(token_reward):
+        return dataclasses.replace(config, token_reward=token_reward)
+
+    def experience_fn(state, prompts, rng, token_reward):
+        return make_experience(state, prompts, rng, with_reward(token_reward))
+
+    def update_fn(state, experience, rng, token_reward):
+        return ppo_update(state, experience, rng, with_reward(token_reward))
+
+    def iteration_fn(state, prompts, rng, token_reward):
+        step_config = with_reward(token_reward)
         rollout_rng, update_rng = jax.random.split(rng)
-        if config.online_prm:
-            state, experience, rollout_metrics = online_prm_experience(state, prompts, rollout_rng, config)
+        if step_config.online_prm:
+            state, experience, rollout_metrics = online_prm_experience(state, prompts, rollout_rng, step_config)
         else:
-            experience, rollout_metrics = make_experience(state, prompts, rollout_rng, config)
-        state, update_metrics = ppo_update(state, experience, update_rng, config)
+            experience, rollout_metrics = make_experience(state, prompts, rollout_rng, step_config)
+        state, update_metrics = ppo_update(state, experience, update_rng, step_config)
         return state, {**rollout_metrics, **update_metrics}
 
     return (
-        jit_step(experience_fn, shardings, batch_out=True, donate=False),
-        jit_step(update_fn, shardings),
-        jit_step(iteration_fn, shardings),
+        jit_step(experience_fn, shardings, batch_out=True, donate=False, extra_args=1),
+        jit_step(update_fn, shardings, extra_args=1),
+        jit_step(iteration_fn, shardings, extra_args=1),
     )
 
 

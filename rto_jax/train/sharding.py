@@ -334,9 +334,12 @@ def step_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> StepShard
     return StepShardings(mesh, tree_shardings(state, mesh, rules), batch_sharding(mesh, rules), replicated(mesh), rules)
 
 
-def jit_step(fn: Callable, shardings: StepShardings | None, *, batch_out: bool = False, donate: bool = True):
-    """`jax.jit` of `fn(state, batch, rng) -> (state or batch-like, metrics)`; with shardings, explicit
-    in/out shardings (outputs: the state's, or the batch's when `batch_out`, plus replicated metrics)."""
+def jit_step(
+    fn: Callable, shardings: StepShardings | None, *, batch_out: bool = False, donate: bool = True, extra_args: int = 0
+):
+    """`jax.jit` of `fn(state, batch, rng, *extra) -> (state or batch-like, metrics)` (`extra_args` more
+    arguments, e.g. a token reward's coefficients); with shardings, explicit in/out shardings (the extra
+    arguments replicated; outputs: the state's, or the batch's when `batch_out`, plus replicated metrics)."""
     donate_argnums = 0 if donate else ()
     if shardings is None:
         return jax.jit(fn, donate_argnums=donate_argnums)
@@ -344,7 +347,7 @@ def jit_step(fn: Callable, shardings: StepShardings | None, *, batch_out: bool =
     first_out = s.batch if batch_out else s.state
     return jax.jit(
         s.traced(fn),
-        in_shardings=(s.state, s.batch, s.replicated),
+        in_shardings=(s.state, s.batch, s.replicated) + (s.replicated,) * extra_args,
         out_shardings=(first_out, s.replicated),
         donate_argnums=donate_argnums,
     )
