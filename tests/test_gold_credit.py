@@ -5,8 +5,12 @@
 - the synthetic task's jitted credit and its quality share against the numpy gold reward;
 - PPO's experience maker gives a GOLD-reading reward the credit of the tokens it sampled (checked
   against the task's numpy credit of those tokens) and the same rollout as PPO's reward;
+- the gold credit's arrays (a synthetic task's tables) are arguments of the compiled programs: two
+  tables or two seeds, one program, each run reading its own;
 - a GOLD-reading reward is refused, naming it, on a task without a gold reward.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +24,8 @@ from rto_jax.eval.credit import credit_correlations, pearson, token_scale
 from rto_jax.objectives.token_rewards import GOLD, bind, frozen_models, needs_gold
 from rto_jax.pipeline.config import base_config
 from rto_jax.pipeline.recipes import set_recipe
+from rto_jax.pipeline.runner import with_seed
+from rto_jax.pipeline.tasks import build_task
 from rto_jax.pipeline.reward_check import check_recipe_rewards, fake_inputs
 from tests import test_ppo_wiring as wiring
 from tests.test_reward_check import RECIPE_WITH_METHODS
@@ -94,14 +100,18 @@ def _toy_credit(prompt_ids, prompt_mask, response_ids, response_mask, xp=jnp):
     return ((response_ids % 4 - 1.5 + first) * 0.1 * response_mask).astype(xp.float32)
 
 
-def test_ppo_gives_a_gold_reward_the_credit_of_the_sampled_tokens():
-    models = {
+def _models():
+    return {
         "policy": wiring._lm(0),
         "ref": wiring._lm(1),
         "dpo": wiring._lm(2),
         "critic": wiring.ScalarHeadModel.from_causal_lm(wiring._lm(0), wiring.nnx.Rngs(3)),
         "reward": wiring.ScalarHeadModel(wiring.tiny_config(), wiring.nnx.Rngs(4)),
     }
+
+
+def test_ppo_gives_a_gold_reward_the_credit_of_the_sampled_tokens():
+    models = _models()
     prompts = wiring._prompts(0, wiring.B)
     beta_gold = 2.5
     ppo_config = wiring._config("ppo")
@@ -130,6 +140,47 @@ def test_ppo_gives_a_gold_reward_the_credit_of_the_sampled_tokens():
         wiring.make_ppo_fns(wiring.dataclasses.replace(gold_config, gold_credit=None))[0](
             wiring._state(models), prompts, jax.random.key(0)
         )
+
+
+def _table_credit(table, prompt_ids, prompt_mask, response_ids, response_mask, xp=jnp):
+    """A gold credit read from a table [V'] (a task's tables stand for it): table[token % V'] per token."""
+    return (xp.asarray(table)[response_ids % table.shape[0]] * response_mask).astype(xp.float32)
+
+
+def test_tasks_that_differ_only_in_their_tables_share_one_compiled_ppo_program():
+    """The gold credit's arrays are arguments of PPO's compiled step (the seeds of a study share its
+    programs), and each run still reads its own table."""
+    models = _models()
+    prompts = wiring._prompts(0, wiring.B)
+    beta_gold = 2.5
+    token_reward = bind(oracle_dense, beta_gold=beta_gold, beta_kl=wiring.BETA_KL, beta_rm=wiring.BETA_RM)
+    cache = functools.lru_cache(wiring.jitted_ppo_fns)
+    for seed in (0, 1):
+        table = np.random.default_rng(seed).normal(size=7).astype(np.float32)
+        gold_credit = jax.tree_util.Partial(_table_credit, table)
+        config = wiring.dataclasses.replace(wiring._config("ppo"), token_reward=token_reward, gold_credit=gold_credit)
+        experience_fn, _, _ = wiring.make_ppo_fns(config, jitted=cache)
+        experience, metrics = experience_fn(wiring._state(models), prompts, jax.random.key(0))
+        response, mask = np.asarray(experience.input_ids)[:, wiring.P :], np.asarray(experience.response_mask)
+        credit = _table_credit(table, None, None, response, mask, np)
+        assert metrics["reward/gold"] == pytest.approx(beta_gold * credit.sum(1).mean(), rel=1e-5)
+    assert cache.cache_info().misses == 1 and experience_fn.__wrapped__._cache_size() == 1
+
+
+def test_the_synthetic_tasks_gold_functions_trace_its_tables(task):
+    """Two seeds' gold functions (as build_synthetic_task gives them): one compiled program, each
+    seed's own credit (numpy's)."""
+    other = SyntheticTask.create(SyntheticTaskConfig(), seed=4)
+    config = base_config()
+    config.data.source = "synthetic"
+    built = build_task(with_seed(config, 0), workdir=None)
+    assert isinstance(built.gold_credit, jax.tree_util.Partial) and jax.tree.leaves(built.gold_credit)
+    credit_fn = jax.jit(lambda gold_credit, *args: gold_credit(*args))
+    for source in (task, other):
+        args = _responses(source)
+        credit = credit_fn(jax.tree_util.Partial(SyntheticTask.gold_credit_jax, source), *args)
+        np.testing.assert_allclose(np.asarray(credit), source.gold_token_credit(*args), atol=1e-6)
+    assert credit_fn._cache_size() == 1
 
 
 # test_reward_check's recipe with the study's oracle_dense as its one method.

@@ -328,14 +328,23 @@ class _ScaledSFT:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts the process's memory maps (Linux /proc)")
-def test_a_long_process_frees_the_compiled_steps_of_earlier_runs():
+def test_a_long_process_frees_the_compiled_steps_of_earlier_runs(monkeypatch):
     """A study runs hundreds of stages in one process. Each compiled XLA program holds ~30 memory maps
     while its jitted closure lives, and at vm.max_map_count (65530) the next compile segfaults (seen in
-    CI). The stages' step cache keeps the last STEP_CACHE_SIZE configurations' steps only, so the map
-    count levels off instead of growing with every run."""
+    CI). The stages' step caches keep the last STEP_CACHE_SIZE (PPO_STEP_CACHE_SIZE) configurations'
+    steps only, so the map count levels off instead of growing with every run; full, they hold under
+    half the limit.
+
+    The same cache over make_train_step, at size 4 (16 compiles, not 4 x STEP_CACHE_SIZE): an evicted
+    step frees its program's maps."""
+    import functools  # noqa: PLC0415
+
     from rto_jax.pipeline import stages  # noqa: PLC0415
 
-    size = stages.STEP_CACHE_SIZE
+    assert stages.train_step.cache_info().maxsize == stages.STEP_CACHE_SIZE
+    assert stages._jitted_ppo_fns.cache_info().maxsize == stages.PPO_STEP_CACHE_SIZE
+    size = 4
+    monkeypatch.setattr(stages, "train_step", functools.lru_cache(maxsize=size)(stages.make_train_step))
     maps = lambda: sum(1 for _ in open("/proc/self/maps"))
     batch = sft_batch(0)
     counts = []
@@ -348,3 +357,7 @@ def test_a_long_process_frees_the_compiled_steps_of_earlier_runs():
     assert per_step > 5, counts
     later = counts[-1] - counts[2 * size - 1]  # 2 * size more steps once it is full
     assert later < 0.5 * 2 * size * per_step, counts
+    # Both caches full, each PPO entry's iteration counted as 5 train steps (measured ~4.5: stages'
+    # comment): under half the kernel's default limit (65530).
+    full = (stages.STEP_CACHE_SIZE + 5 * stages.PPO_STEP_CACHE_SIZE) * per_step
+    assert full < 65530 / 2, (per_step, stages.STEP_CACHE_SIZE, stages.PPO_STEP_CACHE_SIZE)

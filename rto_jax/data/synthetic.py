@@ -53,9 +53,11 @@ rejected_* sharing prompt_ids/prompt_mask).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -190,9 +192,18 @@ class _GoldParts(NamedTuple):
 # The task.
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["seed", "transition", "token_weight", "bigram_bonus", "quality_table"],
+    meta_fields=["config"],
+)
 @dataclasses.dataclass(frozen=True, eq=False)
 class SyntheticTask:
     """All tables of one task.  Build with ``SyntheticTask.create(cfg, seed)``.
+
+    A pytree whose leaves are its seed and tables (its config is static): a compiled program that takes
+    the task's gold functions as `jax.tree_util.Partial(SyntheticTask.gold_credit_jax, task)` traces
+    the tables, so the tasks of two seeds share one program.
 
     Tables (numpy):
       transition    [K, S, C] float64  source next-content-token probs, S = (C+1)^(order-1) states
@@ -404,7 +415,8 @@ class SyntheticTask:
         return np.asarray(self._gold(np, *args).reward, np.float32)
 
     def gold_reward_jax(self, prompt_ids, prompt_mask, response_ids, response_mask):
-        """The same r* in jax.numpy, for use inside jit (the tables become constants)."""
+        """The same r* in jax.numpy, for use inside jit (the tables are constants of the program, or traced
+        where the task is an argument: see the class docstring)."""
         args = [jnp.asarray(a) for a in (prompt_ids, prompt_mask, response_ids, response_mask)]
         return self._gold(jnp, *args).reward
 
@@ -416,7 +428,7 @@ class SyntheticTask:
         return self._gold(xp, *args).credit
 
     def gold_credit_jax(self, prompt_ids, prompt_mask, response_ids, response_mask):
-        """`gold_token_credit` in jax.numpy, for use inside jit: [B,R] float32 (the tables become constants)."""
+        """`gold_token_credit` in jax.numpy, for use inside jit: [B,R] float32 (tables as in `gold_reward_jax`)."""
         return self.gold_token_credit(prompt_ids, prompt_mask, response_ids, response_mask, xp=jnp)
 
     def gold_quality_credit(self, prompt_ids, prompt_mask, response_ids, response_mask) -> np.ndarray:

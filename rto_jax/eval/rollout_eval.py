@@ -19,12 +19,12 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.objectives.ppo import normalized_score
-from rto_jax.objectives.token_rewards import GOLD, needs_gold, needs_reward_model
+from rto_jax.objectives.token_rewards import GOLD, gold_credit_argument, needs_gold, needs_reward_model
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.scoring import response_logprobs, sequence_scores, token_reward_logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("policy_graphdef", "reward_graphdef", "config", "gold_fn"))
+@functools.partial(jax.jit, static_argnames=("policy_graphdef", "reward_graphdef", "config"))
 def score_rollouts(
     policy_graphdef: nnx.GraphDef,
     policy_params,
@@ -39,8 +39,8 @@ def score_rollouts(
 ) -> dict:
     """Samples one response per prompt `[B, P]` and scores it; every output is `[B]` (tokens `[B, R]`).
 
-    gold_fn(prompt_ids, prompt_mask, response_ids, response_mask) -> `[B]` must be jittable and
-    hashable (a bound method of a task object is fine).
+    gold_fn(prompt_ids, prompt_mask, response_ids, response_mask) -> `[B]`: None or a jittable
+    jax.tree_util.Partial (`gold_credit_argument`; its arrays, a task's tables, are traced).
     """
     samples = generate(policy_graphdef, policy_params, prompt_ids, prompt_mask, rng, config)
     inputs = response_inputs(prompt_ids, prompt_mask, samples)
@@ -89,7 +89,7 @@ def evaluate_policy(
             prompt_mask,
             batch_rng,
             config,
-            gold_fn,
+            gold_credit_argument(gold_fn),
         ),
         prompts,
         rng,
@@ -132,7 +132,7 @@ def over_prompt_batches(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "reward_graphdef", "temperature", "eos_id", "score_clip", "gold_credit"),
+    static_argnames=("graphdef", "reward_graphdef", "temperature", "eos_id", "score_clip"),
 )
 def token_reward_parts(
     graphdef: nnx.GraphDef,
@@ -164,7 +164,7 @@ def token_reward_parts(
                for a response without EOS; passed to the reward only when it reads the reward model
         token_reward(logps, score, mask) -> (rewards, parts)   a BoundReward (float coefficients traced)
         logps[GOLD] gold_credit(prompt_ids, prompt_mask, response_ids, mask), when the reward reads GOLD
-               (tasks.GoldCredit; static: hashable)
+               (None or a jax.tree_util.Partial, `gold_credit_argument`: its arrays are traced)
 
     Returns {"logps": {model: [B, R]}, "rewards": [B, R], "parts": {name: [B, R]}} and, with a reward
     model, "raw_score" and "score" `[B]` (the score as PPO would use it, whether or not the reward reads it).

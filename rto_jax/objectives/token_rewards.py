@@ -152,6 +152,16 @@ class BoundReward:
         return cls(fn, tuple((k, next(leaves) if v is TRACED else v) for k, v in args))
 
 
+def gold_credit_argument(fn):
+    """A task's gold function (`fn(prompt_ids, prompt_mask, response_ids, response_mask)`) as an argument
+    of a compiled program: a jax.tree_util.Partial, whose array arguments (a synthetic task's tables)
+    are traced leaves, so tasks that differ only in their tables (seeds) share one program; the function
+    itself is static. A plain function becomes a Partial with no leaves (static, as before); None stays None."""
+    if fn is None or isinstance(fn, jax.tree_util.Partial):
+        return fn
+    return jax.tree_util.Partial(fn)
+
+
 def bind(fn, **coefficients) -> BoundReward:
     """`fn` with `coefficients` (a subset of `reward_args(fn)`; the rest keep their defaults)."""
     unknown = sorted(set(coefficients) - set(reward_args(fn)))

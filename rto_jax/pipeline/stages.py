@@ -37,7 +37,14 @@ from rto_jax.eval.policy_eval import (
 from rto_jax.eval.rollout_eval import token_reward_parts
 from rto_jax.models import ScalarHeadModel, peft_io
 from rto_jax.objectives.advantages import needs_critic
-from rto_jax.objectives.token_rewards import GOLD, bind, frozen_models, needs_gold, needs_reward_model
+from rto_jax.objectives.token_rewards import (
+    GOLD,
+    bind,
+    frozen_models,
+    gold_credit_argument,
+    needs_gold,
+    needs_reward_model,
+)
 from rto_jax.pipeline import common
 from rto_jax.pipeline.evaluate import held_out_rows, make_judge, run_best_of_n, run_evaluate  # the recipes' stages
 from rto_jax.pipeline.logging import RunLog, summary
@@ -62,15 +69,19 @@ log = logging.getLogger(__name__)
 
 # The step factories return new jitted closures; caching them per (hashable, frozen) config lets a
 # process that runs several pipelines (tests, notebooks, a resumed run, a study) reuse the compiled
-# steps. PPO's are cached per config with its token reward's `structure()` (make_ppo_fns): runs that
-# differ only in the reward's float coefficients (a study's KL or DPO-weight cells, each method's own
-# values) run one compiled program. Bounded: every compiled XLA executable holds ~30 memory maps until
-# its closure is dropped, and a process running a study's hundred PPO runs would reach the kernel's
-# limit (vm.max_map_count, 65530 by default), where the next compile segfaults. Evicted closures free
-# their executables.
+# steps. PPO's are cached per config without the values of its token reward's float coefficients
+# and its gold credit's arrays (make_ppo_fns): runs that differ only in those (a study's KL or
+# DPO-weight cells, each method's own values, the seeds of a synthetic task) run one compiled program.
+# Bounded: a compiled XLA executable holds memory maps until its closure is dropped (on CPU ~330 for
+# a tiny model's train step, ~1,500 for a PPO iteration: a study's smoke run held 20,000 with 12 PPO
+# and 3 train programs), and a process running a study's hundred PPO runs would reach the kernel's
+# limit (vm.max_map_count, 65530 by default), where the next compile segfaults. Full, both caches hold
+# ~25,000. PPO's holds one seed's cells of a study (which runs seed after seed; the smoke study has
+# 12), so the next seed compiles no PPO program again.
 STEP_CACHE_SIZE = 4
+PPO_STEP_CACHE_SIZE = 16
 train_step = functools.lru_cache(maxsize=STEP_CACHE_SIZE)(make_train_step)
-_jitted_ppo_fns = functools.lru_cache(maxsize=STEP_CACHE_SIZE)(jitted_ppo_fns)
+_jitted_ppo_fns = functools.lru_cache(maxsize=PPO_STEP_CACHE_SIZE)(jitted_ppo_fns)
 
 
 def ppo_fns(config: PPOConfig, shardings=None):
@@ -339,7 +350,7 @@ def _credit_of_samples(state, config, task, ppo: PPOConfig, rows: dict) -> dict:
             reward_std=state.frozen.get("reward_std", 1.0),
             score_clip=ppo.score_clip,
             missing_eos_penalty=ppo.missing_eos_penalty,
-            gold_credit=ppo.gold_credit,
+            gold_credit=gold_credit_argument(ppo.gold_credit),
         )
         parts.append({k: np.asarray(v)[:n] for k, v in out["parts"].items()})
     parts = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}

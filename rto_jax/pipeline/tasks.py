@@ -351,6 +351,8 @@ def build_synthetic_task(config) -> Task:
     the PPO prompt stream (`ppo.total_episodes` prompts), held-out prompts (`evaluate.num_prompts`)
     and the prompts whose pi_sft sample pairs the `preferences` stage labels. Every array is drawn
     from `config.seed`."""
+    import jax
+
     from rto_jax.data.synthetic import SyntheticTask, SyntheticTaskConfig
 
     cfg = config.synthetic
@@ -372,8 +374,10 @@ def build_synthetic_task(config) -> Task:
         eval_prompts=eval_prompts,
         sft_train=sft_train,
         sft_eval=sft_eval,
-        gold_reward=source.gold_reward_jax,
-        gold_credit=source.gold_credit_jax,
+        # Partials over the task (a pytree of its tables): compiled steps trace the tables, so the
+        # runs of a study's seeds share their programs.
+        gold_reward=jax.tree_util.Partial(SyntheticTask.gold_reward_jax, source),
+        gold_credit=jax.tree_util.Partial(SyntheticTask.gold_credit_jax, source),
         label_pairs=source.make_preference_data,
         preference_prompts=preference_prompts,
     )

@@ -43,6 +43,7 @@ from rto_jax.objectives.token_rewards import (
     GOLD,
     BoundReward,
     frozen_models,
+    gold_credit_argument,
     needs_gold,
     needs_reward_model,
     rto,
@@ -97,7 +98,8 @@ class PPOConfig:
     recompute_policy_logprobs: bool = False
     # gold_credit(prompt_ids, prompt_mask, response_ids, response_mask) -> [B, R]: the task's exact
     # per-token gold credit (rto_jax.pipeline.tasks.GoldCredit), given to a token reward that lists
-    # GOLD as logps[GOLD]: positive controls on a task whose true reward is known. Hashable (static).
+    # GOLD as logps[GOLD]: positive controls on a task whose true reward is known. Hashable; a
+    # jax.tree_util.Partial's arrays are arguments of the compiled step (make_ppo_fns).
     gold_credit: Any = None
     # Online implicit PRM (PRIME): the model of this name the token reward reads (e.g. "dpo") trains
     # during PPO on each rollout, by the cross-entropy of its implicit reward
@@ -441,43 +443,45 @@ def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None, *, j
     each `(state, batch, rng) -> (state or experience, metrics)`. With `config.online_prm` the
     iteration trains the PRM as well (`online_prm_experience`).
 
-    The token reward's float coefficients are arguments of the compiled programs, not constants in
-    them: `jitted` (default `jitted_ppo_fns`; a cache of it, as `stages.ppo_fns` keeps) is called with
-    the config's reward `structure()`, so configs that differ only in those values share its programs.
+    The token reward's float coefficients and the gold credit's arrays (a synthetic task's tables) are
+    arguments of the compiled programs, not constants in them: `jitted` (default `jitted_ppo_fns`; a
+    cache of it, as `stages.ppo_fns` keeps) is called with the config without their values, so configs
+    that differ only in those values (a sweep's coefficients, a study's seeds) share its programs.
 
     With `shardings` (`step_shardings(ppo_state, mesh)`) every function has explicit in/out shardings:
     prompts and the Experience split over data x fsdp, the sampler's KV cache split by batch and kv
-    heads, the PPOState by its parameters' rules, rng, the coefficients and metrics replicated.
+    heads, the PPOState by its parameters' rules, rng, those arguments and metrics replicated.
     """
-    reward = config.token_reward
-    fns = (jitted or jitted_ppo_fns)(dataclasses.replace(config, token_reward=reward.structure()), shardings)
+    traced = {"token_reward": config.token_reward, "gold_credit": gold_credit_argument(config.gold_credit)}
+    structure = dataclasses.replace(config, token_reward=config.token_reward.structure(), gold_credit=None)
+    fns = (jitted or jitted_ppo_fns)(structure, shardings)
 
-    def with_reward(fn):
+    def with_values(fn):
         @functools.wraps(fn)  # `__wrapped__` is the compiled function (its `_cache_size()` in tests)
         def step(state, batch, rng):
-            return fn(state, batch, rng, reward)
+            return fn(state, batch, rng, traced)
 
         return step
 
-    return tuple(with_reward(fn) for fn in fns)
+    return tuple(with_values(fn) for fn in fns)
 
 
 def jitted_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None):
-    """`make_ppo_fns`'s three functions as compiled, each `(state, batch, rng, token_reward)`: the
-    token reward (a BoundReward whose traced coefficients are this call's values) replaces
-    `config.token_reward`, a `structure()` with no values."""
+    """`make_ppo_fns`'s three functions as compiled, each `(state, batch, rng, traced)`: `traced` holds
+    the config's `token_reward` (a BoundReward, its float coefficients traced) and `gold_credit` (None
+    or a jax.tree_util.Partial, its arrays traced), which replace those of `config` (without values)."""
 
-    def with_reward(token_reward):
-        return dataclasses.replace(config, token_reward=token_reward)
+    def with_values(traced):
+        return dataclasses.replace(config, **traced)
 
-    def experience_fn(state, prompts, rng, token_reward):
-        return make_experience(state, prompts, rng, with_reward(token_reward))
+    def experience_fn(state, prompts, rng, traced):
+        return make_experience(state, prompts, rng, with_values(traced))
 
-    def update_fn(state, experience, rng, token_reward):
-        return ppo_update(state, experience, rng, with_reward(token_reward))
+    def update_fn(state, experience, rng, traced):
+        return ppo_update(state, experience, rng, with_values(traced))
 
-    def iteration_fn(state, prompts, rng, token_reward):
-        step_config = with_reward(token_reward)
+    def iteration_fn(state, prompts, rng, traced):
+        step_config = with_values(traced)
         rollout_rng, update_rng = jax.random.split(rng)
         if step_config.online_prm:
             state, experience, rollout_metrics = online_prm_experience(state, prompts, rollout_rng, step_config)
