@@ -1,5 +1,6 @@
-"""The experiment pipeline, unchanged, on one device, on a mesh of 8 simulated CPU devices and on two
-processes (jax.distributed on 127.0.0.1, gloo), interrupted and resumed: the same numbers each time.
+"""The experiment pipeline, unchanged, on one device, on a mesh of 8 simulated CPU devices (stopped by
+SIGTERM and resumed) and on two processes (jax.distributed on 127.0.0.1, gloo; killed and resumed):
+the same numbers each time.
 
 Every run is experiments/run.py in a subprocess, so XLA's device-count flag stays out of this process.
 """
@@ -194,10 +195,13 @@ def test_tiny_preset_same_on_one_device_eight_devices_and_two_processes(tmp_path
     _run_one(tmp_path / "one_device", 1)
     _check_end_to_end(tmp_path / "one_device")
 
-    # 8 simulated devices in one process: batch rows over data=2, parameters over fsdp=4.
-    _run_one(tmp_path / "eight_devices", 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")
-    assert json.loads((tmp_path / "eight_devices" / "config.json").read_text())["mesh"]["fsdp"] == 4
-    _assert_same_run(tmp_path / "one_device", tmp_path / "eight_devices")
+    # 8 simulated devices in one process: batch rows over data=2, parameters over fsdp=4. SIGTERM (a
+    # preemptible VM's notice) in the middle of DPO: the step in flight finishes, a checkpoint is
+    # written although the cadence would write none (every_steps=100), exit status 75; the same
+    # command resumes, and the run equals the one-device run.
+    eight = tmp_path / "eight_devices"
+    _preempt_then_resume(eight, tmp_path / "one_device", 8, "--config.mesh.data=2", "--config.mesh.fsdp=4")
+    assert json.loads((eight / "config.json").read_text())["mesh"]["fsdp"] == 4
 
     # Two processes x 2 devices, parameters split over all four (fsdp=4 spans both processes); killed
     # after DPO step 2 (checkpoint at 2), then the same command resumes it.
@@ -213,23 +217,22 @@ def test_tiny_preset_same_on_one_device_eight_devices_and_two_processes(tmp_path
     # Only process 0 wrote: one metrics file, one events file per run of the workdir.
     assert len(list((two / "tensorboard").iterdir())) == 2
 
-    # SIGTERM (a preemptible VM's notice) in the middle of DPO: the step in flight finishes, a
-    # checkpoint is written although the cadence would write none (every_steps=100), exit status 75;
-    # the same command resumes, and the run equals the uninterrupted one.
-    _preempt_then_resume(tmp_path / "sigterm", tmp_path / "one_device")
 
-
-def _preempt_then_resume(workdir: Path, reference: Path) -> None:
+def _preempt_then_resume(workdir: Path, reference: Path, devices: int, *mesh: str) -> None:
+    """Runs the tiny preset on `devices`, sends SIGTERM once DPO logs a step, resumes it with the same
+    command and checks the result against the `reference` run."""
     import signal
     import time
 
     from rto_jax.pipeline.loop import PREEMPTED_EXIT_STATUS
 
-    extra = ("--config.checkpoint.every_steps=100",)
+    extra = ("--config.checkpoint.every_steps=100", *mesh)
     dpo_steps = 3  # OVERRIDES'
     sent_after = None  # (DPO steps logged just before the signal was sent, and just after)
-    with open(workdir.parent / "sigterm.log", "w") as log:
-        proc = subprocess.Popen(_command(workdir, *extra), env=_env(1), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    with open(workdir.parent / f"{workdir.name}.sigterm.log", "w") as log:
+        proc = subprocess.Popen(
+            _command(workdir, *extra), env=_env(devices), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.time() + TIMEOUT
             metrics = workdir / "metrics.jsonl"
@@ -248,7 +251,7 @@ def _preempt_then_resume(workdir: Path, reference: Path) -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
-    output = (workdir.parent / "sigterm.log").read_text()
+    output = (workdir.parent / f"{workdir.name}.sigterm.log").read_text()
     assert proc.returncode == PREEMPTED_EXIT_STATUS, output[-6000:]
     last = output.strip().splitlines()[-1]
     assert last.startswith("stopped: ") and "stopped by SIGTERM after step " in last, last
@@ -265,6 +268,6 @@ def _preempt_then_resume(workdir: Path, reference: Path) -> None:
         assert latest >= dpo_steps - 1, (last, sent_after)
         assert (stage, stopped_at) == ("ppo", 0) and "nothing of this stage to save" in last, last
     assert not (workdir / stage / "done.json").exists()
-    _run_one(workdir, 1, *extra)
+    _run_one(workdir, devices, *extra)
     assert json.loads((workdir / stage / "done.json").read_text())["resumed_from"] == stopped_at
     _assert_same_run(reference, workdir)
