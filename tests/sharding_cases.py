@@ -289,6 +289,13 @@ def run_ppo(mesh=None) -> dict:
     return _ppo_case(ppo_state(mesh), mesh)
 
 
+# The meshes of tests/sharding_worker.py: the batch over data only, data x fsdp, and all three axes.
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+# The variants of a step (adapters on a shared base, critic-free PPO on groups) change which parameters
+# and rows it holds, not how an axis splits them: they run on the mesh that splits all three axes.
+VARIANTS = ("dpo_lora", "ppo_lora", "ppo_groups")
+VARIANT_MESHES = ((2, 2, 2),)
+
 CASES = {
     "sft": run_sft,
     "reward_model": run_reward_model,

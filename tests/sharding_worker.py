@@ -2,6 +2,8 @@
 
     python tests/sharding_worker.py [--cases sft,dpo] [--meshes 8,1,1:2,4,1]
 
+(the variant cases, sharding_cases.VARIANTS, run on those of the meshes in VARIANT_MESHES)
+
 Run in its own process by tests/test_sharding.py: XLA_FLAGS must give 8 host devices before JAX
 starts, which must not leak into other tests. For every case: the one-device reference (the plain,
 unsharded step), then the same step on each mesh; the summary holds the largest differences, the
@@ -35,8 +37,6 @@ from flax import nnx
 from rto_jax.models import CausalLM, LoraConfig, load_pretrained, lora, save_pretrained, with_adapters
 from rto_jax.tools import plan
 from rto_jax.train import OptimizerConfig, TrainState, make_optimizer, sharding
-
-MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 
 
 def shard_shapes(state) -> dict:
@@ -146,7 +146,7 @@ def planner_check(shape) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default=",".join(cases.CASES))
-    parser.add_argument("--meshes", default=":".join(",".join(map(str, m)) for m in MESHES))
+    parser.add_argument("--meshes", default=":".join(",".join(map(str, m)) for m in cases.MESHES))
     parser.add_argument("--checkpoint", default="2,4,1:2,2,2")
     args = parser.parse_args()
     meshes = [tuple(int(x) for x in m.split(",")) for m in args.meshes.split(":") if m]
@@ -156,7 +156,7 @@ def main() -> None:
         start = time.time()
         reference = cases.CASES[name]()
         summary["cases"][name] = {"reference": {k: v for k, v in reference.items() if isinstance(v, float)}}
-        for shape in meshes:
+        for shape in [m for m in meshes if name not in cases.VARIANTS or m in cases.VARIANT_MESHES]:
             result = cases.CASES[name](sharding.make_mesh(*shape))
             summary["cases"][name][str(shape)] = cases.max_differences(reference, result)
         summary["seconds"][name] = round(time.time() - start, 1)

@@ -3,8 +3,9 @@
 The mesh tests need 8 devices: tests/sharding_worker.py runs in a subprocess with
 `--xla_force_host_platform_device_count=8` (the flag must be set before JAX starts and must not
 leak into the other tests of this pytest worker). It compares one step of SFT, the reward model,
-DPO and a PPO rollout + update on meshes (8,1,1), (2,4,1), (2,2,2) with the plain one-device steps,
-checks the shard shapes, and saves on one mesh and restores onto another.
+DPO and a PPO rollout + update on meshes (8,1,1), (2,4,1), (2,2,2) with the plain one-device steps
+(their variants, adapters on a shared base and critic-free groups, on (2,2,2)), checks the shard
+shapes, and saves on one mesh and restores onto another.
 """
 
 import json
@@ -24,10 +25,10 @@ from jax.sharding import PartitionSpec as P
 
 from rto_jax.models import CausalLM, ModelConfig, ScalarHeadModel
 from rto_jax.train import sharding
+from tests import sharding_cases as cases
 
 HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-5
-MESHES = ("(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)")
 
 
 def tiny(**kw):
@@ -152,7 +153,9 @@ def _check_steps(summary) -> list[str]:
     failures = []
     assert set(summary["cases"]) == {"sft", "reward_model", "dpo", "dpo_lora", "ppo", "ppo_lora", "ppo_groups"}
     for case, results in summary["cases"].items():
-        for mesh in MESHES:
+        meshes = [str(m) for m in (cases.VARIANT_MESHES if case in cases.VARIANTS else cases.MESHES)]
+        assert set(results) == {"reference", *meshes}, (case, sorted(results))
+        for mesh in meshes:
             for key, value in results[mesh].items():
                 if key == "tokens" and value is not True:
                     failures.append(f"{case} on {mesh}: greedy rollout tokens differ")
