@@ -68,17 +68,18 @@ def pytest_runtest_setup(item):
 # whole on one worker, so its module-scoped fixtures (a study at toy sizes, a trained pipeline, a sharded
 # run) are built once, not once on each worker that happens to receive one of its tests; and the slowest
 # modules start first, so that neither worker is left running one of them alone at the end. The order is
-# measured (`--durations=0` summed per module, 2026-12-06, seconds on a 2-core VM); the rest follow in
-# collection order.
+# measured (`--durations=0` summed per module, 2026-12-07, seconds on a 2-core VM; test_sharding's is that
+# run's 161 less what its mesh test saved in the next, 143 -> 102 s, once its step variants ran on one
+# mesh); the rest follow in collection order.
 SLOWEST_MODULES_FIRST = (
-    "test_synthetic_study.py",  # 298 (its study_smoke fixture: 267)
-    "test_pipeline_sharded.py",  # 173
-    "test_sharding.py",  # 150
-    "test_synthetic_benchmark.py",  # 97
-    "test_train.py",  # 96
-    "test_smollm2_preset.py",  # 92
-    "test_benchmarks.py",  # 82
-    "test_critic_free_pipeline.py",  # 75
+    "test_synthetic_study.py",  # 186 (its study_smoke fixture: 172)
+    "test_pipeline_sharded.py",  # 157
+    "test_sharding.py",  # 120
+    "test_benchmarks.py",  # 99
+    "test_train.py",  # 94
+    "test_smollm2_preset.py",  # 94
+    "test_critic_free_pipeline.py",  # 65
+    "test_synthetic_benchmark.py",  # 65
 )
 
 
