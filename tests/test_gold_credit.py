@@ -174,7 +174,8 @@ def test_the_synthetic_tasks_gold_functions_trace_its_tables(task):
     config = base_config()
     config.data.source = "synthetic"
     built = build_task(with_seed(config, 0), workdir=None)
-    assert isinstance(built.gold_credit, jax.tree_util.Partial) and jax.tree.leaves(built.gold_credit)
+    for gold in (built.gold_credit, built.gold_reward):  # PPO's and the evaluation's
+        assert isinstance(gold, jax.tree_util.Partial) and jax.tree.leaves(gold)
     credit_fn = jax.jit(lambda gold_credit, *args: gold_credit(*args))
     for source in (task, other):
         args = _responses(source)

@@ -295,7 +295,7 @@ def test_token_rewards_declare_what_they_read_and_bind_checks_coefficients():
     assert tr.frozen_models(tr.rto) == ("ref", "dpo") and tr.needs_reward_model(tr.rto)
     assert tr.frozen_models(tr.rto_no_rm) == ("ref", "dpo") and not tr.needs_reward_model(tr.rto_no_rm)
     assert tr.reward_args(tr.rto) == {"beta_dpo": 0.05, "dpo_clip": 0.05, "beta_kl": 0.01, "beta_rm": 1.0}
-    assert tr.bind(tr.rto, beta_kl=0.2) == tr.bind(tr.rto, beta_kl=0.2)  # hashable by value: one compile
+    assert tr.bind(tr.rto, beta_kl=0.2) == tr.bind(tr.rto, beta_kl=0.2)  # hashable by value: a cache key
     assert hash(tr.bind(tr.rto, beta_kl=0.2)) == hash(tr.bind(tr.rto, beta_kl=0.2))
     with pytest.raises(TypeError, match="beta_dpo"):
         tr.bind(tr.ppo, beta_dpo=0.1)

@@ -328,15 +328,15 @@ class _ScaledSFT:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts the process's memory maps (Linux /proc)")
-def test_a_long_process_frees_the_compiled_steps_of_earlier_runs(monkeypatch):
-    """A study runs hundreds of stages in one process. Each compiled XLA program holds ~30 memory maps
-    while its jitted closure lives, and at vm.max_map_count (65530) the next compile segfaults (seen in
+def test_a_long_process_frees_the_compiled_steps_of_earlier_runs(monkeypatch, reward_model):
+    """A study runs hundreds of stages in one process. Each compiled XLA program holds hundreds of memory
+    maps while its jitted closure lives (stages' comment), and at vm.max_map_count (65530) the next compile segfaults (seen in
     CI). The stages' step caches keep the last STEP_CACHE_SIZE (PPO_STEP_CACHE_SIZE) configurations'
     steps only, so the map count levels off instead of growing with every run; full, they hold under
     half the limit.
 
     The same cache over make_train_step, at size 4 (16 compiles, not 4 x STEP_CACHE_SIZE): an evicted
-    step frees its program's maps."""
+    step frees its program's maps; then one PPO iteration's maps bound the full caches'."""
     import functools  # noqa: PLC0415
 
     from rto_jax.pipeline import stages  # noqa: PLC0415
@@ -357,7 +357,14 @@ def test_a_long_process_frees_the_compiled_steps_of_earlier_runs(monkeypatch):
     assert per_step > 5, counts
     later = counts[-1] - counts[2 * size - 1]  # 2 * size more steps once it is full
     assert later < 0.5 * 2 * size * per_step, counts
-    # Both caches full, each PPO entry's iteration counted as 5 train steps (measured ~4.5: stages'
-    # comment): under half the kernel's default limit (65530).
-    full = (stages.STEP_CACHE_SIZE + 5 * stages.PPO_STEP_CACHE_SIZE) * per_step
-    assert full < 65530 / 2, (per_step, stages.STEP_CACHE_SIZE, stages.PPO_STEP_CACHE_SIZE)
+    # One PPO iteration's program, held: both caches full (a PPO entry runs its iteration) stay under
+    # half the kernel's default limit (65530).
+    state, (_, _, iteration_fn) = _ppo(reward_model, 0.05)
+    prompt_ids, prompt_mask = _prompts(np.random.default_rng(0), 8)
+    before = maps()
+    prompts = {"prompt_ids": jnp.asarray(prompt_ids), "prompt_mask": jnp.asarray(prompt_mask)}
+    iteration_fn(state, prompts, jax.random.key(0))
+    gc.collect()
+    per_ppo = maps() - before
+    full = stages.STEP_CACHE_SIZE * per_step + stages.PPO_STEP_CACHE_SIZE * per_ppo
+    assert per_ppo > per_step and full < 65530 / 2, (per_step, per_ppo)

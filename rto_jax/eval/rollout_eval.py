@@ -19,12 +19,11 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.objectives.ppo import normalized_score
-from rto_jax.objectives.token_rewards import GOLD, gold_credit_argument, needs_gold, needs_reward_model
+from rto_jax.objectives.token_rewards import GOLD, BoundReward, gold_credit_argument, needs_gold, needs_reward_model
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.scoring import response_logprobs, sequence_scores, token_reward_logprobs
 
 
-@functools.partial(jax.jit, static_argnames=("policy_graphdef", "reward_graphdef", "config"))
 def score_rollouts(
     policy_graphdef: nnx.GraphDef,
     policy_params,
@@ -38,10 +37,20 @@ def score_rollouts(
     gold_fn: Callable | None = None,
 ) -> dict:
     """Samples one response per prompt `[B, P]` and scores it; every output is `[B]` (tokens `[B, R]`).
+    Jitted (the graphdefs and `config` static).
 
-    gold_fn(prompt_ids, prompt_mask, response_ids, response_mask) -> `[B]`: None or a jittable
-    jax.tree_util.Partial (`gold_credit_argument`; its arrays, a task's tables, are traced).
+    gold_fn(prompt_ids, prompt_mask, response_ids, response_mask) -> `[B]`: jittable; a
+    jax.tree_util.Partial's arrays (a task's tables) are traced, a plain function is static.
     """
+    args = (policy_graphdef, policy_params, ref_params, reward_graphdef, reward_params, prompt_ids, prompt_mask, rng)
+    return _score_rollouts(*args, config, gold_credit_argument(gold_fn))
+
+
+@functools.partial(jax.jit, static_argnames=("policy_graphdef", "reward_graphdef", "config"))
+def _score_rollouts(
+    policy_graphdef, policy_params, ref_params, reward_graphdef, reward_params, prompt_ids, prompt_mask, rng, config,
+    gold_fn,
+) -> dict:  # fmt: skip
     samples = generate(policy_graphdef, policy_params, prompt_ids, prompt_mask, rng, config)
     inputs = response_inputs(prompt_ids, prompt_mask, samples)
     mask = samples.response_mask
@@ -89,7 +98,7 @@ def evaluate_policy(
             prompt_mask,
             batch_rng,
             config,
-            gold_credit_argument(gold_fn),
+            gold_fn,
         ),
         prompts,
         rng,
@@ -130,11 +139,21 @@ def over_prompt_batches(
     return {key: np.concatenate(parts) for key, parts in rows.items()}
 
 
+def token_reward_parts(*args, token_reward, gold_credit=None, **kwargs) -> dict:
+    """`_token_reward_parts`, jitted, with `token_reward` as a BoundReward (a plain token reward function is
+    bound with its defaults) and `gold_credit` as a jit argument (`gold_credit_argument`)."""
+    if not isinstance(token_reward, BoundReward):
+        token_reward = BoundReward(token_reward)
+    return _token_reward_parts(
+        *args, token_reward=token_reward, gold_credit=gold_credit_argument(gold_credit), **kwargs
+    )
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "reward_graphdef", "temperature", "eos_id", "score_clip"),
 )
-def token_reward_parts(
+def _token_reward_parts(
     graphdef: nnx.GraphDef,
     params,
     frozen: dict,
@@ -164,7 +183,7 @@ def token_reward_parts(
                for a response without EOS; passed to the reward only when it reads the reward model
         token_reward(logps, score, mask) -> (rewards, parts)   a BoundReward (float coefficients traced)
         logps[GOLD] gold_credit(prompt_ids, prompt_mask, response_ids, mask), when the reward reads GOLD
-               (None or a jax.tree_util.Partial, `gold_credit_argument`: its arrays are traced)
+               (a jax.tree_util.Partial's arrays are traced: `gold_credit_argument`)
 
     Returns {"logps": {model: [B, R]}, "rewards": [B, R], "parts": {name: [B, R]}} and, with a reward
     model, "raw_score" and "score" `[B]` (the score as PPO would use it, whether or not the reward reads it).

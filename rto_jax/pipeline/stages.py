@@ -71,7 +71,8 @@ log = logging.getLogger(__name__)
 # process that runs several pipelines (tests, notebooks, a resumed run, a study) reuse the compiled
 # steps. PPO's are cached per config without the values of its token reward's float coefficients
 # and its gold credit's arrays (make_ppo_fns): runs that differ only in those (a study's KL or
-# DPO-weight cells, each method's own values, the seeds of a synthetic task) run one compiled program.
+# DPO-weight cells, each method's own values, the seeds of a synthetic task) run one compiled program
+# (on one device: `ppo_fns`).
 # Bounded: a compiled XLA executable holds memory maps until its closure is dropped (on CPU ~330 for
 # a tiny model's train step, ~1,500 for a PPO iteration: a study's smoke run held 20,000 with 12 PPO
 # and 3 train programs), and a process running a study's hundred PPO runs would reach the kernel's
@@ -85,8 +86,10 @@ _jitted_ppo_fns = functools.lru_cache(maxsize=PPO_STEP_CACHE_SIZE)(jitted_ppo_fn
 
 
 def ppo_fns(config: PPOConfig, shardings=None):
-    """`make_ppo_fns(config, shardings)`, its compiled programs kept in the bounded cache above."""
-    return make_ppo_fns(config, shardings, jitted=_jitted_ppo_fns)
+    """`make_ppo_fns(config, shardings)`, its compiled programs kept in the bounded cache above on one
+    device. On a mesh they are not cached: each run's StepShardings holds its own state's layout and
+    optimizer (a key no other run matches), so a cached entry would only hold programs no run reuses."""
+    return make_ppo_fns(config, shardings, jitted=_jitted_ppo_fns if shardings is None else None)
 
 
 def clear_step_caches() -> None:

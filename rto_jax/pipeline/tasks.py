@@ -41,10 +41,12 @@ CHAT_TEMPLATE = (
 )
 
 # gold_reward(prompt_ids [B, P], prompt_mask [B, P], response_ids [B, R], response_mask [B, R]) -> [B] float;
-# jittable and hashable (it is a static argument of the jitted evaluation)
+# jittable, an argument of the jitted evaluation: a jax.tree_util.Partial's arrays are traced (the synthetic
+# task's tables), a plain function must be hashable (static)
 GoldReward = Callable[[Any, Any, Any, Any], Any]
 # gold_credit(same arguments) -> [B, R] float32: the gold reward split over the response's tokens (summing
-# to it); jittable and hashable. A token reward that lists token_rewards.GOLD reads it (positive controls).
+# to it); jittable, passed as gold_reward is. A token reward that lists token_rewards.GOLD reads it
+# (positive controls).
 GoldCredit = Callable[[Any, Any, Any, Any], Any]
 # label_pairs(rng, prompts, responses_a, responses_b) -> (preference arrays, info): labels two responses
 # per prompt (`response_ids`, `response_mask` [N, R]); info has `temperature` and `agreement` with gold

@@ -452,8 +452,10 @@ def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None, *, j
     prompts and the Experience split over data x fsdp, the sampler's KV cache split by batch and kv
     heads, the PPOState by its parameters' rules, rng, those arguments and metrics replicated.
     """
-    traced = {"token_reward": config.token_reward, "gold_credit": gold_credit_argument(config.gold_credit)}
-    structure = dataclasses.replace(config, token_reward=config.token_reward.structure(), gold_credit=None)
+    reward = config.token_reward
+    reward = reward if isinstance(reward, BoundReward) else BoundReward(reward)  # a plain reward: its defaults
+    traced = {"token_reward": reward, "gold_credit": gold_credit_argument(config.gold_credit)}
+    structure = dataclasses.replace(config, token_reward=reward.structure(), gold_credit=None)
     fns = (jitted or jitted_ppo_fns)(structure, shardings)
 
     def with_values(fn):
