@@ -148,6 +148,11 @@ def test_sft_loss(rng, wrap):
     np.testing.assert_allclose(loss, ref, **TOL)
     np.testing.assert_allclose(metrics["accuracy"], acc, **TOL)
     assert metrics["num_tokens"] == mask.sum()
+    # A target tied with the maximum counts as correct (argmax would pick the first tied index).
+    tied = np.zeros((1, 2, V), np.float32)
+    tied[0, 1, 0] = 1.0
+    _, metrics = wrap(obj.sft_loss)(tied, np.array([[V - 1, V - 1]]), np.ones((1, 2), np.float32))
+    assert float(metrics["accuracy"]) == 0.5
 
 
 # ----------------------------------------------------------------------------- reward model
