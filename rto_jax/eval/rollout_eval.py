@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from rto_jax.objectives.ppo import normalized_score
-from rto_jax.objectives.token_rewards import GOLD, BoundReward, gold_credit_argument, needs_gold, needs_reward_model
+from rto_jax.objectives.token_rewards import GOLD, as_bound, gold_credit_argument, needs_gold, needs_reward_model
 from rto_jax.sampling import SamplingConfig, generate, response_inputs
 from rto_jax.scoring import response_logprobs, sequence_scores, token_reward_logprobs
 
@@ -142,10 +142,8 @@ def over_prompt_batches(
 def token_reward_parts(*args, token_reward, gold_credit=None, **kwargs) -> dict:
     """`_token_reward_parts`, jitted, with `token_reward` as a BoundReward (a plain token reward function is
     bound with its defaults) and `gold_credit` as a jit argument (`gold_credit_argument`)."""
-    if not isinstance(token_reward, BoundReward):
-        token_reward = BoundReward(token_reward)
     return _token_reward_parts(
-        *args, token_reward=token_reward, gold_credit=gold_credit_argument(gold_credit), **kwargs
+        *args, token_reward=as_bound(token_reward), gold_credit=gold_credit_argument(gold_credit), **kwargs
     )
 
 

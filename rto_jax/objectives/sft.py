@@ -19,8 +19,12 @@ def token_logprobs(logits, targets):
     clipped into range so the result stays finite. Mask it out downstream.
     """
     logits = jnp.asarray(logits, jnp.float32)
-    picked = jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1, mode="clip")[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    return _target_logits(logits, targets) - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _target_logits(logits, targets):
+    """``logits[..., targets]``: ``[B, T, V], [B, T] int -> [B, T]`` (targets clipped into range)."""
+    return jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1, mode="clip")[..., 0]
 
 
 def first_argmax(x):
@@ -54,12 +58,11 @@ def sft_loss(logits, targets, mask):
       counting as correct: argmax == target up to ties), ``num_tokens``.
     """
     logits = jnp.asarray(logits, jnp.float32)
-    picked = jnp.take_along_axis(logits, jnp.asarray(targets, jnp.int32)[..., None], axis=-1, mode="clip")[..., 0]
-    top = jnp.max(logits, axis=-1)
+    picked = _target_logits(logits, targets)
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
     loss = masked_mean(nll, mask)
     # The target's logit is the maximum (a tie counts): argmax's (value, index) reduction is slow on XLA:CPU.
-    correct = jax.lax.stop_gradient(picked >= top)
+    correct = picked >= jnp.max(logits, axis=-1)
     metrics = {
         "loss": loss,
         "accuracy": masked_mean(correct, mask),

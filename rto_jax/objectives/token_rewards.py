@@ -152,6 +152,11 @@ class BoundReward:
         return cls(fn, tuple((k, next(leaves) if v is TRACED else v) for k, v in args))
 
 
+def as_bound(fn) -> BoundReward:
+    """`fn` as a BoundReward: a BoundReward as it is, a plain token reward with its defaults (`bind(fn)`)."""
+    return fn if isinstance(fn, BoundReward) else bind(fn)
+
+
 def gold_credit_argument(fn):
     """A task's gold function (`fn(prompt_ids, prompt_mask, response_ids, response_mask)`) as an argument
     of a compiled program: a jax.tree_util.Partial, whose array arguments (a synthetic task's tables)

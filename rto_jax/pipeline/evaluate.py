@@ -38,7 +38,6 @@ from rto_jax.objectives.token_rewards import (
     BoundReward,
     bind,
     frozen_models,
-    gold_credit_argument,
     is_untempered,
     needs_gold,
     needs_reward_model,
@@ -334,7 +333,7 @@ class _TokenPages:
                 reward_std=reward_std,
                 score_clip=score_clip,
                 missing_eos_penalty=eos_penalty,
-                gold_credit=gold_credit_argument(self.task.gold_credit) if needs_gold(fn) else None,
+                gold_credit=self.task.gold_credit if needs_gold(fn) else None,
             )
         )
         p = self.task.prompt_length

@@ -101,7 +101,7 @@ def _check(reward, offered: tuple[str, ...], recipe: str) -> None:
     with jax.default_device(_host_device()):
         logps, score, mask = fake_inputs(reward.fn)
         try:  # as in training: inside jax.jit, the float coefficients traced (one compilation: faster than op by op)
-            out = jax.jit(_call)(reward, logps, score, mask)
+            out = jax.jit(BoundReward.__call__)(reward, logps, score, mask)
         except Exception as traced:  # noqa: BLE001 - whatever the user's code raises is the user's to fix
             try:  # the error eagerly, if it fails eagerly too; else the traced one, saying so
                 reward(logps, score, mask)
@@ -115,10 +115,6 @@ def _check(reward, offered: tuple[str, ...], recipe: str) -> None:
                 )
             raise error(what, values=True) from None
         _check_output(out, mask, error, values=True)
-
-
-def _call(reward, logps, score, mask):
-    return reward(logps, score, mask)
 
 
 def _host_device():

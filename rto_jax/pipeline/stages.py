@@ -37,14 +37,7 @@ from rto_jax.eval.policy_eval import (
 from rto_jax.eval.rollout_eval import token_reward_parts
 from rto_jax.models import ScalarHeadModel, peft_io
 from rto_jax.objectives.advantages import needs_critic
-from rto_jax.objectives.token_rewards import (
-    GOLD,
-    bind,
-    frozen_models,
-    gold_credit_argument,
-    needs_gold,
-    needs_reward_model,
-)
+from rto_jax.objectives.token_rewards import GOLD, bind, frozen_models, needs_gold, needs_reward_model
 from rto_jax.pipeline import common
 from rto_jax.pipeline.evaluate import held_out_rows, make_judge, run_best_of_n, run_evaluate  # the recipes' stages
 from rto_jax.pipeline.logging import RunLog, summary
@@ -353,7 +346,7 @@ def _credit_of_samples(state, config, task, ppo: PPOConfig, rows: dict) -> dict:
             reward_std=state.frozen.get("reward_std", 1.0),
             score_clip=ppo.score_clip,
             missing_eos_penalty=ppo.missing_eos_penalty,
-            gold_credit=gold_credit_argument(ppo.gold_credit),
+            gold_credit=ppo.gold_credit,
         )
         parts.append({k: np.asarray(v)[:n] for k, v in out["parts"].items()})
     parts = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}

@@ -42,6 +42,7 @@ from rto_jax.objectives.ppo import normalized_score
 from rto_jax.objectives.token_rewards import (
     GOLD,
     BoundReward,
+    as_bound,
     frozen_models,
     gold_credit_argument,
     needs_gold,
@@ -452,8 +453,7 @@ def make_ppo_fns(config: PPOConfig, shardings: StepShardings | None = None, *, j
     prompts and the Experience split over data x fsdp, the sampler's KV cache split by batch and kv
     heads, the PPOState by its parameters' rules, rng, those arguments and metrics replicated.
     """
-    reward = config.token_reward
-    reward = reward if isinstance(reward, BoundReward) else BoundReward(reward)  # a plain reward: its defaults
+    reward = as_bound(config.token_reward)
     traced = {"token_reward": reward, "gold_credit": gold_credit_argument(config.gold_credit)}
     structure = dataclasses.replace(config, token_reward=reward.structure(), gold_credit=None)
     fns = (jitted or jitted_ppo_fns)(structure, shardings)
