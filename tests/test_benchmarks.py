@@ -459,6 +459,31 @@ def test_decode_kernels_cover_the_models_projections_and_time_both_frameworks():
     assert "Memory read rate" in proc.stdout
 
 
+def test_train_kernels_count_every_projection_of_every_layer_and_time_both_frameworks():
+    from benchmarks import decode_kernels, train_kernels
+
+    m = decode_kernels._dims("tiny")
+    parts = train_kernels.parts(m, batch=2, seq=64, head_tokens=48)
+    linear = [p for p in parts if p["kind"] == "linear"]
+    # Each layer's seven projections once (k+v and gate+up share a shape, counted twice), the head once.
+    assert sum(p["count"] * p["in"] * p["out"] for p in linear) == decode_kernels.projection_bytes(m) // 4 + m[
+        "vocab"
+    ] * m["d"]
+    assert [p["rows"] for p in linear] == [128] * (len(linear) - 1) + [96]
+    (attention,) = [p for p in parts if p["kind"] == "attention"]
+    assert attention["count"] == m["layers"]
+
+    proc = _module("benchmarks.train_kernels", "--shape", "tiny", "--batch", "2", "--seq", "64", "--reps", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "`" in line]
+    assert len(rows) == len(parts)
+    for row in rows:  # both sides timed, and the ratio is theirs over ours (to the printed digits)
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        ours, theirs, ratio = float(cells[2]), float(cells[3]), float(cells[6].rstrip("x"))
+        assert ours > 0 and theirs > 0 and abs(ratio / (theirs / ours) - 1) < 0.1
+    assert "the step's kernels" in proc.stdout
+
+
 def _pipeline_folder(root: Path, step_s: float, eval_s: float) -> Path:
     """A study pipeline's folder as a shortened run leaves it: config.json, one done.json per stage at
     known times, and train / eval records 10 SFT steps and 4 PPO iterations (2 evaluations) long."""
