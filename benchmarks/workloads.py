@@ -279,7 +279,7 @@ def full_rows() -> list[dict]:
         rows += [_train(task, big, 4, 256, impl, reps=3) for impl in impls]
     rows.append(_train("trl_dpo", big, 4, 256, "trl", reps=3))
     rows.append(_train("dpo", big, 4, 256, "tunix", reps=3))
-    # 135M at 8 x 512, SFT only: a 30 s step (docs/results/benchmarks.md#latest-full-run-2026-12-03), so the one objective whose peer ratio matters most.
+    # 135M at 8 x 512, SFT only: a 30 s step (docs/results/benchmarks.md#previous-full-run-2026-12-03), so the one objective whose peer ratio matters most.
     rows += [_train("sft", big, 8, 512, impl, reps=3) for impl in ("jax-loop", "torch")]
     # Tiny at 8 x 512: per-op overhead dominates.
     for task in ("sft", "rm", "dpo", "ppo"):

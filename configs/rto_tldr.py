@@ -58,7 +58,7 @@ def tiny_data(c):
 def smollm2(c):
     """SmolLM2-135M-Instruct on the offline TL;DR samples within ~30 minutes of 2 CPU cores: every
     deviation from base_config, and why. On such a machine a 135M model trains ~70 tokens/s
-    (docs/results/benchmarks.md#latest-full-run-2026-12-03), so each budget below is a few dozen sequences: enough to run every stage
+    (docs/results/benchmarks.md#previous-full-run-2026-12-03), so each budget below is a few dozen sequences: enough to run every stage
     on a real model and real data, not to show RTO's gains (docs/results/smollm2.md)."""
     from rto_jax.models.smollm2 import smollm2_gguf_path
 
