@@ -159,6 +159,22 @@ def table(m: dict, ours: dict, peer: dict | None, read_gbs: float | None) -> str
     return "\n".join(lines)
 
 
+def torch_side(module: str, argv: list[str] | None):
+    """`module`'s PyTorch side: `python -m module --torch-child ARGV` in a child process (its thread pool never
+    shares a process with XLA's), the JSON of its last line; None, with the reason on stderr, if it fails."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "--torch-child", *(sys.argv[1:] if argv is None else argv)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return json.loads(proc.stdout.splitlines()[-1])
+    except subprocess.CalledProcessError as e:
+        print(f"PyTorch's side unavailable: {e}\n{e.stderr[-2000:]}", file=sys.stderr)
+    except (json.JSONDecodeError, IndexError) as e:
+        print(f"PyTorch's side unavailable: {e}", file=sys.stderr)
+    return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
@@ -171,18 +187,9 @@ def main(argv=None) -> int:
     if args.torch_child:
         print(json.dumps(torch_times(m, batches, args.cache, args.reps)))
         return 0
-    try:  # PyTorch in a child process: its thread pool never shares a process with XLA's
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.decode_kernels", "--torch-child", *(sys.argv[1:] if argv is None else argv)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        peer = {int(b): parts for b, parts in json.loads(proc.stdout.splitlines()[-1]).items()}
-    except subprocess.CalledProcessError as e:
-        print(f"PyTorch's side unavailable: {e}\n{e.stderr[-2000:]}", file=sys.stderr)
-        peer = None
-    except (json.JSONDecodeError, IndexError) as e:
-        print(f"PyTorch's side unavailable: {e}", file=sys.stderr)
-        peer = None
+    peer = torch_side("benchmarks.decode_kernels", argv)
+    if peer is not None:
+        peer = {int(b): parts for b, parts in peer.items()}
     ours = jax_times(m, batches, args.cache, args.reps)
     from benchmarks.jax_rows import _read_bandwidth
 

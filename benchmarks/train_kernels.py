@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import os
 
-from benchmarks.decode_kernels import _dims, _weight_shapes
+from benchmarks.decode_kernels import _dims, _weight_shapes, torch_side
 from benchmarks.timing import measure
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -144,18 +143,10 @@ def main(argv=None) -> int:
     if args.torch_child:
         import torch
 
-        torch.set_num_threads(__import__("os").cpu_count())  # as the peer rows run: threads = cores
+        torch.set_num_threads(os.cpu_count() or 1)  # as the peer rows run: threads = cores
         print(json.dumps(torch_times(m, rows, args.reps)))
         return 0
-    try:  # PyTorch in a child process: its thread pool never shares a process with XLA's
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.train_kernels", "--torch-child", *(sys.argv[1:] if argv is None else argv)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        peer = json.loads(proc.stdout.splitlines()[-1])
-    except (subprocess.CalledProcessError, json.JSONDecodeError, IndexError) as e:
-        print(f"PyTorch's side unavailable: {e}", file=sys.stderr)
-        peer = None
+    peer = torch_side("benchmarks.train_kernels", argv)
     print(table(rows, jax_times(m, rows, args.reps), peer))
     return 0
 
