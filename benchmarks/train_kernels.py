@@ -35,7 +35,8 @@ def parts(m: dict, batch: int, seq: int, head_tokens: int) -> list[dict]:
             out[key]["name"] += f"+{name}"
             continue
         out[key] = {"name": name, "kind": "linear", "rows": batch * seq, "in": d_in, "out": d_out, "count": m["layers"]}
-    head = {"name": "lm head (tied)", "kind": "linear", "rows": batch * head_tokens, "in": m["d"], "out": m["vocab"], "count": 1}
+    head = {"name": "lm head (tied)", "kind": "linear", "rows": batch * head_tokens, "in": m["d"], "out": m["vocab"]}
+    head.update(count=1, tied=True)
     attn = {"name": "attention (causal)", "kind": "attention", "batch": batch, "seq": seq, "count": m["layers"]}
     rows = list(out.values()) + [head, attn]
     for r in rows:
@@ -59,9 +60,13 @@ def jax_times(m: dict, rows: list[dict], reps: int) -> list[float]:
     times = []
     for r in rows:
         if r["kind"] == "linear":
-            x, w, g = normal((r["rows"], r["in"])), 0.02 * normal((r["in"], r["out"])), normal((r["rows"], r["out"]))
+            x, g = normal((r["rows"], r["in"])), normal((r["rows"], r["out"]))
+            # the projections' kernels are [in, out]; the tied head multiplies by the embedding's transpose, as
+            # CausalLM does
+            w = 0.02 * normal((r["out"], r["in"]) if r.get("tied") else (r["in"], r["out"]))
+            product = (lambda x, e: matmul(x, e.T)) if r.get("tied") else matmul
             # forward, then both gradients: the three matmuls a layer's projection costs a step
-            step = jax.jit(lambda x, w, g: jax.vjp(matmul, x, w)[1](g))
+            step = jax.jit(lambda x, w, g, product=product: jax.vjp(product, x, w)[1](g))
             fn = lambda step=step, x=x, w=w, g=g: step(x, w, g)  # noqa: E731
         else:
             b, t = r["batch"], r["seq"]
