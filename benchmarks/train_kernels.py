@@ -114,8 +114,9 @@ def torch_times(m: dict, rows: list[dict], reps: int) -> list[float]:
 
 def table(rows: list[dict], ours: list[float], peer: list[float] | None) -> str:
     """Per part: ours / torch ms, their GFLOP/s and ratio; then the step's sum over layers."""
-    lines = ["| kernel (forward + backward) | per step | ours ms | torch ms | ours GFLOP/s | torch GFLOP/s | ours/torch |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    header = ["kernel (forward + backward)", "per step", "ours ms", "torch ms"]
+    header += ["ours GFLOP/s", "torch GFLOP/s", "ours/torch"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows):
         shape = f"{r['rows']} x {r['in']} x {r['out']}" if r["kind"] == "linear" else f"{r['batch']} x {r['seq']}"
         theirs = f"{peer[i]:.3g}" if peer else "-"

@@ -189,7 +189,9 @@ def fenced_blocks(path: Path) -> list[str]:
     return blocks
 
 
-@pytest.mark.parametrize("results_file", ["2026-12-07.json", "2026-12-03.json", "2026-11-24.json", "2026-12-06-attention.json"])
+@pytest.mark.parametrize(
+    "results_file", ["2026-12-07.json", "2026-12-03.json", "2026-11-24.json", "2026-12-06-attention.json"]
+)
 def test_benchmark_results_page_is_what_the_results_files_print(results_file):
     from benchmarks.run import summary
 
